@@ -1,0 +1,84 @@
+"""Shared pytest fixtures.
+
+`tiny_teacher_dir` (session scope) -> pathlib.Path of a local HuggingFace directory holding a tiny, randomly
+initialised Llama causal LM and its tokenizer, loadable offline with `teachers.load_teacher(path)` or
+`AutoModelForCausalLM.from_pretrained(path)` / `AutoTokenizer.from_pretrained(path)`:
+  - tokenizer: byte-level BPE trained on a fixed English paragraph, vocab size `TINY_VOCAB` (= 320);
+    "<|endoftext|>" is id 0 and serves as bos, eos, pad and document separator; any text encodes (byte-level).
+  - model: LlamaForCausalLM, 2 layers, hidden 32, 4 heads (2 KV heads), FFN 64, max positions 256,
+    vocab 320, seed 0, weights in model.safetensors.
+Build time is well under a second; treat the directory as read-only (copy it before changing files).
+
+`tiny_tokenizer` (session scope) -> the PreTrainedTokenizerFast saved in that directory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_VOCAB = 320
+EOT = "<|endoftext|>"
+
+_TRAIN_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be on his "
+    "first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, "
+    "that he is considered the rightful property of some one or other of their daughters. "
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+    "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. "
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void. "
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE of TINY_VOCAB entries trained on a fixed paragraph (deterministic)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TRAIN_TEXT] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None
+    )
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer, 32-wide random Llama (4 heads, 2 KV heads) with the given vocabulary."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_teacher_dir):
+    return PreTrainedTokenizerFast.from_pretrained(tiny_teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    tok = build_tiny_tokenizer()
+    assert len(tok) == TINY_VOCAB and tok.convert_tokens_to_ids(EOT) == 0
+    build_tiny_llama(len(tok)).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
