@@ -1,0 +1,260 @@
+"""The typed recipe schema: one dataclass per section, with the agreed defaults.
+
+A recipe YAML is merged onto ``OmegaConf.structured(Recipe)`` (unknown keys and wrong types are rejected by
+OmegaConf) and then checked by :func:`check_values` (bad values). Stages receive the result as a plain
+``Recipe`` instance (``OmegaConf.to_object``), so ``recipe.distill.train.optim.lr`` is a float.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    runs_dir: str = "runs"
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["bundled"])
+    seq_len: int = 128
+    val_fraction: float = 0.01
+    separator: str | None = None
+    text_field: str = "text"
+    max_train_tokens: int | None = None
+
+
+@dataclass
+class TeacherConfig:
+    spec: str = "smollm2-135m"
+    dtype: str = "bf16"
+    trust_remote_code: bool = False
+    # student layer -> teacher layer, overriding the evenly spaced default map
+    layer_map: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class StudentConfig:
+    preset: str = "demo"
+    # SpikeGPTConfig field overrides; vocab_size always comes from the teacher
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherCacheConfig:
+    enabled: bool = False
+    k: int = 64
+    value_dtype: str = "bf16"
+    batch_size: int = 8
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class LossWeights:
+    ea: float = 0.0
+    saa: float = 0.0
+    sfa: float = 0.0
+    sta: float = 0.0
+    hta: float = 0.0
+
+
+@dataclass
+class KDConfig:
+    kind: str = "forward_kl"
+    temperature: float = 2.0
+    jsd_beta: float = 0.5
+    chunk_size: int = 1024
+    impl: str = "chunked"
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = True
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    # published SpAD weights for the alignment terms (REFERENCES §2)
+    weights: LossWeights = field(default_factory=lambda: LossWeights(ea=0.2, saa=0.1, sfa=0.1))
+    head_mapping: str = "mean"
+
+
+@dataclass
+class DistillConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500))
+    weights: LossWeights = field(default_factory=lambda: LossWeights(sta=0.3, hta=0.3))
+    kd: KDConfig = field(default_factory=KDConfig)
+    use_teacher_cache: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "auto"
+    mixed_precision: str = "no"
+    deepspeed_config: str | None = None
+    backend: str | None = None
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "fp32"
+
+
+@dataclass
+class EvaluateConfig:
+    texts: list[str] = field(default_factory=lambda: ["persuasion", "hamlet"])
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 8
+    context_length: int = 512
+    teacher: bool = True
+    energy: bool = True
+    sample_prompt: str = "It is a truth universally acknowledged"
+    sample_tokens: int = 40
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# Allowed values of the string fields that select behaviour.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "teacher.dtype": ("fp32", "bf16", "fp16"),
+    "teacher_cache.value_dtype": ("fp32", "bf16", "fp16"),
+    "align.head_mapping": ("mean", "learned"),
+    "distill.kd.kind": ("forward_kl", "reverse_kl", "jsd"),
+    "distill.kd.impl": ("chunked", "fused"),
+    "distributed.strategy": ("auto", "none", "ddp", "fsdp", "deepspeed"),
+    "distributed.mixed_precision": ("no", "bf16", "fp16"),
+    "export.dtype": ("fp32", "bf16", "fp16"),
+}
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _bad(key: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: must be {rule}, got {value!r} (fix the recipe or the override)")
+
+
+def _need(cond: bool, key: str, rule: str, value: Any) -> None:
+    if not cond:
+        raise _bad(key, rule, value)
+
+
+def _check_optim(prefix: str, o: OptimConfig) -> None:
+    _need(o.lr > 0, f"{prefix}.lr", "> 0", o.lr)
+    _need(o.min_lr >= 0, f"{prefix}.min_lr", ">= 0", o.min_lr)
+    _need(o.min_lr <= o.lr, f"{prefix}.min_lr", f"<= lr ({o.lr})", o.min_lr)
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{prefix}.betas",
+          "two numbers in [0, 1)", list(o.betas))
+    _need(o.weight_decay >= 0, f"{prefix}.weight_decay", ">= 0", o.weight_decay)
+    _need(o.warmup_steps >= 0, f"{prefix}.warmup_steps", ">= 0", o.warmup_steps)
+    _need(o.grad_clip >= 0, f"{prefix}.grad_clip", ">= 0 (0 turns clipping off)", o.grad_clip)
+
+
+def _check_train(prefix: str, t: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "max_bad_steps"):
+        value = getattr(t, name)
+        _need(value > 0, f"{prefix}.{name}", "> 0", value)
+    _check_optim(f"{prefix}.optim", t.optim)
+
+
+def _check_weights(prefix: str, w: LossWeights) -> None:
+    for f in fields(w):
+        value = getattr(w, f.name)
+        _need(value >= 0, f"{prefix}.{f.name}", ">= 0", value)
+    _need(any(getattr(w, f.name) > 0 for f in fields(w)), prefix, "a set with at least one weight > 0",
+          {f.name: getattr(w, f.name) for f in fields(w)})
+
+
+def _check_choices(recipe: Recipe) -> None:
+    for key, allowed in CHOICES.items():
+        node: Any = recipe
+        for part in key.split("."):
+            node = getattr(node, part)
+        _need(node in allowed, key, "one of " + "|".join(allowed), node)
+
+
+def check_values(recipe: Recipe) -> None:
+    """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
+    _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
+          "a folder name of letters, digits, '.', '_' or '-'", recipe.run.name)
+    _need(recipe.run.seed >= 0, "run.seed", ">= 0", recipe.run.seed)
+    _need(bool(recipe.run.runs_dir), "run.runs_dir", "a non-empty path", recipe.run.runs_dir)
+    d = recipe.data
+    _need(len(d.sources) > 0, "data.sources", "a non-empty list", list(d.sources))
+    _need(d.seq_len > 0, "data.seq_len", "> 0", d.seq_len)
+    _need(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
+    _need(d.max_train_tokens is None or d.max_train_tokens > 0, "data.max_train_tokens", "> 0 or null",
+          d.max_train_tokens)
+    _need(bool(recipe.teacher.spec), "teacher.spec", "a bundled alias, hub id, directory or .gguf file",
+          recipe.teacher.spec)
+    for s, t in recipe.teacher.layer_map.items():
+        _need(s >= 0 and t >= 0, f"teacher.layer_map.{s}", "a layer index >= 0", t)
+    _need(bool(recipe.student.preset), "student.preset", "a SpikeGPTConfig preset name", recipe.student.preset)
+    c = recipe.teacher_cache
+    _need(c.k > 0, "teacher_cache.k", "> 0", c.k)
+    _need(c.batch_size > 0, "teacher_cache.batch_size", "> 0", c.batch_size)
+    _check_train("align.train", recipe.align.train)
+    if recipe.align.enabled:
+        _check_weights("align.weights", recipe.align.weights)
+    _check_train("distill.train", recipe.distill.train)
+    _check_weights("distill.weights", recipe.distill.weights)
+    kd = recipe.distill.kd
+    _need(kd.temperature > 0, "distill.kd.temperature", "> 0", kd.temperature)
+    _need(0 <= kd.jsd_beta <= 1, "distill.kd.jsd_beta", "in [0, 1]", kd.jsd_beta)
+    _need(kd.chunk_size > 0, "distill.kd.chunk_size", "> 0", kd.chunk_size)
+    _check_choices(recipe)
+    dist = recipe.distributed
+    _need(dist.strategy != "deepspeed" or bool(dist.deepspeed_config), "distributed.deepspeed_config",
+          "a path to a DeepSpeed JSON (e.g. recipes/deepspeed/zero2.json) when strategy is deepspeed",
+          dist.deepspeed_config)
+    e = recipe.evaluate
+    _need(e.limit is None or e.limit > 0, "evaluate.limit", "> 0 or null", e.limit)
+    _need(e.batch_size > 0, "evaluate.batch_size", "> 0", e.batch_size)
+    _need(e.context_length > 0, "evaluate.context_length", "> 0", e.context_length)
+    _need(e.sample_tokens >= 0, "evaluate.sample_tokens", ">= 0", e.sample_tokens)
+
+
+def section_names() -> list[str]:
+    """The top-level recipe sections, in schema order."""
+    return [f.name for f in fields(Recipe)]
+
