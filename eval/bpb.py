@@ -1,0 +1,89 @@
+"""Bits-per-byte and perplexities of a causal LM on a text, counted the way lm-eval counts them.
+
+bits/byte = NLL_nats / (ln 2 * UTF-8 bytes of the text); byte perplexity = exp(NLL / bytes); word
+perplexity = exp(NLL / words) with words = len(re.split(r"\\s+", text)) (lm-eval's count). The text is
+scored as one document conditioned on the tokenizer's BOS (else EOS), like lm-eval's rolling tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from eval import EvalError
+from eval.models import is_recurrent, prefix_token_id
+from eval.scoring import encode_document, stream_logprobs, windowed_nll
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words, as lm-eval counts them for word_perplexity."""
+    return len(re.split(r"\s+", text))
+
+
+def document_nll(model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1,
+                 progress: bool = False) -> tuple[float, int]:
+    """(total NLL in nats, number of scored tokens) of `text` as one rolling document.
+
+    Student: one streaming pass through the recurrent state, `context_length` tokens per chunk (the chunk
+    size changes memory only, not the result). Any other HF causal LM: lm-eval's disjoint windows of
+    `context_length` tokens, each conditioned on the previous window's last token (so the result equals
+    lm-eval's `hf` model with max_length=context_length).
+    """
+    tokens = encode_document(tokenizer, text)
+    prefix = prefix_token_id(tokenizer)
+    if is_recurrent(model):
+        logps, _ = stream_logprobs(model, [prefix] + tokens, chunk_size=context_length, progress=progress)
+        return -float(logps.double().sum()), len(tokens)
+    return windowed_nll(model, tokens, prefix, context_length, batch_size, progress), len(tokens)
+
+
+def evaluate_bpb(model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1,
+                 progress: bool = False) -> dict:
+    """Bits/byte, byte and word perplexity of `text`.
+
+    Returns {"bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "words", "nll_sum"}
+    (nll_sum in nats). See `document_nll` for how long texts are scored.
+    """
+    if not text:
+        raise EvalError("evaluate_bpb: the text is empty; pass a non-empty text or file")
+    nll, n_tokens = document_nll(model, tokenizer, text, context_length, batch_size, progress)
+    n_bytes, n_words = len(text.encode("utf-8")), count_words(text)
+    return {
+        "bits_per_byte": nll / n_bytes / math.log(2),
+        "byte_perplexity": math.exp(nll / n_bytes),
+        "word_perplexity": math.exp(nll / n_words),
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "words": n_words,
+        "nll_sum": nll,
+    }
+
+
+def read_eval_text(name_or_path: str) -> str:
+    """A bundled held-out text by name ("persuasion", "hamlet") or any UTF-8 text file (.txt or .txt.xz)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return _read_text(path)
+    from teachers.data import bundled_corpus
+
+    corpus = bundled_corpus()
+    matches = [p for key, p in corpus.items() if name_or_path.lower() in str(key).lower()]
+    if not matches:
+        raise EvalError(
+            f"{name_or_path}: neither a file nor a bundled text (bundled: {', '.join(map(str, corpus))}); "
+            "pass a path to a .txt file"
+        )
+    return _read_text(Path(matches[0]))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        from teachers.data import read_text
+
+        return read_text(path)
+    except ImportError:
+        import lzma
+
+        raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
+        return raw.decode("utf-8")

@@ -1,0 +1,286 @@
+"""The `spikegpt` model for lm-evaluation-harness, and `evaluate_tasks` (student and teacher in one table).
+
+`lm_eval --model spikegpt --model_args pretrained=DIR,batch_size=8 --tasks ... --include_path eval/tasks`
+finds this class through the start-up hook in eval/lm_eval_hook.py (install it once with
+`python -m eval.lm_eval_hook install`); from Python, importing this module registers it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from eval import EvalError
+from eval.generate import generate_tokens
+from eval.models import SPIKEGPT_TYPE, is_recurrent, load_model_dir, model_type_of, prefix_token_id
+from eval.scoring import encode_document, score_batch, stream_logprobs, windowed_nll
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+@register_model("spikegpt")
+class SpikeGPTLM(TemplateLM):
+    """lm-eval LM around the spiking student (or any HF causal LM with a cache).
+
+    pretrained: a model directory or an already-loaded model (then pass `tokenizer`). max_length: the
+    context for batched scoring and generation (default: the config's max positions, else 1024); rolling
+    documents on the student stream through the recurrent state in max_length chunks, so any length works.
+    """
+
+    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 8, max_length: int | None = None,
+                 device: str = "cpu", dtype: str | None = None, **_unused):
+        super().__init__()
+        if isinstance(pretrained, (str, Path)):
+            torch_dtype = getattr(torch, dtype) if dtype else None
+            self.model, self.tokenizer = load_model_dir(pretrained, dtype=torch_dtype)
+        elif tokenizer is None:
+            raise EvalError("SpikeGPTLM: a model instance needs tokenizer=...; pass the model's tokenizer")
+        else:
+            self.model, self.tokenizer = pretrained.eval(), tokenizer
+        self.model.to(device)
+        self._device = torch.device(device)
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
+        self._max_length = int(max_length) if max_length else self._config_max_length()
+
+    def _config_max_length(self) -> int:
+        cfg = self.model.config
+        for key in ("ctx_len", "context_length", "max_position_embeddings", "n_positions"):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return DEFAULT_MAX_LENGTH
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return prefix_token_id(self.tokenizer)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            return encode_document(self.tokenizer, string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: [((context, continuation), context ids, continuation ids)] -> [(log p, is_greedy)]."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        long_rows = [i for i in order if self._too_long(requests[i])]
+        short_rows = [i for i in order if not self._too_long(requests[i])]
+        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
+        for i in long_rows:
+            results[i] = self._score_long(requests[i][1], requests[i][2])
+            bar.update(1)
+        for start in range(0, len(short_rows), self.batch_size_per_gpu):
+            rows = short_rows[start : start + self.batch_size_per_gpu]
+            scored = score_batch(self.model, [(requests[i][1], requests[i][2]) for i in rows])
+            for i, res in zip(rows, scored):
+                results[i] = res
+            bar.update(len(rows))
+        bar.close()
+        for (pair, _, _), res in zip(requests, results):
+            if pair is not None:
+                self.cache_hook.add_partial("loglikelihood", pair, res)
+        return results
+
+    def _too_long(self, request) -> bool:
+        return len(request[1]) + len(request[2]) - 1 > self.max_length
+
+    def _score_long(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """Student: stream the whole input; other models: keep the last max_length tokens (as lm-eval's hf)."""
+        if is_recurrent(self.model):
+            logps, greedy = stream_logprobs(self.model, context + continuation, self.max_length)
+            n = len(continuation)
+            return float(logps[-n:].sum()), bool(greedy[-n:].all())
+        keep = self.max_length + 1 - len(continuation)
+        if keep < 1:
+            raise EvalError(f"continuation of {len(continuation)} tokens exceeds max_length={self.max_length}; "
+                            "raise max_length in --model_args")
+        return score_batch(self.model, [(context[-keep:], continuation)])[0]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-document log-likelihood: one streaming pass for the student, lm-eval windows otherwise."""
+        out = []
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
+            (text,) = req.args
+            tokens = self.tok_encode(text)
+            if is_recurrent(self.model):
+                logps, _ = stream_logprobs(self.model, [self.prefix_token_id] + tokens, self.max_length)
+                value = float(logps.double().sum())
+            else:
+                value = -windowed_nll(self.model, tokens, self.prefix_token_id, self.max_length,
+                                      self.batch_size_per_gpu)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
+            out.append(value)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, per gen_kwargs) continuation cut at the first stop string or max_gen_toks."""
+        out = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+            context, gen_kwargs = req.args
+            text = self._generate_one(context, dict(gen_kwargs))
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+    def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+        until = gen_kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
+        ids = self.tok_encode(context)
+        if not is_recurrent(self.model):
+            ids = ids[-max(1, self.max_length - max_new):]
+        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        new: list[int] = []
+        for token in generate_tokens(self.model, prompt, max_new, temperature=temperature,
+                                     top_k=int(gen_kwargs.get("top_k", 0) or 0),
+                                     top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
+                                     eos_token_id=self.eot_token_id):
+            if token == self.eot_token_id:
+                break
+            new.append(token)
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if any(stop in text for stop in until):
+                break
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return _cut_at_stops(text, until)
+
+
+def _cut_at_stops(text: str, stops: list[str]) -> str:
+    """Text up to (not including) the earliest stop string."""
+    cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
+    return text[:cut]
+
+
+# ---------------------------------------------------------------- evaluate_tasks
+
+
+def local_task_names() -> set[str]:
+    """Names of the tasks and groups defined in eval/tasks (without indexing lm-eval's built-ins)."""
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_tasks)
+
+
+def task_manager_for(tasks: list[str]):
+    """A TaskManager over eval/tasks, adding lm-eval's built-in tasks only when a task needs them."""
+    from lm_eval.tasks import TaskManager
+
+    local = local_task_names()
+    needs_builtin = any(t not in local for t in tasks)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_builtin)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: "
+                        f"{', '.join(sorted(local))} (or any lm-eval task name)")
+    return manager
+
+
+def lm_for(spec: str, batch_size: int = 8, max_length: int | None = None, dtype: str = "fp32"):
+    """An lm-eval LM for a spec: student dir -> `spikegpt`; other HF dir or teacher spec -> lm-eval's `hf`."""
+    from lm_eval.models.huggingface import HFLM
+
+    path = Path(spec)
+    if path.is_dir():
+        if model_type_of(path) == SPIKEGPT_TYPE:
+            return SpikeGPTLM(str(path), batch_size=batch_size, max_length=max_length)
+        model, tokenizer = load_model_dir(path)
+    else:
+        from teachers import load_teacher
+
+        teacher = load_teacher(spec, dtype=dtype)
+        model, tokenizer = teacher.model.eval(), teacher.tokenizer
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def run_tasks(lm, tasks: list[str], limit: int | None = None, manager=None) -> dict:
+    """Run lm-eval on an LM instance; returns lm-eval's results dict (without per-sample logs)."""
+    import lm_eval
+
+    manager = manager or task_manager_for(tasks)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
+    if results is None:
+        raise EvalError(f"lm-eval returned no results for tasks {tasks}")
+    return results
+
+
+def summarize(results: dict) -> dict[str, dict[str, float]]:
+    """lm-eval results -> {task: {metric: value}} with the ',none' filter suffix dropped, stderrs kept."""
+    table: dict[str, dict[str, float]] = {}
+    for task, metrics in results.get("results", {}).items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and filt in ("none", ""):
+                row[name] = float(value)
+        table[task] = row
+    return table
+
+
+def side_by_side_markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """{model label: {task: {metric: value}}} -> one markdown table, a column per model."""
+    labels = list(rows)
+    keys = sorted({(t, m) for tab in rows.values() for t, ms in tab.items() for m in ms
+                   if not m.endswith("_stderr") and m != "sample_len"})
+    lines = ["| task | metric | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
+    for task, metric in keys:
+        cells = []
+        for label in labels:
+            value = rows[label].get(task, {}).get(metric)
+            err = rows[label].get(task, {}).get(f"{metric}_stderr")
+            cells.append("" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if err else ""))
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_tasks(model_dir, tasks: list[str], output_dir=None, limit: int | None = None,
+                   batch_size: int = 8, teacher_spec: str | None = None) -> dict:
+    """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir.
+
+    Files: lm_eval_<label>.json (lm-eval's own results dict per model) and results.md (lm-eval's table per
+    model plus one side-by-side table). Returns {"models": {label: {task: {metric: value}}},
+    "files": {name: path}}; label is "student" (the model dir) and "teacher".
+    """
+    from lm_eval.utils import make_table
+
+    if not tasks:
+        raise EvalError("no tasks given; pass --tasks (e.g. spikedistill_offline) or set evaluate.tasks")
+    out_dir = Path(output_dir or model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manager = task_manager_for(tasks)
+    specs = {"student": str(model_dir)} | ({"teacher": teacher_spec} if teacher_spec else {})
+    models, files, md = {}, {}, []
+    for label, spec in specs.items():
+        raw = run_tasks(lm_for(spec, batch_size=batch_size), tasks, limit, manager)
+        path = out_dir / f"lm_eval_{label}.json"
+        path.write_text(json.dumps(raw, indent=2, default=str))
+        files[f"lm_eval_{label}"] = str(path)
+        models[label] = summarize(raw)
+        md.append(f"## {label}: {spec}\n\n{make_table(raw)}")
+    table = side_by_side_markdown(models)
+    (out_dir / "results.md").write_text("# lm-eval results\n\n" + table + "\n" + "\n".join(md))
+    files["markdown"] = str(out_dir / "results.md")
+    return {"models": models, "files": files, "markdown": table}
