@@ -31,3 +31,20 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The default recipe end to end on CPU (prepare, align, distill, export, evaluate); prints results + a sample.
+demo: venv
+	$(VENV)/bin/spikedistill run recipes/demo.yaml $(OVERRIDES)
+
+# Any recipe: make distill RECIPE=recipes/smollm2-spikegpt-small.yaml OVERRIDES="distill.train.steps=100"
+distill: venv
+	$(VENV)/bin/spikedistill run $(RECIPE) $(OVERRIDES)
+
+# Score an exported model: make eval MODEL=runs/demo/export/model
+eval: venv
+	@test -n "$(MODEL)" || { echo "make eval: set MODEL=DIR (an exported model, e.g. runs/demo/export/model)" >&2; exit 2; }
+	$(VENV)/bin/spikedistill eval $(MODEL)
+
+# One table (+ JSON and plots) over every run directory under RUNS
+leaderboard: venv
+	$(VENV)/bin/spikedistill leaderboard $(RUNS)

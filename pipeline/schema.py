@@ -134,6 +134,8 @@ class EvaluateConfig:
     limit: int | None = None
     batch_size: int = 8
     context_length: int = 512
+    # score only the first N UTF-8 bytes of each text (cut at a line end); null = the whole text
+    max_text_bytes: int | None = None
     teacher: bool = True
     energy: bool = True
     sample_prompt: str = "It is a truth universally acknowledged"
@@ -251,6 +253,8 @@ def check_values(recipe: Recipe) -> None:
     _need(e.limit is None or e.limit > 0, "evaluate.limit", "> 0 or null", e.limit)
     _need(e.batch_size > 0, "evaluate.batch_size", "> 0", e.batch_size)
     _need(e.context_length > 0, "evaluate.context_length", "> 0", e.context_length)
+    _need(e.max_text_bytes is None or e.max_text_bytes > 0, "evaluate.max_text_bytes", "> 0 or null",
+          e.max_text_bytes)
     _need(e.sample_tokens >= 0, "evaluate.sample_tokens", ">= 0", e.sample_tokens)
 
 

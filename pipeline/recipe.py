@@ -1,0 +1,159 @@
+"""Loading a recipe: YAML file + `key=value` overrides -> validated ``Recipe``; resolved YAML; hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+from pipeline.schema import Recipe, check_values
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found (check the path; shipped recipes live in recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({_first_line(exc)}); fix the recipe syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """Parse one `dotted.key=value` override into (path parts, value); the value is read as YAML.
+
+    Numeric path parts become ints so `teacher.layer_map.3=20` addresses the integer key 3.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise ConfigError(f"override {text!r}: expected dotted.key=value (e.g. distill.train.steps=200)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML (quote it)") from None
+    return [int(p) if p.isdigit() else p for p in key.split(".")], value
+
+
+def _nest(parts: list[str | int], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _merge(base: DictConfig, update: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {_explain(exc)} (in {origin})") from None
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    msg = _first_line(exc)
+    if type(exc).__name__ == "ConfigKeyError":
+        return "unknown key; check its spelling against pipeline/schema.py"
+    return msg
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load `path` (None = schema defaults), apply `key=value` overrides, validate; returns a Recipe.
+
+    Raises ConfigError with one line naming the file, the override or the dotted key.
+    """
+    cfg: DictConfig = OmegaConf.structured(Recipe)
+    if path is not None:
+        path = Path(path)
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+    for text in overrides:
+        parts, value = parse_override(text)
+        cfg = _merge(cfg, _nest(parts, value), f"override {text!r}")
+    try:
+        recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {_first_line(exc)} (set it in the recipe)") from None
+    check_values(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain nested dicts/lists (what config.yaml holds)."""
+    return asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text, loadable again with load_recipe."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else str(obj)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, recursively, with JSON-safe keys (what done.json stores)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_jsonable))
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 (hex, 16 chars) of a JSON-able object; key order does not matter."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (for 'config changed: ...' messages)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            out += diff_keys(old.get(key), new.get(key), sub)
+        return out
+    return [] if old == new else [prefix or "<root>"]
+
+
+def student_config(recipe: Recipe, vocab_size: int):
+    """The SpikeGPTConfig of `student.preset` + `student.config` overrides, with the teacher's vocab size.
+
+    Unknown fields and values SpikeGPTConfig rejects become ConfigError naming `student.config.<field>`.
+    """
+    from students import PRESETS, SpikeGPTConfig, StudentError
+
+    preset, overrides = recipe.student.preset, dict(recipe.student.config)
+    if preset not in PRESETS:
+        raise ConfigError(f"student.preset: must be one of {'|'.join(PRESETS)}, got {preset!r}")
+    if "vocab_size" in overrides:
+        raise ConfigError("student.config.vocab_size: the vocabulary comes from the teacher's tokenizer; "
+                          "remove this key")
+    known = SpikeGPTConfig.from_preset(preset, vocab_size=vocab_size).to_dict()
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"student.config.{key}: not a SpikeGPTConfig field; see students/config.py")
+    try:
+        return SpikeGPTConfig.from_preset(preset, **overrides, vocab_size=vocab_size)
+    except StudentError as exc:
+        match = re.search(r"SpikeGPTConfig\.(\w+)", str(exc))
+        key = f"student.config.{match.group(1)}" if match else "student.config"
+        raise ConfigError(f"{key}: {_first_line(exc)}") from None

@@ -1,0 +1,383 @@
+"""Stage orchestration: run directory, lock, resolved config.yaml, done.json skip / rerun, summary.
+
+A stage is skipped when its done.json holds the same config hash (its recipe sections plus its input stages'
+config hashes) and the same input fingerprints (its input stages' done.json) and its outputs still exist.
+Otherwise it reruns, and since its done.json changes, so does every stage that reads it. done.json is
+written last and atomically, so nothing half-written is ever marked done. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError, PipelineError, StageError
+from pipeline.recipe import diff_keys, recipe_to_dict, recipe_to_yaml, stable_hash, to_plain
+from pipeline.schema import Recipe, TrainConfig
+from pipeline.stages import SPECS, STAGE_ORDER, StageContext, StageResult, get_stage
+
+LOG = logging.getLogger("spikedistill")
+
+
+# ----------------------------------------------------------------------------------------------- files
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temp file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    """The stage's done.json as a dict, or None when absent or unreadable (then the stage is not done)."""
+    path = Path(stage_dir) / "done.json"
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and "config_hash" in done else None
+
+
+def done_fingerprint(done: dict) -> str:
+    """Identity of one finished run of a stage: changes whenever that stage reruns."""
+    return stable_hash({k: done.get(k) for k in ("config_hash", "inputs", "outputs", "finished_at")})
+
+
+# ------------------------------------------------------------------------------------------------ lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file `run_dir/lock` holding "pid host"; a lock left by a dead local pid is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return
+        raise PipelineError(f"{self.path}: could not take the run lock; remove the file if no run is active")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            pid_text, _, host = self.path.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            raise PipelineError(f"{self.path}: unreadable lock file; remove it if no run is active") from None
+        if host == socket.gethostname() and not _pid_alive(pid):
+            LOG.warning("taking over a stale lock %s left by dead pid %d", self.path, pid)
+            self.path.unlink(missing_ok=True)
+            return
+        raise PipelineError(f"{self.path.parent} is in use by pid {pid} on {host}; wait for that run to end, "
+                            f"or delete {self.path} if it is gone")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+# ----------------------------------------------------------------------------------------- accelerator
+def _deepspeed_dict(recipe: Recipe, train: TrainConfig | None) -> dict:
+    path = Path(recipe.distributed.deepspeed_config or "")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"distributed.deepspeed_config: cannot read {path} as JSON ({exc.__class__.__name__}); "
+                          "point it at recipes/deepspeed/zero2.json or similar") from None
+    if train is not None:
+        # DeepSpeed needs these numbers itself; "auto" is resolved from the stage's train section
+        fill = {"train_micro_batch_size_per_gpu": train.batch_size,
+                "gradient_accumulation_steps": train.grad_accum, "gradient_clipping": train.optim.grad_clip}
+        for key, value in fill.items():
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+        if ds.get("train_batch_size") == "auto":
+            ds.pop("train_batch_size")  # derived by DeepSpeed from micro batch x accumulation x world
+    return ds
+
+
+def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
+    """An Accelerator for the recipe's distributed section (CPU + gloo when CUDA is absent).
+
+    strategy auto/ddp/none take what the launcher set up; deepspeed passes the recipe's JSON (with "auto"
+    fields filled from `train`); fsdp uses FSDP2 unless `accelerate launch` configured FSDP already.
+    """
+    import torch
+    from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    dist = recipe.distributed
+    cuda = torch.cuda.is_available()
+    backend = dist.backend or (None if cuda else "gloo")
+    kwargs: dict[str, Any] = {
+        "cpu": not cuda,
+        "mixed_precision": dist.mixed_precision,
+        "kwargs_handlers": [InitProcessGroupKwargs(backend=backend)] if backend else None,
+    }
+    if dist.strategy == "deepspeed":
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train))
+    elif dist.strategy == "fsdp" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
+    return Accelerator(**kwargs)
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def stage_config_hash(recipe: Recipe, name: str) -> str:
+    """Hash of the stage's own recipe sections and, recursively, its input stages' config hashes."""
+    spec = SPECS[name]
+    upstream = {need: stage_config_hash(recipe, need) for need in spec.needs(recipe)}
+    return stable_hash({"stage": name, "sections": spec.sections(recipe), "upstream": upstream})
+
+
+def plan_stages(recipe: Recipe, requested: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order: `requested` ones, or every enabled stage."""
+    if not requested:
+        return [s for s in STAGE_ORDER if SPECS[s].enabled(recipe)]
+    for name in requested:
+        if name not in SPECS:
+            raise ConfigError(f"--stages: unknown stage {name!r}; stages are {','.join(STAGE_ORDER)}")
+        if not SPECS[name].enabled(recipe):
+            key = "teacher_cache.enabled" if name == "teacher_cache" else f"{name}.enabled"
+            raise ConfigError(f"--stages asks for {name} but {key} is false; set {key}=true")
+    return [s for s in STAGE_ORDER if s in requested]
+
+
+@dataclass
+class StageSummary:
+    """One row of the end-of-run summary."""
+
+    name: str
+    status: str  # "ran" or "skipped"
+    reason: str
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_config(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        old = None
+    changed = diff_keys(old if isinstance(old, dict) else {}, to_plain(recipe_to_dict(recipe)))
+    if not changed:
+        return
+    shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+    if not (resume or force):
+        raise ConfigError(f"{path}: this run directory was made with a different config (changed: {shown}); "
+                          "pass --resume to continue it with the new config (changed stages rerun), --force to "
+                          "rerun every stage, or --run-dir for a new directory")
+    LOG.info("config changed (%s); continuing because of %s", shown, "--force" if force else "--resume")
+
+
+class Runner:
+    """Runs the planned stages of one recipe in one run directory (see module docstring)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, *, force: bool = False):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir).resolve()
+        self.force = force
+        self.rank, self.world = _world()
+        self.is_main = self.rank == 0
+        self.accelerator = None
+
+    def upstream_of(self, name: str, planned: list[str]) -> dict[str, dict]:
+        """done.json of each input stage; a missing or outdated one that is not planned is an error."""
+        upstream = {}
+        for need in SPECS[name].needs(self.recipe):
+            done = read_done(self.run_dir / need)
+            if done is None:
+                raise StageError(f"stage {name} needs stage {need}, which has not run "
+                                 f"({self.run_dir / need / 'done.json'} missing); add {need} to --stages "
+                                 "or run without --stages")
+            if need not in planned and done["config_hash"] != stage_config_hash(self.recipe, need):
+                raise StageError(f"stage {name} needs stage {need}, whose done.json does not match this recipe; "
+                                 f"add {need} to --stages so it reruns first")
+            upstream[need] = done
+        return upstream
+
+    def decide(self, name: str, config_hash: str, inputs: dict[str, str], sections: dict) -> str | None:
+        """None to skip the stage, else the reason it runs."""
+        done = read_done(self.run_dir / name)
+        if self.force:
+            return "--force"
+        if done is None:
+            return "not run yet" if not (self.run_dir / name / "stage.json").exists() else "resuming"
+        if done["config_hash"] != config_hash:
+            keys = diff_keys(done.get("config", {}), sections)
+            return "config changed: " + (", ".join(keys[:4]) or "stage definition")
+        changed = [n for n in inputs if done.get("inputs", {}).get(n) != inputs[n]]
+        if changed:
+            return "input changed: " + ", ".join(changed)
+        missing = [k for k, p in done.get("outputs", {}).items() if not Path(p).exists()]
+        if missing:
+            return "output missing: " + ", ".join(missing)
+        return None
+
+    def _prepare_dir(self, name: str, started: dict) -> Path:
+        """Make the stage folder ready: keep it only to resume the same config, else start clean."""
+        stage_dir = self.run_dir / name
+        marker = stage_dir / "stage.json"
+        try:
+            old = json.loads(marker.read_text())
+            same = (old["config_hash"], old["inputs"]) == (started["config_hash"], started["inputs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        (stage_dir / "done.json").unlink(missing_ok=True)
+        if stage_dir.exists() and (self.force or not same):
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, started)
+        return stage_dir
+
+    def _accelerator_for(self, name: str):
+        if SPECS[name].training or self.world > 1:
+            train = getattr(self.recipe, name).train if SPECS[name].training else None
+            self.accelerator = make_accelerator(self.recipe, train)
+        return self.accelerator if SPECS[name].training else None
+
+    def run_stage(self, name: str, planned: list[str]) -> StageSummary:
+        """Skip or run one stage; on success the main process writes its done.json last."""
+        upstream = self.upstream_of(name, planned)
+        config_hash = stage_config_hash(self.recipe, name)
+        inputs = {n: done_fingerprint(d) for n, d in upstream.items()}
+        sections = to_plain(SPECS[name].sections(self.recipe))
+        reason = self.decide(name, config_hash, inputs, sections)
+        if reason is None:
+            done = read_done(self.run_dir / name) or {}
+            LOG.info("[%s] skipped: done and unchanged", name)
+            return StageSummary(name, "skipped", "unchanged", 0.0, done.get("metrics", {}))
+        LOG.info("[%s] running (%s)", name, reason)
+        accelerator = self._accelerator_for(name)
+        stage_dir = self.run_dir / name
+        if self.is_main:
+            started = {"stage": name, "config_hash": config_hash, "inputs": inputs,
+                       "started_at": _now()}
+            stage_dir = self._prepare_dir(name, started)
+        _barrier()
+        ctx = StageContext(recipe=self.recipe, run_dir=self.run_dir, stage_dir=stage_dir, upstream=upstream,
+                           accelerator=accelerator, is_main=self.is_main,
+                           log=logging.getLogger(f"spikedistill.{name}"))
+        t0 = time.perf_counter()
+        result = get_stage(name)(ctx) if (SPECS[name].training or self.is_main) else None
+        seconds = time.perf_counter() - t0
+        _barrier()
+        if self.is_main:
+            self._finish(name, stage_dir, result, config_hash, inputs, sections, seconds)
+        _barrier()
+        return StageSummary(name, "ran", reason, seconds, dict(result.metrics) if result else {})
+
+    def _finish(self, name: str, stage_dir: Path, result: StageResult | None, config_hash: str,
+                inputs: dict, sections: dict, seconds: float) -> None:
+        if not isinstance(result, StageResult):
+            raise StageError(f"stage {name} returned {type(result).__name__}, not a StageResult (a bug in "
+                             f"pipeline/stages/{name}.py)")
+        outputs = {k: str(Path(v).resolve()) for k, v in result.outputs.items()}
+        missing = [k for k, p in outputs.items() if not Path(p).exists()]
+        if missing:
+            raise StageError(f"stage {name} reported outputs that do not exist ({', '.join(missing)}); "
+                             "nothing was marked done")
+        metrics = to_plain(result.metrics)
+        if not SPECS[name].training:
+            with open(stage_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"stage": name, "seconds": round(seconds, 3), **metrics}) + "\n")
+        done = {"stage": name, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
+                "metrics": metrics, "config": sections, "seconds": round(seconds, 3), "finished_at": _now()}
+        write_json_atomic(stage_dir / "done.json", done)
+
+    def run(self, requested: list[str] | None = None, *, resume: bool = False) -> list[StageSummary]:
+        """Check the run directory, take the lock (main process), write config.yaml, run the stages."""
+        planned = plan_stages(self.recipe, requested)
+        lock = RunLock(self.run_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _check_config(self.run_dir, self.recipe, resume, self.force)
+            lock.acquire()
+        try:
+            if self.is_main:
+                write_text_atomic(self.run_dir / "config.yaml", recipe_to_yaml(self.recipe))
+            return [self.run_stage(name, planned) for name in planned]
+        finally:
+            lock.release()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """runs_dir/name from the recipe's run section."""
+    return Path(recipe.run.runs_dir) / recipe.run.name
+
+
+def run_pipeline(recipe: Recipe, *, run_dir: str | Path | None = None, stages: list[str] | None = None,
+                 resume: bool = False, force: bool = False) -> list[StageSummary]:
+    """Run (or skip) the recipe's stages in `run_dir` (default runs_dir/name); returns the summary rows."""
+    runner = Runner(recipe, Path(run_dir) if run_dir else default_run_dir(recipe), force=force)
+    return runner.run(stages, resume=resume)
+
+
+def format_summary(rows: list[StageSummary]) -> str:
+    """A plain-text table: stage, status, seconds, reason, a few scalar metrics."""
+    lines = [f"{'stage':<14}{'status':<9}{'time':>9}  reason / metrics"]
+    for row in rows:
+        scalars = [f"{k}={_fmt(v)}" for k, v in row.metrics.items() if isinstance(v, (int, float))][:4]
+        detail = row.reason + (" | " + " ".join(scalars) if scalars else "")
+        lines.append(f"{row.name:<14}{row.status:<9}{row.seconds:>8.1f}s  {detail}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,130 @@
+"""Stage registry and the stage contract.
+
+A stage is a module `pipeline/stages/<name>.py` with ``run(ctx: StageContext) -> StageResult``. Its
+``StageSpec`` says which recipe sections its config hash covers and which earlier stages it reads, so the
+runner can decide skip / rerun and refuse a stage whose input stage has not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.schema import Recipe
+
+STAGE_ORDER = ("prepare", "teacher_cache", "align", "distill", "export", "evaluate")
+TRAINING_STAGES = ("align", "distill")
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: named output paths for later stages, and its metrics (JSON-able)."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use. `upstream` maps an input stage's name to its done.json dict."""
+
+    recipe: Recipe
+    run_dir: Path
+    stage_dir: Path
+    upstream: dict[str, dict]
+    accelerator: Any
+    is_main: bool
+    log: logging.Logger
+
+
+StageFn = Callable[[StageContext], StageResult]
+
+
+def _uses_cache(r: Recipe) -> bool:
+    return r.teacher_cache.enabled and r.distill.use_teacher_cache
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How the runner treats one stage.
+
+    sections(recipe) -> the recipe parts its config hash covers (besides its inputs' hashes);
+    needs(recipe) -> the earlier stages whose outputs it reads; enabled(recipe) -> part of a full run.
+    """
+
+    name: str
+    sections: Callable[[Recipe], dict[str, Any]]
+    needs: Callable[[Recipe], tuple[str, ...]]
+    enabled: Callable[[Recipe], bool] = lambda r: True
+    training: bool = False
+
+
+def _prepare_sections(r: Recipe) -> dict[str, Any]:
+    # the tokenizer is the teacher's, and the split is seeded: nothing else changes the dataset
+    return {"data": r.data, "teacher.spec": r.teacher.spec,
+            "teacher.trust_remote_code": r.teacher.trust_remote_code, "run.seed": r.run.seed}
+
+
+def _cache_sections(r: Recipe) -> dict[str, Any]:
+    return {"teacher_cache": r.teacher_cache, "teacher": r.teacher}
+
+
+def _train_common(r: Recipe) -> dict[str, Any]:
+    return {"teacher": r.teacher, "student": r.student, "run.seed": r.run.seed,
+            "distributed.mixed_precision": r.distributed.mixed_precision}
+
+
+def _align_sections(r: Recipe) -> dict[str, Any]:
+    return {"align": r.align, **_train_common(r)}
+
+
+def _distill_sections(r: Recipe) -> dict[str, Any]:
+    return {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
+
+
+def _distill_needs(r: Recipe) -> tuple[str, ...]:
+    needs = ["prepare"]
+    if _uses_cache(r):
+        needs.append("teacher_cache")
+    if r.align.enabled:
+        needs.append("align")
+    return tuple(needs)
+
+
+SPECS: dict[str, StageSpec] = {
+    "prepare": StageSpec("prepare", _prepare_sections, lambda r: ()),
+    "teacher_cache": StageSpec("teacher_cache", _cache_sections, lambda r: ("prepare",),
+                               enabled=lambda r: r.teacher_cache.enabled),
+    "align": StageSpec("align", _align_sections, lambda r: ("prepare",), enabled=lambda r: r.align.enabled,
+                       training=True),
+    "distill": StageSpec("distill", _distill_sections, _distill_needs, training=True),
+    # export also copies the tokenizer saved by prepare
+    "export": StageSpec("export", lambda r: {"export": r.export}, lambda r: ("prepare", "distill")),
+    # the teacher is scored too, and the model card needs the data/teacher it came from
+    "evaluate": StageSpec("evaluate", lambda r: {"evaluate": r.evaluate, "teacher": r.teacher},
+                          lambda r: ("export",)),
+}
+
+# name -> stage function replacing the module's run(); tests register stubs here to keep runner tests fast
+_OVERRIDES: dict[str, StageFn] = {}
+
+
+def register_stage(name: str, fn: StageFn | None) -> None:
+    """Use `fn` as stage `name`'s run function (None restores the module's own)."""
+    if name not in SPECS:
+        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_ORDER)}")
+    if fn is None:
+        _OVERRIDES.pop(name, None)
+    else:
+        _OVERRIDES[name] = fn
+
+
+def get_stage(name: str) -> StageFn:
+    """The run function of stage `name` (imported lazily so a run loads only the stages it needs)."""
+    if name in _OVERRIDES:
+        return _OVERRIDES[name]
+    return importlib.import_module(f"pipeline.stages.{name}").run

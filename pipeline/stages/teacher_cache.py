@@ -1,0 +1,35 @@
+"""Stage teacher_cache (optional, teacher_cache.enabled): top-k teacher log-probs for every training row.
+
+Output: {"cache": dir} in teachers.cache format, keyed by teacher fingerprint, tokenizer, data and k so the
+distill stage refuses a cache that does not match. A killed build resumes at its first missing shard.
+"""
+
+from __future__ import annotations
+
+from pipeline.stages import StageContext, StageResult
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def teacher_dtype(name: str):
+    """The torch dtype of a recipe dtype name (fp32 | bf16 | fp16)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Run the teacher over the prepared training split and store its top-k log-probs."""
+    from teachers.cache import build_teacher_cache
+
+    from teachers import load_teacher
+
+    r = ctx.recipe
+    teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
+                           trust_remote_code=r.teacher.trust_remote_code)
+    out = ctx.stage_dir / "cache"
+    stats = build_teacher_cache(teacher, ctx.upstream["prepare"]["outputs"]["dataset"], out,
+                                k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size, split="train",
+                                value_dtype=r.teacher_cache.value_dtype)
+    return StageResult(outputs={"cache": str(out)},
+                       metrics={"teacher_fingerprint": teacher.fingerprint, **dict(stats)})
