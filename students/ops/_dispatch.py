@@ -1,12 +1,18 @@
 """Which implementation of a fused op runs: SPIKEDISTILL_KERNELS=auto|reference|cpu|triton (default auto).
 
-auto picks the Triton kernel for CUDA tensors and the fast CPU path otherwise.
+auto picks the Triton kernel for CUDA tensors and the fast CPU path otherwise. A backend that cannot run the
+given tensors (the CPU library failed to build, triton missing, fp64 inputs, triton on CPU without
+TRITON_INTERPRET=1) falls back to the reference, with one warning per reason.
 """
+import importlib.util
 import os
+import warnings
+from functools import lru_cache
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_backend(device: torch.device) -> str:
@@ -17,3 +23,37 @@ def kernel_backend(device: torch.device) -> str:
     if choice == "auto":
         return "triton" if torch.device(device).type == "cuda" else "cpu"
     return choice
+
+
+@lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"students/ops: {reason}; using the reference implementation.", RuntimeWarning, stacklevel=3)
+
+
+def _triton_usable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 on CPU"
+    return None
+
+
+def select_backend(t: torch.Tensor) -> str:
+    """The backend that will actually run for tensor `t`: kernel_backend, minus what cannot run here."""
+    backend = kernel_backend(t.device)
+    if backend == "reference":
+        return backend
+    if t.dtype not in FAST_DTYPES:
+        return "reference"  # fp64 (gradcheck) and other dtypes: the reference is exact and fast enough
+    if backend == "cpu":
+        if t.device.type != "cpu":
+            _warn_once(f"SPIKEDISTILL_KERNELS=cpu but the tensors are on {t.device.type}")
+            return "reference"
+        from .csrc import library
+
+        return "cpu" if library() is not None else "reference"
+    problem = _triton_usable(t.device)
+    if problem:
+        _warn_once(problem)
+        return "reference"
+    return "triton"

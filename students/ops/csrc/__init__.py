@@ -1,0 +1,103 @@
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp (plain C ABI, called through ctypes).
+
+The library has no torch headers, so g++ builds it in about a second. It is cached per source hash and CPU
+model under $SPIKEDISTILL_CACHE/cpu_kernels (default ~/.cache/spikedistill/cpu_kernels); a file lock keeps
+parallel processes from building it twice. When the build fails the ops fall back to the reference once,
+with a warning.
+"""
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("spike_ops.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "lif_forward": [_P] * 4 + [_I64] * 3 + [_F] * 3 + [_I, _I],
+    "lif_backward": [_P] * 6 + [_I64] * 3 + [_F] * 3 + [_I, _I, _I, _F, _I],
+    "wkv_forward": [_P] * 11 + [_I64] * 3 + [_I],
+    "wkv_backward": [_P] * 18 + [_I64] * 3 + [_I],
+    "sfsa_threshold": [_P] * 2 + [_I64] * 2 + [_I],
+    "sfsa_threshold_backward": [_P] * 4 + [_I64] * 2 + [_I, _F, _I],
+}
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $SPIKEDISTILL_CACHE/cpu_kernels or ~/.cache/spikedistill/cpu_kernels."""
+    root = os.environ.get("SPIKEDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "spikedistill")
+    return Path(root) / "cpu_kernels"
+
+
+def _cpu_model() -> str:
+    # -march=native code must not be reused on a different CPU sharing the cache directory
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others find the finished file
+        if target.exists():
+            return
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            cmd = [os.environ.get("CXX", "g++"), *FLAGS, str(SOURCE), "-o", tmp]
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
+    target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        warnings.warn(
+            f"students/ops/csrc: could not build {SOURCE.name} ({str(detail).strip()[:200]}); the spike ops fall "
+            "back to the slow reference. Install g++ with OpenMP or set SPIKEDISTILL_KERNELS=reference.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Data pointer of a contiguous fp32 tensor (None passes a null pointer)."""
+    if t is None:
+        return None
+    assert t.dtype == torch.float32 and t.is_contiguous(), "kernel buffers must be contiguous fp32"
+    return t.data_ptr()
+
+
+def threads() -> int:
+    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both."""
+    return torch.get_num_threads()

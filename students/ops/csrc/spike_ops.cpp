@@ -1,0 +1,304 @@
+// Fused CPU kernels for the spike ops: plain C ABI, fp32, contiguous buffers, OpenMP over independent lanes.
+// Loaded through ctypes by students/ops/_cpu_lib.py (no torch headers, so it compiles in about a second).
+// Every function mirrors the matching reference in students/ops/*/reference.py; see that file for the maths.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr float kHalfPi = 1.57079632679489662f;
+constexpr int64_t kLane = 64;  // lanes advanced together: a few SIMD vectors, 256 contiguous bytes per row
+
+// d spike / d x for surrogate 0 = atan, 1 = sigmoid (students/ops/surrogate.py).
+inline float surrogate_grad(float x, int kind, float alpha) {
+  if (kind == 0) {
+    const float z = kHalfPi * alpha * x;
+    return alpha / (2.0f * (1.0f + z * z));
+  }
+  const float sg = 1.0f / (1.0f + std::exp(-alpha * x));
+  return alpha * sg * (1.0f - sg);
+}
+
+struct LifParams {
+  float beta, gain, vth, alpha;
+};
+
+// Membrane charge for the w lanes starting at n0 of one batch row, all S steps. Writes spikes [S, N] and the
+// final membrane (forward), or the pre-spike membrane h [S, kLane] (backward recompute).
+template <bool SOFT, bool FORWARD>
+void lif_charge(const float* x, const float* v0, float* spikes, float* v_last, float* h, int64_t S, int64_t N,
+                int64_t n0, int64_t w, const LifParams& p) {
+  const float beta = p.beta, gain = p.gain, vth = p.vth;
+  float v[kLane];
+  for (int64_t j = 0; j < w; ++j) v[j] = v0 ? v0[n0 + j] : 0.0f;
+  for (int64_t t = 0; t < S; ++t) {
+    const float* xt = x + t * N + n0;
+    float* out = FORWARD ? spikes + t * N + n0 : h + t * kLane;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const float ht = beta * v[j] + gain * xt[j];
+      const float s = static_cast<float>(ht - vth >= 0.0f);
+      v[j] = SOFT ? ht - s * vth : ht * (1.0f - s);
+      out[j] = FORWARD ? s : ht;
+    }
+  }
+  if (FORWARD)
+    for (int64_t j = 0; j < w; ++j) v_last[n0 + j] = v[j];
+}
+
+template <bool SOFT>
+void lif_forward_t(const float* x, const float* v0, float* spikes, float* v_last, int64_t B, int64_t S,
+                   int64_t N, const LifParams& p, int nthreads) {
+  const int64_t blocks = (N + kLane - 1) / kLane;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < B * blocks; ++i) {
+    const int64_t b = i / blocks, n0 = (i % blocks) * kLane, w = std::min(N, n0 + kLane) - n0;
+    lif_charge<SOFT, true>(x + b * S * N, v0 ? v0 + b * N : nullptr, spikes + b * S * N, v_last + b * N,
+                           nullptr, S, N, n0, w, p);
+  }
+}
+
+// Reverse-time surrogate-gradient recurrence for one lane block, given the recomputed membrane h.
+template <bool SOFT, bool DETACH, int SUR>
+void lif_reverse(const float* h, const float* g_spikes, float* g_x, float* gv, int64_t S, int64_t N, int64_t w,
+                 const LifParams& p) {
+  const float beta = p.beta, gain = p.gain, vth = p.vth, alpha = p.alpha;
+  for (int64_t t = S - 1; t >= 0; --t) {
+    const float* gs = g_spikes + t * N;
+    float* gx = g_x + t * N;
+    const float* ht_row = h + t * kLane;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const float ht = ht_row[j], xs = ht - vth;
+      const float s = static_cast<float>(xs >= 0.0f);
+      // v_t = h_t (1 - s_t) (hard) or h_t - s_t vth (soft); detach_reset drops the path through s_t.
+      const float dv_dh = SOFT ? 1.0f : 1.0f - s;
+      const float dv_ds = DETACH ? 0.0f : (SOFT ? -vth : -ht);
+      const float gh = gv[j] * dv_dh + (gs[j] + gv[j] * dv_ds) * surrogate_grad(xs, SUR, alpha);
+      gx[j] = gh * gain;
+      gv[j] = gh * beta;
+    }
+  }
+}
+
+template <bool SOFT, bool DETACH, int SUR>
+void lif_backward_t(const float* x, const float* v0, const float* g_spikes, const float* g_vlast, float* g_x,
+                    float* g_v0, int64_t B, int64_t S, int64_t N, const LifParams& p, int nthreads) {
+  const int64_t blocks = (N + kLane - 1) / kLane;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> h(static_cast<size_t>(S) * kLane);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * blocks; ++i) {
+      const int64_t b = i / blocks, n0 = (i % blocks) * kLane, w = std::min(N, n0 + kLane) - n0;
+      lif_charge<SOFT, false>(x + b * S * N, v0 ? v0 + b * N : nullptr, nullptr, nullptr, h.data(), S, N, n0, w,
+                              p);
+      float gv[kLane];
+      for (int64_t j = 0; j < w; ++j) gv[j] = g_vlast ? g_vlast[b * N + n0 + j] : 0.0f;
+      lif_reverse<SOFT, DETACH, SUR>(h.data(), g_spikes + b * S * N + n0, g_x + b * S * N + n0, gv, S, N, w, p);
+      if (g_v0)
+        for (int64_t j = 0; j < w; ++j) g_v0[b * N + n0 + j] = gv[j];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [B, S, N], v0 [B, N] or null -> spikes [B, S, N], v_last [B, N].
+void lif_forward(const float* x, const float* v0, float* spikes, float* v_last, int64_t B, int64_t S, int64_t N,
+                 float beta, float gain, float vth, int soft, int nthreads) {
+  const LifParams p{beta, gain, vth, 0.0f};
+  if (soft)
+    lif_forward_t<true>(x, v0, spikes, v_last, B, S, N, p, nthreads);
+  else
+    lif_forward_t<false>(x, v0, spikes, v_last, B, S, N, p, nthreads);
+}
+
+// Backward of lif_forward: recomputes the membrane per lane block (nothing stored in the forward but x, v0).
+// g_spikes [B, S, N], g_vlast [B, N] or null -> g_x [B, S, N], g_v0 [B, N] or null.
+void lif_backward(const float* x, const float* v0, const float* g_spikes, const float* g_vlast, float* g_x,
+                  float* g_v0, int64_t B, int64_t S, int64_t N, float beta, float gain, float vth, int soft,
+                  int detach, int surrogate, float alpha, int nthreads) {
+  const LifParams p{beta, gain, vth, alpha};
+  using Fn = void (*)(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
+                      int64_t, const LifParams&, int);
+  static const Fn table[8] = {
+      lif_backward_t<false, false, 0>, lif_backward_t<false, false, 1>, lif_backward_t<false, true, 0>,
+      lif_backward_t<false, true, 1>,  lif_backward_t<true, false, 0>,  lif_backward_t<true, false, 1>,
+      lif_backward_t<true, true, 0>,   lif_backward_t<true, true, 1>};
+  table[(soft ? 4 : 0) + (detach ? 2 : 0) + (surrogate ? 1 : 0)](x, v0, g_spikes, g_vlast, g_x, g_v0, B, S, N, p,
+                                                                  nthreads);
+}
+
+// WKV forward, running-max form. w = -exp(time_decay) [C], u [C]; k, v, y [B, L, C];
+// state_in (num, den, p) [B, C] each or null (empty state); state_out written [B, C] each.
+void wkv_forward(const float* w, const float* u, const float* k, const float* v, const float* num0,
+                 const float* den0, const float* p0, float* y, float* num1, float* den1, float* p1, int64_t B,
+                 int64_t L, int64_t C, int nthreads) {
+  const int64_t blocks = (C + kLane - 1) / kLane;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < B * blocks; ++i) {
+    const int64_t b = i / blocks, c0 = (i % blocks) * kLane, cw = std::min(C, c0 + kLane) - c0;
+    float num[kLane], den[kLane], p[kLane];
+    for (int64_t j = 0; j < cw; ++j) {
+      const int64_t o = b * C + c0 + j;
+      num[j] = num0 ? num0[o] : 0.0f;
+      den[j] = den0 ? den0[o] : 0.0f;
+      p[j] = p0 ? p0[o] : -1e38f;
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t o = (b * L + t) * C + c0;
+      #pragma omp simd
+      for (int64_t j = 0; j < cw; ++j) {
+        const float kt = k[o + j], vt = v[o + j], uk = u[c0 + j] + kt;
+        float q = std::max(p[j], uk);
+        float e1 = std::exp(p[j] - q), e2 = std::exp(uk - q);
+        y[o + j] = (e1 * num[j] + e2 * vt) / (e1 * den[j] + e2);
+        const float pw = p[j] + w[c0 + j];
+        q = std::max(pw, kt);
+        e1 = std::exp(pw - q);
+        e2 = std::exp(kt - q);
+        num[j] = e1 * num[j] + e2 * vt;
+        den[j] = e1 * den[j] + e2;
+        p[j] = q;
+      }
+    }
+    for (int64_t j = 0; j < cw; ++j) {
+      const int64_t o = b * C + c0 + j;
+      num1[o] = num[j];
+      den1[o] = den[j];
+      p1[o] = p[j];
+    }
+  }
+}
+
+// WKV backward. Adjoints are kept scaled by e^{p_t} (ga = dL/dA_t e^{p_t}, A_t = num_t e^{p_t}), so every factor
+// is an exp of a non-positive number and nothing overflows at any length. The states are recomputed per block.
+// g_y [B, L, C]; g_num1, g_den1, g_p1 [B, C] or null -> g_k, g_v [B, L, C]; g_w, g_u [B, C] (summed over t;
+// g_w is d/dw with w = -exp(time_decay)); g_num0, g_den0, g_p0 [B, C] (written when num0 is given).
+void wkv_backward(const float* w, const float* u, const float* k, const float* v, const float* num0,
+                  const float* den0, const float* p0, const float* g_y, const float* g_num1, const float* g_den1,
+                  const float* g_p1, float* g_k, float* g_v, float* g_w, float* g_u, float* g_num0, float* g_den0,
+                  float* g_p0, int64_t B, int64_t L, int64_t C, int nthreads) {
+  const int64_t blocks = (C + kLane - 1) / kLane;
+#pragma omp parallel num_threads(nthreads)
+  {
+    // states before each step t: num, den, p for the lanes of this block
+    std::vector<float> st(static_cast<size_t>(L + 1) * 3 * kLane);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * blocks; ++i) {
+      const int64_t b = i / blocks, c0 = (i % blocks) * kLane, cw = std::min(C, c0 + kLane) - c0;
+      float* S = st.data();
+      for (int64_t j = 0; j < cw; ++j) {
+        const int64_t o = b * C + c0 + j;
+        S[j] = num0 ? num0[o] : 0.0f;
+        S[kLane + j] = den0 ? den0[o] : 0.0f;
+        S[2 * kLane + j] = p0 ? p0[o] : -1e38f;
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const float* cur = S + t * 3 * kLane;
+        float* nxt = S + (t + 1) * 3 * kLane;
+        const int64_t o = (b * L + t) * C + c0;
+        #pragma omp simd
+        for (int64_t j = 0; j < cw; ++j) {
+          const float kt = k[o + j], vt = v[o + j], pw = cur[2 * kLane + j] + w[c0 + j];
+          const float q = std::max(pw, kt), e1 = std::exp(pw - q), e2 = std::exp(kt - q);
+          nxt[j] = e1 * cur[j] + e2 * vt;
+          nxt[kLane + j] = e1 * cur[kLane + j] + e2;
+          nxt[2 * kLane + j] = q;
+        }
+      }
+      float ga[kLane], gb[kLane], gp[kLane], gw[kLane], gu[kLane];
+      const float* fin = S + L * 3 * kLane;
+      for (int64_t j = 0; j < cw; ++j) {
+        const int64_t o = b * C + c0 + j;
+        ga[j] = g_num1 ? g_num1[o] : 0.0f;
+        gb[j] = g_den1 ? g_den1[o] : 0.0f;
+        // num_L = A_L e^{-p_L}: p_L as an output also scales num_L and den_L
+        gp[j] = (g_p1 ? g_p1[o] : 0.0f) - ga[j] * fin[j] - gb[j] * fin[kLane + j];
+        gw[j] = 0.0f;
+        gu[j] = 0.0f;
+      }
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const float* cur = S + t * 3 * kLane;
+        const int64_t o = (b * L + t) * C + c0;
+        #pragma omp simd
+        for (int64_t j = 0; j < cw; ++j) {
+          const float kt = k[o + j], vt = v[o + j], uk = u[c0 + j] + kt;
+          const float num = cur[j], den = cur[kLane + j], p = cur[2 * kLane + j];
+          // output y_t from the state before t
+          float q = std::max(p, uk);
+          const float a1 = std::exp(p - q), a2 = std::exp(uk - q);
+          const float dq = a1 * den + a2, yt = (a1 * num + a2 * vt) / dq, gyd = g_y[o + j] / dq;
+          // state update t -> t+1
+          const float pw = p + w[c0 + j];
+          q = std::max(pw, kt);
+          const float b1 = std::exp(pw - q), b2 = std::exp(kt - q);
+          g_v[o + j] = gyd * a2 + ga[j] * b2;
+          const float gu_t = gyd * (vt - yt) * a2;
+          float gk = gu_t + (ga[j] * vt + gb[j]) * b2;
+          gu[j] += gu_t;
+          gw[j] += (ga[j] * num + gb[j] * den) * b1;
+          // p_{t+1} = max(p_t + w, k_t) as a value of its own (only an output p carries it)
+          const float keep = pw >= kt ? 1.0f : 0.0f;
+          gw[j] += keep * gp[j];
+          gk += (1.0f - keep) * gp[j];
+          gp[j] *= keep;
+          g_k[o + j] = gk;
+          ga[j] = gyd * a1 + ga[j] * b1;
+          gb[j] = -gyd * yt * a1 + gb[j] * b1;
+        }
+      }
+      for (int64_t j = 0; j < cw; ++j) {
+        const int64_t o = b * C + c0 + j;
+        g_w[o] = gw[j];
+        g_u[o] = gu[j];
+        if (g_num0) {
+          g_num0[o] = ga[j];
+          g_den0[o] = gb[j];
+          g_p0[o] = gp[j] + ga[j] * S[j] + gb[j] * S[kLane + j];
+        }
+      }
+    }
+  }
+}
+
+// SFSA forward mask, in place on scores [BH, L, L]: 1 where key j <= query i and score >= theta[bh], else 0.
+void sfsa_threshold(float* scores, const float* theta, int64_t BH, int64_t L, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < BH * L; ++r) {
+    const int64_t bh = r / L, i = r % L;
+    const float th = theta[bh];
+    float* row = scores + r * L;
+    for (int64_t j = 0; j <= i; ++j) row[j] = (row[j] - th) >= 0.0f ? 1.0f : 0.0f;
+    std::memset(row + i + 1, 0, sizeof(float) * (L - i - 1));
+  }
+}
+
+// SFSA backward through the threshold, in place on g_attn [BH, L, L] given the recomputed scores [BH, L, L]:
+// g_scores = g_attn * surrogate'(score - theta) on the causal part, 0 above it; g_theta_rows [BH * L] row sums
+// of -g_scores.
+void sfsa_threshold_backward(float* g_attn, const float* scores, const float* theta, float* g_theta_rows,
+                             int64_t BH, int64_t L, int surrogate, float alpha, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < BH * L; ++r) {
+    const int64_t bh = r / L, i = r % L;
+    const float th = theta[bh];
+    float* g = g_attn + r * L;
+    const float* s = scores + r * L;
+    float acc = 0.0f;
+    for (int64_t j = 0; j <= i; ++j) {
+      g[j] *= surrogate_grad(s[j] - th, surrogate, alpha);
+      acc += g[j];
+    }
+    std::memset(g + i + 1, 0, sizeof(float) * (L - i - 1));
+    g_theta_rows[r] = -acc;
+  }
+}
+
+}  // extern "C"
