@@ -19,14 +19,15 @@ EXIT_USER_ERROR = 2
 
 
 def _project_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the input is wrong', not 'the code is wrong'."""
+    """Exception types that mean 'the input is wrong', not 'the code is wrong'.
+
+    Only packages already imported are looked at: an error from one of them means it was imported, and
+    importing the others here would cost seconds of torch start-up.
+    """
     found: list[type[BaseException]] = [PipelineError]
     for module, names in (("teachers", ("TeacherError", "DataError", "CacheError")), ("eval", ("EvalError",)),
                           ("students", ("StudentError",))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
+        mod = sys.modules.get(module)
         found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
     return tuple(found)
 
@@ -88,7 +89,13 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code (2 for a project error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow the options (argparse stops collecting positionals at an option)
+    if args.command == "run" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,7 +63,7 @@ def read_done(stage_dir: Path) -> dict | None:
 
 def done_fingerprint(done: dict) -> str:
     """Identity of one finished run of a stage: changes whenever that stage reruns."""
-    return stable_hash({k: done.get(k) for k in ("config_hash", "inputs", "outputs", "finished_at")})
+    return stable_hash({k: done.get(k) for k in ("config_hash", "inputs", "outputs", "finished_at", "run_id")})
 
 
 # ------------------------------------------------------------------------------------------------ lock
@@ -255,12 +256,14 @@ class Runner:
             return "--force"
         if done is None:
             return "not run yet" if not (self.run_dir / name / "stage.json").exists() else "resuming"
-        if done["config_hash"] != config_hash:
-            keys = diff_keys(done.get("config", {}), sections)
-            return "config changed: " + (", ".join(keys[:4]) or "stage definition")
+        keys = diff_keys(done.get("config", {}), sections)
+        if keys:
+            return "config changed: " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
         changed = [n for n in inputs if done.get("inputs", {}).get(n) != inputs[n]]
         if changed:
             return "input changed: " + ", ".join(changed)
+        if done["config_hash"] != config_hash:
+            return "config changed: stage definition"
         missing = [k for k, p in done.get("outputs", {}).items() if not Path(p).exists()]
         if missing:
             return "output missing: " + ", ".join(missing)
@@ -334,7 +337,8 @@ class Runner:
             with open(stage_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"stage": name, "seconds": round(seconds, 3), **metrics}) + "\n")
         done = {"stage": name, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
-                "metrics": metrics, "config": sections, "seconds": round(seconds, 3), "finished_at": _now()}
+                "metrics": metrics, "config": sections, "seconds": round(seconds, 3), "finished_at": _now(),
+                "run_id": uuid.uuid4().hex}
         write_json_atomic(stage_dir / "done.json", done)
 
     def run(self, requested: list[str] | None = None, *, resume: bool = False) -> list[StageSummary]:

@@ -1,0 +1,98 @@
+"""The `spikedistill` CLI: exit code 2 with one line on stderr for project errors, tracebacks with --debug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pipeline.runner as runner_mod
+from pipeline.cli import build_parser, main
+from pipeline.errors import ConfigError
+from pipeline.stages import STAGE_ORDER, StageResult, register_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "recipes" / "demo.yaml")
+
+
+def _fails_with_one_line(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikedistill: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_recipe(capsys, tmp_path):
+    err = _fails_with_one_line(capsys, ["run", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml: recipe file not found" in err
+
+
+def test_not_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: [unclosed\n")
+    assert "not valid YAML" in _fails_with_one_line(capsys, ["run", str(bad)])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distill.train.optim.lr=-1", "distill.train.optim.lr"),
+    ("distill.train.batch_size=0", "distill.train.batch_size"),
+    ("align.train.steps=0", "align.train.steps"),
+    ("distill.bogus=1", "distill.bogus"),
+    ("distill.train.steps=ten", "distill.train.steps"),
+])
+def test_bad_values_and_keys(capsys, override, key):
+    assert f"error: {key}:" in _fails_with_one_line(capsys, ["run", DEMO, override])
+
+
+def test_bad_override_syntax(capsys):
+    assert "expected dotted.key=value" in _fails_with_one_line(capsys, ["run", DEMO, "distill.train.steps"])
+
+
+def test_debug_shows_the_exception(tmp_path):
+    with pytest.raises(ConfigError):
+        main(["--debug", "run", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError):
+        main(["run", str(tmp_path / "missing.yaml"), "--debug"])
+
+
+def test_run_prints_the_summary(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "make_accelerator", lambda recipe, train=None: None)
+
+    def stub(ctx):
+        out = ctx.stage_dir / "x"
+        out.write_text("x")
+        return StageResult(outputs={"x": str(out)}, metrics={"loss": 1.5})
+
+    for name in STAGE_ORDER:
+        register_stage(name, stub)
+    try:
+        argv = ["run", DEMO, "--run-dir", str(tmp_path / "r"), "--stages", "prepare,align"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "prepare" in out and "align" in out and "loss=1.5" in out and "distill" not in out
+        assert main(argv + ["distill.train.steps=3"]) == 2
+        assert "--resume" in capsys.readouterr().err
+        assert main(argv + ["distill.train.steps=3", "--resume"]) == 0
+        assert "skipped" in capsys.readouterr().out
+    finally:
+        for name in STAGE_ORDER:
+            register_stage(name, None)
+
+
+def test_missing_upstream_exits_2(capsys, tmp_path):
+    err = _fails_with_one_line(capsys, ["run", DEMO, "--run-dir", str(tmp_path), "--stages", "export"])
+    assert "needs stage prepare" in err
+
+
+def test_subcommands_are_wired():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "eval", "generate", "energy", "leaderboard"} <= set(sub.choices)
+
+
+def test_module_entry_point_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(tmp_path / "nope.yaml")],
+                          check=False, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nope.yaml" in proc.stderr

@@ -1,0 +1,163 @@
+"""Recipe schema: loading, overrides, one-line ConfigErrors naming the dotted key or file, hashing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.recipe import (
+    diff_keys,
+    load_recipe,
+    parse_override,
+    recipe_to_yaml,
+    stable_hash,
+    student_config,
+)
+from pipeline.schema import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def _one_line_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_are_the_agreed_ones():
+    r = load_recipe(None)
+    assert isinstance(r, Recipe)
+    assert (r.align.weights.ea, r.align.weights.saa, r.align.weights.sfa) == (0.2, 0.1, 0.1)
+    assert (r.distill.weights.sta, r.distill.weights.hta) == (0.3, 0.3)
+    assert r.align.train.steps == 100 and r.distill.train.steps == 500
+    assert r.distill.train.optim.lr == 6e-4 and r.distill.train.optim.betas == [0.9, 0.99]
+    assert r.distill.kd.kind == "forward_kl" and r.distill.kd.temperature == 2.0
+    assert r.teacher.spec == "smollm2-135m" and r.data.sources == ["bundled"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    r = load_recipe(path)
+    assert r.run.name == path.stem
+
+
+def test_shipped_students_are_valid_configs():
+    for path in SHIPPED:
+        r = load_recipe(path)
+        cfg = student_config(r, vocab_size=50272)
+        assert cfg.vocab_size == 50272
+
+
+def test_unknown_key_names_dotted_path(tmp_path):
+    msg = _one_line_error(_write(tmp_path, "distill:\n  train:\n    optim:\n      lrr: 0.1\n"))
+    assert msg.startswith("distill.train.optim.lrr:") and "unknown key" in msg
+
+
+def test_unknown_section(tmp_path):
+    assert _one_line_error(_write(tmp_path, "trainer: {steps: 3}\n")).startswith("trainer:")
+
+
+def test_wrong_type(tmp_path):
+    msg = _one_line_error(_write(tmp_path, "align:\n  train:\n    steps: many\n"))
+    assert msg.startswith("align.train.steps:") and "many" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distill.train.optim.lr=-0.1", "distill.train.optim.lr"),
+    ("align.train.optim.lr=0", "align.train.optim.lr"),
+    ("distill.train.batch_size=0", "distill.train.batch_size"),
+    ("align.train.batch_size=-2", "align.train.batch_size"),
+    ("distill.train.steps=0", "distill.train.steps"),
+    ("align.train.steps=-5", "align.train.steps"),
+    ("data.seq_len=0", "data.seq_len"),
+    ("distill.kd.kind=kl", "distill.kd.kind"),
+    ("teacher.dtype=int8", "teacher.dtype"),
+    ("distributed.strategy=horovod", "distributed.strategy"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("run.name=a/b", "run.name"),
+    ("distill.weights.sta=-1", "distill.weights.sta"),
+])
+def test_bad_values_name_the_key(override, key):
+    msg = _one_line_error(None, [override])
+    assert msg.startswith(key + ":"), msg
+
+
+def test_all_zero_weights_rejected_unless_stage_disabled():
+    zero = [f"align.weights.{k}=0" for k in ("ea", "saa", "sfa", "sta", "hta")]
+    assert _one_line_error(None, zero).startswith("align.weights:")
+    assert not load_recipe(None, zero + ["align.enabled=false"]).align.enabled
+
+
+def test_deepspeed_needs_a_config_file():
+    assert _one_line_error(None, ["distributed.strategy=deepspeed"]).startswith("distributed.deepspeed_config:")
+
+
+def test_overrides_apply_with_types():
+    r = load_recipe(ROOT / "recipes" / "demo.yaml",
+                    ["distill.train.steps=7", "distill.kd.kind=jsd", "teacher.layer_map.1=20",
+                     "data.sources=[a.txt,b.txt]", "data.max_train_tokens=null", "student.config.n_layer=2",
+                     "evaluate.teacher=false"])
+    assert r.distill.train.steps == 7 and r.distill.kd.kind == "jsd"
+    assert r.teacher.layer_map == {1: 20}
+    assert r.data.sources == ["a.txt", "b.txt"] and r.data.max_train_tokens is None
+    assert r.student.config == {"n_layer": 2} and r.evaluate.teacher is False
+
+
+@pytest.mark.parametrize("text", ["distill.train.steps", "=3", "distill..steps=3", "a b=1", "9x=1"])
+def test_bad_override_syntax(text):
+    msg = _one_line_error(None, [text])
+    assert msg.startswith(f"override {text!r}") and "dotted.key=value" in msg
+
+
+def test_override_unknown_key_and_bad_type():
+    assert _one_line_error(None, ["distill.train.stepz=3"]).startswith("distill.train.stepz:")
+    msg = _one_line_error(None, ["distill.train.steps=abc"])
+    assert msg.startswith("distill.train.steps:") and "override" in msg
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=1.5") == (["a", "b"], 1.5)
+    assert parse_override("a.3=x") == (["a", 3], "x")
+    assert parse_override("a='1'") == (["a"], "1")
+
+
+def test_missing_file_and_not_yaml(tmp_path):
+    msg = _one_line_error(tmp_path / "nope.yaml")
+    assert str(tmp_path / "nope.yaml") in msg and "not found" in msg
+    msg = _one_line_error(_write(tmp_path, "run: {name: x\n  seed: [\n"))
+    assert "r.yaml" in msg and "not valid YAML" in msg
+    assert "YAML mapping" in _one_line_error(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    r = load_recipe(ROOT / "recipes" / "demo.yaml", ["teacher.layer_map.0=3"])
+    again = load_recipe(_write(tmp_path, recipe_to_yaml(r)))
+    assert again == r
+
+
+def test_student_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"^student\.config\.nonsense:"):
+        student_config(load_recipe(None, ["student.config.nonsense=1"]), 100)
+    with pytest.raises(ConfigError, match=r"^student\.config\.n_layer:"):
+        student_config(load_recipe(None, ["student.config.n_layer=0"]), 100)
+    with pytest.raises(ConfigError, match=r"^student\.config\.vocab_size:"):
+        student_config(load_recipe(None, ["student.config.vocab_size=5"]), 100)
+    with pytest.raises(ConfigError, match=r"^student\.preset:"):
+        student_config(load_recipe(None, ["student.preset=huge"]), 100)
+
+
+def test_hash_and_diff():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+    assert diff_keys({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]
