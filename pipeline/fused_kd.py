@@ -1,0 +1,197 @@
+"""Fused, chunked LM head + KD + CE loss that never holds the full [N, V] logits, forward or backward.
+
+`fused_head_kd_loss` is a drop-in for `pipeline.losses.chunked_logit_losses` (distill.kd.impl = "fused"): the
+same per-token losses (`pipeline.losses.kd_loss` semantics, tau^2 scaled, sparse top-k targets as k buckets
+plus one tail bucket), the same sums. Instead of autograd through log_softmax and the divergences it uses a
+custom autograd Function: the forward computes the sums chunk by chunk and keeps only the head input and
+weight; the backward recomputes each chunk's logits and writes the closed-form gradient
+    d(tau^2 D)/dz_j = tau * p_j * r_{b(j)}   (p the tempered student, b(j) the bucket of token j)
+straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
+A callable teacher is called once per chunk in the forward and once more in the backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.losses import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
+
+
+def fused_head_kd_loss(
+    head_input: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    target: Any = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    jsd_beta: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """KD and CE sums of the head logits h W^T over tokens, without materialising [N, V].
+
+    head_input: [N, C]; head_weight: [V, C] (a bias-free LM head); labels: [N] (IGNORE_INDEX = -100 rows count
+    in neither loss); target: dense teacher logits [N, V], a callable rows (slice) -> logits [n, V], sparse
+    targets (ids [N, k], logprobs [N, k], tail_mass [N]) or None (CE only, kd_sum = 0).
+    Returns {"kd_sum": scalar, "ce_sum": scalar, "n_tokens": int64 scalar}, differentiable in head_input and
+    head_weight.
+    """
+    if kind not in KD_KINDS:
+        raise ConfigError(f"distill.kd.kind must be one of {KD_KINDS}, got {kind!r}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ConfigError(f"distill.kd.jsd_beta must be in [0, 1], got {jsd_beta}")
+    if chunk_size < 1:
+        raise ConfigError(f"distill.kd.chunk_size must be >= 1, got {chunk_size}")
+    if head_input.dim() != 2 or head_weight.dim() != 2 or head_input.shape[1] != head_weight.shape[1]:
+        raise ValueError(
+            f"fused_head_kd_loss: head_input [N, C] and head_weight [V, C] expected, got "
+            f"{tuple(head_input.shape)} and {tuple(head_weight.shape)}"
+        )
+    opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta))
+    kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
+    return {"kd_sum": kd_sum, "ce_sum": ce_sum, "n_tokens": (labels != IGNORE_INDEX).sum()}
+
+
+class _Opts:
+    def __init__(self, kind: str, tau: float, chunk: int, beta: float):
+        if kind == "jsd" and beta in (0.0, 1.0):
+            kind = "forward_kl" if beta == 0.0 else "reverse_kl"  # same convention as pipeline.losses
+        self.kind, self.tau, self.chunk, self.beta = kind, tau, chunk, beta
+
+
+class _FusedHeadKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, target, opts):
+        w32 = weight.float()
+        sums = torch.zeros(2, dtype=torch.float32, device=h.device)
+        for rows in _chunks(h.shape[0], opts.chunk):
+            kd, ce, _ = _chunk(h[rows], w32, labels[rows], _target_rows(target, rows), opts, want_grad=False)
+            sums[0] += kd
+            sums[1] += ce
+        ctx.save_for_backward(h, weight)
+        ctx.labels, ctx.target, ctx.opts = labels, target, opts
+        return sums[0].clone(), sums[1].clone()
+
+    @staticmethod
+    def backward(ctx, g_kd, g_ce):
+        h, weight = ctx.saved_tensors
+        w32 = weight.float()
+        need_h, need_w = ctx.needs_input_grad[:2]
+        g_h = torch.empty_like(h) if need_h else None
+        g_w = torch.zeros_like(w32) if need_w else None
+        for rows in _chunks(h.shape[0], ctx.opts.chunk):
+            h_c = h[rows].float()
+            _, _, dz = _chunk(h_c, w32, ctx.labels[rows], _target_rows(ctx.target, rows), ctx.opts,
+                              want_grad=True, g_kd=g_kd, g_ce=g_ce)
+            if need_h:
+                g_h[rows] = (dz @ w32).to(h.dtype)
+            if need_w:
+                g_w.addmm_(dz.t(), h_c)
+        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def _chunks(n: int, size: int):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _target_rows(target: Any, rows: slice) -> Any:
+    """Teacher targets of token rows `rows`: dense logits [n, V] (fp32), (ids, logprobs, tail) or None."""
+    if target is None:
+        return None
+    if is_sparse(target):
+        return target.ids[rows].long(), target.logprobs[rows].float(), target.tail_mass[rows].float()
+    with torch.no_grad():
+        t = target[rows] if torch.is_tensor(target) else target(rows)
+    return t.float()
+
+
+def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
+    """(kd_sum, ce_sum, d loss / d logits [n, V] or None) for one chunk of rows."""
+    z = h_c.float() @ w32.t()
+    valid = labels != IGNORE_INDEX
+    safe_labels = labels.clamp_min(0).unsqueeze(1)
+    # cross-entropy with ignored rows masked out
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    ce = ((lse - z.gather(1, safe_labels)).squeeze(1) * valid).sum()
+    kd = z.new_zeros(())
+    dz = None
+    if target is not None:
+        kd_rows, dz_kd = _kd_rows(z, target, opts, want_grad)
+        kd = (kd_rows * valid).sum() * opts.tau**2
+        if want_grad:
+            dz = dz_kd.mul_(g_kd * opts.tau * valid.unsqueeze(1))
+    if want_grad:
+        # d ce / dz = softmax(z) - onehot(label), zero on ignored rows
+        d_ce = (z - lse).exp_().scatter_add_(1, safe_labels, -torch.ones_like(lse))
+        d_ce.mul_(g_ce * valid.unsqueeze(1))
+        dz = d_ce if dz is None else dz.add_(d_ce)
+    return kd, ce, dz
+
+
+def _kd_rows(z, target, opts, want_grad):
+    """Per-row divergence D [n] of the tempered student logits z [n, V] from the target, and d D / d (z / tau)."""
+    log_p = torch.log_softmax(z / opts.tau, dim=1)
+    if isinstance(target, tuple):
+        ids, logprobs, tail = target
+        log_pb, log_qb, has_tail = _sparse_buckets(log_p, ids, logprobs, tail, opts.tau)
+    else:
+        log_pb, log_qb, has_tail, ids = log_p, torch.log_softmax(target / opts.tau, dim=1), False, None
+    div, coef = _bucket_divergence(log_pb, log_qb, opts.kind, opts.beta, want_grad)
+    if not want_grad:
+        return div, None
+    # per-token gradient from per-bucket coefficients: dD/ds_j = p_j r_b(j), or for forward KL
+    # p_j - exp(log p_j + log Q_b - log P_b) (no division by a tiny bucket mass)
+    per_token = coef if ids is None else _expand(coef, ids, z.shape[1], has_tail)
+    p = log_p.exp()
+    if opts.kind == "forward_kl":
+        grad = p - (log_p + per_token).exp()
+    else:
+        grad = p * per_token
+    return div, grad.where(p > 0, 0.0)
+
+
+def _sparse_buckets(log_p, ids, logprobs, tail, tau):
+    """Student and teacher log-probabilities on the k ids (+ one tail bucket when k < V) -> [n, k(+1)] each."""
+    log_p_ids = log_p.gather(1, ids)
+    log_q = logprobs / tau
+    if ids.shape[1] >= log_p.shape[1]:
+        return log_p_ids, torch.log_softmax(log_q, dim=1), False
+    log_p_tail = torch.logsumexp(log_p.scatter(1, ids, float("-inf")), dim=1, keepdim=True)
+    log_tail = tail.clamp_min(TAIL_FLOOR).log().unsqueeze(1) / tau
+    log_q = torch.log_softmax(torch.cat([log_q, log_tail], dim=1), dim=1)
+    return torch.cat([log_p_ids, log_p_tail], dim=1), log_q, True
+
+
+def _expand(coef, ids, vocab, has_tail):
+    """Per-bucket values [n, k(+1)] -> per-token [n, V]: the tail value everywhere, then the k ids."""
+    k = ids.shape[1]
+    fill = coef[:, k:].expand(-1, vocab) if has_tail else coef.new_zeros(1, 1).expand(coef.shape[0], vocab)
+    return fill.clone().scatter_(1, ids, coef[:, :k])
+
+
+def _weighted(terms, log_w):
+    """sum exp(log_w) * terms over the last axis, 0 where the weight is 0 (pipeline.losses semantics)."""
+    w = log_w.exp()
+    return torch.where(w > 0, w * terms, 0.0).sum(-1)
+
+
+def _bucket_divergence(log_p, log_q, kind, beta, want_grad):
+    """D [n] between bucket distributions and the per-bucket gradient coefficient [n, K] (None if not wanted).
+
+    Coefficient r with dD/ds_j = p_j r_b(j): reverse KL r = log P - log Q - D; JSD r = G - sum P G with
+    G = (1 - beta)(log P - log M); forward KL returns log Q - log P (used in the stable form by the caller).
+    """
+    if kind == "forward_kl":
+        div = _weighted(log_q - log_p, log_q)
+        return div, (log_q - log_p if want_grad else None)
+    if kind == "reverse_kl":
+        div = _weighted(log_p - log_q, log_p)
+        return div, (log_p - log_q - div.unsqueeze(1) if want_grad else None)
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1.0 - beta))
+    div = beta * _weighted(log_q - log_m, log_q) + (1.0 - beta) * _weighted(log_p - log_m, log_p)
+    if not want_grad:
+        return div, None
+    g = (1.0 - beta) * (log_p - log_m)
+    return div, g - _weighted(g, log_p).unsqueeze(1)
