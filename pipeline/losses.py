@@ -184,3 +184,195 @@ def logit_losses(head_input, head: nn.Module, labels, teacher, kind, temperature
         return fused_head_kd_loss(head_input, head.weight, labels, teacher, kind, temperature, chunk_size,
                                   jsd_beta=beta)
     raise ValueError(f"distill.kd.impl must be 'chunked' or 'fused', got {impl!r}")
+
+
+# ------------------------------------------------------------------------------------------------ SpAD
+def head_mix_matrix(n_student: int, n_teacher: int) -> torch.Tensor:
+    """Mean-pool map of teacher heads onto student heads -> [H_s, H_t], rows summing to 1.
+
+    With H_t >= H_s, teacher head j belongs to student head floor(j * H_s / H_t) (consecutive groups,
+    averaged); with H_t < H_s, student head i copies teacher head floor(i * H_t / H_s).
+    """
+    mix = torch.zeros(n_student, n_teacher)
+    if n_teacher >= n_student:
+        for j in range(n_teacher):
+            mix[j * n_student // n_teacher, j] = 1.0
+    else:
+        for i in range(n_student):
+            mix[i, i * n_teacher // n_student] = 1.0
+    return mix / mix.sum(1, keepdim=True)
+
+
+def lif_rate(x: torch.Tensor, time_steps: int, lif: dict[str, Any]) -> torch.Tensor:
+    """Feed x [..., N] as a constant current into a LIF for `time_steps` steps; mean spikes -> [..., N]."""
+    from students.ops import lif_scan
+
+    flat = x.reshape(1, 1, -1).float().expand(1, time_steps, -1)
+    spikes, _ = lif_scan(flat, **lif)
+    return spikes.mean(1).reshape(x.shape)
+
+
+def lif_kwargs(config: Any) -> dict[str, Any]:
+    """The lif_scan keyword arguments of a SpikeGPTConfig (the student's own neuron)."""
+    return {"tau": config.lif_tau, "v_threshold": config.lif_threshold, "reset": config.lif_reset,
+            "decay_input": getattr(config, "lif_decay_input", True),
+            "detach_reset": getattr(config, "lif_detach_reset", False),
+            "surrogate": config.surrogate, "alpha": config.surrogate_alpha}
+
+
+class SpADLoss(nn.Module):
+    """Spike-aware alignment terms (BiSpikCLM SpAD) with their learned projections, as per-token SUMS.
+
+    EA   MSE(P(E_S), E_T): P a linear map of the student's embedding output (averaged over T steps).
+    SAA  per mapped layer: MSE(A_S, M A_T) + MSE(A_S, rate(M A_T)), averaged over layers. A_S [B, H_s, L, L]
+         is the student's map averaged over its T steps (a spike rate for sfsa); M [H_s, H_t] maps teacher
+         heads onto student heads: "mean" = fixed mean-pool groups (head_mix_matrix), "learned" = a free
+         mix per layer initialised to it. rate(.) feeds the map as constant current into the student's own
+         LIF for T steps and averages the spikes. Note: with SpikeGPT's LIF (tau 2, threshold 1, input
+         decay) a current <= 1 never fires, so the rate target of a softmax map is 0 (it rewards sparsity).
+    SFA  per mapped layer: MSE(LN(MLP(h_S)), h_T) + MSE(rate(LN(MLP(h_S))), rate(h_T)), averaged over layers;
+         the student side of the rate term goes through the same LIF with its surrogate gradient.
+    Every MSE is a mean over the feature axes of each token, summed over the first n_pos positions.
+    Only terms with a weight > 0 get parameters (DDP needs every parameter to receive a gradient).
+    """
+
+    def __init__(self, *, student_dim: int, teacher_dim: int, layer_map: list[int], student_heads: int,
+                 teacher_heads: int, weights: dict[str, float], head_mapping: str = "mean",
+                 lif: dict[str, Any] | None = None, time_steps: int = 1):
+        super().__init__()
+        if head_mapping not in ("mean", "learned"):
+            raise ValueError(f"align.head_mapping must be 'mean' or 'learned', got {head_mapping!r}")
+        self.layer_map = list(layer_map)
+        self.weights = {k: float(weights.get(k, 0.0)) for k in ("ea", "saa", "sfa")}
+        self.head_mapping, self.lif, self.time_steps = head_mapping, dict(lif or {}), time_steps
+        if self.weights["ea"] > 0:
+            self.ea_proj = nn.Linear(student_dim, teacher_dim)
+        if self.weights["saa"] > 0:
+            mix = head_mix_matrix(student_heads, teacher_heads)
+            if head_mapping == "learned":
+                self.head_mix = nn.ParameterList([nn.Parameter(mix.clone()) for _ in self.layer_map])
+            else:
+                self.register_buffer("head_mix_fixed", mix, persistent=False)
+        if self.weights["sfa"] > 0:
+            self.sfa_proj = nn.ModuleList([
+                nn.Sequential(nn.Linear(student_dim, teacher_dim), nn.GELU(), nn.Linear(teacher_dim, teacher_dim),
+                              nn.LayerNorm(teacher_dim))
+                for _ in self.layer_map])
+
+    @property
+    def needs_attentions(self) -> bool:
+        return self.weights["saa"] > 0
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.weights["ea"] > 0 or self.weights["sfa"] > 0
+
+    def _mix(self, i: int) -> torch.Tensor:
+        return self.head_mix[i] if self.head_mapping == "learned" else self.head_mix_fixed
+
+    def forward(self, student_out: Any, teacher_out: Any, n_pos: int) -> dict[str, torch.Tensor]:
+        """student_out: hidden_states (n_layer+1 x [B, L, C_s]), attentions (n_layer x [B, H_s, L, L]);
+        teacher_out: embeddings [B, L, C_t], hidden_states (n_t x [B, L, C_t]), attentions (n_t x
+        [B, H_t, L, L]). Returns {"ea", "saa", "sfa"} sums over the first n_pos positions (weighted terms only).
+        """
+        out = {}
+        if self.weights["ea"] > 0:
+            e_s = student_out.hidden_states[0][:, :n_pos]
+            out["ea"] = _token_mse(self.ea_proj(e_s.float()), teacher_out.embeddings[:, :n_pos].float())
+        if self.weights["saa"] > 0:
+            out["saa"] = sum(self._saa(i, student_out, teacher_out, n_pos)
+                             for i in range(len(self.layer_map))) / len(self.layer_map)
+        if self.weights["sfa"] > 0:
+            out["sfa"] = sum(self._sfa(i, student_out, teacher_out, n_pos)
+                             for i in range(len(self.layer_map))) / len(self.layer_map)
+        return out
+
+    def _saa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
+        a_s = student_out.attentions[i][:, :, :n_pos].float()
+        a_t = teacher_out.attentions[self.layer_map[i]][:, :, :n_pos, : a_s.shape[-1]].float()
+        mapped = torch.einsum("st,btqk->bsqk", self._mix(i).to(a_t.dtype), a_t)
+        rate = lif_rate(mapped, self.time_steps, self.lif)
+        return _map_mse(a_s, mapped) + _map_mse(a_s, rate)
+
+    def _sfa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
+        z = self.sfa_proj[i](student_out.hidden_states[i + 1][:, :n_pos].float())
+        h_t = teacher_out.hidden_states[self.layer_map[i]][:, :n_pos].float()
+        rates = _token_mse(lif_rate(z, self.time_steps, self.lif), lif_rate(h_t, self.time_steps, self.lif))
+        return _token_mse(z, h_t) + rates
+
+
+def _token_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of the mean over features of (a - b)^2; a, b [B, L, C] -> scalar."""
+    return (a - b).pow(2).mean(-1).sum()
+
+
+def _map_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Attention maps [B, H, L, K]: per query token the mean over heads and keys, summed over tokens."""
+    return (a - b).pow(2).mean(dim=(1, 3)).sum()
+
+
+# ----------------------------------------------------------------------------------------- objective
+LOSS_TERMS = ("ea", "saa", "sfa", "sta", "hta")
+
+
+class DistillObjective(nn.Module):
+    """The trainable part of a training stage: the student plus the SpAD projections, as one module.
+
+    forward(input_ids [B, L], targets=None) -> {"loss": weighted sum over next-token positions, "ea",
+    "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so DDP/FSDP/DeepSpeed
+    never wrap it) runs inside forward under no_grad; `targets` are cached sparse teacher targets
+    [B, L, k] which replace the online teacher's logits for the STA term (with neither, e.g. validation
+    rows of a cached run without a teacher, the STA term is left out). The trainer divides every sum by
+    the token count of the whole step.
+    """
+
+    def __init__(self, student: nn.Module, weights: dict[str, float], *, teacher: Any = None,
+                 spad: SpADLoss | None = None, kd: dict[str, Any] | None = None):
+        super().__init__()
+        self.student, self.spad = student, spad
+        self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_TERMS}
+        self.kd = {"kind": "forward_kl", "temperature": 1.0, "chunk_size": 1024, "beta": 0.5, "impl": "chunked",
+                   **(kd or {})}
+        self._teacher = (teacher,)  # a tuple, so nn.Module does not register or wrap it
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def forward(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
+        spad = self.spad
+        logit_terms = self.weights["sta"] > 0 or self.weights["hta"] > 0
+        out = self.student(input_ids, skip_logits=True,
+                           output_hidden_states=spad is not None and spad.needs_hidden_states,
+                           output_attentions=spad is not None and spad.needs_attentions)
+        n_pos = input_ids.shape[1] - 1
+        online = self.teacher is not None and (spad is not None or (self.weights["sta"] > 0 and targets is None))
+        t_out = self.teacher(input_ids, logits=False, hidden_states=spad is not None and spad.needs_hidden_states) \
+            if online else None
+        sums: dict[str, torch.Tensor] = dict(spad(out, t_out, n_pos)) if spad is not None else {}
+        if logit_terms:
+            sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets))
+        loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
+        return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
+
+    def _logit_terms(self, head_input, input_ids, t_out, targets) -> dict[str, torch.Tensor]:
+        h = head_input[:, :-1].reshape(-1, head_input.shape[-1])
+        labels = input_ids[:, 1:].reshape(-1)
+        teacher: Any = None
+        if self.weights["sta"] > 0 and targets is not None:
+            k = targets.ids.shape[-1]
+            teacher = _Sparse(targets.ids[:, :-1].reshape(-1, k), targets.logprobs[:, :-1].reshape(-1, k),
+                              targets.tail_mass[:, :-1].reshape(-1))
+        elif self.weights["sta"] > 0 and t_out is not None:
+            last = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
+            head = self.teacher.head
+
+            def teacher(rows: slice) -> torch.Tensor:  # teacher logits are made one chunk at a time
+                return head(last[rows])
+        kd = self.kd
+        r = logit_losses(h, self.student.lm_head, labels, teacher, kd["kind"], kd["temperature"],
+                         kd["chunk_size"], kd["beta"], kd["impl"])
+        return {"kd": r["kd_sum"], "ce": r["ce_sum"]}
+
+
+_WEIGHT_OF = {"ea": "ea", "saa": "saa", "sfa": "sfa", "kd": "sta", "ce": "hta"}

@@ -70,6 +70,25 @@ def count_next_token_targets(batch: dict[str, torch.Tensor]) -> int:
     return ids.shape[0] * (ids.shape[1] - 1)
 
 
+def freeze_unreached_parameters(model: nn.Module, batch: dict[str, Any]) -> list[str]:
+    """Run one forward/backward on `batch` and freeze the parameters that got no gradient -> their names.
+
+    DDP (and FSDP) require every trainable parameter to take part in each backward; a stage whose loss
+    terms do not reach some parameters (e.g. align never uses the LM head) freezes them up front instead
+    of paying for find_unused_parameters. Deterministic: every rank freezes the same set.
+    """
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    out["loss"].backward()
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 class DataStream:
     """Deterministic sample order: stream position p -> dataset index perm_{p // n}[p % n]."""
 
@@ -190,6 +209,10 @@ class Trainer:
         full = get_optimizer_state_dict(self.model, self.optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return full, False
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained module's full state dict (gathered under FSDP / ZeRO-3; every rank must call it)."""
+        return self._full_model_state()
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self._payload(), rank=self.rank,

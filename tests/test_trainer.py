@@ -16,14 +16,14 @@ from pipeline.schema import OptimConfig, TrainConfig
 from pipeline.trainer import SIGTERM_EXIT_CODE, Trainer, TrainingError, lr_factor
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
-from toy import ToyData, ToyLM  # noqa: E402
+from toy import ToyData, ToyLM
 
 
 def _cfg(**kw) -> TrainConfig:
     optim = OptimConfig(lr=kw.pop("lr", 0.05), min_lr=0.005, warmup_steps=2, grad_clip=kw.pop("clip", 1.0),
                         weight_decay=0.01)
-    base = dict(steps=6, batch_size=4, grad_accum=1, eval_every=3, eval_batches=2, checkpoint_every=2,
-                keep_checkpoints=2, log_every=1, max_bad_steps=3)
+    base = {"steps": 6, "batch_size": 4, "grad_accum": 1, "eval_every": 3, "eval_batches": 2,
+            "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "max_bad_steps": 3}
     base.update(kw)
     return TrainConfig(optim=optim, **base)
 
@@ -62,7 +62,7 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    _, trainer, final = _train(tmp_path, _cfg(steps=12))
+    _, _, final = _train(tmp_path, _cfg(steps=12))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
