@@ -8,6 +8,10 @@ weight; the backward recomputes each chunk's logits and writes the closed-form g
     d(tau^2 D)/dz_j = tau * p_j * r_{b(j)}   (p the tempered student, b(j) the bucket of token j)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
 A callable teacher is called once per chunk in the forward and once more in the backward.
+
+With `loss_weights=(w_kd, w_ce)` (the caller promises to backpropagate w_kd * kd_sum + w_ce * ce_sum times
+any common scale) the gradients are computed in the forward instead: three head matmuls instead of four,
+no second teacher call; the backward checks the promise and raises if it was broken.
 """
 from __future__ import annotations
 
@@ -29,12 +33,14 @@ def fused_head_kd_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     jsd_beta: float = 0.5,
+    loss_weights: tuple[float, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """KD and CE sums of the head logits h W^T over tokens, without materialising [N, V].
 
     head_input: [N, C]; head_weight: [V, C] (a bias-free LM head); labels: [N] (IGNORE_INDEX = -100 rows count
     in neither loss); target: dense teacher logits [N, V], a callable rows (slice) -> logits [n, V], sparse
     targets (ids [N, k], logprobs [N, k], tail_mass [N]) or None (CE only, kd_sum = 0).
+    loss_weights: optional (w_kd, w_ce) of the loss that will be backpropagated (see the module docstring).
     Returns {"kd_sum": scalar, "ce_sum": scalar, "n_tokens": int64 scalar}, differentiable in head_input and
     head_weight.
     """
@@ -49,47 +55,82 @@ def fused_head_kd_loss(
             f"fused_head_kd_loss: head_input [N, C] and head_weight [V, C] expected, got "
             f"{tuple(head_input.shape)} and {tuple(head_weight.shape)}"
         )
-    opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta))
+    opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta), loss_weights)
     kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
     return {"kd_sum": kd_sum, "ce_sum": ce_sum, "n_tokens": (labels != IGNORE_INDEX).sum()}
 
 
 class _Opts:
-    def __init__(self, kind: str, tau: float, chunk: int, beta: float):
+    def __init__(self, kind: str, tau: float, chunk: int, beta: float, weights: tuple[float, float] | None):
         if kind == "jsd" and beta in (0.0, 1.0):
             kind = "forward_kl" if beta == 0.0 else "reverse_kl"  # same convention as pipeline.losses
         self.kind, self.tau, self.chunk, self.beta = kind, tau, chunk, beta
+        self.weights = None if weights is None else (float(weights[0]), float(weights[1]))
 
 
 class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, target, opts):
         w32 = weight.float()
+        eager = opts.weights is not None and any(ctx.needs_input_grad[:2])
+        g_h = torch.empty_like(h) if eager and ctx.needs_input_grad[0] else None
+        g_w = torch.zeros_like(w32) if eager and ctx.needs_input_grad[1] else None
         sums = torch.zeros(2, dtype=torch.float32, device=h.device)
         for rows in _chunks(h.shape[0], opts.chunk):
-            kd, ce, _ = _chunk(h[rows], w32, labels[rows], _target_rows(target, rows), opts, want_grad=False)
+            h_c = h[rows].float()
+            gk, gc = opts.weights if eager else (None, None)
+            kd, ce, dz = _chunk(h_c, w32, labels[rows], _target_rows(target, rows), opts, eager, gk, gc)
             sums[0] += kd
             sums[1] += ce
-        ctx.save_for_backward(h, weight)
-        ctx.labels, ctx.target, ctx.opts = labels, target, opts
+            if eager:
+                _accumulate(dz, h_c, w32, rows, g_h, g_w)
+        if eager:
+            ctx.save_for_backward(g_h, g_w)
+        else:
+            ctx.save_for_backward(h, weight)
+        ctx.eager, ctx.labels, ctx.target, ctx.opts = eager, labels, target, opts
+        ctx.dtypes = (h.dtype, weight.dtype)
         return sums[0].clone(), sums[1].clone()
 
     @staticmethod
     def backward(ctx, g_kd, g_ce):
+        if ctx.eager:
+            g_h, g_w = ctx.saved_tensors
+            scale = _common_scale(g_kd, g_ce, ctx.opts.weights)
+            g_h = None if g_h is None else g_h * scale
+            g_w = None if g_w is None else (g_w * scale).to(ctx.dtypes[1])
+            return g_h, g_w, None, None, None
         h, weight = ctx.saved_tensors
         w32 = weight.float()
-        need_h, need_w = ctx.needs_input_grad[:2]
-        g_h = torch.empty_like(h) if need_h else None
-        g_w = torch.zeros_like(w32) if need_w else None
+        g_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        g_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
         for rows in _chunks(h.shape[0], ctx.opts.chunk):
             h_c = h[rows].float()
-            _, _, dz = _chunk(h_c, w32, ctx.labels[rows], _target_rows(ctx.target, rows), ctx.opts,
-                              want_grad=True, g_kd=g_kd, g_ce=g_ce)
-            if need_h:
-                g_h[rows] = (dz @ w32).to(h.dtype)
-            if need_w:
-                g_w.addmm_(dz.t(), h_c)
-        return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None
+            target = _target_rows(ctx.target, rows)
+            _, _, dz = _chunk(h_c, w32, ctx.labels[rows], target, ctx.opts, True, g_kd, g_ce)
+            _accumulate(dz, h_c, w32, rows, g_h, g_w)
+        return g_h, (None if g_w is None else g_w.to(weight.dtype)), None, None, None
+
+
+def _accumulate(dz, h_c, w32, rows, g_h, g_w):
+    """Add one chunk's logit gradient dz [n, V] into grad_input [N, C] rows and grad_weight [V, C]."""
+    if g_h is not None:
+        g_h[rows] = (dz @ w32).to(g_h.dtype)
+    if g_w is not None:
+        g_w.addmm_(dz.t(), h_c)
+
+
+def _common_scale(g_kd, g_ce, weights):
+    """The s with (g_kd, g_ce) = s * (w_kd, w_ce); raises if the backward does not match loss_weights."""
+    w = torch.tensor(weights, dtype=torch.float32, device=g_kd.device)
+    g = torch.stack([g_kd.float(), g_ce.float()])
+    s = (g * w).sum() / (w * w).sum().clamp_min(1e-30)
+    if not torch.allclose(g, s * w, rtol=1e-5, atol=1e-12):
+        raise RuntimeError(
+            f"pipeline/fused_kd.py: loss_weights={weights} but the backward received d kd_sum={g_kd.item():.3g}, "
+            f"d ce_sum={g_ce.item():.3g}; pass loss_weights matching the loss you backpropagate, or None"
+        )
+    return s
 
 
 def _chunks(n: int, size: int):
