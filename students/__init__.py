@@ -1,0 +1,25 @@
+"""The spiking student: SpikeGPT with BiSpikCLM-style attention and time steps, as a HuggingFace causal LM.
+
+`import students` registers the "spikegpt" model type with AutoConfig and AutoModelForCausalLM.
+"""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import PRESETS, TOKEN_MIXERS, SpikeGPTConfig, StudentError
+from .layers import SpikeLinear
+from .model import SpikeGPTCausalLMOutput, SpikeGPTForCausalLM, shifted_cross_entropy
+from .state import SpikeGPTState
+
+AutoConfig.register("spikegpt", SpikeGPTConfig, exist_ok=True)
+AutoModelForCausalLM.register(SpikeGPTConfig, SpikeGPTForCausalLM, exist_ok=True)
+
+__all__ = [
+    "PRESETS",
+    "TOKEN_MIXERS",
+    "SpikeGPTCausalLMOutput",
+    "SpikeGPTConfig",
+    "SpikeGPTForCausalLM",
+    "SpikeGPTState",
+    "SpikeLinear",
+    "StudentError",
+    "shifted_cross_entropy",
+]

@@ -1,0 +1,276 @@
+"""SpikeGPTForCausalLM: the spiking student as a HuggingFace causal LM (parallel and recurrent forms)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .config import SpikeGPTConfig, StudentError
+from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
+from .opcount import count_ops
+from .ops import spike
+from .state import SpikeGPTState
+
+
+@dataclass
+class SpikeGPTCausalLMOutput(ModelOutput):
+    """loss (scalar), logits [B, L, V] (None with skip_logits), past_key_values (SpikeGPTState),
+    hidden_states (n_layer+1 x [B, L, C]), attentions (n_layer x [B, H, L, L_keys]), head_input [B, L, C]."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: SpikeGPTState | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    head_input: torch.Tensor | None = None
+
+
+class SpikeGPTPreTrainedModel(PreTrainedModel):
+    config_class = SpikeGPTConfig
+    config: SpikeGPTConfig
+    base_model_prefix = "spikegpt"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = ["SpikeGPTBlock"]
+    _is_stateful = True
+    _keep_in_fp32_modules: ClassVar[list[str]] = ["time_decay", "time_first"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF init hook (runs per module; skips weights loaded from a checkpoint)."""
+        if isinstance(module, SpikeLinear):
+            # LeCun scale: a Linear reading spikes at rate p gives currents of std ~ sqrt(p), enough to fire LIFs.
+            init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.in_features))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, SpikingRWKV):
+            _init_decay(module, self.config)
+        elif isinstance(module, TokenShift):
+            init.copy_(module.mix, _shift_curves(module, self.config))
+        elif isinstance(module, SpikingSelfAttention):
+            init.copy_(module.threshold, torch.tensor(self.config.head_thresholds))
+        elif isinstance(module, LIF):
+            pass  # no parameters
+        else:
+            super()._init_weights(module)
+
+
+def _shift_curves(module: TokenShift, config: SpikeGPTConfig) -> torch.Tensor:
+    """SpikeGPT / RWKV-4 token-shift init [branches, C]: mu = (i/C)^p with p falling from 1 to ~0 over depth."""
+    width, layer, n = module.mix.shape[1], module.layer_id, config.n_layer
+    curve = torch.arange(width, dtype=torch.float32, device=module.mix.device) / width
+    ratio_0_to_1, ratio_1_to_0 = layer / max(n - 1, 1), 1.0 - layer / n
+    mix_k = curve**ratio_1_to_0
+    if module.owner == "ffn":
+        return torch.stack([mix_k, mix_k])
+    return torch.stack([mix_k, mix_k + 0.3 * ratio_0_to_1, curve ** (0.5 * ratio_1_to_0)])
+
+
+def _init_decay(module: SpikingRWKV, config: SpikeGPTConfig) -> None:
+    """SpikeGPT / RWKV-4 init of the WKV decay w (slow to fast over channels) and bonus u (log 0.3 + zigzag)."""
+    width, ratio_0_to_1 = module.time_decay.numel(), module.layer_id / max(config.n_layer - 1, 1)
+    h = torch.arange(width, dtype=torch.float32, device=module.time_decay.device) / max(width - 1, 1)
+    init.copy_(module.time_decay, -5 + 8 * h ** (0.7 + 1.3 * ratio_0_to_1))
+    zigzag = ((torch.arange(width, device=h.device) + 1) % 3 - 1).float() * 0.5
+    init.copy_(module.time_first, math.log(0.3) + zigzag)
+
+
+class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
+    """Binary embedding -> ln0 -> n_layer spiking blocks -> ln_out (-> LIF if spike_driven) -> mean over T -> head.
+
+    The residual stream runs in the steps layout [B, L*T, C]; see layers.py.
+    """
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "emb.weight"}
+
+    def __init__(self, config: SpikeGPTConfig):
+        super().__init__(config)
+        c = config.d_model
+        self.emb = nn.Embedding(config.vocab_size, c)
+        self.ln0 = nn.LayerNorm(c, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(SpikeGPTBlock(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(c, eps=config.layer_norm_eps)
+        self.head_neuron = LIF(config, c) if config.spike_driven else None
+        head_binary = config.spike_driven and config.time_steps == 1  # for T > 1 the head reads a spike rate
+        self.lm_head = SpikeLinear(c, config.vocab_size, binary_input=head_binary)
+        self._emb_rate: torch.Tensor | None = None
+        for name, module in self.named_modules():
+            if hasattr(module, "state_key"):
+                module.state_key = name
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.emb
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.emb = value
+
+    def get_output_embeddings(self) -> SpikeLinear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = False,
+        output_attentions: bool | None = False,
+        past_key_values: SpikeGPTState | None = None,
+        use_cache: bool | None = False,
+        skip_logits: bool = False,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> SpikeGPTCausalLMOutput:
+        """input_ids [B, L] -> SpikeGPTCausalLMOutput.
+
+        labels [B, L]: shifted cross-entropy (labels = input_ids), mean over tokens, -100 ignored.
+        past_key_values: a SpikeGPTState from an earlier call with use_cache=True; the call continues it.
+        skip_logits: return logits=None (and no loss) so a caller can apply `lm_head` to `head_input` in chunks.
+        logits_to_keep: > 0 computes logits for the last that many tokens only (generation).
+        """
+        self._check_call(input_ids, labels, skip_logits, past_key_values, attention_mask)
+        steps, batch, length = self.config.time_steps, *input_ids.shape
+        state = past_key_values if past_key_values is not None else (SpikeGPTState() if use_cache else None)
+        emb = self.emb(input_ids)
+        if self.config.binary_embedding:
+            emb = spike(emb, self.config.surrogate, self.config.surrogate_alpha)
+            self._emb_rate = emb.detach().mean()
+        # Each token is presented T times: token-major, step-minor (steps layout).
+        x = self.ln0(emb)
+        x = x.repeat_interleave(steps, dim=1) if steps > 1 else x
+        hidden, attentions = [emb] if output_hidden_states else None, [] if output_attentions else None
+        for block in self.blocks:
+            x, attn = block(x, state, steps, bool(output_attentions))
+            if hidden is not None:
+                hidden.append(x.view(batch, length, steps, -1).mean(2))
+            if attentions is not None:
+                attentions.append(attn)
+        h = self.ln_out(x)
+        if self.head_neuron is not None:
+            h = self.head_neuron(h, state)
+        head_input = h.view(batch, length, steps, -1).mean(2)
+        if state is not None:
+            state.seen_tokens += length
+        logits = loss = None
+        if not skip_logits:
+            logits = self.lm_head(head_input[:, -logits_to_keep:] if logits_to_keep else head_input)
+            if labels is not None:
+                loss = shifted_cross_entropy(logits, labels)
+        return SpikeGPTCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=state if use_cache else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+            head_input=head_input,
+        )
+
+    def _check_call(self, input_ids, labels, skip_logits, state, attention_mask) -> None:
+        if input_ids.dim() != 2:
+            raise StudentError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
+        if labels is not None and skip_logits:
+            raise StudentError("labels with skip_logits=True: compute the loss from head_input, or drop skip_logits")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise StudentError("attention_mask has padding: the student is recurrent; pass unpadded sequences")
+        limit = self.config.max_position
+        seen = state.seen_tokens if state is not None else 0
+        if limit and seen + input_ids.shape[1] > limit:
+            raise StudentError(
+                f"context {seen + input_ids.shape[1]} exceeds config.max_position={limit}; "
+                "raise max_position or shorten the input"
+            )
+
+    def spike_rates(self) -> dict[str, float]:
+        """Firing rate per spiking module (name -> mean spike) from the last forward.
+
+        Keys: "emb" (binary embedding), each LIF's module name, and "<sfsa module>.attn" for binary attention
+        maps (rate over causal entries only).
+        """
+        rates = {} if self._emb_rate is None else {"emb": float(self._emb_rate)}
+        for name, module in self.named_modules():
+            if isinstance(module, LIF) and module.firing_rate is not None:
+                rates[name] = module.firing_rate
+            elif isinstance(module, SpikingSelfAttention) and module.attention_rate is not None:
+                rates[f"{name}.attn"] = module.attention_rate
+        return rates
+
+    def op_counts(self, context_length: int) -> list[dict]:
+        """Every op per token of a forward over `context_length` tokens (T steps included); see opcount.py."""
+        return count_ops(self, context_length)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        streamer=None,
+        eos_token_id: int | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Decode through the recurrent state: the prompt once, then one O(1) step per token (srwkv, sfsa_linear).
+
+        input_ids [B, L] -> [B, L + new]. Greedy unless do_sample. eos_token_id (int or list, None = never stop):
+        a finished row is padded with its eos and decoding stops when all rows are finished. streamer: an HF
+        BaseStreamer (put/end).
+        """
+        if kwargs:
+            raise StudentError(f"generate() got unsupported arguments {sorted(kwargs)}")
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
+                           device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        out = self(input_ids, use_cache=True, logits_to_keep=1, attention_mask=attention_mask)
+        tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+            if eos.numel():
+                nxt = torch.where(done, eos[0], nxt)
+                done = done | torch.isin(nxt, eos)
+            tokens.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if (eos.numel() and bool(done.all())) or i == max_new_tokens - 1:
+                break
+            out = self(nxt[:, None], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(tokens, 1)
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Next token per row from logits [B, V]: argmax, or a sample after temperature / top-k / top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise StudentError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits [B, L, V] at position t predict labels [B, L] at t+1; -100 ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
