@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError
+from students.ops._dispatch import kernel_backend
+from students.ops.csrc import library, ptr, threads
 from pipeline.losses import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
 
 
@@ -151,6 +153,9 @@ def _target_rows(target: Any, rows: slice) -> Any:
 def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
     """(kd_sum, ce_sum, d loss / d logits [n, V] or None) for one chunk of rows."""
     z = h_c.float() @ w32.t()
+    lib = _cpu_library(z)
+    if lib is not None and not isinstance(target, tuple):
+        return _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce)
     valid = labels != IGNORE_INDEX
     safe_labels = labels.clamp_min(0).unsqueeze(1)
     # cross-entropy with ignored rows masked out
@@ -169,6 +174,27 @@ def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
         d_ce.mul_(g_ce * valid.unsqueeze(1))
         dz = d_ce if dz is None else dz.add_(d_ce)
     return kd, ce, dz
+
+
+def _cpu_library(z):
+    """The fused C row kernel (students/ops/csrc) for CPU logits, or None (then plain torch runs)."""
+    if z.device.type != "cpu" or kernel_backend(z.device) == "reference":
+        return None
+    return library()
+
+
+def _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce):
+    """_chunk for dense targets (or none) on CPU: one fused C pass per row, the gradient written over z."""
+    t = None if target is None else target.contiguous()
+    labels = labels.long().contiguous()
+    kd_rows, ce_rows = torch.empty(z.shape[0]), torch.empty(z.shape[0])
+    kind = ("forward_kl", "reverse_kl", "jsd").index(opts.kind)
+    g_kd, g_ce = (float(g_kd), float(g_ce)) if want_grad else (0.0, 0.0)
+    lib.kd_dense_rows(
+        ptr(z), ptr(t), labels.data_ptr(), z.shape[0], z.shape[1], kind, opts.tau, opts.beta,
+        g_kd, g_ce, int(want_grad), ptr(kd_rows), ptr(ce_rows), threads(),
+    )  # fmt: skip
+    return kd_rows.sum(), ce_rows.sum(), (z if want_grad else None)
 
 
 def _kd_rows(z, target, opts, want_grad):

@@ -302,3 +302,96 @@ void sfsa_threshold_backward(float* g_attn, const float* scores, const float* th
 }
 
 }  // extern "C"
+
+namespace {
+
+// One row of kd_dense_rows (below); KIND and the presence of a teacher are compile-time so the loops vectorise.
+template <int KIND, bool TEACHER>
+void kd_row(float* zr, const float* tr, int64_t label, int64_t V, float tau, float beta, float g_kd, float g_ce,
+            bool want_grad, float* kd_out, float* ce_out) {
+  const float inv_tau = 1.0f / tau, lb = std::log(beta), l1b = std::log(1.0f - beta);
+  float mz = -INFINITY, mt = -INFINITY;
+  for (int64_t j = 0; j < V; ++j) mz = std::max(mz, zr[j]);
+  if (TEACHER)
+    for (int64_t j = 0; j < V; ++j) mt = std::max(mt, tr[j]);
+  float sz = 0.0f, ss = 0.0f, st = 0.0f;
+  const float ms = mz * inv_tau, mtt = mt * inv_tau;
+#pragma omp simd reduction(+ : sz, ss)
+  for (int64_t j = 0; j < V; ++j) {
+    sz += std::exp(zr[j] - mz);
+    ss += std::exp(zr[j] * inv_tau - ms);
+  }
+  if (TEACHER) {
+#pragma omp simd reduction(+ : st)
+    for (int64_t j = 0; j < V; ++j) st += std::exp(tr[j] * inv_tau - mtt);
+  }
+  const float lse_z = mz + std::log(sz), lse_s = ms + std::log(ss), lse_t = mtt + std::log(st);
+  *ce_out = lse_z - zr[label];
+  float div = 0.0f, pg = 0.0f;
+  if (TEACHER) {
+#pragma omp simd reduction(+ : div, pg)
+    for (int64_t j = 0; j < V; ++j) {
+      const float lp = zr[j] * inv_tau - lse_s, lq = tr[j] * inv_tau - lse_t;
+      const float p = std::exp(lp), q = std::exp(lq);
+      if (KIND == 0) {
+        div += q > 0.0f ? q * (lq - lp) : 0.0f;
+      } else if (KIND == 1) {
+        div += p > 0.0f ? p * (lp - lq) : 0.0f;
+      } else {
+        const float lm = std::log(std::exp(lq + lb) + std::exp(lp + l1b));
+        div += (q > 0.0f ? beta * q * (lq - lm) : 0.0f) + (p > 0.0f ? (1.0f - beta) * p * (lp - lm) : 0.0f);
+        pg += p > 0.0f ? p * (1.0f - beta) * (lp - lm) : 0.0f;
+      }
+    }
+  }
+  *kd_out = tau * tau * div;
+  if (!want_grad) return;
+  // d(tau^2 D)/dz = tau dD/ds; forward KL p - q, reverse KL p (lp - lq - D), JSD p (g - sum p g)
+  const float ckd = g_kd * tau;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float lp = zr[j] * inv_tau - lse_s, p = std::exp(lp);
+    float dkd = 0.0f;
+    if (TEACHER) {
+      const float lq = tr[j] * inv_tau - lse_t;
+      if (KIND == 0) {
+        dkd = p - std::exp(lq);
+      } else if (KIND == 1) {
+        dkd = p > 0.0f ? p * (lp - lq - div) : 0.0f;
+      } else {
+        const float lm = std::log(std::exp(lq + lb) + std::exp(lp + l1b));
+        dkd = p > 0.0f ? p * ((1.0f - beta) * (lp - lm) - pg) : 0.0f;
+      }
+    }
+    zr[j] = ckd * dkd + g_ce * std::exp(zr[j] - lse_z);
+  }
+  zr[label] -= g_ce;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Dense-teacher KD + CE for rows of logits, one row per OpenMP task, four passes over a row held in cache.
+// z [n, V] student logits (overwritten with d loss / d z when want_grad), t [n, V] teacher logits (null: CE only),
+// labels [n] (-100: row ignored). kind 0 = forward KL, 1 = reverse KL, 2 = JSD(beta), all tau^2-scaled as in
+// pipeline.losses.kd_loss; loss = g_kd * sum kd + g_ce * sum ce. Writes kd_rows [n], ce_rows [n].
+void kd_dense_rows(float* z, const float* t, const int64_t* labels, int64_t n, int64_t V, int kind, float tau,
+                   float beta, float g_kd, float g_ce, int want_grad, float* kd_rows, float* ce_rows, int nthreads) {
+  using Fn = void (*)(float*, const float*, int64_t, int64_t, float, float, float, float, bool, float*, float*);
+  static const Fn table[6] = {kd_row<0, false>, kd_row<1, false>, kd_row<2, false>,
+                              kd_row<0, true>,  kd_row<1, true>,  kd_row<2, true>};
+  const Fn row = table[(t ? 3 : 0) + kind];
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
+  for (int64_t r = 0; r < n; ++r) {
+    float* zr = z + r * V;
+    if (labels[r] == -100) {
+      kd_rows[r] = ce_rows[r] = 0.0f;
+      if (want_grad) std::memset(zr, 0, sizeof(float) * V);
+      continue;
+    }
+    row(zr, t ? t + r * V : nullptr, labels[r], V, tau, beta, g_kd, g_ce, want_grad != 0, kd_rows + r, ce_rows + r);
+  }
+}
+
+}  // extern "C"
