@@ -7,6 +7,7 @@ scored as one document conditioned on the tokenizer's BOS (else EOS), like lm-ev
 
 from __future__ import annotations
 
+import lzma
 import math
 import re
 from pathlib import Path
@@ -61,29 +62,21 @@ def evaluate_bpb(model, tokenizer, text: str, context_length: int = 1024, batch_
 
 
 def read_eval_text(name_or_path: str) -> str:
-    """A bundled held-out text by name ("persuasion", "hamlet") or any UTF-8 text file (.txt or .txt.xz)."""
+    """A bundled held-out text by name ("persuasion", "hamlet": teachers/corpus/*_eval_<name>.txt.xz) or
+    any UTF-8 text file (.txt, or .xz compressed)."""
     path = Path(name_or_path)
-    if path.is_file():
-        return _read_text(path)
-    from teachers.data import bundled_corpus
+    if not path.is_file():
+        from importlib.resources import files
 
-    corpus = bundled_corpus()
-    matches = [p for key, p in corpus.items() if name_or_path.lower() in str(key).lower()]
-    if not matches:
-        raise EvalError(
-            f"{name_or_path}: neither a file nor a bundled text (bundled: {', '.join(map(str, corpus))}); "
-            "pass a path to a .txt file"
-        )
-    return _read_text(Path(matches[0]))
-
-
-def _read_text(path: Path) -> str:
+        corpus = Path(str(files("teachers") / "corpus"))
+        matches = sorted(corpus.glob(f"*_eval_{name_or_path.lower()}.txt.xz"))
+        if not matches:
+            bundled = sorted(p.name.split("_eval_")[1].split(".")[0] for p in corpus.glob("*_eval_*.txt.xz"))
+            raise EvalError(f"{name_or_path}: neither a file nor a bundled held-out text (bundled: "
+                            f"{', '.join(bundled)}); pass a path to a UTF-8 .txt file")
+        path = matches[0]
+    raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
     try:
-        from teachers.data import read_text
-
-        return read_text(path)
-    except ImportError:
-        import lzma
-
-        raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
         return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path}: not UTF-8 text (byte {exc.start}); convert it with iconv -t utf-8") from exc

@@ -35,7 +35,7 @@ class SpikeGPTLM(TemplateLM):
     """
 
     def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 8, max_length: int | None = None,
-                 device: str = "cpu", dtype: str | None = None, **_unused):
+                 device: str | None = None, dtype: str | None = None, **_unused):
         super().__init__()
         if isinstance(pretrained, (str, Path)):
             torch_dtype = getattr(torch, dtype) if dtype else None
@@ -44,14 +44,30 @@ class SpikeGPTLM(TemplateLM):
             raise EvalError("SpikeGPTLM: a model instance needs tokenizer=...; pass the model's tokenizer")
         else:
             self.model, self.tokenizer = pretrained.eval(), tokenizer
-        self.model.to(device)
+        # lm-eval's CLI passes device="cuda" by default; fall back to the CPU as its hf model does
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
+        self.model.to(self._device)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self._config_max_length()
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """Merge lm-eval's CLI settings under --model_args (so `--model_args ...,batch_size=8` wins over the
+        CLI's own --batch_size default instead of clashing with it)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**(extra | dict(arg_dict)))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def _config_max_length(self) -> int:
         cfg = self.model.config
-        for key in ("ctx_len", "context_length", "max_position_embeddings", "n_positions"):
+        for key in ("max_position", "ctx_len", "max_position_embeddings", "n_positions"):
             if getattr(cfg, key, None):
                 return int(getattr(cfg, key))
         return DEFAULT_MAX_LENGTH

@@ -1,0 +1,149 @@
+"""Subcommands eval, bpb, generate, energy, leaderboard for the `spikedistill` CLI (pipeline/cli.py calls
+`register`); `python -m eval.cli ...` runs them alone. Each handler returns an exit code and raises
+EvalError (one line) for the caller to print with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eval import EvalError
+
+DEFAULT_TASKS = ["spikedistill_offline"]
+
+
+def _split_tasks(values: list[str]) -> list[str]:
+    return [t for v in values for t in v.split(",") if t]
+
+
+def cmd_eval(args) -> int:
+    from eval.harness import evaluate_tasks
+
+    out = evaluate_tasks(args.model_dir, _split_tasks(args.tasks), args.output, args.limit, args.batch_size,
+                         args.teacher)
+    print(out["markdown"])
+    print(f"wrote {', '.join(out['files'].values())}")
+    return 0
+
+
+def cmd_bpb(args) -> int:
+    from eval.bpb import evaluate_bpb, read_eval_text
+    from eval.models import load_any
+
+    model, tok = load_any(args.model)
+    for text_spec in args.texts:
+        res = evaluate_bpb(model, tok, read_eval_text(text_spec), args.context, args.batch_size, progress=True)
+        print(f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
+              f"word ppl {res['word_perplexity']:.2f} ({res['tokens']} tokens, {res['bytes']} bytes)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from eval.generate import stream_text
+    from eval.models import load_any
+
+    model, tok = load_any(args.model_dir)
+    print(args.prompt, end="", flush=True)
+    for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, args.seed):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _teacher_config(spec: str):
+    path = Path(spec)
+    if path.is_dir():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path)
+    from teachers import load_teacher
+
+    return load_teacher(spec).config
+
+
+def cmd_energy(args) -> int:
+    from eval.bpb import read_eval_text
+    from eval.energy import energy_report, format_energy_table, write_energy_json
+    from eval.models import load_model_dir
+
+    model, tok = load_model_dir(args.model_dir)
+    teacher_cfg = _teacher_config(args.teacher) if args.teacher else None
+    report = energy_report(model, args.context, tok, read_eval_text(args.text), teacher_cfg, args.e_ac, args.e_mac)
+    print(format_energy_table(report))
+    if args.json:
+        write_energy_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from eval.leaderboard import build_leaderboard
+
+    out = build_leaderboard(args.runs_dir, args.out or Path(args.runs_dir) / "leaderboard")
+    print(Path(out["files"]["markdown"]).read_text())
+    print(f"wrote {', '.join(out['files'].values())}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add eval, bpb, generate, energy and leaderboard to an argparse subparsers object (sets args.func)."""
+    p = subparsers.add_parser("eval", help="lm-eval tasks on a model (and its teacher): JSON + markdown")
+    p.add_argument("model_dir")
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
+                   help="lm-eval task or group names, space or comma separated (local: spikedistill_offline, "
+                        "spikedistill_mc, spikedistill_ppl_persuasion, ...; online: bispikclm_zeroshot8)")
+    p.add_argument("--output", help="where to write results (default: the model directory)")
+    p.add_argument("--teacher", help="teacher spec scored with lm-eval's hf model beside the student")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("bpb", help="bits/byte and perplexity of a model on texts")
+    p.add_argument("model", help="model directory or teacher spec")
+    p.add_argument("texts", nargs="+", help="bundled text names (persuasion, hamlet) or UTF-8 text files")
+    p.add_argument("--context", type=int, default=1024,
+                   help="student: chunk size of the streaming pass; other models: lm-eval window length")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=cmd_bpb)
+
+    p = subparsers.add_parser("generate", help="stream a continuation of a prompt")
+    p.add_argument("model_dir", help="model directory or teacher spec")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("energy", help="per-layer SOPs/MACs/energy per token, ratio to a teacher")
+    p.add_argument("model_dir")
+    p.add_argument("--teacher", help="teacher spec or model directory (its config gives the all-MAC count)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--text", default="persuasion", help="held-out text to measure firing rates on")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--e-ac", type=float, default=0.9, help="pJ per accumulate (45 nm: 0.9)")
+    p.add_argument("--e-mac", type=float, default=4.6, help="pJ per multiply-accumulate (45 nm: 4.6)")
+    p.set_defaults(func=cmd_energy)
+
+    p = subparsers.add_parser("leaderboard", help="one table + plots over runs/*/evaluate/results.json")
+    p.add_argument("runs_dir")
+    p.add_argument("--out", help="output directory (default: RUNS_DIR/leaderboard)")
+    p.set_defaults(func=cmd_leaderboard)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
