@@ -1,0 +1,12 @@
+"""Teachers: load any HF causal LM (alias, Hub id, local dir, GGUF), capture its outputs, cache its logits.
+
+A leaf package: imports neither `students` nor `pipeline`/`eval`.
+"""
+
+from teachers.errors import CacheError, DataError, TeacherError
+from teachers.layer_map import layer_map
+from teachers.loading import check_vocab, load_teacher
+from teachers.outputs import Teacher, TeacherOutput
+
+__all__ = ["CacheError", "DataError", "Teacher", "TeacherError", "TeacherOutput", "check_vocab",
+           "layer_map", "load_teacher"]

@@ -1,0 +1,345 @@
+"""Corpus preparation: read sources, tokenize with the teacher's tokenizer, pack, split, memory-map.
+
+Sources (list of strings or paths):
+  "bundled"              all four bundled training texts (austen, shakespeare, milton, kjv)
+  "bundled:NAME"         one bundled text by name (see bundled_corpus())
+  a .txt / .txt.xz file  one document
+  a .jsonl / .json file  one document per record, read from `text_field` (through `datasets`)
+  a .parquet file        one document per row, read from `text_field` (through `datasets`)
+  a directory            every file above inside it, sorted by name
+  anything else          a Hub dataset name (split "train", through `datasets`; needs network)
+
+Text policy: files must be UTF-8. Bytes that are not (or NUL bytes, i.e. binary content) are an error naming
+the file and the byte offset, never silently replaced: convert the file first (e.g. `iconv -f latin1 -t utf-8`).
+
+Output directory: train.bin and val.bin (row-major [n_seqs, seq_len], uint16 when the vocabulary fits, else
+uint32) and meta.json. It is written in a temp directory renamed into place, so an interrupted run leaves
+nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from teachers.errors import DataError
+from teachers.hashing import tokenizer_hash
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+_BUNDLED_FILES = {
+    "austen": "austen_train.txt.xz",
+    "shakespeare": "shakespeare_train.txt.xz",
+    "milton": "milton.txt.xz",
+    "kjv": "kjv.txt.xz",
+    "persuasion": "austen_eval_persuasion.txt.xz",
+    "hamlet": "shakespeare_eval_hamlet.txt.xz",
+}
+BUNDLED_TRAIN = ("austen", "shakespeare", "milton", "kjv")
+BUNDLED_EVAL = ("persuasion", "hamlet")
+_TEXT_SUFFIXES = (".txt", ".txt.xz", ".xz")
+_TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FORMAT_VERSION = 1
+
+
+def bundled_corpus() -> dict[str, Path]:
+    """{name: path} of the bundled public-domain texts (.txt.xz package data, see corpus/PROVENANCE.md).
+
+    Training texts: BUNDLED_TRAIN = austen, shakespeare, milton, kjv. Held out for evaluation:
+    BUNDLED_EVAL = persuasion (Austen), hamlet (Shakespeare).
+    """
+    return {name: CORPUS_DIR / fname for name, fname in _BUNDLED_FILES.items()}
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a .txt or .txt.xz file; DataError if missing, empty, binary or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path in data.sources")
+    try:
+        if path.suffix == ".xz":
+            with lzma.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except lzma.LZMAError as exc:
+        raise DataError(f"{path}: corrupt xz file ({exc}); re-create it with `xz -k`") from exc
+    return _decode(raw, path)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{path}: binary content (NUL byte at offset {nul}); give a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); convert it first, e.g. "
+                        "`iconv -f latin1 -t utf-8`") from exc
+    if not text.strip():
+        raise DataError(f"{path}: empty file; remove it from data.sources")
+    return text
+
+
+def _expand(source: str | os.PathLike) -> list[str | Path]:
+    """One source string -> the files (or Hub name) it stands for."""
+    s = str(source)
+    corpus = bundled_corpus()
+    if s == "bundled":
+        return [corpus[name] for name in BUNDLED_TRAIN]
+    if s.startswith("bundled:"):
+        name = s.split(":", 1)[1]
+        if name not in corpus:
+            raise DataError(f"data.sources: unknown bundled text {name!r}; choose one of {sorted(corpus)}")
+        return [corpus[name]]
+    path = Path(s).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) is not None)
+        if not files:
+            raise DataError(f"{path}: directory holds no .txt/.txt.xz/.jsonl/.parquet files")
+        return files
+    if path.exists() or _suffix(path) is not None or s.startswith(("/", ".", "~")):
+        return [path]
+    return [s]
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in (*_TEXT_SUFFIXES, *_TABLE_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _documents(source: str | Path, text_field: str, tmp: Path) -> Iterator[str]:
+    """Yield the documents of one expanded source."""
+    if isinstance(source, str):
+        yield from _hub_documents(source, text_field, tmp)
+        return
+    suffix = _suffix(source)
+    if not source.is_file():
+        raise DataError(f"{source}: file not found; check the path in data.sources")
+    if suffix in _TABLE_SUFFIXES:
+        yield from _table_documents(source, _TABLE_SUFFIXES[suffix], text_field, tmp)
+    else:
+        yield read_text(source)
+
+
+def _table_documents(path: Path, builder: str, text_field: str, tmp: Path) -> Iterator[str]:
+    import datasets
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file; remove it from data.sources")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(tmp / "hf"))
+    except Exception as exc:  # datasets wraps parse/encoding errors in several types
+        raise DataError(f"{path}: cannot be read as {builder} ({type(exc).__name__}); check it is valid "
+                        f"UTF-8 {builder} with one record per line/row") from exc
+    if text_field not in ds.column_names:
+        raise DataError(f"{path}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
+                        "set data.text_field")
+    yield from _nonempty(ds[text_field], path)
+
+
+def _hub_documents(name: str, text_field: str, tmp: Path) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+        first = next(iter(ds))
+    except Exception as exc:  # offline, unknown name, gated
+        raise DataError(f"{name}: not a local file, and loading it as a Hub dataset failed "
+                        f"({type(exc).__name__}); check the path or dataset name") from exc
+    if text_field not in first:
+        raise DataError(f"{name}: no field {text_field!r} (fields: {', '.join(first)}); set data.text_field")
+    yield from _nonempty((row[text_field] for row in ds), name)
+
+
+def _nonempty(texts, where) -> Iterator[str]:
+    count = 0
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            count += 1
+            yield text
+    if count == 0:
+        raise DataError(f"{where}: no non-empty documents; check the file or data.text_field")
+
+
+def separator_id(tokenizer, separator: str | None) -> tuple[str, int]:
+    """The document separator token and its id: `separator`, else "<|endoftext|>" when the vocabulary has
+    it (the plain-text separator of GPT-2 style and SmolLM2 tokenizers), else the eos token."""
+    vocab = tokenizer.get_vocab()
+    if separator is None:
+        separator = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+        if separator is None:
+            raise DataError("data.separator: the tokenizer has no eos token; set data.separator to a token")
+    if separator not in vocab:
+        raise DataError(f"data.separator={separator!r} is not a single token of this tokenizer; "
+                        "use a special token such as its eos token")
+    return separator, vocab[separator]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of one document; long texts are cut at line ends into ~64 KB pieces so the fast
+    tokenizer can batch them (tokens differ from whole-text encoding only at those few line breaks)."""
+    pieces, start, step = [], 0, 1 << 16
+    while start < len(text):
+        end = text.find("\n", start + step)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    ids: list[int] = []
+    for enc in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+    return ids
+
+
+def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Path, max_tokens: int | None):
+    """Concatenate all documents, each followed by the separator -> (uint32 array, stats, source names)."""
+    chunks, stats, names = [], {"documents": 0, "bytes": 0, "text_tokens": 0}, []
+    total = 0
+    for source in sources:
+        for item in _expand(source):
+            names.append(str(item) if not isinstance(item, Path) else item.name)
+            for doc in _documents(item, text_field, tmp):
+                ids = _encode(tokenizer, doc)
+                chunks.append(np.asarray(ids + [sep_id], dtype=np.uint32))
+                stats["documents"] += 1
+                stats["bytes"] += len(doc.encode("utf-8"))
+                stats["text_tokens"] += len(ids)
+                total += len(ids) + 1
+                if max_tokens is not None and total >= max_tokens:
+                    return np.concatenate(chunks)[:max_tokens], stats, names
+    if not chunks:
+        raise DataError("data.sources is empty; name at least one file, directory, 'bundled' or Hub dataset")
+    return np.concatenate(chunks), stats, names
+
+
+def prepare_corpus(
+    sources: list[str | os.PathLike],
+    tokenizer,
+    out_dir: str | os.PathLike,
+    seq_len: int,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    separator: str | None = None,
+    text_field: str = "text",
+    max_tokens: int | None = None,
+) -> dict:
+    """Tokenize `sources` with `tokenizer`, pack into rows of seq_len tokens, split, write out_dir.
+
+    Documents are concatenated, each followed by the separator token (see separator_id), and cut into
+    consecutive rows [seq_len]; the incomplete last row is dropped. A seeded permutation picks
+    round(n * val_fraction) rows (at least 1 when val_fraction > 0) for val.bin; the rest keep their order
+    in train.bin. max_tokens caps the tokens read (a quick demo). Returns (and writes to meta.json) stats.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"data.seq_len must be an int >= 2, got {seq_len!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    sep, sep_id = separator_id(tokenizer, separator)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tokens, stats, names = _tokenize_sources(sources, tokenizer, sep_id, text_field, tmp, max_tokens)
+        meta = _write_split(tokens, tokenizer, tmp, seq_len, val_fraction, seed, names)
+        meta.update(stats, separator=sep, separator_id=sep_id, text_field=text_field, max_tokens=max_tokens,
+                    bytes_per_token=stats["bytes"] / max(stats["text_tokens"], 1))
+        shutil.rmtree(tmp / "hf", ignore_errors=True)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"prepared {out_dir}: {meta['documents']} documents, {meta['tokens']['total']:,} tokens, "
+          f"{meta['n_seqs']['train']} train / {meta['n_seqs']['val']} val rows of {seq_len}, "
+          f"{meta['bytes_per_token']:.3f} bytes/token")
+    return meta
+
+
+def _write_split(tokens: np.ndarray, tokenizer, out: Path, seq_len: int, val_fraction: float, seed: int,
+                 names: list[str]) -> dict:
+    n_rows = len(tokens) // seq_len
+    if n_rows == 0:
+        raise DataError(f"{', '.join(names[:3])}: only {len(tokens)} tokens, fewer than one sequence of "
+                        f"{seq_len}; add text or lower data.seq_len")
+    vocab = max(len(tokenizer), int(tokens.max()) + 1)
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    rows = tokens[: n_rows * seq_len].reshape(n_rows, seq_len).astype(dtype)
+    n_val = 0 if val_fraction == 0 else min(n_rows - 1, max(1, round(n_rows * val_fraction)))
+    if val_fraction > 0 and n_val < 1:
+        raise DataError(f"{', '.join(names[:3])}: {n_rows} row(s) of {seq_len} tokens cannot be split into "
+                        "train and val; add text, lower data.seq_len or set data.val_fraction=0")
+    is_val = np.zeros(n_rows, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_rows)[:n_val]] = True
+    hashes = {}
+    for split, part in (("train", rows[~is_val]), ("val", rows[is_val])):
+        np.ascontiguousarray(part).tofile(out / f"{split}.bin")
+        hashes[split] = hashlib.sha256(part.tobytes()).hexdigest()
+    return {
+        "format": _FORMAT_VERSION, "dtype": np.dtype(dtype).name, "seq_len": seq_len,
+        "n_seqs": {"train": n_rows - n_val, "val": n_val},
+        "tokens": {"total": len(tokens), "packed": n_rows * seq_len,
+                   "dropped": len(tokens) - n_rows * seq_len},
+        "vocab_size": len(tokenizer), "tokenizer_hash": tokenizer_hash(tokenizer),
+        "data_hash": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest(),
+        "split_hashes": hashes, "sources": names, "val_fraction": val_fraction, "seed": seed,
+    }
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp dir to out_dir, replacing an older one (moved aside first, then removed)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class TokenDataset(Dataset):
+    """Memory-mapped packed rows of a prepared directory: ds[i] -> LongTensor [seq_len]."""
+
+    def __init__(self, out_dir: str | os.PathLike, split: str = "train"):
+        self.dir = Path(out_dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{meta_path}: not found; run the prepare stage (teachers.data.prepare_corpus) first")
+        self.meta = json.loads(meta_path.read_text())
+        if split not in self.meta["n_seqs"]:
+            raise DataError(f"{self.dir}: no split {split!r}; use one of {sorted(self.meta['n_seqs'])}")
+        self.split = split
+        self.seq_len = int(self.meta["seq_len"])
+        n = int(self.meta["n_seqs"][split])
+        path = self.dir / f"{split}.bin"
+        dtype = np.dtype(self.meta["dtype"])
+        if not path.is_file() or path.stat().st_size != n * self.seq_len * dtype.itemsize:
+            raise DataError(f"{path}: missing or wrong size for {n} rows of {self.seq_len} {dtype.name}; "
+                            "rerun the prepare stage")
+        self._rows = np.memmap(path, dtype=dtype, mode="r", shape=(n, self.seq_len)) if n else None
+
+    def __len__(self) -> int:
+        return 0 if self._rows is None else self._rows.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._rows[i].astype(np.int64))
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of source text per text token (separators excluded), over the whole corpus."""
+        return float(self.meta["bytes_per_token"])
+
+    @property
+    def data_hash(self) -> str:
+        """sha256 of this split's packed token rows."""
+        return self.meta["split_hashes"][self.split]

