@@ -2,6 +2,7 @@
 
 import json
 import lzma
+import typing
 
 import numpy as np
 import pytest
@@ -82,8 +83,7 @@ def test_jsonl_parquet_and_directory_sources(tiny_tokenizer, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     with open(src / "docs.jsonl", "w") as f:
-        for text in (DOC_A, DOC_B, ""):
-            f.write(json.dumps({"text": text, "id": 1}) + "\n")
+        f.writelines(json.dumps({"text": text, "id": 1}) + "\n" for text in (DOC_A, DOC_B, ""))
     pd.DataFrame({"body": [DOC_B, DOC_A]}).to_parquet(tmp_path / "docs.parquet")
     meta = prepare_corpus([src], tiny_tokenizer, tmp_path / "j", seq_len=16, val_fraction=0.0)
     assert meta["documents"] == 2 and meta["tokens"]["total"] == len(_stream(tiny_tokenizer, DOC_A, DOC_B))
@@ -97,7 +97,7 @@ def test_uint32_when_the_vocabulary_is_large(two_texts, tmp_path):
         """A character tokenizer whose ids start above 65535, so tokens need uint32."""
 
         eos_token = "<eos>"
-        special_tokens_map = {"eos_token": "<eos>"}
+        special_tokens_map: typing.ClassVar[dict] = {"eos_token": "<eos>"}
 
         def get_vocab(self):
             return {"<eos>": 70_000, **{chr(c): 66_000 + c for c in range(128)}}

@@ -1,0 +1,154 @@
+"""Top-k teacher-logit cache: contents, manifest key, resume after a kill, corruption detection."""
+
+import json
+
+import pytest
+import torch
+
+from teachers import CacheError, load_teacher
+from teachers import cache as cache_mod
+from teachers.cache import (
+    SparseTargets,
+    TeacherCache,
+    build_teacher_cache,
+    cache_key,
+    nominal_bytes_per_token,
+    topk_targets,
+)
+from teachers.data import TokenDataset, prepare_corpus
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. To be, or not to be, that is the question.\n") * 6
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir, tmp_path_factory):
+    return load_teacher(tiny_teacher_dir, cache_dir=tmp_path_factory.mktemp("tcache"))
+
+
+@pytest.fixture(scope="module")
+def prepared(teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    (root / "doc.txt").write_text(TEXT)
+    prepare_corpus([root / "doc.txt"], teacher.tokenizer, root / "data", seq_len=SEQ, val_fraction=0.0)
+    return root / "data"
+
+
+def _build(teacher, prepared, out, **kw):
+    kw = {"k": 8, "batch_size": 3, "shard_size": 4, "progress": False, **kw}
+    return build_teacher_cache(teacher, prepared, out, **kw)
+
+
+def test_cache_holds_the_online_top_k(teacher, prepared, tmp_path):
+    stats = _build(teacher, prepared, tmp_path / "c", value_dtype="fp32")
+    ds = TokenDataset(prepared)
+    cache = TeacherCache(tmp_path / "c", expect=cache_key(teacher, prepared, "train", 8, "fp32"))
+    assert len(cache) == len(ds) and stats["shards"] == -(-len(ds) // 4) and cache.k == 8
+    for row in (0, len(ds) - 1):
+        online = topk_targets(teacher(ds[row][None]).logits[0], 8)
+        got = cache[row]
+        assert got.ids.dtype == torch.int64 and got.ids.shape == (SEQ, 8) and got.tail_mass.shape == (SEQ,)
+        assert torch.equal(got.ids, online.ids)
+        torch.testing.assert_close(got.logprobs, online.logprobs)
+        torch.testing.assert_close(got.tail_mass, 1 - got.logprobs.exp().sum(-1), atol=1e-6, rtol=0)
+    assert (got.logprobs[:, :-1] >= got.logprobs[:, 1:]).all()  # most probable first
+    assert cache.bytes_per_token == pytest.approx(nominal_bytes_per_token(8, "fp32"), rel=0.5)
+    batch = cache.batch([0, 1])
+    assert batch.ids.shape == (2, SEQ, 8) and batch.flatten().ids.shape == (2 * SEQ, 8)
+
+
+def test_bf16_values_and_bytes_per_token(teacher, prepared, tmp_path):
+    stats = _build(teacher, prepared, tmp_path / "c", value_dtype="bf16", shard_size=64)
+    exact = TeacherCache(tmp_path / "c")[0]
+    online = topk_targets(teacher(TokenDataset(prepared)[0][None]).logits[0], 8)
+    torch.testing.assert_close(exact.logprobs, online.logprobs, atol=0.02, rtol=0.01)
+    header_bytes = stats["bytes"] - stats["tokens"] * nominal_bytes_per_token(8, "bf16")
+    assert 0 < header_bytes < 1024  # one small safetensors header per shard
+
+
+def test_key_mismatch_is_refused(teacher, prepared, tmp_path):
+    _build(teacher, prepared, tmp_path / "c")
+    with pytest.raises(CacheError, match=r"k=8 \(expected 16\)") as exc:
+        _build(teacher, prepared, tmp_path / "c", k=16)
+    assert "\n" not in str(exc.value)
+    key = cache_key(teacher, prepared, "train", 8, "bf16")
+    with pytest.raises(CacheError, match="teacher_fingerprint"):
+        TeacherCache(tmp_path / "c", expect={**key, "teacher_fingerprint": "0" * 64})
+    assert TeacherCache(tmp_path / "c", expect=key).k == 8
+    stats = _build(teacher, prepared, tmp_path / "c", k=16, overwrite=True)
+    assert TeacherCache(tmp_path / "c").k == 16 and stats["shards_written"] == stats["shards"]
+
+
+def test_killed_build_resumes_at_the_first_missing_shard(teacher, prepared, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    real_write, calls = cache_mod._write_shard, []
+
+    def dies_on_third(out_dir, i, tensors, first_row):
+        calls.append(i)
+        if len(calls) == 3:
+            (out_dir / f".shard_{i:05d}.safetensors.tmp-1").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        real_write(out_dir, i, tensors, first_row)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _build(teacher, prepared, out)
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache(out)
+    monkeypatch.setattr(cache_mod, "_write_shard", real_write)
+    stats = _build(teacher, prepared, out)
+    assert stats["shards_written"] == stats["shards"] - 2
+    assert not list(out.glob(".shard_*"))
+    fresh = _build(teacher, prepared, tmp_path / "fresh")
+    resumed, full = TeacherCache(out), TeacherCache(tmp_path / "fresh")
+    for row in range(len(full)):
+        assert torch.equal(resumed[row].ids, full[row].ids)
+    assert fresh["shards_written"] == fresh["shards"]
+
+
+def test_corrupt_shards_are_detected(teacher, prepared, tmp_path):
+    out = tmp_path / "c"
+    _build(teacher, prepared, out)
+    shard = out / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        TeacherCache(out)[0]
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CacheError, match="shard_00000.safetensors"):
+        TeacherCache(out)[0]
+    assert TeacherCache(out)[4].ids.shape == (SEQ, 8)  # other shards still read
+
+
+def test_bad_arguments(teacher, prepared, tmp_path):
+    with pytest.raises(CacheError, match="value_dtype"):
+        _build(teacher, prepared, tmp_path / "c", value_dtype="int8")
+    with pytest.raises(CacheError, match=r"k=321"):
+        _build(teacher, prepared, tmp_path / "c", k=321)
+    with pytest.raises(CacheError, match="run the prepare stage"):
+        _build(teacher, tmp_path / "nothing", tmp_path / "c")
+    with pytest.raises(CacheError, match="not found"):
+        TeacherCache(tmp_path / "nowhere")
+
+
+def test_dataset_from_another_tokenizer_is_refused(teacher, prepared, tmp_path):
+    meta = json.loads((prepared / "meta.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (other / name).write_bytes((prepared / name).read_bytes())
+    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer_hash": "f" * 64}))
+    with pytest.raises(CacheError, match="different tokenizer"):
+        _build(teacher, other, tmp_path / "c")
+
+
+def test_sparse_targets_stack_and_tail():
+    logits = torch.randn(2, 3, 10)
+    t = topk_targets(logits, 10)
+    assert t.tail_mass.abs().max() < 1e-6
+    parts = [topk_targets(logits[i], 4) for i in range(2)]
+    both = SparseTargets.stack(parts)
+    assert both.ids.shape == (2, 3, 4) and both.tail_mass.shape == (2, 3)
+    torch.testing.assert_close(both.tail_mass, 1 - torch.softmax(logits, -1).topk(4, -1).values.sum(-1))
