@@ -284,6 +284,8 @@ def evaluate_tasks(model_dir, tasks: list[str], output_dir=None, limit: int | No
 
     if not tasks:
         raise EvalError("no tasks given; pass --tasks (e.g. spikedistill_offline) or set evaluate.tasks")
+    if Path(model_dir).exists():
+        model_type_of(model_dir)  # fail fast, before lm-eval indexes tasks, if it is not a model directory
     out_dir = Path(output_dir or model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manager = task_manager_for(tasks)

@@ -111,12 +111,22 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _short_label(entry: dict, role: str) -> str:
+    """A readable model label: the teacher spec's last path part; the student's mixer, steps and size."""
+    info = entry.get("info") or {}
+    if role == "teacher" or not info.get("params"):
+        return Path(entry["name"].rstrip("/")).name or entry["name"]
+    mixer = info.get("token_mixer")
+    mixer = "+".join(dict.fromkeys(mixer)) if isinstance(mixer, list) else mixer
+    return f"{mixer} T={info.get('time_steps')} {info['params'] / 1e6:.2f}M"
+
+
 def entry_row(entry: dict, run: str, role: str) -> dict:
     """A flat leaderboard row from a student/teacher entry of results.json."""
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
     energy = entry.get("energy") or {}
     return {
-        "model": entry["name"], "run": run, "role": role,
+        "model": entry["name"], "label": _short_label(entry, role), "run": run, "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
         "acc": accs, "mean_acc": _mean(accs.values()),
@@ -148,7 +158,7 @@ def markdown_table(rows: list[dict]) -> str:
             + ["mean acc", "energy/token (nJ)", "vs teacher", "firing rate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
-        cells = [r["model"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
+        cells = [r["label"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
         cells += [_cell(r["acc"].get(t)) for t in tasks] + [_cell(r["mean_acc"])]
         cells += [_cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
                   _cell(r["ratio_to_teacher"], "{:.3f}"), _cell(r["mean_firing_rate"])]
@@ -208,7 +218,7 @@ def build_leaderboard(runs_dir, out_dir) -> dict:
 
 
 def _label(r: dict) -> str:
-    return r["model"] if r["role"] == "teacher" else r["run"]
+    return r["label"] if r["role"] == "teacher" else r["run"]
 
 
 def plot_bpb_vs_energy(rows: list[dict], path) -> None:

@@ -1,11 +1,12 @@
 """Author the offline task data in eval/tasks/data/ from the held-out texts (deterministic: fixed seeds).
 
-    python -m eval.tasks.build [--corpora DIR]
+    python -m eval.tasks.build [--corpora DIR] [--out DIR]
 
 Reads austen_eval_persuasion.txt.xz and shakespeare_eval_hamlet.txt.xz (the teachers package's bundled
 corpus, else ../shared/corpora) and writes:
 - ppl_{persuasion,hamlet}.jsonl: the first PPL_DOCS documents of each text, whole paragraphs packed into
-  documents of at most PPL_DOC_CHARS characters (a bounded slice so CPU runs take minutes);
+  documents of at most PPL_DOC_CHARS characters (a longer paragraph is a document of its own): a bounded
+  slice (~25-33 KB per text) so CPU runs take minutes;
 - persuasion_next_sentence.jsonl: two sentences of context, pick the true next sentence among it and three
   sentences of similar length from at least 50 sentences away in the same book;
 - hamlet_next_line.jsonl: a speaker and the opening lines of a speech, pick its true next line among it and
@@ -137,40 +138,42 @@ def cloze_items(text: str, rng: random.Random) -> list[dict]:
     sents = sentences(text)
     ends = [re.fullmatch(r"(.*\S)\s+([A-Za-z]{3,})[.!?]", s) for s in sents]
     freq = Counter(m.group(2) for m in ends if m)
+    classes = {w: word_class(w) for w in freq}
     ok = [i for i in range(1, len(sents)) if ends[i] and 30 <= len(sents[i]) <= 200 and len(sents[i - 1]) <= 300]
     items = []
     for i in sorted(rng.sample(ok, MC_ITEMS)):
         prefix, word = ends[i].group(1), ends[i].group(2)
-        band = max(1, freq[word]).bit_length()
+        band, cls = max(1, freq[word]).bit_length(), classes[word]
         others = [w for w in freq if w.lower() != word.lower()]
         # tightest pool with enough words: same class and frequency band, same class, same capitalisation
-        pools = ([w for w in others if word_class(w) == word_class(word) and abs(freq[w].bit_length() - band) <= 1],
-                 [w for w in others if word_class(w) == word_class(word)],
-                 [w for w in others if word_class(w)[0] == word_class(word)[0]])
+        pools = ([w for w in others if classes[w] == cls and abs(freq[w].bit_length() - band) <= 1],
+                 [w for w in others if classes[w] == cls],
+                 [w for w in others if classes[w][0] == cls[0]])
         pool = sorted(next(p for p in pools if len(p) >= N_CHOICES - 1))
         items.append(mc_item(f"{sents[i - 1]} {prefix}", word, rng.sample(pool, N_CHOICES - 1), rng))
     return items
 
 
-def write_jsonl(name: str, rows: list[dict]) -> None:
-    with open(DATA_DIR / name, "w", encoding="utf-8") as f:
+def write_jsonl(out_dir: Path, name: str, rows: list[dict]) -> None:
+    with open(out_dir / name, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    print(f"wrote {DATA_DIR / name}: {len(rows)} items")
+    print(f"wrote {out_dir / name}: {len(rows)} items")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpora", help="directory holding the held-out .txt.xz files")
+    parser.add_argument("--out", default=str(DATA_DIR), help="output directory (default: eval/tasks/data)")
     args = parser.parse_args(argv)
-    src = corpora_dir(args.corpora)
+    src, out = corpora_dir(args.corpora), Path(args.out)
     persuasion, hamlet = read_xz(src / PERSUASION), read_xz(src / HAMLET)
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    write_jsonl("ppl_persuasion.jsonl", ppl_docs(persuasion))
-    write_jsonl("ppl_hamlet.jsonl", ppl_docs(hamlet))
-    write_jsonl("persuasion_next_sentence.jsonl", next_sentence_items(persuasion, random.Random(SEED)))
-    write_jsonl("hamlet_next_line.jsonl", next_line_items(hamlet, random.Random(SEED + 1)))
-    write_jsonl("persuasion_cloze.jsonl", cloze_items(persuasion, random.Random(SEED + 2)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, "ppl_persuasion.jsonl", ppl_docs(persuasion))
+    write_jsonl(out, "ppl_hamlet.jsonl", ppl_docs(hamlet))
+    write_jsonl(out, "persuasion_next_sentence.jsonl", next_sentence_items(persuasion, random.Random(SEED)))
+    write_jsonl(out, "hamlet_next_line.jsonl", next_line_items(hamlet, random.Random(SEED + 1)))
+    write_jsonl(out, "persuasion_cloze.jsonl", cloze_items(persuasion, random.Random(SEED + 2)))
 
 
 if __name__ == "__main__":

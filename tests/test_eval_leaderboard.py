@@ -1,0 +1,73 @@
+"""Leaderboard from two fake-but-real tiny runs: each run's results.json is really produced by
+evaluate_model (bpb, an lm-eval task, energy, a sample; tiny Llama as the teacher)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval import EvalError
+from eval.leaderboard import SCHEMA, build_leaderboard, load_runs, model_card_row
+from eval.testing import save_model_dir, tiny_student
+
+TEXTS = {"persuasion": "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who never took up any "
+                       "book but the Baronetage.",
+         "hamlet": "Who's there? Nay, answer me: stand, and unfold yourself. Long live the king!"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tiny_tokenizer, tiny_teacher_dir, tmp_path_factory):
+    from eval.leaderboard import evaluate_model
+
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed, mixer in [("srwkv-a", 4, "srwkv"), ("sfsa-b", 5, "sfsa")]:
+        model_dir = save_model_dir(tiny_student(len(tiny_tokenizer), seed=seed, token_mixer=mixer),
+                                   tiny_tokenizer, root / name / "export" / "model")
+        evaluate_model(model_dir, name, TEXTS, tasks=["spikedistill_persuasion_cloze"],
+                       output_dir=root / name / "evaluate", teacher_spec=str(tiny_teacher_dir), context_length=32,
+                       batch_size=4, limit=4, sample_prompt="It is a truth", sample_tokens=5)
+    return root
+
+
+def test_results_json_has_the_documented_fields(runs_dir):
+    res = json.loads((runs_dir / "srwkv-a" / "evaluate" / "results.json").read_text())
+    assert res["schema"] == SCHEMA and res["run"] == "srwkv-a"
+    st, te = res["student"], res["teacher"]
+    assert set(st["bpb"]) == set(TEXTS) and st["bpb"]["hamlet"]["bits_per_byte"] > 0
+    assert 0 <= st["tasks"]["spikedistill_persuasion_cloze"]["acc"] <= 1
+    assert st["energy"]["energy_pj"] > 0 and st["energy"]["ratio_to_teacher"] > 0
+    assert 0 < st["energy"]["mean_firing_rate"] < 1 and st["info"]["params"] > 0
+    assert te["bpb"]["hamlet"]["bits_per_byte"] > 0 and "spikedistill_persuasion_cloze" in te["tasks"]
+    assert te["energy"]["macs"] > 0 and res["sample"]["prompt"] == "It is a truth"
+
+
+def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
+    out = build_leaderboard(runs_dir, tmp_path / "lb")
+    roles = [(r["run"], r["role"]) for r in out["rows"]]
+    assert ("sfsa-b", "student") in roles and ("srwkv-a", "student") in roles
+    assert sum(role == "teacher" for _, role in roles) == 1  # one teacher row although both runs scored it
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "sfsa-b" in md and "srwkv-a" in md and "bpb hamlet" in md and "acc spikedistill_persuasion_cloze" in md
+    assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"] == out["rows"]
+    for key in ("bpb_vs_energy", "task_accuracy"):
+        data = open(out["files"][key], "rb").read()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_model_card_row(runs_dir):
+    (res,) = [r for r in load_runs(runs_dir) if r["run"] == "sfsa-b"]
+    card = model_card_row(res)
+    lines = card.strip().splitlines()
+    assert len(lines) == 4 and "| student |" in lines[2] and "| teacher |" in lines[3]
+    assert f"{res['student']['bpb']['hamlet']['bits_per_byte']:.4f}" in lines[2]
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(EvalError, match="no \\*/evaluate/results.json found"):
+        build_leaderboard(tmp_path, tmp_path / "lb")
+    (tmp_path / "r" / "evaluate").mkdir(parents=True)
+    (tmp_path / "r" / "evaluate" / "results.json").write_text("{not json")
+    with pytest.raises(EvalError, match="results.json: unreadable JSON"):
+        load_runs(tmp_path)
