@@ -119,7 +119,9 @@ def energy_report(model, context_length: int, tokenizer=None, text=None, teacher
 
     If tokenizer and text are given, the text is run through the model first so firing rates are measured
     (otherwise the rates of the model's last forward are used). A model without `op_counts` (an ANN) is
-    counted all-MAC like a teacher. Returns a JSON-serialisable dict: rows, totals, teacher, ratio, caveat.
+    counted all-MAC like a teacher. Returns a JSON-serialisable dict: rows (priced per layer), totals
+    (per token: ops, sops, macs, energy_pj, mean_firing_rate), teacher (its totals or None), ratio
+    ({energy,ops}_student_over_teacher), ratio_to_teacher (the energy ratio, or None), caveat.
     """
     if context_length < 1:
         raise EvalError(f"energy: context_length must be >= 1, got {context_length} (fix --context)")
@@ -138,6 +140,7 @@ def energy_report(model, context_length: int, tokenizer=None, text=None, teacher
         "totals": totals(priced),
         "teacher": None,
         "ratio": None,
+        "ratio_to_teacher": None,
         "caveat": CAVEAT,
     }
     if teacher_config is not None:
@@ -147,6 +150,7 @@ def energy_report(model, context_length: int, tokenizer=None, text=None, teacher
             "energy_student_over_teacher": report["totals"]["energy_pj"] / teacher["energy_pj"],
             "ops_student_over_teacher": report["totals"]["ops"] / teacher["ops"],
         }
+        report["ratio_to_teacher"] = report["ratio"]["energy_student_over_teacher"]
     return report
 
 

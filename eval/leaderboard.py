@@ -111,11 +111,14 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _short_label(entry: dict, role: str) -> str:
-    """A readable model label: the teacher spec's last path part; the student's mixer, steps and size."""
+def _short_label(entry: dict, run: str, role: str) -> str:
+    """A readable model label: the teacher spec's last path part; the student's mixer, steps and size (or its
+    run name when those are unknown)."""
     info = entry.get("info") or {}
-    if role == "teacher" or not info.get("params"):
+    if role == "teacher":
         return Path(entry["name"].rstrip("/")).name or entry["name"]
+    if not info.get("params"):
+        return run
     mixer = info.get("token_mixer")
     mixer = "+".join(dict.fromkeys(mixer)) if isinstance(mixer, list) else mixer
     return f"{mixer} T={info.get('time_steps')} {info['params'] / 1e6:.2f}M"
@@ -126,7 +129,7 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
     energy = entry.get("energy") or {}
     return {
-        "model": entry["name"], "label": _short_label(entry, role), "run": run, "role": role,
+        "model": entry["name"], "label": _short_label(entry, run, role), "run": run, "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
         "acc": accs, "mean_acc": _mean(accs.values()),
@@ -135,11 +138,27 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
     }
 
 
+def normalize_results(results: dict) -> dict:
+    """A results.json dict in this module's schema; the evaluate stage's own layout (keys model, model_dir,
+    teacher, texts {name: {student, teacher}}, tasks (evaluate_tasks output), energy, sample) is converted."""
+    if results.get("schema") == SCHEMA:
+        return results
+    if not isinstance(results.get("texts"), dict) or "model" not in results:
+        raise EvalError(f"results of run {results.get('run', results.get('model'))!r}: neither schema {SCHEMA!r} "
+                        "nor the evaluate stage's layout; re-run the evaluate stage")
+    texts = results["texts"]
+    models = (results.get("tasks") or {}).get("models", {})
+    t_bpb = {n: v["teacher"] for n, v in texts.items() if v.get("teacher")}
+    has_teacher = bool(t_bpb or models.get("teacher"))
+    return collect_results(results["model"], results.get("model_dir") or results["model"],
+                           {n: v["student"] for n, v in texts.items()}, models.get("student"),
+                           results.get("energy"), results.get("teacher") if has_teacher else None,
+                           t_bpb, models.get("teacher"), results.get("model_info"), results.get("sample"))
+
+
 def rows_of(results: dict) -> list[dict]:
-    """Student row (and teacher row) of one results.json dict."""
-    if results.get("schema") != SCHEMA:
-        raise EvalError(f"results of run {results.get('run')!r}: schema {results.get('schema')!r}, expected "
-                        f"{SCHEMA!r}; re-run the evaluate stage")
+    """Student row (and teacher row) of one results.json dict (either layout, see normalize_results)."""
+    results = normalize_results(results)
     rows = [entry_row(results["student"], results["run"], "student")]
     if results.get("teacher"):
         rows.append(entry_row(results["teacher"], results["run"], "teacher"))

@@ -28,7 +28,23 @@ def runs_dir(tiny_tokenizer, tiny_teacher_dir, tmp_path_factory):
         evaluate_model(model_dir, name, TEXTS, tasks=["spikedistill_persuasion_cloze"],
                        output_dir=root / name / "evaluate", teacher_spec=str(tiny_teacher_dir), context_length=32,
                        batch_size=4, limit=4, sample_prompt="It is a truth", sample_tokens=5)
+    _write_stage_layout_run(root / "stage-layout", tiny_tokenizer)
     return root
+
+
+def _write_stage_layout_run(run_dir, tokenizer):
+    """A run in the pipeline evaluate stage's own results.json layout, from real tiny computations."""
+    from eval.bpb import evaluate_bpb
+    from eval.energy import energy_report
+
+    model = tiny_student(len(tokenizer), seed=7)
+    texts = {n: {"student": evaluate_bpb(model, tokenizer, t, 32), "teacher": None} for n, t in TEXTS.items()}
+    results = {"model": "stage-layout", "model_dir": str(run_dir / "export" / "model"), "teacher": "smollm2-135m",
+               "texts": texts, "bits_per_byte": {n: {"student": v["student"]["bits_per_byte"], "teacher": None}
+                                                for n, v in texts.items()},
+               "energy": energy_report(model, 32, tokenizer, TEXTS["hamlet"]), "sample": None}
+    (run_dir / "evaluate").mkdir(parents=True)
+    (run_dir / "evaluate" / "results.json").write_text(json.dumps(results))
 
 
 def test_results_json_has_the_documented_fields(runs_dir):
@@ -48,6 +64,7 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
     roles = [(r["run"], r["role"]) for r in out["rows"]]
     assert ("sfsa-b", "student") in roles and ("srwkv-a", "student") in roles
     assert sum(role == "teacher" for _, role in roles) == 1  # one teacher row although both runs scored it
+    assert ("stage-layout", "student") in roles  # the evaluate stage's own layout is read too
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "sfsa-b" in md and "srwkv-a" in md and "bpb hamlet" in md and "acc spikedistill_persuasion_cloze" in md
     assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"] == out["rows"]
@@ -57,7 +74,7 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
 
 
 def test_model_card_row(runs_dir):
-    (res,) = [r for r in load_runs(runs_dir) if r["run"] == "sfsa-b"]
+    (res,) = [r for r in load_runs(runs_dir) if r.get("run") == "sfsa-b"]
     card = model_card_row(res)
     lines = card.strip().splitlines()
     assert len(lines) == 4 and "| student |" in lines[2] and "| teacher |" in lines[3]
