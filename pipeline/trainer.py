@@ -118,6 +118,8 @@ class Trainer:
     model: nn.Module, forward(**batch) -> {"loss": scalar sum over tokens, <name>: scalar sums, ...}.
     train_data / val_data: map-style datasets of rows (LongTensor [L] or dicts), batched by `collate`.
     stage_dir: where metrics.jsonl and checkpoints/ live. config_hash: resume only from checkpoints with it.
+    fsdp: shard with FSDP2; applied here (fully_shard per ModuleList entry + root) when accelerate does not
+    do it itself, which is the case on CPU, where accelerate only knows DDP.
     """
 
     def __init__(self, model: nn.Module, train_cfg: Any, accelerator: Any, stage_dir: Path,
@@ -125,7 +127,7 @@ class Trainer:
                  seed: int = 0, config_hash: str = "", name: str = "train",
                  collate: Callable[[list[Any]], dict] = default_collate,
                  count_tokens: Callable[[dict], int] = count_next_token_targets,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, fsdp: bool = False):
         self.cfg, self.acc, self.name = train_cfg, accelerator, name
         self.stage_dir = Path(stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
@@ -140,11 +142,14 @@ class Trainer:
         self.step, self.position, self.bad_total, self.bad_run = 0, 0, 0, 0
         self._term = False
         self._tb = self._tensorboard() if tensorboard and self.is_main else None
+        self.own_fsdp = fsdp and self.world > 1 and "FSDP" not in str(accelerator.distributed_type)
         self._setup_optimizer()
 
     # ---------------------------------------------------------------- set-up
     def _setup_optimizer(self) -> None:
         o = self.cfg.optim
+        if self.own_fsdp:
+            _fully_shard(self.model, self.world)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # no weight decay on gains and biases (1-d), as usual for LMs
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
@@ -155,7 +160,10 @@ class Trainer:
             optimizer, lambda s: lr_factor(s, self.cfg.steps, o.warmup_steps, o.lr, o.min_lr))
         self._configure_deepspeed()
         self.acc.gradient_accumulation_steps = self.cfg.grad_accum
-        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        if self.own_fsdp:  # accelerate would wrap the sharded model in DDP on CPU: prepare the optimizer only
+            self.optimizer = self.acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.deepspeed = self.acc.state.deepspeed_plugin is not None
 
     def _configure_deepspeed(self) -> None:
@@ -362,7 +370,7 @@ class Trainer:
             return float(norm) if norm is not None else float("nan")
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _bad_step(self) -> None:
         self.bad_total += 1
@@ -433,6 +441,19 @@ class Trainer:
     def _restore_sigterm(previous) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _fully_shard(model: nn.Module, world: int) -> None:
+    """FSDP2 on CPU (accelerate shards only on accelerators): each entry of every ModuleList, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for child in module:
+                fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _deepspeed_optimizer_state(engine_optimizer: Any) -> dict | None:

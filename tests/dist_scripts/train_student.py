@@ -1,0 +1,100 @@
+"""Train a tiny spiking student against a tiny teacher with pipeline.trainer, on 1 or more CPU ranks.
+
+Usage (what tests/test_distributed.py runs):
+    torchrun --standalone --nproc_per_node 2 tests/dist_scripts/train_student.py \
+        --teacher DIR --out DIR --strategy ddp|fsdp|deepspeed --batch-size 2 --steps 4
+Writes OUT/final.safetensors (the trained module's full state dict, main rank) and OUT/metrics.jsonl.
+The accelerator comes from pipeline.runner.make_accelerator, exactly as in a real run.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+
+class PatternRows(Dataset):
+    """Deterministic rows of a shifted repeating pattern over the vocabulary: [seq_len] int64 each."""
+
+    def __init__(self, n: int, seq_len: int, vocab: int):
+        self.rows = [(torch.arange(seq_len) * 3 + 7 * i) % 40 + 1 for i in range(n)]
+        self.bytes_per_token = 1.0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def deepspeed_accelerator(recipe, train):
+    """Accelerator(cpu=False) with the recipe's DeepSpeed config: with cpu=True accelerate drops the plugin.
+
+    The shared-memory all-reduce op is switched off: DeepSpeed would JIT-compile it (minutes on a busy
+    2-core box) and falls back to plain gloo collectives without it.
+    """
+    import deepspeed.ops
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from pipeline.runner import _deepspeed_dict
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train)),
+                       kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from pipeline.losses import DistillObjective
+    from pipeline.runner import make_accelerator
+    from pipeline.schema import OptimConfig, Recipe, TrainConfig
+    from pipeline.trainer import Trainer
+    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+    from teachers import load_teacher
+
+    recipe = Recipe()
+    recipe.distributed.strategy = args.strategy
+    if args.strategy == "deepspeed":
+        recipe.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero2.json")
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        eval_every=10**6, checkpoint_every=10**6, log_every=1,
+                        optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, grad_clip=1.0))
+    accelerator = make_accelerator(recipe, train) if args.strategy != "deepspeed" else deepspeed_accelerator(recipe,
+                                                                                                           train)
+    teacher = load_teacher(args.teacher, dtype=torch.float32)
+    torch.manual_seed(0)
+    student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("tiny", n_layer=2, d_model=16, n_head=2,
+                                                               vocab_size=teacher.vocab_size))
+    objective = DistillObjective(student, {"sta": 0.3, "hta": 0.3}, teacher=teacher,
+                                 kd={"temperature": 2.0, "chunk_size": 16})
+    out = Path(args.out)
+    trainer = Trainer(objective, train, accelerator, out, PatternRows(64, 16, teacher.vocab_size), seed=0,
+                      name=f"{args.strategy}-rank{accelerator.process_index}", fsdp=args.strategy == "fsdp")
+    trainer.fit()
+    state = trainer.full_state_dict()
+    if accelerator.is_main_process:
+        info = {"wrapper": type(trainer.model).__name__, "world_size": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type)}
+        (out / "info.json").write_text(json.dumps(info))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "final.safetensors")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
