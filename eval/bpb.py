@@ -75,7 +75,11 @@ def read_eval_text(name_or_path: str) -> str:
             raise EvalError(f"{name_or_path}: neither a file nor a bundled held-out text (bundled: "
                             f"{', '.join(bundled)}); pass a path to a UTF-8 .txt file")
         path = matches[0]
-    raw = lzma.open(path).read() if path.suffix == ".xz" else path.read_bytes()
+    if path.suffix == ".xz":
+        with lzma.open(path) as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

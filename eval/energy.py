@@ -11,6 +11,7 @@ ops (norms, softmax, activations) are left out, which only favours the teacher.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import torch
 
@@ -71,7 +72,7 @@ def teacher_op_rows(config, context_length: int) -> list[dict]:
 
 def _layer_of(name: str) -> int | None:
     parts = name.split(".")
-    for a, b in zip(parts, parts[1:]):
+    for a, b in pairwise(parts):
         if a in ("layers", "h", "blocks", "layer") and b.isdigit():
             return int(b)
     return None
@@ -160,9 +161,10 @@ def _fmt(x: float) -> str:
 
 def format_energy_table(report: dict) -> str:
     """Markdown: the per-layer table, per-token totals, the teacher and the ratio, and the caveat line."""
-    lines = [f"Energy per token at context {report['context_length']} "
+    title = (f"Energy per token at context {report['context_length']} "
              f"(E_AC {report['e_ac_pj']} pJ, E_MAC {report['e_mac_pj']} pJ; "
-             f"firing rates from {report['rate_probe_tokens']} held-out tokens)", "",
+             f"firing rates from {report['rate_probe_tokens']} held-out tokens)")
+    lines = [title, "",
              "| module | layer | kind | ops/token | firing rate | AC/MAC | energy (pJ) |",
              "|---|---:|---|---:|---:|---|---:|"]
     for r in report["rows"]:

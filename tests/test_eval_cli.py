@@ -45,7 +45,9 @@ def test_stream_text_streams_the_greedy_continuation(student, tiny_tokenizer):
 
 
 def test_sampling_seed_top_k_top_p(student, tiny_tokenizer):
-    run = lambda **kw: "".join(stream_text(student, tiny_tokenizer, "To be", 8, **kw))  # noqa: E731
+    def run(**kw):
+        return "".join(stream_text(student, tiny_tokenizer, "To be", 8, **kw))
+
     assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
     assert run(temperature=1.0, top_k=1, seed=3) == run()  # top-k 1 is greedy
     assert run(temperature=1.0, top_p=1e-6, seed=4) == run()  # top-p keeps at least the top token

@@ -9,8 +9,16 @@ import pytest
 from transformers import LlamaConfig
 
 from eval import EvalError
-from eval.energy import (CAVEAT, energy_report, format_energy_table, mean_keys, price_rows, teacher_op_rows,
-                         totals, write_energy_json)
+from eval.energy import (
+    CAVEAT,
+    energy_report,
+    format_energy_table,
+    mean_keys,
+    price_rows,
+    teacher_op_rows,
+    totals,
+    write_energy_json,
+)
 from eval.testing import tiny_student
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "

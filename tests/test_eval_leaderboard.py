@@ -4,6 +4,7 @@ evaluate_model (bpb, an lm-eval task, energy, a sample; tiny Llama as the teache
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
     assert "sfsa-b" in md and "srwkv-a" in md and "bpb hamlet" in md and "acc spikedistill_persuasion_cloze" in md
     assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"] == out["rows"]
     for key in ("bpb_vs_energy", "task_accuracy"):
-        data = open(out["files"][key], "rb").read()
+        data = Path(out["files"][key]).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
 
 

@@ -9,8 +9,8 @@ corpus, else ../shared/corpora) and writes:
   slice (~25-33 KB per text) so CPU runs take minutes;
 - persuasion_next_sentence.jsonl: two sentences of context, pick the true next sentence among it and three
   sentences of similar length from at least 50 sentences away in the same book;
-- hamlet_next_line.jsonl: a speaker and the opening lines of a speech, pick its true next line among it and
-  three lines of similar length from other speeches;
+- hamlet_next_line.jsonl: a speaker and up to MAX_SPEECH_LINES lines of a speech, pick its true next line
+  among it and three lines of similar length from other speeches;
 - persuasion_cloze.jsonl: the previous sentence and a sentence without its last word, pick the word among
   it and three words that end other sentences and share its word-form class (capitalised or not, and
   suffix: -ly, -ing, -ed, -s, ...; a cheap stand-in for part of speech) and frequency band.
@@ -34,6 +34,7 @@ PPL_DOCS = 16
 PPL_DOC_CHARS = 2000
 MC_ITEMS = 300
 N_CHOICES = 4
+MAX_SPEECH_LINES = 8  # context lines before the line to pick, so long soliloquies stay short contexts
 SEED = 20260523
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"'A-Z])")
@@ -53,7 +54,8 @@ def corpora_dir(explicit: str | None) -> Path:
 
 
 def read_xz(path: Path) -> str:
-    return lzma.open(path).read().decode("utf-8")
+    with lzma.open(path) as f:
+        return f.read().decode("utf-8")
 
 
 def ppl_docs(text: str) -> list[dict]:
@@ -124,7 +126,8 @@ def next_line_items(text: str, rng: random.Random) -> list[dict]:
         speaker, lines = sp[s]
         pool = [ln for t, ln in all_lines if t != s]
         distractors = similar_length(pool, lines[j], rng, N_CHOICES - 1, exclude=set(lines))
-        items.append(mc_item("\n".join([speaker] + lines[:j]), lines[j], distractors, rng))
+        context = [speaker] + lines[max(0, j - MAX_SPEECH_LINES) : j]
+        items.append(mc_item("\n".join(context), lines[j], distractors, rng))
     return items
 
 
@@ -156,8 +159,7 @@ def cloze_items(text: str, rng: random.Random) -> list[dict]:
 
 def write_jsonl(out_dir: Path, name: str, rows: list[dict]) -> None:
     with open(out_dir / name, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
     print(f"wrote {out_dir / name}: {len(rows)} items")
 
 
