@@ -107,7 +107,8 @@ def train_objective(ctx: StageContext, objective: DistillObjective, section: Any
                      len(frozen), frozen[0])
     trainer = Trainer(objective, section.train, ctx.accelerator, ctx.stage_dir, train, val_data=val,
                       bytes_per_token=train.bytes_per_token, seed=ctx.recipe.run.seed,
-                      config_hash=stage_config_hash(ctx.recipe, name), name=name, collate=collate)
+                      config_hash=stage_config_hash(ctx.recipe, name), name=name, collate=collate,
+                      fsdp=ctx.recipe.distributed.strategy == "fsdp")
     return trainer, trainer.fit()
 
 
