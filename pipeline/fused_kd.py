@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.losses import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
 from students.ops._dispatch import kernel_backend
 from students.ops.csrc import library, ptr, threads
-from pipeline.losses import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
 
 
 def fused_head_kd_loss(

@@ -7,7 +7,7 @@ TRITON_INTERPRET=1) falls back to the reference, with one warning per reason.
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -25,7 +25,7 @@ def kernel_backend(device: torch.device) -> str:
     return choice
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_once(reason: str) -> None:
     warnings.warn(f"students/ops: {reason}; using the reference implementation.", RuntimeWarning, stacklevel=3)
 

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ def _build(target: Path) -> None:
                 os.unlink(tmp)
 
 
-@lru_cache(maxsize=None)
+@cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]

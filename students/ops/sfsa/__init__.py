@@ -29,4 +29,4 @@ def sfsa_linear(q, k, v, state=None):
     return sfsa_linear_chunked(q, k, v, state)
 
 
-__all__ = ["sfsa", "sfsa_linear", "sfsa_reference", "sfsa_linear_reference", "causal_mask"]
+__all__ = ["causal_mask", "sfsa", "sfsa_linear", "sfsa_linear_reference", "sfsa_reference"]

@@ -82,7 +82,7 @@ def sfsa_linear_chunked(
 
     Returns (out [B, H, L, D], state after the last token [B, H, D, D]).
     """
-    B, H, L, D = q.shape
+    B, H, L, _D = q.shape
     n = -(-L // chunk)
     pad = n * chunk - L
     qc, kc, vc = (torch.nn.functional.pad(t, (0, 0, 0, pad)).view(B, H, n, chunk, -1) for t in (q, k, v))

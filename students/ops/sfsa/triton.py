@@ -78,7 +78,7 @@ def _sfsa_bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, ga_ptr, th_ptr, dq_ptr, dth_ptr, L,
         cmask = cols[:, None] < L
         k = tl.load(k_ptr + base + cols[:, None] * D + d[None, :], mask=cmask, other=0.0)
         v = tl.load(v_ptr + base + cols[:, None] * D + d[None, :], mask=cmask, other=0.0)
-        gs, a = _score_grad(q, k, v, do, ga_ptr + bh * L * L, rows, cols, th, alpha, L, HAS_GA, SUR)
+        gs, _a = _score_grad(q, k, v, do, ga_ptr + bh * L * L, rows, cols, th, alpha, L, HAS_GA, SUR)
         dq += tl.dot(gs, k, input_precision="ieee")
         dth -= tl.sum(gs, axis=1)
     tl.store(dq_ptr + base + rows[:, None] * D + d[None, :], dq, mask=rmask)
@@ -143,7 +143,7 @@ class _SfsaTriton(torch.autograd.Function):
         dq, dk, dv = (torch.empty(B * H, L, D, device=dev) for _ in range(3))
         dth_rows = torch.empty(B * H, L, device=dev)
         grid = (B * H, triton.cdiv(L, BLOCK))
-        common = dict(D=D, BLOCK=BLOCK, HAS_GA=ga is not None, SUR=sur)
+        common = {"D": D, "BLOCK": BLOCK, "HAS_GA": ga is not None, "SUR": sur}
         ga_arg = ga if ga is not None else do
         _sfsa_bwd_q[grid](qp, kp, vp, do, ga_arg, th, dq, dth_rows, L, alpha, **common)
         _sfsa_bwd_kv[grid](qp, kp, vp, do, ga_arg, th, dk, dv, L, alpha, **common)

@@ -17,4 +17,4 @@ def wkv(time_decay, time_first, k, v, state=None):
     return wkv_reference(time_decay, time_first, k, v, state)
 
 
-__all__ = ["wkv", "wkv_reference", "wkv_initial_state"]
+__all__ = ["wkv", "wkv_initial_state", "wkv_reference"]

@@ -1,0 +1,114 @@
+"""pipeline.fused_kd.fused_head_kd_loss against the naive path: full logits + pipeline.losses (kd_loss, CE)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+from pipeline.fused_kd import fused_head_kd_loss
+from pipeline.losses import kd_loss
+from teachers.cache import SparseTargets
+
+N, C, V = 29, 12, 40
+
+
+def _setup(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, C, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(V, C, generator=gen) * 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[::4] = -100
+    teacher = torch.randn(N, V, generator=gen) * 2
+    return h, w, labels, teacher
+
+
+def _sparse(teacher, k):
+    top = torch.log_softmax(teacher, -1).topk(k, -1)
+    return SparseTargets(top.indices, top.values, (1 - top.values.exp().sum(-1)).clamp(0, 1))
+
+
+def _naive(h, w, labels, target, kind, tau, beta):
+    """Full [N, V] logits, then pipeline.losses.kd_loss and cross-entropy: the definition."""
+    logits = h.float() @ w.float().t()
+    valid = labels != -100
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    kd = (kd_loss(logits, target, kind, tau, beta) * valid).sum() if target is not None else ce * 0
+    return kd, ce
+
+
+def _check(h, w, labels, target, kind="forward_kl", tau=1.0, beta=0.5, chunk=8, weights=(0.7, 1.3), **kw):
+    kd_ref, ce_ref = _naive(h, w, labels, target, kind, tau, beta)
+    out = fused_head_kd_loss(h, w, labels, target, kind, tau, chunk, jsd_beta=beta, **kw)
+    torch.testing.assert_close(out["kd_sum"], kd_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["ce_sum"], ce_ref, rtol=1e-5, atol=1e-4)
+    assert out["n_tokens"].item() == int((labels != -100).sum())
+    g_ref = torch.autograd.grad(weights[0] * kd_ref + weights[1] * ce_ref, (h, w))
+    g_fused = torch.autograd.grad(weights[0] * out["kd_sum"] + weights[1] * out["ce_sum"], (h, w))
+    for a, b in zip(g_ref, g_fused):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("target_kind", ["dense", "callable", "top5", "topV"])
+def test_fused_matches_naive(kind, tau, target_kind):
+    h, w, labels, teacher = _setup()
+    target = {
+        "dense": teacher,
+        "callable": lambda rows: teacher[rows],
+        "top5": _sparse(teacher, 5),
+        "topV": _sparse(teacher, V),
+    }[target_kind]
+    naive_target = teacher if target_kind == "callable" else target
+    kd_ref, _ = _naive(h, w, labels, naive_target, kind, tau, 0.5)
+    _check(h, w, labels, naive_target if target_kind != "callable" else teacher, kind, tau)
+    out = fused_head_kd_loss(h, w, labels, target, kind, tau, 8)
+    torch.testing.assert_close(out["kd_sum"], kd_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 1.0])
+def test_fused_jsd_beta(beta):
+    h, w, labels, teacher = _setup(1)
+    _check(h, w, labels, teacher, "jsd", 1.5, beta)
+
+
+@pytest.mark.parametrize("chunk", [3, 29, 1000])
+def test_fused_any_chunk_size_and_ce_only(chunk):
+    h, w, labels, teacher = _setup(2)
+    _check(h, w, labels, teacher, chunk=chunk)
+    _check(h, w, labels, None, chunk=chunk)
+
+
+@pytest.mark.parametrize("target_kind", ["dense", "top5"])
+def test_fused_loss_weights_compute_gradients_in_forward(target_kind):
+    h, w, labels, teacher = _setup(3)
+    target = teacher if target_kind == "dense" else _sparse(teacher, 5)
+    # the promise holds up to a common scale (the trainer divides by the token count afterwards)
+    _check(h, w, labels, target, "reverse_kl", 2.0, weights=(0.35, 0.65), loss_weights=(0.7, 1.3))
+    out = fused_head_kd_loss(h, w, labels, target, "forward_kl", 1.0, 8, loss_weights=(1.0, 1.0))
+    with pytest.raises(RuntimeError, match="loss_weights"):
+        (out["kd_sum"] + 3.0 * out["ce_sum"]).backward()
+
+
+def test_fused_reference_backend_is_the_same(monkeypatch):
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "reference")  # plain-torch chunk maths instead of the C rows
+    h, w, labels, teacher = _setup(4)
+    _check(h, w, labels, teacher, "jsd", 2.0)
+
+
+def test_fused_bf16_inputs():
+    h, w, labels, teacher = _setup(5, torch.bfloat16)
+    out = fused_head_kd_loss(h, w, labels, teacher, "forward_kl", 2.0, 8)
+    kd_ref, _ce_ref = _naive(h, w, labels, teacher, "forward_kl", 2.0, 0.5)
+    torch.testing.assert_close(out["kd_sum"], kd_ref, rtol=1e-4, atol=1e-3)
+    (out["kd_sum"] + out["ce_sum"]).backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def test_fused_rejects_bad_arguments():
+    h, w, labels, teacher = _setup()
+    with pytest.raises(ConfigError, match="distill.kd.kind"):
+        fused_head_kd_loss(h, w, labels, teacher, "kl")
+    with pytest.raises(ConfigError, match="jsd_beta"):
+        fused_head_kd_loss(h, w, labels, teacher, "jsd", jsd_beta=1.5)
+    with pytest.raises(ValueError, match="head_weight"):
+        fused_head_kd_loss(h, w.t(), labels, teacher)

@@ -1,0 +1,198 @@
+"""Fast CPU kernels (students/ops/*/cpu.py) against the references: outputs and gradients, awkward shapes."""
+import pytest
+import torch
+
+from students.ops import lif_scan, sfsa, sfsa_linear, wkv
+from students.ops._dispatch import select_backend
+from students.ops.csrc import library
+from students.ops.lif import lif_scan_reference
+from students.ops.lif.cpu import lif_scan_cpu
+from students.ops.sfsa import sfsa_linear_reference, sfsa_reference
+from students.ops.sfsa.cpu import sfsa_cpu, sfsa_linear_chunked
+from students.ops.wkv import wkv_reference
+from students.ops.wkv.cpu import wkv_cpu
+
+pytestmark = pytest.mark.skipif(library() is None, reason="the CPU kernel library could not be built (no g++?)")
+
+
+def _grads(outputs, inputs, seed=1):
+    """Gradients of a random linear functional of `outputs` w.r.t. `inputs` (same cotangents every call)."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol)
+
+
+LIF_CASES = [
+    # (shape [B, S, *N], options)
+    ((2, 1, 5), {}),  # one time step
+    ((1, 37, 70), {"reset": "soft", "surrogate": "sigmoid", "alpha": 4.0}),  # lanes not a multiple of the block
+    ((3, 17, 4, 5), {"tau": 3.0, "v_threshold": 0.5, "detach_reset": True}),  # several neuron axes
+    ((2, 9, 19), {"reset": "soft", "decay_input": False, "detach_reset": True}),
+    ((1, 2048, 3), {}),  # long sequence, batch 1
+]
+
+
+@pytest.mark.parametrize("shape,opts", LIF_CASES)
+@pytest.mark.parametrize("with_v0", [False, True])
+def test_lif_cpu_matches_reference(shape, opts, with_v0):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 1.5 + 0.7).requires_grad_()
+    v0 = torch.randn(shape[:1] + shape[2:]).requires_grad_() if with_v0 else None
+    ref, fast = lif_scan_reference(x, v0, **opts), lif_scan_cpu(x, v0, **opts)
+    assert torch.equal(ref[0], fast[0])  # identical spikes
+    _close(ref[1:], fast[1:])
+    inputs = (x, v0) if with_v0 else (x,)
+    _close(_grads(ref, inputs), _grads(fast, inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_lif_cpu_streaming_equals_one_pass():
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 33) + 0.8
+    spikes, v = lif_scan_cpu(x)
+    s1, v1 = lif_scan_cpu(x[:, :11])
+    s2, v2 = lif_scan_cpu(x[:, 11:], v1)
+    assert torch.equal(torch.cat([s1, s2], 1), spikes)
+    torch.testing.assert_close(v2, v)
+
+
+def test_lif_cpu_bf16_is_fp32_math():
+    torch.manual_seed(0)
+    x = (torch.randn(2, 40, 24) + 0.8).bfloat16()
+    spikes, v = lif_scan_cpu(x)
+    ref_spikes, ref_v = lif_scan_reference(x.float())
+    assert spikes.dtype == torch.bfloat16 and torch.equal(spikes.float(), ref_spikes)
+    torch.testing.assert_close(v.float(), ref_v, rtol=1e-2, atol=1e-2)
+    # the bf16 reference rounds its membrane every step: nearly the same spikes, not bit-identical
+    bf16_spikes, _ = lif_scan_reference(x)
+    assert (bf16_spikes.float() != spikes.float()).float().mean() < 0.05
+
+
+def _wkv_inputs(B, L, C, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    td = torch.randn(C, generator=gen).requires_grad_()
+    tf = torch.randn(C, generator=gen).requires_grad_()
+    k = (torch.randn(B, L, C, generator=gen) * 2).to(dtype).requires_grad_()
+    v = torch.randn(B, L, C, generator=gen).to(dtype).requires_grad_()
+    return td, tf, k, v
+
+
+@pytest.mark.parametrize("B,L,C", [(2, 1, 5), (1, 37, 20), (3, 13, 70)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv_cpu_matches_reference(B, L, C, with_state):
+    td, tf, k, v = _wkv_inputs(B, L, C)
+    inputs = [td, tf, k, v]
+    state = None
+    if with_state:
+        with torch.no_grad():
+            _, warm = wkv_reference(td, tf, torch.randn(B, 6, C), torch.randn(B, 6, C))
+        state = tuple(s.clone().requires_grad_() for s in warm)
+        inputs += list(state)
+    y_ref, s_ref = wkv_reference(td, tf, k, v, state)
+    y_fast, s_fast = wkv_cpu(td, tf, k, v, state)
+    _close((y_ref, *s_ref), (y_fast, *s_fast))
+    # gradients through y and the returned state (streaming training)
+    _close(_grads((y_ref, *s_ref), inputs), _grads((y_fast, *s_fast), inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_wkv_cpu_long_sequence_is_stable():
+    td, tf, k, v = _wkv_inputs(1, 2048, 6)
+    with torch.no_grad():
+        k.mul_(20)  # large keys: overflow without the running max
+    y_ref, _ = wkv_reference(td, tf, k, v)
+    y_fast, _ = wkv_cpu(td, tf, k, v)
+    assert torch.isfinite(y_fast).all()
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-5)
+    g_ref, g_fast = _grads((y_ref,), (td, tf, k, v)), _grads((y_fast,), (td, tf, k, v))
+    assert all(torch.isfinite(g).all() for g in g_fast)
+    _close(g_ref, g_fast, rtol=1e-3, atol=1e-4)
+
+
+def test_wkv_cpu_streaming_and_bf16():
+    td, tf, k, v = _wkv_inputs(2, 24, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, state = wkv_cpu(td, tf, k, v)
+        y1, st1 = wkv_cpu(td, tf, k[:, :10], v[:, :10])
+        y2, st2 = wkv_cpu(td, tf, k[:, 10:], v[:, 10:], st1)
+        y_ref, _ = wkv_reference(td, tf, k, v)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    for a, b in zip(st2, state):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def _spikes(*shape, p=0.4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=gen) < p).float().requires_grad_()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 3, 37, 8), (1, 2, 70, 16)])
+@pytest.mark.parametrize("threshold", [2.0, "per_head"])
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+def test_sfsa_cpu_matches_reference(shape, threshold, surrogate):
+    q, k, v = (_spikes(*shape, seed=s) for s in range(3))
+    inputs = [q, k, v]
+    if threshold == "per_head":
+        threshold = torch.linspace(1.0, 3.0, shape[1]).requires_grad_()
+        inputs.append(threshold)
+    ref = sfsa_reference(q, k, v, threshold, surrogate=surrogate)
+    fast = sfsa_cpu(q, k, v, threshold, surrogate=surrogate)
+    assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1])
+    # gradients through both the output and the attention map (attention-map alignment uses it)
+    _close(_grads(ref, inputs), _grads(fast, inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_sfsa_cpu_bf16():
+    q, k, v = (_spikes(2, 2, 19, 8, seed=s).detach().bfloat16() for s in range(3))
+    out, attn = sfsa_cpu(q, k, v, 2.0)
+    ref_out, ref_attn = sfsa_reference(q, k, v, 2.0)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out) and torch.equal(attn, ref_attn)
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 64), (37, 16), (64, 16), (100, 64)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_sfsa_linear_chunked_matches_reference(L, chunk, with_state):
+    q, k, v = (_spikes(2, 2, L, 8, seed=s) for s in range(3))
+    state = torch.randn(2, 2, 8, 8).requires_grad_() if with_state else None
+    inputs = [q, k, v] + ([state] if with_state else [])
+    ref = sfsa_linear_reference(q, k, v, state)
+    fast = sfsa_linear_chunked(q, k, v, state, chunk=chunk)
+    _close(ref, fast, rtol=1e-5, atol=1e-4)
+    _close(_grads(ref, inputs), _grads(fast, inputs), rtol=1e-5, atol=1e-4)
+
+
+def test_dispatch_honours_environment(monkeypatch):
+    x = torch.randn(1, 3, 4)
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "reference")
+    assert select_backend(x) == "reference"
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "auto")
+    assert select_backend(x) == "cpu"
+    assert select_backend(x.double()) == "reference"  # fp64 (gradcheck) always runs the exact reference
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="SPIKEDISTILL_KERNELS"):
+        select_backend(x)
+
+
+def test_dispatch_functions_agree_across_backends(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6) + 0.8
+    q, k, v = (_spikes(1, 2, 9, 4, seed=s).detach() for s in range(3))
+    td, tf, kk, vv = (t.detach() for t in _wkv_inputs(1, 7, 5))
+    results = {}
+    for backend in ("reference", "cpu"):
+        monkeypatch.setenv("SPIKEDISTILL_KERNELS", backend)
+        results[backend] = (lif_scan(x)[0], wkv(td, tf, kk, vv)[0], sfsa(q, k, v, 1.0)[0], sfsa_linear(q, k, v)[0])
+    _close(results["reference"], results["cpu"])
+
+
+def test_missing_library_falls_back_to_reference(monkeypatch):
+    from students.ops import csrc
+
+    monkeypatch.setattr(csrc, "library", lambda: None)
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "cpu")
+    assert select_backend(torch.randn(2, 2)) == "reference"

@@ -1,0 +1,135 @@
+"""Triton kernels against the references on CPU, through the Triton interpreter (TRITON_INTERPRET=1).
+
+Triton decides between compiled and interpreted kernels when it is imported, and other packages import it
+early (transformers does). So unless this process started with TRITON_INTERPRET=1, the module defines one
+test that re-runs this file in a subprocess with the variable set; there the parity tests run. Shapes are
+tiny because interpreted kernels run 20-400x slower than eager PyTorch.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton): Triton kernels untested", allow_module_level=True)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# In the parent process the parity tests below are collected but skipped: the subprocess runs them.
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_triton_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        check=False, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary, run.stdout[-2000:]
+
+
+if INTERPRETED:
+    from students.ops._dispatch import select_backend
+    from students.ops.lif import lif_scan_reference
+    from students.ops.lif.triton import lif_scan_triton
+    from students.ops.sfsa import sfsa_reference
+    from students.ops.sfsa.triton import sfsa_triton
+    from students.ops.wkv import wkv_reference
+    from students.ops.wkv.triton import wkv_triton
+
+
+def _grads(outputs, inputs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outputs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol)
+
+
+@interpreted_only
+@pytest.mark.parametrize(
+    "shape,opts",
+    [
+        ((1, 1, 3), {}),
+        ((2, 7, 130), {"reset": "soft", "surrogate": "sigmoid", "detach_reset": True}),  # N crosses a block
+        ((1, 5, 2, 3), {"tau": 3.0, "v_threshold": 0.5, "decay_input": False}),
+    ],
+)
+def test_lif_triton_matches_reference(shape, opts):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 1.5 + 0.7).requires_grad_()
+    v0 = torch.randn(shape[:1] + shape[2:]).requires_grad_()
+    ref, fast = lif_scan_reference(x, v0, **opts), lif_scan_triton(x, v0, **opts)
+    assert torch.equal(ref[0], fast[0])
+    _close(ref[1:], fast[1:])
+    _close(_grads(ref, (x, v0)), _grads(fast, (x, v0)))
+
+
+@interpreted_only
+def test_lif_triton_bf16_is_fp32_math():
+    x = (torch.randn(1, 6, 5) + 0.8).bfloat16()
+    spikes, _ = lif_scan_triton(x)
+    assert spikes.dtype == torch.bfloat16 and torch.equal(spikes.float(), lif_scan_reference(x.float())[0])
+
+
+@interpreted_only
+@pytest.mark.parametrize("B,L,C", [(1, 1, 3), (2, 9, 70)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv_triton_matches_reference(B, L, C, with_state):
+    gen = torch.Generator().manual_seed(0)
+    td, tf = (torch.randn(C, generator=gen).requires_grad_() for _ in range(2))
+    k = (torch.randn(B, L, C, generator=gen) * 2).requires_grad_()
+    v = torch.randn(B, L, C, generator=gen).requires_grad_()
+    inputs, state = [td, tf, k, v], None
+    if with_state:
+        with torch.no_grad():
+            _, warm = wkv_reference(td, tf, torch.randn(B, 4, C), torch.randn(B, 4, C))
+        state = tuple(s.clone().requires_grad_() for s in warm)
+        inputs += list(state)
+    y_ref, s_ref = wkv_reference(td, tf, k, v, state)
+    y_fast, s_fast = wkv_triton(td, tf, k, v, state)
+    _close((y_ref, *s_ref), (y_fast, *s_fast))
+    _close(_grads((y_ref, *s_ref), inputs), _grads((y_fast, *s_fast), inputs))
+
+
+@interpreted_only
+def test_wkv_triton_bf16_inputs():
+    gen = torch.Generator().manual_seed(0)
+    td, tf = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    k, v = (torch.randn(1, 6, 4, generator=gen).bfloat16() for _ in range(2))
+    y, _ = wkv_triton(td, tf, k, v)
+    y_ref, _ = wkv_reference(td, tf, k, v)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+
+
+@interpreted_only
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (1, 2, 21, 8)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_sfsa_triton_matches_reference(shape, per_head):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.rand(shape, generator=gen) < 0.4).float().requires_grad_() for _ in range(3))
+    threshold = torch.linspace(1.0, 2.0, shape[1]).requires_grad_() if per_head else 2.0
+    inputs = [q, k, v] + ([threshold] if per_head else [])
+    ref = sfsa_reference(q, k, v, threshold, surrogate="sigmoid" if per_head else "atan")
+    fast = sfsa_triton(q, k, v, threshold, surrogate="sigmoid" if per_head else "atan")
+    assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1])
+    _close(_grads(ref, inputs), _grads(fast, inputs))
+
+
+@interpreted_only
+def test_dispatch_picks_triton_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "triton")
+    assert select_backend(torch.randn(2)) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
+        assert select_backend(torch.randn(2)) == "reference"
