@@ -148,7 +148,8 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
 
     dist = recipe.distributed
     cuda = torch.cuda.is_available()
-    backend = dist.backend or (None if cuda else "gloo")
+    # a process group only exists under a multi-process launcher; asking for a backend without one fails
+    backend = (dist.backend or (None if cuda else "gloo")) if _world()[1] > 1 else None
     kwargs: dict[str, Any] = {
         "cpu": not cuda,
         "mixed_precision": dist.mixed_precision,
