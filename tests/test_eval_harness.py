@@ -79,7 +79,11 @@ def test_loglikelihood_longer_than_max_length_streams(lm, student):
     assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
 
 
-def test_rolling_equals_full_sequence_loss(lm, student, tiny_tokenizer):
+@pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "hybrid_t2"])
+def test_rolling_equals_full_sequence_loss(mixer, tiny_tokenizer):
+    kw = {"token_mixer": ["srwkv", "sfsa"], "time_steps": 2} if mixer == "hybrid_t2" else {"token_mixer": mixer}
+    student = tiny_student(len(tiny_tokenizer), seed=1, **kw)
+    lm = SpikeGPTLM(student, tokenizer=tiny_tokenizer, max_length=32)
     tokens = lm.tok_encode(TEXT)
     assert len(tokens) > 4 * lm.max_length  # many chunks of the streaming pass
     (rolled,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (TEXT,))], disable_tqdm=True)
