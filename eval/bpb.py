@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from eval import EvalError
-from eval.models import is_recurrent, prefix_token_id
+from eval.models import can_stream, prefix_token_id, window_length
 from eval.scoring import encode_document, stream_logprobs, windowed_nll
 
 
@@ -29,14 +29,16 @@ def document_nll(model, tokenizer, text: str, context_length: int = 1024, batch_
     Student: one streaming pass through the recurrent state, `context_length` tokens per chunk (the chunk
     size changes memory only, not the result). Any other HF causal LM: lm-eval's disjoint windows of
     `context_length` tokens, each conditioned on the previous window's last token (so the result equals
-    lm-eval's `hf` model with max_length=context_length).
+    lm-eval's `hf` model with max_length=context_length); a student whose config sets max_position shorter
+    than the text is scored in such windows too, of at most max_position tokens.
     """
     tokens = encode_document(tokenizer, text)
     prefix = prefix_token_id(tokenizer)
-    if is_recurrent(model):
+    if can_stream(model, len(tokens) + 1):
         logps, _ = stream_logprobs(model, [prefix] + tokens, chunk_size=context_length, progress=progress)
         return -float(logps.double().sum()), len(tokens)
-    return windowed_nll(model, tokens, prefix, context_length, batch_size, progress), len(tokens)
+    window = window_length(model, context_length)
+    return windowed_nll(model, tokens, prefix, window, batch_size, progress), len(tokens)
 
 
 def evaluate_bpb(model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from eval import EvalError
 from eval.generate import generate_tokens
-from eval.models import SPIKEGPT_TYPE, is_recurrent, load_model_dir, model_type_of, prefix_token_id
+from eval.models import SPIKEGPT_TYPE, can_stream, load_model_dir, model_type_of, prefix_token_id, window_length
 from eval.scoring import encode_document, score_batch, stream_logprobs, windowed_nll
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -124,11 +124,11 @@ class SpikeGPTLM(TemplateLM):
 
     def _score_long(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """Student: stream the whole input; other models: keep the last max_length tokens (as lm-eval's hf)."""
-        if is_recurrent(self.model):
+        if can_stream(self.model, len(context) + len(continuation)):
             logps, greedy = stream_logprobs(self.model, context + continuation, self.max_length)
             n = len(continuation)
             return float(logps[-n:].sum()), bool(greedy[-n:].all())
-        keep = self.max_length + 1 - len(continuation)
+        keep = window_length(self.model, self.max_length) + 1 - len(continuation)
         if keep < 1:
             raise EvalError(f"continuation of {len(continuation)} tokens exceeds max_length={self.max_length}; "
                             "raise max_length in --model_args")
@@ -140,12 +140,12 @@ class SpikeGPTLM(TemplateLM):
         for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             (text,) = req.args
             tokens = self.tok_encode(text)
-            if is_recurrent(self.model):
+            if can_stream(self.model, len(tokens) + 1):
                 logps, _ = stream_logprobs(self.model, [self.prefix_token_id] + tokens, self.max_length)
                 value = float(logps.double().sum())
             else:
-                value = -windowed_nll(self.model, tokens, self.prefix_token_id, self.max_length,
-                                      self.batch_size_per_gpu)
+                value = -windowed_nll(self.model, tokens, self.prefix_token_id,
+                                      window_length(self.model, self.max_length), self.batch_size_per_gpu)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
             out.append(value)
         return out
@@ -166,8 +166,8 @@ class SpikeGPTLM(TemplateLM):
         max_new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
         ids = self.tok_encode(context)
-        if not is_recurrent(self.model):
-            ids = ids[-max(1, self.max_length - max_new):]
+        if not can_stream(self.model, len(ids) + max_new):
+            ids = ids[-max(1, window_length(self.model, self.max_length) - max_new):]
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         new: list[int] = []
         for token in generate_tokens(self.model, prompt, max_new, temperature=temperature,

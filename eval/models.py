@@ -29,6 +29,18 @@ def is_recurrent(model) -> bool:
     return getattr(model.config, "model_type", "") == SPIKEGPT_TYPE
 
 
+def can_stream(model, n_tokens: int) -> bool:
+    """Whether n_tokens can go through the student's state in one stream (its max_position, 0 = unbounded)."""
+    limit = getattr(model.config, "max_position", 0) or 0
+    return is_recurrent(model) and (not limit or n_tokens <= limit)
+
+
+def window_length(model, requested: int) -> int:
+    """Window length for models that cannot stream a document: the request, capped by a set max_position."""
+    limit = getattr(model.config, "max_position", 0) or 0
+    return min(requested, limit) if limit else requested
+
+
 def load_model_dir(model_dir: str | Path, dtype=None):
     """Load (model, tokenizer) from a local HF directory (the student or any causal LM), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -88,3 +88,17 @@ def test_read_eval_text(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(EvalError, match="not UTF-8"):
         read_eval_text(str(tmp_path / "bad.txt"))
+
+
+def test_student_with_max_position_falls_back_to_windows(tiny_tokenizer):
+    """A student whose config caps max_position cannot stream a longer text: it is scored in windows of at
+    most max_position tokens (lm-eval's scheme), instead of failing."""
+    from eval.models import prefix_token_id
+    from eval.scoring import encode_document, windowed_nll
+
+    capped = tiny_student(len(tiny_tokenizer), seed=2, token_mixer="sfsa", max_position=24)
+    tokens = encode_document(tiny_tokenizer, TEXT)
+    assert len(tokens) > 24
+    res = evaluate_bpb(capped, tiny_tokenizer, TEXT, context_length=1024)
+    want = windowed_nll(capped, tokens, prefix_token_id(tiny_tokenizer), 24)
+    assert res["nll_sum"] == pytest.approx(want, rel=1e-6)
