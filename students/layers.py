@@ -40,6 +40,8 @@ class SpikeLinear(nn.Linear):
     """nn.Linear that records what it reads: `binary_input` says whether its input is a {0,1} spike tensor in
     this configuration; `input_rate` is the mean of its input over the last forward (the firing rate if binary)."""
 
+    track_rate = True  # the model switches this off per instance during decode steps (keeps them lean)
+
     def __init__(self, in_features: int, out_features: int, binary_input: bool, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.binary_input = binary_input
@@ -47,7 +49,8 @@ class SpikeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        self._rate = x.detach().mean()
+        if self.track_rate:
+            self._rate = x.detach().mean()
         return super().forward(x)
 
     @property
@@ -57,6 +60,8 @@ class SpikeLinear(nn.Linear):
 
 class LIF(nn.Module):
     """Multi-step LIF neurons of `width` channels over the steps layout; the membrane is recurrent state."""
+
+    track_rate = True
 
     def __init__(self, config: SpikeGPTConfig, width: int):
         super().__init__()
@@ -79,7 +84,8 @@ class LIF(nn.Module):
         spikes, v_last = lif_scan(x, v0, **self.kwargs)
         if state is not None:
             state.set(self.state_key, v_last)
-        self._rate = spikes.detach().mean()
+        if self.track_rate:
+            self._rate = spikes.detach().mean()
         return spikes
 
     @property
@@ -177,6 +183,8 @@ class SpikingSelfAttention(nn.Module):
     projections and one on the counts, so W_q, W_k, W_v and W_o read spikes.
     """
 
+    track_rate = True
+
     def __init__(self, config: SpikeGPTConfig, layer_id: int, linear: bool):
         super().__init__()
         c, sd = config.d_model, config.spike_driven
@@ -199,7 +207,8 @@ class SpikingSelfAttention(nn.Module):
         x = self.in_neuron(h, state) if self.in_neuron is not None else h
         qkv = self.qkv_neuron(torch.cat([self.query(x), self.key(x), self.value(x)], -1), state)
         q, k, v = (self._heads(to_mixer(part, steps)) for part in qkv.chunk(3, -1))
-        self._part_rates = {"q": q.detach().mean(), "k": k.detach().mean(), "v": v.detach().mean()}
+        if self.track_rate:
+            self._part_rates = {"q": q.detach().mean(), "k": k.detach().mean(), "v": v.detach().mean()}
         prev = state.get(self.state_key) if state is not None else None
         if self.linear:
             out, new_state = sfsa_linear(q, k, v, prev)
@@ -231,9 +240,10 @@ class SpikingSelfAttention(nn.Module):
             scores = (q @ k_all.transpose(-1, -2)) * mask
             attn = spike(scores - self.threshold.to(q.dtype).view(1, -1, 1, 1), **self.surrogate) * mask
             out = attn @ v_all
-        length = q.shape[2]
-        causal_entries = attn.shape[0] * attn.shape[1] * (length * seen + length * (length + 1) // 2)
-        self._attn_rate = attn.detach().sum() / causal_entries
+        if self.track_rate:
+            length = q.shape[2]
+            causal_entries = attn.shape[0] * attn.shape[1] * (length * seen + length * (length + 1) // 2)
+            self._attn_rate = attn.detach().sum() / causal_entries
         return out, attn, (k_all, v_all)
 
     def _linear_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

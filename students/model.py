@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -103,6 +104,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "emb.weight"}
+    track_rate = True
 
     def __init__(self, config: SpikeGPTConfig):
         super().__init__(config)
@@ -156,7 +158,8 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         emb = self.emb(input_ids)
         if self.config.binary_embedding:
             emb = spike(emb, self.config.surrogate, self.config.surrogate_alpha)
-            self._emb_rate = emb.detach().mean()
+            if self.track_rate:
+                self._emb_rate = emb.detach().mean()
         # Each token is presented T times: token-major, step-minor (steps layout).
         x = self.ln0(emb)
         x = x.repeat_interleave(steps, dim=1) if steps > 1 else x
@@ -216,6 +219,18 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
                 rates[f"{name}.attn"] = module.attention_rate
         return rates
 
+    @contextmanager
+    def rates_paused(self):
+        """Within this block forwards do not record firing rates (decode steps skip those reductions)."""
+        modules = [m for m in self.modules() if hasattr(m, "track_rate")]
+        for m in modules:
+            m.track_rate = False
+        try:
+            yield
+        finally:
+            for m in modules:
+                del m.track_rate  # back to the class default (True)
+
     def op_counts(self, context_length: int) -> list[dict]:
         """Every op per token of a forward over `context_length` tokens (T steps included); see opcount.py."""
         return count_ops(self, context_length)
@@ -239,7 +254,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
 
         input_ids [B, L] -> [B, L + new]. Greedy unless do_sample. eos_token_id (int or list, None = never stop):
         a finished row is padded with its eos and decoding stops when all rows are finished. streamer: an HF
-        BaseStreamer (put/end).
+        BaseStreamer (put/end). spike_rates() afterwards reflect the prompt (decode steps do not record them).
         """
         if kwargs:
             raise StudentError(f"generate() got unsupported arguments {sorted(kwargs)}")
@@ -249,17 +264,18 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             streamer.put(input_ids.cpu())
         out = self(input_ids, use_cache=True, logits_to_keep=1, attention_mask=attention_mask)
         tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            nxt = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
-            if eos.numel():
-                nxt = torch.where(done, eos[0], nxt)
-                done = done | torch.isin(nxt, eos)
-            tokens.append(nxt[:, None])
-            if streamer is not None:
-                streamer.put(nxt.cpu())
-            if (eos.numel() and bool(done.all())) or i == max_new_tokens - 1:
-                break
-            out = self(nxt[:, None], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        with self.rates_paused():
+            for i in range(max_new_tokens):
+                nxt = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+                if eos.numel():
+                    nxt = torch.where(done, eos[0], nxt)
+                    done = done | torch.isin(nxt, eos)
+                tokens.append(nxt[:, None])
+                if streamer is not None:
+                    streamer.put(nxt.cpu())
+                if (eos.numel() and bool(done.all())) or i == max_new_tokens - 1:
+                    break
+                out = self(nxt[:, None], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         if streamer is not None:
             streamer.end()
         return torch.cat(tokens, 1)

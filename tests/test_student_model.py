@@ -222,6 +222,11 @@ def test_spike_rates_name_every_spiking_module():
     lif_names = {n for n, m in model.named_modules() if isinstance(m, LIF)}
     assert lif_names | {"emb", "blocks.0.mixer.attn"} == set(rates)
     assert all(0.0 <= r <= 1.0 for r in rates.values())
+    with model.rates_paused():  # what generate() uses for decode steps
+        model(ids_for(seed=5))
+    assert model.spike_rates() == rates
+    model(ids_for(seed=5))
+    assert model.spike_rates() != rates
 
 
 def test_bad_calls_raise_one_line_errors():
