@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 
 from eval import EvalError
 from eval.generate import generate_tokens
-from eval.models import SPIKEGPT_TYPE, can_stream, load_model_dir, model_type_of, prefix_token_id, window_length
+from eval.models import (
+    SPIKEGPT_TYPE,
+    can_stream,
+    load_model_dir,
+    model_type_of,
+    prefix_token_id,
+    window_length,
+)
 from eval.scoring import encode_document, score_batch, stream_logprobs, windowed_nll
 
 TASKS_DIR = Path(__file__).parent / "tasks"
