@@ -1,7 +1,7 @@
 """Evaluation: lm-eval adapter and local tasks, bits-per-byte, energy accounting, leaderboard, generation.
 
-Submodules are imported on demand (`import eval.bpb`); importing `eval` itself stays cheap because the
-lm-eval plug-in hook (eval/lm_eval_hook.py) runs at interpreter start-up.
+Submodules are imported on demand (`import eval.bpb`); importing `eval` itself stays cheap because, once
+installed, the lm-eval plug-in hook (eval/lm_eval_hook.py) imports it at every interpreter start-up.
 """
 
 
