@@ -131,7 +131,7 @@ def _spikes(*shape, p=0.4, seed=0):
     return (torch.rand(shape, generator=gen) < p).float().requires_grad_()
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 3, 37, 8), (1, 2, 70, 16)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 3, 37, 8), (1, 2, 70, 16), (1, 2, 150, 4)])
 @pytest.mark.parametrize("threshold", [2.0, "per_head"])
 @pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
 def test_sfsa_cpu_matches_reference(shape, threshold, surrogate):

@@ -27,8 +27,8 @@ _SIGNATURES = {
     "lif_backward": [_P] * 6 + [_I64] * 3 + [_F] * 3 + [_I, _I, _I, _F, _I],
     "wkv_forward": [_P] * 11 + [_I64] * 3 + [_I],
     "wkv_backward": [_P] * 18 + [_I64] * 3 + [_I],
-    "sfsa_threshold": [_P] * 2 + [_I64] * 2 + [_I],
-    "sfsa_threshold_backward": [_P] * 4 + [_I64] * 2 + [_I, _F, _I],
+    "sfsa_threshold": [_P] * 2 + [_I64] * 4 + [_I],
+    "sfsa_threshold_backward": [_P] * 4 + [_I64] * 4 + [_I, _F, _I],
     "kd_dense_rows": [_P] * 3 + [_I64] * 2 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
 }
 

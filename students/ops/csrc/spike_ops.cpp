@@ -268,35 +268,47 @@ void wkv_backward(const float* w, const float* u, const float* k, const float* v
   }
 }
 
-// SFSA forward mask, in place on scores [BH, L, L]: 1 where key j <= query i and score >= theta[bh], else 0.
-void sfsa_threshold(float* scores, const float* theta, int64_t BH, int64_t L, int nthreads) {
+// SFSA forward mask, in place on a block of scores [BH, R, W] holding query rows row0..row0+R-1 and keys
+// 0..W-1: 1 where key j <= query row and score >= theta[bh], else 0.
+void sfsa_threshold(float* scores, const float* theta, int64_t BH, int64_t R, int64_t W, int64_t row0,
+                    int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r = 0; r < BH * L; ++r) {
-    const int64_t bh = r / L, i = r % L;
+  for (int64_t r = 0; r < BH * R; ++r) {
+    const int64_t bh = r / R, last = std::min(W - 1, row0 + r % R);
     const float th = theta[bh];
-    float* row = scores + r * L;
-    for (int64_t j = 0; j <= i; ++j) row[j] = (row[j] - th) >= 0.0f ? 1.0f : 0.0f;
-    std::memset(row + i + 1, 0, sizeof(float) * (L - i - 1));
+    float* row = scores + r * W;
+    for (int64_t j = 0; j <= last; ++j) row[j] = (row[j] - th) >= 0.0f ? 1.0f : 0.0f;
+    std::memset(row + last + 1, 0, sizeof(float) * (W - last - 1));
   }
 }
 
-// SFSA backward through the threshold, in place on g_attn [BH, L, L] given the recomputed scores [BH, L, L]:
-// g_scores = g_attn * surrogate'(score - theta) on the causal part, 0 above it; g_theta_rows [BH * L] row sums
-// of -g_scores.
+// SFSA backward through the threshold, in place on a block g_attn [BH, R, W] (rows and keys as above) given
+// the recomputed scores: g_scores = g_attn * surrogate'(score - theta) on the causal part, 0 above it.
+// g_theta_rows [BH * R] gets the row sums of -g_scores.
 void sfsa_threshold_backward(float* g_attn, const float* scores, const float* theta, float* g_theta_rows,
-                             int64_t BH, int64_t L, int surrogate, float alpha, int nthreads) {
+                             int64_t BH, int64_t R, int64_t W, int64_t row0, int surrogate, float alpha,
+                             int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r = 0; r < BH * L; ++r) {
-    const int64_t bh = r / L, i = r % L;
+  for (int64_t r = 0; r < BH * R; ++r) {
+    const int64_t bh = r / R, last = std::min(W - 1, row0 + r % R);
     const float th = theta[bh];
-    float* g = g_attn + r * L;
-    const float* s = scores + r * L;
+    float* g = g_attn + r * W;
+    const float* s = scores + r * W;
     float acc = 0.0f;
-    for (int64_t j = 0; j <= i; ++j) {
-      g[j] *= surrogate_grad(s[j] - th, surrogate, alpha);
-      acc += g[j];
+    if (surrogate == 0) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j <= last; ++j) {
+        g[j] *= surrogate_grad(s[j] - th, 0, alpha);
+        acc += g[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j <= last; ++j) {
+        g[j] *= surrogate_grad(s[j] - th, 1, alpha);
+        acc += g[j];
+      }
     }
-    std::memset(g + i + 1, 0, sizeof(float) * (L - i - 1));
+    std::memset(g + last + 1, 0, sizeof(float) * (W - last - 1));
     g_theta_rows[r] = -acc;
   }
 }
