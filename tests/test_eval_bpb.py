@@ -14,7 +14,10 @@ from lm_eval.models.huggingface import HFLM
 from eval import EvalError
 from eval.bpb import count_words, evaluate_bpb, read_eval_text
 from eval.harness import TASKS_DIR, SpikeGPTLM, run_tasks
-from eval.testing import tiny_student
+from eval.testing import (
+    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_student,
+)
 
 TEXT = "Anne Elliot — naïve? No: «persuaded». Café au lait, déjà vu.\nTo be, or not to be, that is the question."
 PPL_DATA = Path(__file__).resolve().parents[1] / "eval" / "tasks" / "data" / "ppl_hamlet.jsonl"

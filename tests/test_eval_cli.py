@@ -11,7 +11,11 @@ import torch
 
 from eval.cli import main, register
 from eval.generate import sample_next, stream_text
-from eval.testing import save_model_dir, tiny_student
+from eval.testing import (
+    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
+    save_model_dir,
+    tiny_student,
+)
 
 
 @pytest.fixture(scope="module")

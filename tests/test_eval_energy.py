@@ -19,7 +19,10 @@ from eval.energy import (
     totals,
     write_energy_json,
 )
-from eval.testing import tiny_student
+from eval.testing import (
+    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
+    tiny_student,
+)
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. ") * 3

@@ -15,7 +15,11 @@ import torch
 from lm_eval.api.instance import Instance
 
 from eval.harness import TASKS_DIR, SpikeGPTLM, evaluate_tasks, run_tasks
-from eval.testing import save_model_dir, tiny_student
+from eval.testing import (
+    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
+    save_model_dir,
+    tiny_student,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never "
@@ -138,7 +142,7 @@ def test_stock_lm_eval_cli_finds_spikegpt(student_dir, tmp_path):
                            f"pretrained={student_dir},batch_size=2,max_length=512", "--tasks",
                            "spikedistill_ppl_hamlet", "--include_path", str(TASKS_DIR), "--limit", "1",
                            "--output_path", str(out)],
-                          check=False, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                          check=False, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = out.rglob("results_*.json")
     assert "bits_per_byte,none" in json.loads(result.read_text())["results"]["spikedistill_ppl_hamlet"]

@@ -10,7 +10,11 @@ import pytest
 
 from eval import EvalError
 from eval.leaderboard import SCHEMA, build_leaderboard, load_runs, model_card_row
-from eval.testing import save_model_dir, tiny_student
+from eval.testing import (
+    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
+    save_model_dir,
+    tiny_student,
+)
 
 TEXTS = {"persuasion": "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who never took up any "
                        "book but the Baronetage.",
