@@ -142,7 +142,8 @@ def test_stock_lm_eval_cli_finds_spikegpt(student_dir, tmp_path):
                            f"pretrained={student_dir},batch_size=2,max_length=512", "--tasks",
                            "spikedistill_ppl_hamlet", "--include_path", str(TASKS_DIR), "--limit", "1",
                            "--output_path", str(out)],
-                          check=False, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+                          check=False, cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = out.rglob("results_*.json")
     assert "bits_per_byte,none" in json.loads(result.read_text())["results"]["spikedistill_ppl_hamlet"]
