@@ -62,7 +62,8 @@ def load_teacher(
 
     spec: "smollm2-135m" | "gemma3-270m" (bundled aliases), "org/model" (Hub id), a local HF directory, or a
     .gguf file. attn_maps=True loads eager attention so per-layer attention maps can be returned; otherwise
-    the fast (sdpa) path is used. cache_dir: where GGUF conversions and Hub downloads go (see cache_root).
+    transformers' fastest supported attention (sdpa for most models) is used. cache_dir: where GGUF
+    conversions and Hub downloads go (see cache_root).
     """
     dtype = resolve_dtype(dtype)
     root = cache_root(cache_dir)
@@ -214,7 +215,8 @@ def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trus
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-            attn_implementation="eager" if attn_maps else "sdpa",
+            # None lets transformers pick its fastest supported path (sdpa for most models).
+            attn_implementation="eager" if attn_maps else None,
         )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):

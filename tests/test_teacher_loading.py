@@ -132,3 +132,31 @@ def test_teacher_call_accepts_other_devices_and_dtypes(tiny_teacher_dir, tmp_pat
     t = load_teacher(tiny_teacher_dir, dtype=torch.bfloat16, cache_dir=tmp_path)
     o = t(torch.tensor([[1, 2, 3]], dtype=torch.int32))
     assert o.logits.dtype == torch.bfloat16 and o.logits.shape == (1, 3, 320)
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher("no-such-org/no-such-model", cache_dir=tmp_path)
+    assert "no-such-org/no-such-model: not a local path" in _one_line(exc)
+
+
+def test_concurrent_conversion_keeps_the_finished_directory(tmp_path):
+    from teachers.loading import _CONVERTED_MARK, _move_into_place
+
+    dest = tmp_path / "teachers" / "m-abc"
+    for n in (1, 2):  # two converters finishing one after the other
+        tmp = tmp_path / "teachers" / f".m-abc.tmp-{n}"
+        tmp.mkdir(parents=True)
+        (tmp / _CONVERTED_MARK).write_text(str(n))
+        _move_into_place(tmp, dest)
+    assert (dest / _CONVERTED_MARK).read_text() == "1"
+    half = tmp_path / "teachers" / "m-def"
+    half.mkdir()  # left by a crash before the mark was written: replaced
+    tmp = tmp_path / "teachers" / ".m-def.tmp-3"
+    tmp.mkdir()
+    (tmp / _CONVERTED_MARK).write_text("3")
+    _move_into_place(tmp, half)
+    assert (half / _CONVERTED_MARK).read_text() == "3"
