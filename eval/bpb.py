@@ -22,8 +22,9 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def document_nll(model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1,
-                 progress: bool = False) -> tuple[float, int]:
+def document_nll(
+    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool = False
+) -> tuple[float, int]:
     """(total NLL in nats, number of scored tokens) of `text` as one rolling document.
 
     Student: one streaming pass through the recurrent state, `context_length` tokens per chunk (the chunk
@@ -41,8 +42,9 @@ def document_nll(model, tokenizer, text: str, context_length: int = 1024, batch_
     return windowed_nll(model, tokens, prefix, window, batch_size, progress), len(tokens)
 
 
-def evaluate_bpb(model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1,
-                 progress: bool = False) -> dict:
+def evaluate_bpb(
+    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool = False
+) -> dict:
     """Bits/byte, byte and word perplexity of `text`.
 
     Returns {"bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "words", "nll_sum"}
@@ -74,8 +76,10 @@ def read_eval_text(name_or_path: str) -> str:
         matches = sorted(corpus.glob(f"*_eval_{name_or_path.lower()}.txt.xz"))
         if not matches:
             bundled = sorted(p.name.split("_eval_")[1].split(".")[0] for p in corpus.glob("*_eval_*.txt.xz"))
-            raise EvalError(f"{name_or_path}: neither a file nor a bundled held-out text (bundled: "
-                            f"{', '.join(bundled)}); pass a path to a UTF-8 .txt file")
+            raise EvalError(
+                f"{name_or_path}: neither a file nor a bundled held-out text (bundled: "
+                f"{', '.join(bundled)}); pass a path to a UTF-8 .txt file"
+            )
         path = matches[0]
     if path.suffix == ".xz":
         with lzma.open(path) as f:

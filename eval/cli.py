@@ -20,8 +20,9 @@ def _split_tasks(values: list[str]) -> list[str]:
 def cmd_eval(args) -> int:
     from eval.harness import evaluate_tasks
 
-    out = evaluate_tasks(args.model_dir, _split_tasks(args.tasks), args.output, args.limit, args.batch_size,
-                         args.teacher)
+    out = evaluate_tasks(
+        args.model_dir, _split_tasks(args.tasks), args.output, args.limit, args.batch_size, args.teacher
+    )
     print(out["markdown"])
     print(f"wrote {', '.join(out['files'].values())}")
     return 0
@@ -33,9 +34,13 @@ def cmd_bpb(args) -> int:
 
     model, tok = load_any(args.model)
     for text_spec in args.texts:
-        res = evaluate_bpb(model, tok, read_eval_text(text_spec), args.context, args.batch_size, progress=True)
-        print(f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
-              f"word ppl {res['word_perplexity']:.2f} ({res['tokens']} tokens, {res['bytes']} bytes)")
+        res = evaluate_bpb(
+            model, tok, read_eval_text(text_spec), args.context, args.batch_size, progress=True
+        )
+        print(
+            f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
+            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']} tokens, {res['bytes']} bytes)"
+        )
     return 0
 
 
@@ -45,8 +50,9 @@ def cmd_generate(args) -> int:
 
     model, tok = load_any(args.model_dir)
     print(args.prompt, end="", flush=True)
-    for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                             args.top_p, args.seed):
+    for piece in stream_text(
+        model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+    ):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -70,7 +76,9 @@ def cmd_energy(args) -> int:
 
     model, tok = load_model_dir(args.model_dir)
     teacher_cfg = _teacher_config(args.teacher) if args.teacher else None
-    report = energy_report(model, args.context, tok, read_eval_text(args.text), teacher_cfg, args.e_ac, args.e_mac)
+    report = energy_report(
+        model, args.context, tok, read_eval_text(args.text), teacher_cfg, args.e_ac, args.e_mac
+    )
     print(format_energy_table(report))
     if args.json:
         write_energy_json(report, args.json)
@@ -91,9 +99,13 @@ def register(subparsers) -> None:
     """Add eval, bpb, generate, energy and leaderboard to an argparse subparsers object (sets args.func)."""
     p = subparsers.add_parser("eval", help="lm-eval tasks on a model (and its teacher): JSON + markdown")
     p.add_argument("model_dir")
-    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS,
-                   help="lm-eval task or group names, space or comma separated (local: spikedistill_offline, "
-                        "spikedistill_mc, spikedistill_ppl_persuasion, ...; online: bispikclm_zeroshot8)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=DEFAULT_TASKS,
+        help="lm-eval task or group names, space or comma separated (local: spikedistill_offline, "
+        "spikedistill_mc, spikedistill_ppl_persuasion, ...; online: bispikclm_zeroshot8)",
+    )
     p.add_argument("--output", help="where to write results (default: the model directory)")
     p.add_argument("--teacher", help="teacher spec scored with lm-eval's hf model beside the student")
     p.add_argument("--limit", type=int, help="score only the first N documents of each task")
@@ -103,8 +115,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bpb", help="bits/byte and perplexity of a model on texts")
     p.add_argument("model", help="model directory or teacher spec")
     p.add_argument("texts", nargs="+", help="bundled text names (persuasion, hamlet) or UTF-8 text files")
-    p.add_argument("--context", type=int, default=1024,
-                   help="student: chunk size of the streaming pass; other models: lm-eval window length")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=1024,
+        help="student: chunk size of the streaming pass; other models: lm-eval window length",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(func=cmd_bpb)
 

@@ -19,8 +19,10 @@ from eval import EvalError
 
 E_AC_PJ = 0.9
 E_MAC_PJ = 4.6
-CAVEAT = ("Compute energy only (45 nm, Horowitz 2014): memory traffic (weights, activations, state) is not "
-          "counted, and it dominates real hardware at these sizes.")
+CAVEAT = (
+    "Compute energy only (45 nm, Horowitz 2014): memory traffic (weights, activations, state) is not "
+    "counted, and it dominates real hardware at these sizes."
+)
 RATE_PROBE_ROWS = 4
 
 
@@ -56,8 +58,11 @@ def teacher_op_rows(config, context_length: int) -> list[dict]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    rows = [_row(name, _layer_of(name), "matmul", m.in_features * m.out_features)
-            for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    rows = [
+        _row(name, _layer_of(name), "matmul", m.in_features * m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text_cfg.num_attention_heads
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
@@ -79,7 +84,14 @@ def _layer_of(name: str) -> int | None:
 
 
 def _row(name, layer, kind, ops, binary=False, rate=None) -> dict:
-    return {"name": name, "layer": layer, "kind": kind, "ops": float(ops), "binary_operand": binary, "rate": rate}
+    return {
+        "name": name,
+        "layer": layer,
+        "kind": kind,
+        "ops": float(ops),
+        "binary_operand": binary,
+        "rate": rate,
+    }
 
 
 def price_rows(rows: list[dict], e_ac: float = E_AC_PJ, e_mac: float = E_MAC_PJ) -> list[dict]:
@@ -114,8 +126,15 @@ def totals(priced: list[dict]) -> dict:
     }
 
 
-def energy_report(model, context_length: int, tokenizer=None, text=None, teacher_config=None,
-                  e_ac: float = E_AC_PJ, e_mac: float = E_MAC_PJ) -> dict:
+def energy_report(
+    model,
+    context_length: int,
+    tokenizer=None,
+    text=None,
+    teacher_config=None,
+    e_ac: float = E_AC_PJ,
+    e_mac: float = E_MAC_PJ,
+) -> dict:
     """Per-layer and per-token energy of `model` at `context_length`, optionally against a teacher config.
 
     If tokenizer and text are given, the text is run through the model first so firing rates are measured
@@ -161,28 +180,47 @@ def _fmt(x: float) -> str:
 
 def format_energy_table(report: dict) -> str:
     """Markdown: the per-layer table, per-token totals, the teacher and the ratio, and the caveat line."""
-    title = (f"Energy per token at context {report['context_length']} "
-             f"(E_AC {report['e_ac_pj']} pJ, E_MAC {report['e_mac_pj']} pJ; "
-             f"firing rates from {report['rate_probe_tokens']} held-out tokens)")
-    lines = [title, "",
-             "| module | layer | kind | ops/token | firing rate | AC/MAC | energy (pJ) |",
-             "|---|---:|---|---:|---:|---|---:|"]
+    title = (
+        f"Energy per token at context {report['context_length']} "
+        f"(E_AC {report['e_ac_pj']} pJ, E_MAC {report['e_mac_pj']} pJ; "
+        f"firing rates from {report['rate_probe_tokens']} held-out tokens)"
+    )
+    lines = [
+        title,
+        "",
+        "| module | layer | kind | ops/token | firing rate | AC/MAC | energy (pJ) |",
+        "|---|---:|---|---:|---:|---|---:|",
+    ]
     for r in report["rows"]:
-        rate = "" if not r["binary_operand"] else (f"{r['rate']:.4f}" if r["rate"] is not None else "1 (unmeasured)")
+        rate = (
+            ""
+            if not r["binary_operand"]
+            else (f"{r['rate']:.4f}" if r["rate"] is not None else "1 (unmeasured)")
+        )
         layer = "" if r["layer"] is None else r["layer"]
-        lines.append(f"| {r['name']} | {layer} | {r['kind']} | {_fmt(r['ops'])} | {rate} | {r['op']} | "
-                     f"{_fmt(r['energy_pj'])} |")
+        lines.append(
+            f"| {r['name']} | {layer} | {r['kind']} | {_fmt(r['ops'])} | {rate} | {r['op']} | "
+            f"{_fmt(r['energy_pj'])} |"
+        )
     t = report["totals"]
-    lines += ["", f"Totals per token: {_fmt(t['sops'])} SOPs (AC), {_fmt(t['macs'])} MACs, "
-              f"{t['energy_pj'] / 1e6:.4f} uJ; spike-operand ops {t['ac_fraction_of_ops']:.1%} of all ops"
-              + (f", op-weighted firing rate {t['mean_firing_rate']:.4f}" if t["mean_firing_rate"] is not None
-                 else "")]
+    lines += [
+        "",
+        f"Totals per token: {_fmt(t['sops'])} SOPs (AC), {_fmt(t['macs'])} MACs, "
+        f"{t['energy_pj'] / 1e6:.4f} uJ; spike-operand ops {t['ac_fraction_of_ops']:.1%} of all ops"
+        + (
+            f", op-weighted firing rate {t['mean_firing_rate']:.4f}"
+            if t["mean_firing_rate"] is not None
+            else ""
+        ),
+    ]
     if report["teacher"]:
         te, ratio = report["teacher"], report["ratio"]
-        lines.append(f"Teacher ({te['model_type']}, all MAC): {_fmt(te['macs'])} MACs, "
-                     f"{te['energy_pj'] / 1e6:.4f} uJ per token; student/teacher energy "
-                     f"{ratio['energy_student_over_teacher']:.4f} ({1 / ratio['energy_student_over_teacher']:.1f}x "
-                     f"less), ops {ratio['ops_student_over_teacher']:.4f}")
+        lines.append(
+            f"Teacher ({te['model_type']}, all MAC): {_fmt(te['macs'])} MACs, "
+            f"{te['energy_pj'] / 1e6:.4f} uJ per token; student/teacher energy "
+            f"{ratio['energy_student_over_teacher']:.4f} ({1 / ratio['energy_student_over_teacher']:.1f}x "
+            f"less), ops {ratio['ops_student_over_teacher']:.4f}"
+        )
     lines.append(f"Caveat: {report['caveat']}")
     return "\n".join(lines) + "\n"
 

@@ -14,8 +14,13 @@ import torch
 from eval import EvalError
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick the next token from logits [B, V] -> ids [B]; temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -34,9 +39,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                    eos_token_id: int | None = None) -> Iterator[int]:
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> Iterator[int]:
     """Yield new token ids one at a time for a prompt input_ids [1, T] (stops at EOS, which is yielded)."""
     if input_ids.shape[1] == 0:
         raise EvalError("generate: the prompt is empty after tokenization; pass a non-empty --prompt")
@@ -52,9 +64,17 @@ def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
         out = model(token[:, None], past_key_values=out.past_key_values, use_cache=True)
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
-                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                stop: Callable[[str], bool] | None = None) -> Iterator[str]:
+def stream_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Callable[[str], bool] | None = None,
+) -> Iterator[str]:
     """Yield decoded text pieces as tokens are produced; `stop(text so far)` ends generation early.
 
     Pieces are released only when they decode cleanly, so a multi-byte character split over two tokens
@@ -63,15 +83,16 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, tempera
     device = next(model.parameters()).device
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     new, shown = [], ""
-    for token in generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                 tokenizer.eos_token_id):
+    for token in generate_tokens(
+        model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_token_id
+    ):
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
         text = tokenizer.decode(new, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             continue
-        yield text[len(shown):]
+        yield text[len(shown) :]
         shown = text
         if stop is not None and stop(shown):
             return

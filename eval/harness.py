@@ -41,8 +41,16 @@ class SpikeGPTLM(TemplateLM):
     documents on the student stream through the recurrent state in max_length chunks, so any length works.
     """
 
-    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 8, max_length: int | None = None,
-                 device: str | None = None, dtype: str | None = None, **_unused):
+    def __init__(
+        self,
+        pretrained,
+        tokenizer=None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        **_unused,
+    ):
         super().__init__()
         if isinstance(pretrained, (str, Path)):
             torch_dtype = getattr(torch, dtype) if dtype else None
@@ -104,7 +112,9 @@ class SpikeGPTLM(TemplateLM):
             return encode_document(self.tokenizer, string)
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """requests: [((context, continuation), context ids, continuation ids)] -> [(log p, is_greedy)]."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -130,15 +140,18 @@ class SpikeGPTLM(TemplateLM):
         return len(request[1]) + len(request[2]) - 1 > self.max_length
 
     def _score_long(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """Student: stream the whole input; other models: keep the last max_length tokens (as lm-eval's hf)."""
+        """Student: stream the whole input; other models: keep the last max_length tokens (as lm-eval's
+        hf)."""
         if can_stream(self.model, len(context) + len(continuation)):
             logps, greedy = stream_logprobs(self.model, context + continuation, self.max_length)
             n = len(continuation)
             return float(logps[-n:].sum()), bool(greedy[-n:].all())
         keep = window_length(self.model, self.max_length) + 1 - len(continuation)
         if keep < 1:
-            raise EvalError(f"continuation of {len(continuation)} tokens exceeds max_length={self.max_length}; "
-                            "raise max_length in --model_args")
+            raise EvalError(
+                f"continuation of {len(continuation)} tokens exceeds max_length={self.max_length}; "
+                "raise max_length in --model_args"
+            )
         return score_batch(self.model, [(context[-keep:], continuation)])[0]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -151,8 +164,13 @@ class SpikeGPTLM(TemplateLM):
                 logps, _ = stream_logprobs(self.model, [self.prefix_token_id] + tokens, self.max_length)
                 value = float(logps.double().sum())
             else:
-                value = -windowed_nll(self.model, tokens, self.prefix_token_id,
-                                      window_length(self.model, self.max_length), self.batch_size_per_gpu)
+                value = -windowed_nll(
+                    self.model,
+                    tokens,
+                    self.prefix_token_id,
+                    window_length(self.model, self.max_length),
+                    self.batch_size_per_gpu,
+                )
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
             out.append(value)
         return out
@@ -174,13 +192,18 @@ class SpikeGPTLM(TemplateLM):
         temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
         ids = self.tok_encode(context)
         if not can_stream(self.model, len(ids) + max_new):
-            ids = ids[-max(1, window_length(self.model, self.max_length) - max_new):]
+            ids = ids[-max(1, window_length(self.model, self.max_length) - max_new) :]
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         new: list[int] = []
-        for token in generate_tokens(self.model, prompt, max_new, temperature=temperature,
-                                     top_k=int(gen_kwargs.get("top_k", 0) or 0),
-                                     top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-                                     eos_token_id=self.eot_token_id):
+        for token in generate_tokens(
+            self.model,
+            prompt,
+            max_new,
+            temperature=temperature,
+            top_k=int(gen_kwargs.get("top_k", 0) or 0),
+            top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
+            eos_token_id=self.eot_token_id,
+        ):
             if token == self.eot_token_id:
                 break
             new.append(token)
@@ -216,8 +239,10 @@ def task_manager_for(tasks: list[str]):
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_builtin)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise EvalError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: "
-                        f"{', '.join(sorted(local))} (or any lm-eval task name)")
+        raise EvalError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: "
+            f"{', '.join(sorted(local))} (or any lm-eval task name)"
+        )
     return manager
 
 
@@ -243,8 +268,15 @@ def run_tasks(lm, tasks: list[str], limit: int | None = None, manager=None) -> d
     import lm_eval
 
     manager = manager or task_manager_for(tasks)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=1000,
+        verbosity="WARNING",
+    )
     if results is None:
         raise EvalError(f"lm-eval returned no results for tasks {tasks}")
     return results
@@ -266,8 +298,15 @@ def summarize(results: dict) -> dict[str, dict[str, float]]:
 def side_by_side_markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     """{model label: {task: {metric: value}}} -> one markdown table, a column per model."""
     labels = list(rows)
-    keys = sorted({(t, m) for tab in rows.values() for t, ms in tab.items() for m in ms
-                   if not m.endswith("_stderr") and m != "sample_len"})
+    keys = sorted(
+        {
+            (t, m)
+            for tab in rows.values()
+            for t, ms in tab.items()
+            for m in ms
+            if not m.endswith("_stderr") and m != "sample_len"
+        }
+    )
     lines = ["| task | metric | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
     for task, metric in keys:
         cells = []
@@ -279,8 +318,14 @@ def side_by_side_markdown(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_tasks(model_dir, tasks: list[str], output_dir=None, limit: int | None = None,
-                   batch_size: int = 8, teacher_spec: str | None = None) -> dict:
+def evaluate_tasks(
+    model_dir,
+    tasks: list[str],
+    output_dir=None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    teacher_spec: str | None = None,
+) -> dict:
     """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir.
 
     Files: lm_eval_<label>.json (lm-eval's own results dict per model) and results.md (lm-eval's table per

@@ -17,7 +17,9 @@ SCHEMA = "spikedistill.results/1"
 RESULTS_FILE = Path("evaluate") / "results.json"
 
 
-def _model_entry(name: str, bpb: dict | None, tasks: dict | None, energy: dict | None, info: dict | None) -> dict:
+def _model_entry(
+    name: str, bpb: dict | None, tasks: dict | None, energy: dict | None, info: dict | None
+) -> dict:
     return {
         "name": name,
         "info": info or {},
@@ -32,19 +34,32 @@ def _energy_summary(report: dict | None) -> dict | None:
     if not report:
         return None
     t = report["totals"]
-    out = {"context_length": report["context_length"], "sops": t["sops"], "macs": t["macs"],
-           "energy_pj": t["energy_pj"], "mean_firing_rate": t["mean_firing_rate"],
-           "ratio_to_teacher": (report.get("ratio") or {}).get("energy_student_over_teacher")}
+    out = {
+        "context_length": report["context_length"],
+        "sops": t["sops"],
+        "macs": t["macs"],
+        "energy_pj": t["energy_pj"],
+        "mean_firing_rate": t["mean_firing_rate"],
+        "ratio_to_teacher": (report.get("ratio") or {}).get("energy_student_over_teacher"),
+    }
     if report.get("teacher"):
         out["teacher_energy_pj"] = report["teacher"]["energy_pj"]
         out["teacher_macs"] = report["teacher"]["macs"]
     return out
 
 
-def collect_results(run_name: str, model_name: str, bpb: dict | None = None, tasks: dict | None = None,
-                    energy: dict | None = None, teacher_name: str | None = None, teacher_bpb: dict | None = None,
-                    teacher_tasks: dict | None = None, model_info: dict | None = None,
-                    sample: dict | None = None) -> dict:
+def collect_results(
+    run_name: str,
+    model_name: str,
+    bpb: dict | None = None,
+    tasks: dict | None = None,
+    energy: dict | None = None,
+    teacher_name: str | None = None,
+    teacher_bpb: dict | None = None,
+    teacher_tasks: dict | None = None,
+    model_info: dict | None = None,
+    sample: dict | None = None,
+) -> dict:
     """Assemble a run's results.json dict (see eval/README.md).
 
     bpb: {text name: evaluate_bpb dict}; tasks: {task: {metric: value}} (harness.summarize output);
@@ -54,19 +69,39 @@ def collect_results(run_name: str, model_name: str, bpb: dict | None = None, tas
     if teacher_name:
         t_energy = None
         if energy and energy.get("teacher"):
-            t_energy = {"context_length": energy["context_length"], "sops": 0.0,
-                        "macs": energy["teacher"]["macs"], "energy_pj": energy["teacher"]["energy_pj"],
-                        "mean_firing_rate": None, "ratio_to_teacher": 1.0}
+            t_energy = {
+                "context_length": energy["context_length"],
+                "sops": 0.0,
+                "macs": energy["teacher"]["macs"],
+                "energy_pj": energy["teacher"]["energy_pj"],
+                "mean_firing_rate": None,
+                "ratio_to_teacher": 1.0,
+            }
         teacher = _model_entry(teacher_name, teacher_bpb, teacher_tasks, None, None)
         teacher["energy"] = t_energy
-    return {"schema": SCHEMA, "run": run_name, "student": _model_entry(model_name, bpb, tasks, energy, model_info),
-            "teacher": teacher, "sample": sample}
+    return {
+        "schema": SCHEMA,
+        "run": run_name,
+        "student": _model_entry(model_name, bpb, tasks, energy, model_info),
+        "teacher": teacher,
+        "sample": sample,
+    }
 
 
-def evaluate_model(model_dir, run_name: str, texts: dict[str, str], tasks: list[str] | None = None,
-                   output_dir=None, teacher_spec: str | None = None, context_length: int = 512,
-                   batch_size: int = 8, limit: int | None = None, energy: bool = True,
-                   sample_prompt: str | None = None, sample_tokens: int = 40) -> dict:
+def evaluate_model(
+    model_dir,
+    run_name: str,
+    texts: dict[str, str],
+    tasks: list[str] | None = None,
+    output_dir=None,
+    teacher_spec: str | None = None,
+    context_length: int = 512,
+    batch_size: int = 8,
+    limit: int | None = None,
+    energy: bool = True,
+    sample_prompt: str | None = None,
+    sample_tokens: int = 40,
+) -> dict:
     """Everything the evaluate stage reports: bpb per text, lm-eval tasks, energy, a sample; student and
     (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and returns the dict."""
     from eval.bpb import evaluate_bpb
@@ -80,18 +115,41 @@ def evaluate_model(model_dir, run_name: str, texts: dict[str, str], tasks: list[
     model, tok = load_model_dir(model_dir)
     bpb = {name: evaluate_bpb(model, tok, text, context_length, batch_size) for name, text in texts.items()}
     teacher = load_any(teacher_spec) if teacher_spec else None
-    t_bpb = ({name: evaluate_bpb(teacher[0], teacher[1], text, context_length, batch_size)
-              for name, text in texts.items()} if teacher else None)
-    task_rows = (evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec)["models"]
-                 if tasks else {})
+    t_bpb = (
+        {
+            name: evaluate_bpb(teacher[0], teacher[1], text, context_length, batch_size)
+            for name, text in texts.items()
+        }
+        if teacher
+        else None
+    )
+    task_rows = (
+        evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec)["models"] if tasks else {}
+    )
     probe = next(iter(texts.values()), None)
-    report = (energy_report(model, context_length, tok, probe, teacher[0].config if teacher else None)
-              if energy else None)
+    report = (
+        energy_report(model, context_length, tok, probe, teacher[0].config if teacher else None)
+        if energy
+        else None
+    )
     sample = None
     if sample_prompt:
-        sample = {"prompt": sample_prompt, "text": "".join(stream_text(model, tok, sample_prompt, sample_tokens))}
-    results = collect_results(run_name, str(model_dir), bpb, task_rows.get("student"), report, teacher_spec,
-                              t_bpb, task_rows.get("teacher"), model_info(model), sample)
+        sample = {
+            "prompt": sample_prompt,
+            "text": "".join(stream_text(model, tok, sample_prompt, sample_tokens)),
+        }
+    results = collect_results(
+        run_name,
+        str(model_dir),
+        bpb,
+        task_rows.get("student"),
+        report,
+        teacher_spec,
+        t_bpb,
+        task_rows.get("teacher"),
+        model_info(model),
+        sample,
+    )
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -99,8 +157,12 @@ def evaluate_model(model_dir, run_name: str, texts: dict[str, str], tasks: list[
 def model_info(model) -> dict:
     """Size and shape facts shown on the leaderboard (parameters, mixer, time steps)."""
     cfg = model.config
-    return {"model_type": getattr(cfg, "model_type", ""), "params": sum(p.numel() for p in model.parameters()),
-            "token_mixer": getattr(cfg, "token_mixer", None), "time_steps": getattr(cfg, "time_steps", None)}
+    return {
+        "model_type": getattr(cfg, "model_type", ""),
+        "params": sum(p.numel() for p in model.parameters()),
+        "token_mixer": getattr(cfg, "token_mixer", None),
+        "time_steps": getattr(cfg, "time_steps", None),
+    }
 
 
 # ---------------------------------------------------------------- rows and tables
@@ -129,12 +191,18 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
     energy = entry.get("energy") or {}
     return {
-        "model": entry["name"], "label": _short_label(entry, run, role), "run": run, "role": role,
+        "model": entry["name"],
+        "label": _short_label(entry, run, role),
+        "run": run,
+        "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
-        "acc": accs, "mean_acc": _mean(accs.values()),
-        "energy_pj": energy.get("energy_pj"), "ratio_to_teacher": energy.get("ratio_to_teacher"),
-        "mean_firing_rate": energy.get("mean_firing_rate"), "params": entry.get("info", {}).get("params"),
+        "acc": accs,
+        "mean_acc": _mean(accs.values()),
+        "energy_pj": energy.get("energy_pj"),
+        "ratio_to_teacher": energy.get("ratio_to_teacher"),
+        "mean_firing_rate": energy.get("mean_firing_rate"),
+        "params": entry.get("info", {}).get("params"),
     }
 
 
@@ -144,16 +212,26 @@ def normalize_results(results: dict) -> dict:
     if results.get("schema") == SCHEMA:
         return results
     if not isinstance(results.get("texts"), dict) or "model" not in results:
-        raise EvalError(f"results of run {results.get('run', results.get('model'))!r}: neither schema {SCHEMA!r} "
-                        "nor the evaluate stage's layout; re-run the evaluate stage")
+        raise EvalError(
+            f"results of run {results.get('run', results.get('model'))!r}: neither schema {SCHEMA!r} "
+            "nor the evaluate stage's layout; re-run the evaluate stage"
+        )
     texts = results["texts"]
     models = (results.get("tasks") or {}).get("models", {})
     t_bpb = {n: v["teacher"] for n, v in texts.items() if v.get("teacher")}
     has_teacher = bool(t_bpb or models.get("teacher"))
-    return collect_results(results["model"], results.get("model_dir") or results["model"],
-                           {n: v["student"] for n, v in texts.items()}, models.get("student"),
-                           results.get("energy"), results.get("teacher") if has_teacher else None,
-                           t_bpb, models.get("teacher"), results.get("model_info"), results.get("sample"))
+    return collect_results(
+        results["model"],
+        results.get("model_dir") or results["model"],
+        {n: v["student"] for n, v in texts.items()},
+        models.get("student"),
+        results.get("energy"),
+        results.get("teacher") if has_teacher else None,
+        t_bpb,
+        models.get("teacher"),
+        results.get("model_info"),
+        results.get("sample"),
+    )
 
 
 def rows_of(results: dict) -> list[dict]:
@@ -173,14 +251,21 @@ def markdown_table(rows: list[dict]) -> str:
     """Rows -> one markdown table: bits/byte per text, accuracy per task, energy, ratio, firing rate."""
     texts = sorted({t for r in rows for t in r["bits_per_byte"]})
     tasks = sorted({t for r in rows for t in r["acc"]})
-    head = (["model", "run", "role"] + [f"bpb {t}" for t in texts] + [f"acc {t}" for t in tasks]
-            + ["mean acc", "energy/token (nJ)", "vs teacher", "firing rate"])
+    head = (
+        ["model", "run", "role"]
+        + [f"bpb {t}" for t in texts]
+        + [f"acc {t}" for t in tasks]
+        + ["mean acc", "energy/token (nJ)", "vs teacher", "firing rate"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["label"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
         cells += [_cell(r["acc"].get(t)) for t in tasks] + [_cell(r["mean_acc"])]
-        cells += [_cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
-                  _cell(r["ratio_to_teacher"], "{:.3f}"), _cell(r["mean_firing_rate"])]
+        cells += [
+            _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
+            _cell(r["ratio_to_teacher"], "{:.3f}"),
+            _cell(r["mean_firing_rate"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -227,8 +312,12 @@ def build_leaderboard(runs_dir, out_dir) -> dict:
     rows = _dedup_teachers([row for res in load_runs(runs_dir) for row in rows_of(res)])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out / "leaderboard.md", "json": out / "leaderboard.json",
-             "bpb_vs_energy": out / "bpb_vs_energy.png", "task_accuracy": out / "task_accuracy.png"}
+    files = {
+        "markdown": out / "leaderboard.md",
+        "json": out / "leaderboard.json",
+        "bpb_vs_energy": out / "bpb_vs_energy.png",
+        "task_accuracy": out / "task_accuracy.png",
+    }
     files["markdown"].write_text("# spikedistill leaderboard\n\n" + markdown_table(rows))
     files["json"].write_text(json.dumps({"schema": SCHEMA, "rows": rows}, indent=2))
     plot_bpb_vs_energy(rows, files["bpb_vs_energy"])
@@ -252,8 +341,13 @@ def plot_bpb_vs_energy(rows: list[dict], path) -> None:
     for r in pts:
         marker, color = ("s", "tab:red") if r["role"] == "teacher" else ("o", "tab:blue")
         ax.scatter(r["energy_pj"] / 1e3, r["mean_bits_per_byte"], marker=marker, color=color)
-        ax.annotate(_label(r), (r["energy_pj"] / 1e3, r["mean_bits_per_byte"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            _label(r),
+            (r["energy_pj"] / 1e3, r["mean_bits_per_byte"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     if not pts:
         ax.text(0.5, 0.5, "no run has both bits/byte and energy", ha="center", transform=ax.transAxes)
     else:
@@ -281,8 +375,13 @@ def plot_task_accuracy(rows: list[dict], path) -> None:
         ax.bar(xs, [r["acc"].get(t, math.nan) for t in tasks], width, label=_label(r))
     if not tasks:
         ax.text(0.5, 0.5, "no task accuracies in these runs", ha="center", transform=ax.transAxes)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.replace("spikedistill_", "") for t in tasks],
-                  rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(tasks))],
+        [t.replace("spikedistill_", "") for t in tasks],
+        rotation=20,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)

@@ -71,7 +71,8 @@ def load_any(spec: str, dtype: str = "fp32"):
 
 
 def prefix_token_id(tokenizer) -> int:
-    """The token every document is conditioned on: BOS if the tokenizer has one, else EOS (as lm-eval's hf)."""
+    """The token every document is conditioned on: BOS if the tokenizer has one, else EOS (as lm-eval's
+    hf model does)."""
     tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if tok is None:
         raise EvalError("tokenizer has neither bos_token nor eos_token; set one in tokenizer_config.json")

@@ -37,8 +37,9 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 
 
 @torch.no_grad()
-def stream_logprobs(model, tokens: list[int], chunk_size: int = 1024,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_logprobs(
+    model, tokens: list[int], chunk_size: int = 1024, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Score tokens[1:] given everything before, streaming chunks through the model's cache.
 
     tokens: N ids (tokens[0] is the conditioning prefix). Returns (log p [N-1], greedy [N-1]) on CPU.
@@ -89,8 +90,9 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tup
     ]
 
 
-def windowed_nll(model, tokens: list[int], prefix: int, max_length: int, batch_size: int = 1,
-                 progress: bool = False) -> float:
+def windowed_nll(
+    model, tokens: list[int], prefix: int, max_length: int, batch_size: int = 1, progress: bool = False
+) -> float:
     """Total NLL (nats) of `tokens` scored in lm-eval's rolling windows of `max_length` tokens."""
     windows = rolling_windows(tokens, prefix, max_length)
     total = 0.0

@@ -16,7 +16,10 @@ def tiny_student(vocab_size: int, seed: int = 0, **overrides):
     from students import SpikeGPTConfig, SpikeGPTForCausalLM
 
     torch.manual_seed(seed)
-    cfg = SpikeGPTConfig(**{"vocab_size": vocab_size, "n_layer": 2, "d_model": 32, "n_head": 2, "lif_threshold": 0.2} | overrides)
+    cfg = SpikeGPTConfig(
+        **{"vocab_size": vocab_size, "n_layer": 2, "d_model": 32, "n_head": 2, "lif_threshold": 0.2}
+        | overrides
+    )
     return SpikeGPTForCausalLM(cfg).eval()
 
 

@@ -19,7 +19,10 @@ from eval.testing import (
     tiny_student,
 )
 
-TEXT = "Anne Elliot — naïve? No: «persuaded». Café au lait, déjà vu.\nTo be, or not to be, that is the question."
+TEXT = (
+    "Anne Elliot — naïve? No: «persuaded». Café au lait, déjà vu.\n"
+    "To be, or not to be, that is the question."
+)
 PPL_DATA = Path(__file__).resolve().parents[1] / "eval" / "tasks" / "data" / "ppl_hamlet.jsonl"
 
 
@@ -73,10 +76,19 @@ def _lm_eval_bpb(lm, text: str) -> float:
     def one_doc(**_):
         return datasets.DatasetDict({"validation": datasets.Dataset.from_list([{"text": text}])})
 
-    task = ConfigurableTask(config={
-        "task": "one_doc_ppl", "custom_dataset": one_doc, "output_type": "loglikelihood_rolling",
-        "validation_split": "validation", "doc_to_text": "", "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}]})
+    task = ConfigurableTask(
+        config={
+            "task": "one_doc_ppl",
+            "custom_dataset": one_doc,
+            "output_type": "loglikelihood_rolling",
+            "validation_split": "validation",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}
+            ],
+        }
+    )
     res = run_tasks(lm, [task], manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
     return res["results"]["one_doc_ppl"]["bits_per_byte,none"]
 

@@ -31,10 +31,13 @@ def student_dir(student, tiny_tokenizer, tmp_path_factory):
 def test_register_adds_subcommands():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    for argv in (["eval", "M", "--tasks", "a,b", "--teacher", "T", "--limit", "3"],
-                 ["generate", "M", "--prompt", "p", "--top-p", "0.9", "--seed", "1"],
-                 ["energy", "M", "--teacher", "T", "--context", "64", "--json", "f.json"],
-                 ["leaderboard", "runs"], ["bpb", "M", "hamlet"]):
+    for argv in (
+        ["eval", "M", "--tasks", "a,b", "--teacher", "T", "--limit", "3"],
+        ["generate", "M", "--prompt", "p", "--top-p", "0.9", "--seed", "1"],
+        ["energy", "M", "--teacher", "T", "--context", "64", "--json", "f.json"],
+        ["leaderboard", "runs"],
+        ["bpb", "M", "hamlet"],
+    ):
         args = parser.parse_args(argv)
         assert callable(args.func)
 
@@ -43,7 +46,7 @@ def test_stream_text_streams_the_greedy_continuation(student, tiny_tokenizer):
     prompt = "It is a truth"
     pieces = list(stream_text(student, tiny_tokenizer, prompt, max_new_tokens=10))
     ids = tiny_tokenizer.encode(prompt)
-    own = student.generate(torch.tensor([ids]), max_new_tokens=10, eos_token_id=0)[0, len(ids):].tolist()
+    own = student.generate(torch.tensor([ids]), max_new_tokens=10, eos_token_id=0)[0, len(ids) :].tolist()
     assert len(pieces) > 1  # text arrives piece by piece, not at the end
     assert "".join(pieces) == tiny_tokenizer.decode(own, skip_special_tokens=True)
 
@@ -68,8 +71,23 @@ def test_generate_command_prints_prompt_and_continuation(student_dir, capsys):
 
 def test_energy_and_bpb_commands(student_dir, tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "energy.json"
-    assert main(["energy", str(student_dir), "--teacher", str(tiny_teacher_dir), "--context", "32",
-                 "--text", "hamlet", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "energy",
+                str(student_dir),
+                "--teacher",
+                str(tiny_teacher_dir),
+                "--context",
+                "32",
+                "--text",
+                "hamlet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["ratio"]["energy_student_over_teacher"] > 0 and report["rate_probe_tokens"] > 0
     text = tmp_path / "t.txt"
@@ -79,8 +97,21 @@ def test_energy_and_bpb_commands(student_dir, tiny_teacher_dir, tmp_path, capsys
 
 
 def test_eval_command_writes_json_and_markdown(student_dir, tmp_path):
-    assert main(["eval", str(student_dir), "--tasks", "spikedistill_hamlet_next_line", "--limit", "2",
-                 "--output", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(student_dir),
+                "--tasks",
+                "spikedistill_hamlet_next_line",
+                "--limit",
+                "2",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     raw = json.loads((tmp_path / "lm_eval_student.json").read_text())
     assert "acc,none" in raw["results"]["spikedistill_hamlet_next_line"]
     assert "spikedistill_hamlet_next_line" in (tmp_path / "results.md").read_text()

@@ -24,13 +24,22 @@ from eval.testing import (
     tiny_student,
 )
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. ") * 3
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. "
+) * 3
 
 
 def _tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
 
 
 def test_teacher_all_mac_count_by_hand():
@@ -67,11 +76,20 @@ def test_pricing_rows_by_hand():
 
 def test_student_report_by_hand(tiny_tokenizer):
     model = tiny_student(len(tiny_tokenizer), seed=3)  # srwkv, 2 layers, d_model 32, ffn 4*32, T = 1
-    rep = energy_report(model, 16, tiny_tokenizer, TEXT, teacher_config=_tiny_llama_config(), e_ac=0.9, e_mac=4.6)
+    rep = energy_report(
+        model, 16, tiny_tokenizer, TEXT, teacher_config=_tiny_llama_config(), e_ac=0.9, e_mac=4.6
+    )
     rows = {r["name"]: r for r in rep["rows"]}
     c, f, v = 32, 128, len(tiny_tokenizer)
-    shapes = {"mixer.key": c * c, "mixer.value": c * c, "mixer.receptance": c * c, "mixer.output": c * c,
-              "ffn.key": c * f, "ffn.receptance": c * c, "ffn.value": f * c}
+    shapes = {
+        "mixer.key": c * c,
+        "mixer.value": c * c,
+        "mixer.receptance": c * c,
+        "mixer.output": c * c,
+        "ffn.key": c * f,
+        "ffn.receptance": c * c,
+        "ffn.value": f * c,
+    }
     want_sops = 0.0
     for layer in range(2):
         for name, ops in shapes.items():
@@ -87,7 +105,8 @@ def test_student_report_by_hand(tiny_tokenizer):
     # teacher at context 16: 28672 weight MACs + 2 layers * 2 * 4 * 8 * 8.5 attention MACs
     assert rep["teacher"]["macs"] == 28672 + 2 * 2 * 4 * 8 * 8.5
     assert rep["ratio"]["energy_student_over_teacher"] == pytest.approx(
-        rep["totals"]["energy_pj"] / rep["teacher"]["energy_pj"])
+        rep["totals"]["energy_pj"] / rep["teacher"]["energy_pj"]
+    )
 
 
 def test_table_and_json(tiny_tokenizer, tmp_path):

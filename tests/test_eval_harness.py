@@ -1,5 +1,6 @@
 """The `spikegpt` lm-eval adapter on a tiny random student: loglikelihood, rolling, generate_until, offline
-tasks through simple_evaluate (instance and registered name), the stock lm_eval CLI, teacher beside student."""
+tasks through simple_evaluate (instance and registered name), the stock lm_eval CLI, teacher beside
+student."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from eval.testing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = ("Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never "
-        "took up any book but the Baronetage; there he found occupation for an idle hour, and consolation in a "
-        "distressed one.")
+TEXT = (
+    "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never "
+    "took up any book but the Baronetage; there he found occupation for an idle hour, and consolation in a "
+    "distressed one."
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +59,15 @@ def _manual_logprob(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
 
 
 def test_loglikelihood_matches_manual_and_is_greedy(lm, student, tiny_tokenizer):
-    contexts = ["It is a truth", "To be, or not to be", "In the beginning God created the heaven and the earth"]
+    contexts = [
+        "It is a truth",
+        "To be, or not to be",
+        "In the beginning God created the heaven and the earth",
+    ]
     reqs = [_req("loglikelihood", (c, " universally acknowledged")) for c in contexts]
     # a greedy continuation: what the model itself predicts after the first context
     ctx_ids = tiny_tokenizer.encode(contexts[0])
-    greedy_ids = student.generate(torch.tensor([ctx_ids]), max_new_tokens=3)[0, len(ctx_ids):].tolist()
+    greedy_ids = student.generate(torch.tensor([ctx_ids]), max_new_tokens=3)[0, len(ctx_ids) :].tolist()
     greedy_text = tiny_tokenizer.decode(greedy_ids)
     reqs.append(_req("loglikelihood", (contexts[0], greedy_text)))
     got = lm.loglikelihood(reqs, disable_tqdm=True)
@@ -69,14 +76,14 @@ def test_loglikelihood_matches_manual_and_is_greedy(lm, student, tiny_tokenizer)
         want_lp, want_greedy = _manual_logprob(student, ctx_enc + cont_enc, len(cont_enc))
         assert lp == pytest.approx(want_lp, abs=1e-4)
         assert greedy == want_greedy
-    if lm.tok_encode(contexts[0] + greedy_text)[len(ctx_ids):] == greedy_ids:  # tokenization round-trips
+    if lm.tok_encode(contexts[0] + greedy_text)[len(ctx_ids) :] == greedy_ids:  # tokenization round-trips
         assert got[-1][1] is True
     assert got[0][1] is False  # a random model does not greedily produce this phrase
 
 
 def test_loglikelihood_longer_than_max_length_streams(lm, student):
     """A request longer than max_length (32) is streamed through the state: still the full-sequence score."""
-    (lp, greedy), = lm.loglikelihood([_req("loglikelihood", (TEXT, " and consolation"))], disable_tqdm=True)
+    ((lp, greedy),) = lm.loglikelihood([_req("loglikelihood", (TEXT, " and consolation"))], disable_tqdm=True)
     ctx_enc, cont_enc = lm._encode_pair(TEXT, " and consolation")
     assert len(ctx_enc) + len(cont_enc) > lm.max_length
     want_lp, want_greedy = _manual_logprob(student, ctx_enc + cont_enc, len(cont_enc))
@@ -85,7 +92,11 @@ def test_loglikelihood_longer_than_max_length_streams(lm, student):
 
 @pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "hybrid_t2"])
 def test_rolling_equals_full_sequence_loss(mixer, tiny_tokenizer):
-    kw = {"token_mixer": ["srwkv", "sfsa"], "time_steps": 2} if mixer == "hybrid_t2" else {"token_mixer": mixer}
+    kw = (
+        {"token_mixer": ["srwkv", "sfsa"], "time_steps": 2}
+        if mixer == "hybrid_t2"
+        else {"token_mixer": mixer}
+    )
     student = tiny_student(len(tiny_tokenizer), seed=1, **kw)
     lm = SpikeGPTLM(student, tokenizer=tiny_tokenizer, max_length=32)
     tokens = lm.tok_encode(TEXT)
@@ -98,14 +109,16 @@ def test_rolling_equals_full_sequence_loss(mixer, tiny_tokenizer):
 
 def test_generate_until_stop_strings_and_max_tokens(lm, student, tiny_tokenizer):
     prompt = "It is a truth"
-    free = lm.generate_until([_req("generate_until", (prompt, {"until": ["<never>"], "max_gen_toks": 12}))],
-                             disable_tqdm=True)[0]
+    free = lm.generate_until(
+        [_req("generate_until", (prompt, {"until": ["<never>"], "max_gen_toks": 12}))], disable_tqdm=True
+    )[0]
     ids = tiny_tokenizer.encode(prompt)
-    own = student.generate(torch.tensor([ids]), max_new_tokens=12, eos_token_id=0)[0, len(ids):].tolist()
+    own = student.generate(torch.tensor([ids]), max_new_tokens=12, eos_token_id=0)[0, len(ids) :].tolist()
     assert free == tiny_tokenizer.decode(own, skip_special_tokens=True)  # exactly 12 greedy tokens
     stop = free[len(free) // 2 :][:2]
-    cut = lm.generate_until([_req("generate_until", (prompt, {"until": [stop], "max_gen_toks": 12}))],
-                            disable_tqdm=True)[0]
+    cut = lm.generate_until(
+        [_req("generate_until", (prompt, {"until": [stop], "max_gen_toks": 12}))], disable_tqdm=True
+    )[0]
     assert cut == free[: free.find(stop)]
     assert stop not in cut
 
@@ -122,36 +135,72 @@ def test_simple_evaluate_by_registered_name(student_dir):
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(
-        model="spikegpt", model_args=f"pretrained={student_dir},batch_size=4,max_length=512",
-        tasks=["spikedistill_hamlet_next_line"], limit=2, log_samples=False, bootstrap_iters=10,
-        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+        model="spikegpt",
+        model_args=f"pretrained={student_dir},batch_size=4,max_length=512",
+        tasks=["spikedistill_hamlet_next_line"],
+        limit=2,
+        log_samples=False,
+        bootstrap_iters=10,
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+    )
     assert "acc,none" in res["results"]["spikedistill_hamlet_next_line"]
 
 
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports lm-eval and indexes its ~14k built-in task configs
 def test_stock_lm_eval_cli_finds_spikegpt(student_dir, tmp_path):
-    """`lm_eval --model spikegpt` through the start-up hook that `python -m eval.lm_eval_hook install` writes."""
+    """`lm_eval --model spikegpt` via the start-up hook that `python -m eval.lm_eval_hook install` writes."""
     site = tmp_path / "site"
     site.mkdir()
-    subprocess.run([sys.executable, "-m", "eval.lm_eval_hook", "install", "--site-dir", str(site)], check=True,
-                   cwd=REPO, capture_output=True)
-    code = ("import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
-            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    subprocess.run(
+        [sys.executable, "-m", "eval.lm_eval_hook", "install", "--site-dir", str(site)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
+        "from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+    )
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", code, str(site), "--model", "spikegpt", "--model_args",
-                           f"pretrained={student_dir},batch_size=2,max_length=512", "--tasks",
-                           "spikedistill_ppl_hamlet", "--include_path", str(TASKS_DIR), "--limit", "1",
-                           "--output_path", str(out)],
-                          check=False, cwd=tmp_path, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(site),
+            "--model",
+            "spikegpt",
+            "--model_args",
+            f"pretrained={student_dir},batch_size=2,max_length=512",
+            "--tasks",
+            "spikedistill_ppl_hamlet",
+            "--include_path",
+            str(TASKS_DIR),
+            "--limit",
+            "1",
+            "--output_path",
+            str(out),
+        ],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = out.rglob("results_*.json")
     assert "bits_per_byte,none" in json.loads(result.read_text())["results"]["spikedistill_ppl_hamlet"]
 
 
 def test_evaluate_tasks_teacher_beside_student(student_dir, tiny_teacher_dir, tmp_path):
-    out = evaluate_tasks(student_dir, ["spikedistill_ppl_persuasion"], tmp_path, limit=1, batch_size=4,
-                         teacher_spec=str(tiny_teacher_dir))
+    out = evaluate_tasks(
+        student_dir,
+        ["spikedistill_ppl_persuasion"],
+        tmp_path,
+        limit=1,
+        batch_size=4,
+        teacher_spec=str(tiny_teacher_dir),
+    )
     assert set(out["models"]) == {"student", "teacher"}
     for label in ("student", "teacher"):
         raw = json.loads(Path(out["files"][f"lm_eval_{label}"]).read_text())

@@ -16,9 +16,11 @@ from eval.testing import (
     tiny_student,
 )
 
-TEXTS = {"persuasion": "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who never took up any "
-                       "book but the Baronetage.",
-         "hamlet": "Who's there? Nay, answer me: stand, and unfold yourself. Long live the king!"}
+TEXTS = {
+    "persuasion": "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who never took up any "
+    "book but the Baronetage.",
+    "hamlet": "Who's there? Nay, answer me: stand, and unfold yourself. Long live the king!",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,11 +30,24 @@ def runs_dir(tiny_tokenizer, tiny_teacher_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     for name, seed, mixer in [("srwkv-a", 4, "srwkv"), ("sfsa-b", 5, "sfsa")]:
-        model_dir = save_model_dir(tiny_student(len(tiny_tokenizer), seed=seed, token_mixer=mixer),
-                                   tiny_tokenizer, root / name / "export" / "model")
-        evaluate_model(model_dir, name, TEXTS, tasks=["spikedistill_persuasion_cloze"],
-                       output_dir=root / name / "evaluate", teacher_spec=str(tiny_teacher_dir), context_length=32,
-                       batch_size=4, limit=4, sample_prompt="It is a truth", sample_tokens=5)
+        model_dir = save_model_dir(
+            tiny_student(len(tiny_tokenizer), seed=seed, token_mixer=mixer),
+            tiny_tokenizer,
+            root / name / "export" / "model",
+        )
+        evaluate_model(
+            model_dir,
+            name,
+            TEXTS,
+            tasks=["spikedistill_persuasion_cloze"],
+            output_dir=root / name / "evaluate",
+            teacher_spec=str(tiny_teacher_dir),
+            context_length=32,
+            batch_size=4,
+            limit=4,
+            sample_prompt="It is a truth",
+            sample_tokens=5,
+        )
     _write_stage_layout_run(root / "stage-layout", tiny_tokenizer)
     return root
 
@@ -44,10 +59,17 @@ def _write_stage_layout_run(run_dir, tokenizer):
 
     model = tiny_student(len(tokenizer), seed=7)
     texts = {n: {"student": evaluate_bpb(model, tokenizer, t, 32), "teacher": None} for n, t in TEXTS.items()}
-    results = {"model": "stage-layout", "model_dir": str(run_dir / "export" / "model"), "teacher": "smollm2-135m",
-               "texts": texts, "bits_per_byte": {n: {"student": v["student"]["bits_per_byte"], "teacher": None}
-                                                for n, v in texts.items()},
-               "energy": energy_report(model, 32, tokenizer, TEXTS["hamlet"]), "sample": None}
+    results = {
+        "model": "stage-layout",
+        "model_dir": str(run_dir / "export" / "model"),
+        "teacher": "smollm2-135m",
+        "texts": texts,
+        "bits_per_byte": {
+            n: {"student": v["student"]["bits_per_byte"], "teacher": None} for n, v in texts.items()
+        },
+        "energy": energy_report(model, 32, tokenizer, TEXTS["hamlet"]),
+        "sample": None,
+    }
     (run_dir / "evaluate").mkdir(parents=True)
     (run_dir / "evaluate" / "results.json").write_text(json.dumps(results))
 
@@ -71,7 +93,12 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
     assert sum(role == "teacher" for _, role in roles) == 1  # one teacher row although both runs scored it
     assert ("stage-layout", "student") in roles  # the evaluate stage's own layout is read too
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert "sfsa-b" in md and "srwkv-a" in md and "bpb hamlet" in md and "acc spikedistill_persuasion_cloze" in md
+    assert (
+        "sfsa-b" in md
+        and "srwkv-a" in md
+        and "bpb hamlet" in md
+        and "acc spikedistill_persuasion_cloze" in md
+    )
     assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"] == out["rows"]
     for key in ("bpb_vs_energy", "task_accuracy"):
         data = Path(out["files"][key]).read_bytes()

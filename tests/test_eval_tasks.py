@@ -12,7 +12,16 @@ from eval.tasks import build
 
 DATA = TASKS_DIR / "data"
 MC = ["persuasion_next_sentence", "hamlet_next_line", "persuasion_cloze"]
-ZERO_SHOT_8 = ["arc_easy", "arc_challenge", "winogrande", "boolq", "piqa", "hellaswag", "openbookqa", "headqa_en"]
+ZERO_SHOT_8 = [
+    "arc_easy",
+    "arc_challenge",
+    "winogrande",
+    "boolq",
+    "piqa",
+    "hellaswag",
+    "openbookqa",
+    "headqa_en",
+]
 
 
 def test_build_reproduces_committed_data(tmp_path):
@@ -42,8 +51,13 @@ def test_ppl_docs_are_bounded_slices():
 
 def test_lm_eval_finds_local_tasks_and_groups():
     names = local_task_names()
-    for task in ["spikedistill_ppl_persuasion", "spikedistill_ppl_hamlet", "spikedistill_offline",
-                 "spikedistill_mc", "bispikclm_zeroshot8"] + [f"spikedistill_{m}" for m in MC]:
+    for task in [
+        "spikedistill_ppl_persuasion",
+        "spikedistill_ppl_hamlet",
+        "spikedistill_offline",
+        "spikedistill_mc",
+        "bispikclm_zeroshot8",
+    ] + [f"spikedistill_{m}" for m in MC]:
         assert task in names
     group = yaml.safe_load((TASKS_DIR / "bispikclm_zeroshot8.yaml").read_text())
     assert group["task"] == ZERO_SHOT_8

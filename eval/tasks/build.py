@@ -44,13 +44,16 @@ _SUFFIXES = ("ly", "ing", "ed", "tion", "ness", "ment", "ful", "ous", "er", "est
 def corpora_dir(explicit: str | None) -> Path:
     """Where the held-out texts live: --corpora, the teachers package's corpus, or ../shared/corpora."""
     candidates = [Path(explicit)] if explicit else []
-    candidates += [Path(__file__).resolve().parents[2] / "teachers" / "corpus",
-                   Path(__file__).resolve().parents[3] / "shared" / "corpora"]
+    candidates += [
+        Path(__file__).resolve().parents[2] / "teachers" / "corpus",
+        Path(__file__).resolve().parents[3] / "shared" / "corpora",
+    ]
     for cand in candidates:
         if (cand / PERSUASION).is_file() and (cand / HAMLET).is_file():
             return cand
-    raise SystemExit(f"build.py: {PERSUASION} and {HAMLET} not found in {[str(c) for c in candidates]}; "
-                     "pass --corpora DIR")
+    raise SystemExit(
+        f"build.py: {PERSUASION} and {HAMLET} not found in {[str(c) for c in candidates]}; pass --corpora DIR"
+    )
 
 
 def read_xz(path: Path) -> str:
@@ -111,7 +114,9 @@ def speeches(text: str) -> list[tuple[str, list[str]]]:
     """(speaker label, verse/prose lines) for each speech in the play; stage directions dropped."""
     out = []
     for block in re.split(r"\n\s*\n", text):
-        lines = [ln.strip() for ln in block.strip().split("\n") if ln.strip() and not ln.strip().startswith("[")]
+        lines = [
+            ln.strip() for ln in block.strip().split("\n") if ln.strip() and not ln.strip().startswith("[")
+        ]
         if len(lines) >= 2 and re.fullmatch(r"[A-Z][A-Za-z ]{0,20}\.", lines[0]):
             out.append((lines[0], lines[1:]))
     return out
@@ -142,16 +147,20 @@ def cloze_items(text: str, rng: random.Random) -> list[dict]:
     ends = [re.fullmatch(r"(.*\S)\s+([A-Za-z]{3,})[.!?]", s) for s in sents]
     freq = Counter(m.group(2) for m in ends if m)
     classes = {w: word_class(w) for w in freq}
-    ok = [i for i in range(1, len(sents)) if ends[i] and 30 <= len(sents[i]) <= 200 and len(sents[i - 1]) <= 300]
+    ok = [
+        i for i in range(1, len(sents)) if ends[i] and 30 <= len(sents[i]) <= 200 and len(sents[i - 1]) <= 300
+    ]
     items = []
     for i in sorted(rng.sample(ok, MC_ITEMS)):
         prefix, word = ends[i].group(1), ends[i].group(2)
         band, cls = max(1, freq[word]).bit_length(), classes[word]
         others = [w for w in freq if w.lower() != word.lower()]
         # tightest pool with enough words: same class and frequency band, same class, same capitalisation
-        pools = ([w for w in others if classes[w] == cls and abs(freq[w].bit_length() - band) <= 1],
-                 [w for w in others if classes[w] == cls],
-                 [w for w in others if classes[w][0] == cls[0]])
+        pools = (
+            [w for w in others if classes[w] == cls and abs(freq[w].bit_length() - band) <= 1],
+            [w for w in others if classes[w] == cls],
+            [w for w in others if classes[w][0] == cls[0]],
+        )
         pool = sorted(next(p for p in pools if len(p) >= N_CHOICES - 1))
         items.append(mc_item(f"{sents[i - 1]} {prefix}", word, rng.sample(pool, N_CHOICES - 1), rng))
     return items

@@ -12,7 +12,9 @@ DATA_DIR = Path(__file__).parent / "data"
 
 
 def _split(filename: str) -> dict:
-    rows = [json.loads(line) for line in (DATA_DIR / filename).read_text(encoding="utf-8").splitlines() if line]
+    rows = [
+        json.loads(line) for line in (DATA_DIR / filename).read_text(encoding="utf-8").splitlines() if line
+    ]
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
