@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from eval.models import prefix_token_id
+from eval.models import is_recurrent, prefix_token_id
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
@@ -65,19 +65,25 @@ def score_batch(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[f
     """Batched (context ids, continuation ids) -> (sum log p(continuation | context), all greedy).
 
     Each row's input is (context + continuation)[:-1], right-padded: a causal model's outputs at real
-    positions do not depend on padding that comes after them, so no attention mask is needed.
+    positions do not depend on padding that comes after them, so no attention mask is needed. The student
+    applies its LM head to the continuation positions only (the head dominates at a 49k vocabulary).
     """
     inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]
     width = max(len(x) for x in inputs)
     batch = torch.zeros(len(inputs), width, dtype=torch.long, device=_device(model))
     for row, seq in enumerate(inputs):
         batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    logits = model(batch).logits  # [B, W, V]
+    spans = [slice(len(seq) - len(cont), len(seq)) for seq, (_, cont) in zip(inputs, pairs)]
+    if is_recurrent(model):
+        head_input = model(batch, skip_logits=True).head_input  # [B, W, C]
+        row_logits = [model.lm_head(head_input[row, span]) for row, span in enumerate(spans)]
+    else:
+        logits = model(batch).logits  # [B, W, V]
+        row_logits = [logits[row, span] for row, span in enumerate(spans)]
     results = []
-    for row, (seq, (_, cont)) in enumerate(zip(inputs, pairs)):
-        span = slice(len(seq) - len(cont), len(seq))
+    for logits, (_, cont) in zip(row_logits, pairs):
         targets = torch.tensor(cont, dtype=torch.long, device=logits.device)
-        lp, gr = _target_logprobs(logits[row, span], targets)
+        lp, gr = _target_logprobs(logits, targets)
         results.append((float(lp.sum()), bool(gr.all())))
     return results
 

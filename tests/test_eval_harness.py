@@ -210,3 +210,17 @@ def test_evaluate_tasks_teacher_beside_student(student_dir, tiny_teacher_dir, tm
     s = out["models"]["student"]["spikedistill_ppl_persuasion"]["bits_per_byte"]
     t = out["models"]["teacher"]["spikedistill_ppl_persuasion"]["bits_per_byte"]
     assert s != t  # two different models really were scored
+
+
+def test_batched_scores_match_manual_for_t2_hybrid(tiny_tokenizer):
+    """Right-padded batch, LM head on continuation positions only: same as one forward per request."""
+    from eval.scoring import score_batch
+
+    student = tiny_student(len(tiny_tokenizer), seed=1, token_mixer=["srwkv", "sfsa"], time_steps=2)
+    pairs = [
+        (tiny_tokenizer.encode("It is a truth"), tiny_tokenizer.encode(" universally")),
+        (tiny_tokenizer.encode("To be, or not to be, that"), tiny_tokenizer.encode(" is the question")),
+    ]
+    for (ctx, cont), (lp, greedy) in zip(pairs, score_batch(student, pairs)):
+        want_lp, want_greedy = _manual_logprob(student, ctx + cont, len(cont))
+        assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
