@@ -20,8 +20,7 @@ from eval.testing import (
 )
 
 TEXT = (
-    "Anne Elliot — naïve? No: «persuaded». Café au lait, déjà vu.\n"
-    "To be, or not to be, that is the question."
+    "Anne Elliot — naïve? No: «persuaded». Café au lait, déjà vu.\nTo be, or not to be, that is the question."
 )
 PPL_DATA = Path(__file__).resolve().parents[1] / "eval" / "tasks" / "data" / "ppl_hamlet.jsonl"
 
