@@ -196,3 +196,10 @@ def test_missing_library_falls_back_to_reference(monkeypatch):
     monkeypatch.setattr(csrc, "library", lambda: None)
     monkeypatch.setenv("SPIKEDISTILL_KERNELS", "cpu")
     assert select_backend(torch.randn(2, 2)) == "reference"
+
+
+def test_loading_the_library_leaves_float_environment_alone():
+    # a -ffast-math link would add crtfastmath.o: flush-to-zero for the whole process, changing torch's numerics
+    library()
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+    assert (tiny * 1.0).item() != 0.0

@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("spike_ops.cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
+# would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
 
 _P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -58,19 +61,23 @@ def _build(target: Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
+        obj = tmp[:-3] + ".o"
+        cxx = os.environ.get("CXX", "g++")
         try:
-            cmd = [os.environ.get("CXX", "g++"), *FLAGS, str(SOURCE), "-o", tmp]
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+            for cmd in ([cxx, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj], [cxx, *LINK_FLAGS, obj, "-o", tmp]):
+                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
             os.replace(tmp, target)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for path in (tmp, obj):
+                if os.path.exists(path):
+                    os.unlink(path)
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
+    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
+    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
     target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
     try:
         if not target.exists():
