@@ -174,7 +174,7 @@ def bench_step(repeats: int) -> list[tuple[str, str, float]]:
         ids = torch.randint(0, 49152, (B, L), generator=gen)
         labels, teacher = ids.roll(-1, 1).reshape(-1), torch.randn(B * L, 49152, generator=gen)
 
-        def step(fused):
+        def step(fused, model=model, ids=ids, labels=labels, teacher=teacher):
             model.zero_grad(set_to_none=True)
             h = model(ids, skip_logits=True).head_input.reshape(B * L, -1)
             if fused:
