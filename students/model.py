@@ -40,7 +40,8 @@ class SpikeGPTPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules: ClassVar[list[str]] = ["SpikeGPTBlock"]
     _is_stateful = True
-    _keep_in_fp32_modules: ClassVar[list[str]] = ["time_decay", "time_first"]
+    # WKV decay and bonus stay fp32 under bf16/fp16 loading (the WKV runs in fp32; exp(w) needs the precision).
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["time_decay", "time_first"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
