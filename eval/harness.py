@@ -49,12 +49,17 @@ class SpikeGPTLM(TemplateLM):
         max_length: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
-        **_unused,
+        max_batch_size: int | None = None,
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise EvalError(
+                f"spikegpt: unknown model_args {sorted(unknown)}; valid: pretrained, batch_size, max_length, "
+                "device, dtype"
+            )
         if isinstance(pretrained, (str, Path)):
-            torch_dtype = getattr(torch, dtype) if dtype else None
-            self.model, self.tokenizer = load_model_dir(pretrained, dtype=torch_dtype)
+            self.model, self.tokenizer = load_model_dir(pretrained, dtype=_torch_dtype(dtype))
         elif tokenizer is None:
             raise EvalError("SpikeGPTLM: a model instance needs tokenizer=...; pass the model's tokenizer")
         else:
@@ -212,6 +217,23 @@ class SpikeGPTLM(TemplateLM):
                 break
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return _cut_at_stops(text, until)
+
+
+def _torch_dtype(name: str | None):
+    """ "bf16" / "bfloat16" / "fp32" / ... -> torch dtype (None keeps the saved dtype)."""
+    if not name:
+        return None
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+        "half": "float16",
+        "float": "float32",
+    }
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise EvalError(f"spikegpt: dtype={name!r} is not a torch dtype; use fp32, bf16 or fp16")
+    return dtype
 
 
 def _cut_at_stops(text: str, stops: list[str]) -> str:

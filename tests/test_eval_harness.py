@@ -224,3 +224,16 @@ def test_batched_scores_match_manual_for_t2_hybrid(tiny_tokenizer):
     for (ctx, cont), (lp, greedy) in zip(pairs, score_batch(student, pairs)):
         want_lp, want_greedy = _manual_logprob(student, ctx + cont, len(cont))
         assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy
+
+
+def test_model_args_are_checked(student_dir):
+    from eval import EvalError
+
+    with pytest.raises(EvalError, match="unknown model_args \\['max_lenght'\\]"):
+        SpikeGPTLM.create_from_arg_string(f"pretrained={student_dir},max_lenght=64")
+    with pytest.raises(EvalError, match="dtype='bf17' is not a torch dtype"):
+        SpikeGPTLM(str(student_dir), dtype="bf17")
+    lm = SpikeGPTLM.create_from_arg_string(
+        f"pretrained={student_dir},batch_size=5,dtype=bf16", {"batch_size": 1, "device": "cuda"}
+    )
+    assert lm.batch_size_per_gpu == 5 and next(lm.model.parameters()).dtype == torch.bfloat16
