@@ -247,6 +247,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         top_p: float | None = None,
         streamer=None,
         eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         **kwargs,
@@ -254,13 +255,15 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         """Decode through the recurrent state: the prompt once, then one O(1) step per token (srwkv, sfsa_linear).
 
         input_ids [B, L] -> [B, L + new]. Greedy unless do_sample. eos_token_id (int or list, None = never stop):
-        a finished row is padded with its eos and decoding stops when all rows are finished. streamer: an HF
+        a finished row is padded with pad_token_id (default: the first eos) and decoding stops when all rows are
+        finished. streamer: an HF
         BaseStreamer (put/end). spike_rates() afterwards reflect the prompt (decode steps do not record them).
         """
         if kwargs:
             raise StudentError(f"generate() got unsupported arguments {sorted(kwargs)}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
                            device=input_ids.device)
+        pad = eos[0] if pad_token_id is None and eos.numel() else pad_token_id
         if streamer is not None:
             streamer.put(input_ids.cpu())
         out = self(input_ids, use_cache=True, logits_to_keep=1, attention_mask=attention_mask)
@@ -269,7 +272,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             for i in range(max_new_tokens):
                 nxt = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
                 if eos.numel():
-                    nxt = torch.where(done, eos[0], nxt)
+                    nxt = torch.where(done, pad, nxt)
                     done = done | torch.isin(nxt, eos)
                 tokens.append(nxt[:, None])
                 if streamer is not None:

@@ -174,6 +174,10 @@ def test_generate_streams_stops_at_eos_and_samples_reproducibly():
     assert torch.equal(stopped, greedy[:, :7]) and streamer.ended
     assert torch.equal(torch.cat(streamer.chunks), stopped[0])
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=1), greedy)
+    two_rows = torch.cat([prompt, ids_for(batch=1, length=4, seed=9)])
+    padded = model.generate(two_rows, max_new_tokens=6, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    first_eos = int((padded[0, 4:] == eos).nonzero()[0])
+    assert padded.shape[1] > 5 + first_eos and (padded[0, 5 + first_eos :] == VOCAB - 1).all()
     draws = [model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9,
                             generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(draws[0], draws[1])
