@@ -247,9 +247,11 @@ class SpikingSelfAttention(nn.Module):
         return out, attn, (k_all, v_all)
 
     def _linear_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(Q K^T) ⊙ M [B', H, L, L]: the integer scores sfsa_linear multiplies V by (tokens of this call)."""
+        """The share of each key in sfsa_linear's output, [B', H, L, L] (tokens of this call): the integer
+        scores (Q K^T) ⊙ M divided by their row sum, so rows sum to 1 (an all-zero row stays zero)."""
         mask = torch.ones(q.shape[2], q.shape[2], device=q.device, dtype=q.dtype).tril()
-        return (q @ k.transpose(-1, -2)) * mask
+        scores = (q @ k.transpose(-1, -2)) * mask
+        return scores / scores.sum(-1, keepdim=True).clamp_min(1.0)
 
     def part_rate(self, part: str) -> float | None:
         """Firing rate of the "q", "k" or "v" spikes in the last forward."""

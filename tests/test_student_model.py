@@ -211,6 +211,8 @@ def test_outputs_for_distillation(mixer):
         assert attn.shape == (2, cfg.n_head, 7, 7)
         if kind == "srwkv":
             torch.testing.assert_close(attn.sum(-1), torch.ones(2, cfg.n_head, 7))
+        if kind == "sfsa_linear":  # per step, rows sum to 1 (or 0 when no key fired); averaged over T = 2
+            assert set((attn.sum(-1) * 2).round(decimals=4).unique().tolist()) <= {0.0, 1.0, 2.0}
     logits = model.lm_head(out.head_input)
     torch.testing.assert_close(out.logits, logits)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
