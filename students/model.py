@@ -149,11 +149,12 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         """input_ids [B, L] -> SpikeGPTCausalLMOutput.
 
         labels [B, L]: shifted cross-entropy (labels = input_ids), mean over tokens, -100 ignored.
-        past_key_values: a SpikeGPTState from an earlier call with use_cache=True; the call continues it.
+        past_key_values: a SpikeGPTState from an earlier call with use_cache=True; the call continues it and
+            updates it in place.
         skip_logits: return logits=None (and no loss) so a caller can apply `lm_head` to `head_input` in chunks.
         logits_to_keep: > 0 computes logits for the last that many tokens only (generation).
         """
-        self._check_call(input_ids, labels, skip_logits, past_key_values, attention_mask)
+        self._check_call(input_ids, labels, skip_logits or logits_to_keep > 0, past_key_values, attention_mask)
         steps, batch, length = self.config.time_steps, *input_ids.shape
         state = past_key_values if past_key_values is not None else (SpikeGPTState() if use_cache else None)
         emb = self.emb(input_ids)
@@ -195,7 +196,9 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         if input_ids.dim() != 2:
             raise StudentError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         if labels is not None and skip_logits:
-            raise StudentError("labels with skip_logits=True: compute the loss from head_input, or drop skip_logits")
+            raise StudentError(
+                "labels with skip_logits=True or logits_to_keep > 0: compute the loss from head_input, or drop them"
+            )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise StudentError("attention_mask has padding: the student is recurrent; pass unpadded sequences")
         limit = self.config.max_position
