@@ -165,9 +165,9 @@ def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: in
         # The head runs on token chunks so [B * L, V] logits never exist at once.
         for c in range(0, flat.shape[0], token_chunk):
             t = topk_targets(teacher.head(flat[c:c + token_chunk]), k)
-            ids.append(t.ids.to(torch.int32))
-            values.append(t.logprobs.to(value_dtype))
-            tails.append(t.tail_mass.float())
+            ids.append(t.ids.to("cpu", torch.int32))
+            values.append(t.logprobs.to("cpu", value_dtype))
+            tails.append(t.tail_mass.to("cpu", torch.float32))
     shape = (len(rows), ds.seq_len)
     return {"ids": torch.cat(ids).reshape(*shape, k), "logprobs": torch.cat(values).reshape(*shape, k),
             "tail_mass": torch.cat(tails).reshape(shape)}
