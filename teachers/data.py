@@ -257,6 +257,7 @@ def prepare_corpus(
                     bytes_per_token=stats["bytes"] / max(stats["text_tokens"], 1))
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        tmp.chmod(0o755)  # mkdtemp makes it private
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

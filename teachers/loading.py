@@ -146,6 +146,7 @@ def convert_gguf(path: Path, root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         _write_converted(path, tmp, digest)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         _move_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

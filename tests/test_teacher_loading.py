@@ -160,3 +160,10 @@ def test_concurrent_conversion_keeps_the_finished_directory(tmp_path):
     (tmp / _CONVERTED_MARK).write_text("3")
     _move_into_place(tmp, half)
     assert (half / _CONVERTED_MARK).read_text() == "3"
+
+
+def test_too_long_input_is_a_clear_error(tiny_teacher_dir, tmp_path):
+    t = load_teacher(tiny_teacher_dir, cache_dir=tmp_path)
+    with pytest.raises(TeacherError) as exc:
+        t(torch.ones(1, 257, dtype=torch.long))
+    assert "257 tokens exceed the teacher's max_length 256; lower data.seq_len" in _one_line(exc)
