@@ -167,3 +167,27 @@ def test_too_long_input_is_a_clear_error(tiny_teacher_dir, tmp_path):
     with pytest.raises(TeacherError) as exc:
         t(torch.ones(1, 257, dtype=torch.long))
     assert "257 tokens exceed the teacher's max_length 256; lower data.seq_len" in _one_line(exc)
+
+
+def test_gguf_is_converted_once_and_keyed_by_content(tiny_teacher_dir, tmp_path, monkeypatch):
+    from teachers import loading
+
+    calls = []
+
+    def fake_convert(path, out, digest):  # stands in for transformers' slow GGUF de-quantisation
+        calls.append(path.name)
+        for f in tiny_teacher_dir.iterdir():
+            shutil.copy(f, out / f.name)
+        (out / loading._CONVERTED_MARK).write_text(digest)
+
+    monkeypatch.setattr(loading, "_write_converted", fake_convert)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x01" * 64)
+    first = load_teacher(gguf, cache_dir=tmp_path / "c")
+    second = load_teacher(str(gguf), cache_dir=tmp_path / "c")
+    assert calls == ["tiny.gguf"] and first.fingerprint == second.fingerprint
+    gguf.write_bytes(b"GGUF" + b"\x02" * 64)  # new content -> new key -> converted again
+    load_teacher(gguf, cache_dir=tmp_path / "c")
+    assert calls == ["tiny.gguf", "tiny.gguf"]
+    assert len(list((tmp_path / "c" / "teachers").glob("tiny-*"))) == 2
+    assert not list((tmp_path / "c" / "teachers").glob(".*"))
