@@ -309,6 +309,6 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits [B, L, V] at position t predict labels [B, L] at t+1; -100 ignored."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    # Shift the labels, not the logits: slicing [B, L, V] would copy it forward and backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
