@@ -296,3 +296,20 @@ def test_wkv_direct_check_is_meaningful():
         rwkv.time_first.add_(1.0)
         assert not torch.allclose(y[0, 5].double(), _wkv_direct(rwkv, k, v, 5), atol=1e-3)
     assert math.isfinite(float(y.sum()))
+
+
+def test_neuron_variants_train_and_stream():
+    # Soft (subtractive) reset as in BiSpikCLM, detached reset, sigmoid surrogate, float embedding.
+    model = make(["sfsa", "srwkv"], steps=2, lif_reset="soft", lif_detach_reset=True, surrogate="sigmoid",
+                 surrogate_alpha=4.0, binary_embedding=False, lif_decay_input=False)
+    ids = ids_for(length=6)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.emb.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :3], use_cache=True)
+        rest = model(ids[:, 3:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=1e-4, atol=1e-4)
+    assert "emb" not in model.spike_rates()
