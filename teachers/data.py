@@ -246,6 +246,8 @@ def prepare_corpus(
         raise DataError(f"data.seq_len must be an int >= 2, got {seq_len!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
     sep, sep_id = separator_id(tokenizer, separator)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def test_bundled_corpus_is_shipped_and_readable():
 
 
 def test_bundled_source_names(tiny_tokenizer, tmp_path):
-    meta = prepare_corpus(["bundled:hamlet"], tiny_tokenizer, tmp_path / "h", seq_len=64, max_tokens=5000)
+    meta = prepare_corpus("bundled:hamlet", tiny_tokenizer, tmp_path / "h", seq_len=64, max_tokens=5000)
     assert meta["sources"] == ["shakespeare_eval_hamlet.txt.xz"]
     with pytest.raises(DataError, match="unknown bundled text 'nope'"):
         prepare_corpus(["bundled:nope"], tiny_tokenizer, tmp_path / "x", seq_len=64)
