@@ -18,7 +18,7 @@ from teachers.cache import (
 from teachers.data import TokenDataset, prepare_corpus
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-        "must be in want of a wife. To be, or not to be, that is the question.\n") * 6
+        "must be in want of a wife. To be, or not to be, that is the question.\n") * 3
 SEQ = 16
 
 
@@ -36,7 +36,7 @@ def prepared(teacher, tmp_path_factory):
 
 
 def _build(teacher, prepared, out, **kw):
-    kw = {"k": 8, "batch_size": 3, "shard_size": 4, "progress": False, **kw}
+    kw = {"k": 8, "batch_size": 4, "shard_size": 4, "progress": False, **kw}
     return build_teacher_cache(teacher, prepared, out, **kw)
 
 
