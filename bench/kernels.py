@@ -17,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -119,8 +120,32 @@ def _hf_rwkv_wkv():
     return lambda td, tf, k, v: rwkv_linear_attention_cpu(td, tf, k, v)[0]
 
 
+class _PeakRss:
+    """Samples this process's resident set every 2 ms; .peak_mb is the high-water mark above the start."""
+
+    def __enter__(self):
+        self.start, self.peak, self.done = self._rss(), 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak_mb = (max(self.peak, self._rss()) - self.start) / 2**20
+
+    def _watch(self):
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def kd_child(mode: str, threads: int) -> dict:
-    """One KD-loss variant in this process: {seconds, peak_rss_mb} (peak above the set-up baseline)."""
+    """One KD-loss variant in this process: {seconds, peak_rss_mb} (sampled peak above the set-up RSS)."""
     import torch.nn.functional as F
 
     from pipeline.fused_kd import fused_head_kd_loss
@@ -132,21 +157,20 @@ def kd_child(mode: str, threads: int) -> dict:
     w = (torch.randn(V, C, generator=gen) * 0.05).requires_grad_()
     teacher = torch.randn(N, V, generator=gen)
     labels = torch.randint(0, V, (N,), generator=gen)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    if mode == "naive":
-        logits = h @ w.t()
-        log_p, log_q = torch.log_softmax(logits / 2.0, -1), torch.log_softmax(teacher / 2.0, -1)
-        kd = 4.0 * (log_q.exp() * (log_q - log_p)).sum()
-        ce = F.cross_entropy(logits, labels, reduction="sum")
-        (kd + ce).backward()
-    else:
-        weights = (1.0, 1.0) if mode == "fused+weights" else None
-        out = fused_head_kd_loss(h, w, labels, teacher, "forward_kl", 2.0, 512, loss_weights=weights)
-        (out["kd_sum"] + out["ce_sum"]).backward()
-    seconds = time.perf_counter() - start
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"seconds": seconds, "peak_rss_mb": peak}
+    with _PeakRss() as rss:
+        start = time.perf_counter()
+        if mode == "naive":
+            logits = h @ w.t()
+            log_p, log_q = torch.log_softmax(logits / 2.0, -1), torch.log_softmax(teacher / 2.0, -1)
+            kd = 4.0 * (log_q.exp() * (log_q - log_p)).sum()
+            ce = F.cross_entropy(logits, labels, reduction="sum")
+            (kd + ce).backward()
+        else:
+            weights = (1.0, 1.0) if mode == "fused+weights" else None
+            out = fused_head_kd_loss(h, w, labels, teacher, "forward_kl", 2.0, 512, loss_weights=weights)
+            (out["kd_sum"] + out["ce_sum"]).backward()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": rss.peak_mb}
 
 
 def bench_kd(threads: int) -> dict[str, dict]:
