@@ -232,14 +232,17 @@ class SpADLoss(nn.Module):
          decay) a current <= 1 never fires, so the rate target of a softmax map is 0 (it rewards sparsity).
     SFA  per mapped layer: MSE(LN(MLP(h_S)), h_T) + MSE(rate(LN(MLP(h_S))), rate(h_T)), averaged over layers;
          the student side of the rate term goes through the same LIF with its surrogate gradient.
+         sfa_target_norm=True compares against LN(h_T) (no affine) instead: raw residual streams carry
+         massive activations (SmolLM2-135M: SFA ~4e3 per token against EA ~0.2), which drown the other terms.
     Every MSE is a mean over the feature axes of each token, summed over the first n_pos positions.
     Only terms with a weight > 0 get parameters (DDP needs every parameter to receive a gradient).
     """
 
     def __init__(self, *, student_dim: int, teacher_dim: int, layer_map: list[int], student_heads: int,
                  teacher_heads: int, weights: dict[str, float], head_mapping: str = "mean",
-                 lif: dict[str, Any] | None = None, time_steps: int = 1):
+                 lif: dict[str, Any] | None = None, time_steps: int = 1, sfa_target_norm: bool = False):
         super().__init__()
+        self.sfa_target_norm = sfa_target_norm
         if head_mapping not in ("mean", "learned"):
             raise ValueError(f"align.head_mapping must be 'mean' or 'learned', got {head_mapping!r}")
         self.layer_map = list(layer_map)
@@ -297,6 +300,8 @@ class SpADLoss(nn.Module):
     def _sfa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
         z = self.sfa_proj[i](student_out.hidden_states[i + 1][:, :n_pos].float())
         h_t = teacher_out.hidden_states[self.layer_map[i]][:, :n_pos].float()
+        if self.sfa_target_norm:
+            h_t = F.layer_norm(h_t, h_t.shape[-1:])
         rates = _token_mse(lif_rate(z, self.time_steps, self.lif), lif_rate(h_t, self.time_steps, self.lif))
         return _token_mse(z, h_t) + rates
 

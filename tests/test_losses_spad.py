@@ -72,6 +72,15 @@ def test_sfa_uses_the_layer_map_and_the_rate_term():
     assert out["sfa"].item() == pytest.approx(want.item() / 2, rel=1e-6)
 
 
+def test_sfa_target_norm_compares_against_the_normalised_teacher_state():
+    spad = _spad({"sfa": 1.0}, sfa_target_norm=True)
+    h_s, h_t = [torch.randn(1, 2, 2) for _ in range(2)], [100.0 * torch.randn(1, 2, 2)]
+    out = spad(SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), n_pos=2)
+    z, t = spad.sfa_proj[0](h_s[1]), torch.nn.functional.layer_norm(h_t[0], (2,))
+    want = ((z - t) ** 2).mean(-1).sum() + ((lif_rate(z, 1, EAGER_LIF) - lif_rate(t, 1, EAGER_LIF)) ** 2).mean(-1).sum()
+    assert out["sfa"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_only_weighted_terms_get_parameters():
     spad = _spad({"ea": 0.2, "saa": 0.0, "sfa": 0.0})
     assert {n.split(".")[0] for n, _ in spad.named_parameters()} == {"ea_proj"}

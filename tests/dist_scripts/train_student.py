@@ -9,6 +9,8 @@ The accelerator comes from pipeline.runner.make_accelerator, exactly as in a rea
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--checkpoint-every", type=int, default=10**6)
+    ap.add_argument("--sigterm-at-call", type=int, default=0, help="rank 0 sends itself SIGTERM at this forward")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     if args.strategy == "deepspeed":
         recipe.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero2.json")
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        eval_every=10**6, checkpoint_every=10**6, log_every=1,
+                        eval_every=10**6, checkpoint_every=args.checkpoint_every, log_every=1,
                         optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, grad_clip=1.0))
     accelerator = make_accelerator(recipe, train) if args.strategy != "deepspeed" else deepspeed_accelerator(recipe,
                                                                                                            train)
@@ -82,6 +86,15 @@ def main(argv=None) -> int:
                                                                vocab_size=teacher.vocab_size))
     objective = DistillObjective(student, {"sta": 0.3, "hta": 0.3}, teacher=teacher,
                                  kd={"temperature": 2.0, "chunk_size": 16})
+    if args.sigterm_at_call and accelerator.is_main_process:
+        calls = [0]
+
+        def pre_forward(module, inputs):
+            calls[0] += 1
+            if calls[0] == args.sigterm_at_call:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        objective.register_forward_pre_hook(pre_forward)
     out = Path(args.out)
     trainer = Trainer(objective, train, accelerator, out, PatternRows(64, 16, teacher.vocab_size), seed=0,
                       name=f"{args.strategy}-rank{accelerator.process_index}", fsdp=args.strategy == "fsdp")
