@@ -22,6 +22,13 @@ inline float surrogate_grad(float x, int kind, float alpha) {
   return alpha * sg * (1.0f - sg);
 }
 
+// (e^{a - m}, e^{b - m}) with m = max(a, b), using one exp: the larger side is exactly 1.
+inline void max_pair(float a, float b, float& ea, float& eb) {
+  const float e = std::exp(-std::fabs(a - b));
+  ea = a >= b ? 1.0f : e;
+  eb = a >= b ? e : 1.0f;
+}
+
 struct LifParams {
   float beta, gain, vth, alpha;
 };
@@ -156,16 +163,14 @@ void wkv_forward(const float* w, const float* u, const float* k, const float* v,
       #pragma omp simd
       for (int64_t j = 0; j < cw; ++j) {
         const float kt = k[o + j], vt = v[o + j], uk = u[c0 + j] + kt;
-        float q = std::max(p[j], uk);
-        float e1 = std::exp(p[j] - q), e2 = std::exp(uk - q);
+        float e1, e2;
+        max_pair(p[j], uk, e1, e2);
         y[o + j] = (e1 * num[j] + e2 * vt) / (e1 * den[j] + e2);
         const float pw = p[j] + w[c0 + j];
-        q = std::max(pw, kt);
-        e1 = std::exp(pw - q);
-        e2 = std::exp(kt - q);
+        max_pair(pw, kt, e1, e2);
         num[j] = e1 * num[j] + e2 * vt;
         den[j] = e1 * den[j] + e2;
-        p[j] = q;
+        p[j] = std::max(pw, kt);
       }
     }
     for (int64_t j = 0; j < cw; ++j) {
@@ -207,10 +212,11 @@ void wkv_backward(const float* w, const float* u, const float* k, const float* v
         #pragma omp simd
         for (int64_t j = 0; j < cw; ++j) {
           const float kt = k[o + j], vt = v[o + j], pw = cur[2 * kLane + j] + w[c0 + j];
-          const float q = std::max(pw, kt), e1 = std::exp(pw - q), e2 = std::exp(kt - q);
+          float e1, e2;
+          max_pair(pw, kt, e1, e2);
           nxt[j] = e1 * cur[j] + e2 * vt;
           nxt[kLane + j] = e1 * cur[kLane + j] + e2;
-          nxt[2 * kLane + j] = q;
+          nxt[2 * kLane + j] = std::max(pw, kt);
         }
       }
       float ga[kLane], gb[kLane], gp[kLane], gw[kLane], gu[kLane];
@@ -232,13 +238,12 @@ void wkv_backward(const float* w, const float* u, const float* k, const float* v
           const float kt = k[o + j], vt = v[o + j], uk = u[c0 + j] + kt;
           const float num = cur[j], den = cur[kLane + j], p = cur[2 * kLane + j];
           // output y_t from the state before t
-          float q = std::max(p, uk);
-          const float a1 = std::exp(p - q), a2 = std::exp(uk - q);
+          float a1, a2, b1, b2;
+          max_pair(p, uk, a1, a2);
           const float dq = a1 * den + a2, yt = (a1 * num + a2 * vt) / dq, gyd = g_y[o + j] / dq;
           // state update t -> t+1
           const float pw = p + w[c0 + j];
-          q = std::max(pw, kt);
-          const float b1 = std::exp(pw - q), b2 = std::exp(kt - q);
+          max_pair(pw, kt, b1, b2);
           g_v[o + j] = gyd * a2 + ga[j] * b2;
           const float gu_t = gyd * (vt - yt) * a2;
           float gk = gu_t + (ga[j] * vt + gb[j]) * b2;
