@@ -234,13 +234,17 @@ def prepare_corpus(
     separator: str | None = None,
     text_field: str = "text",
     max_tokens: int | None = None,
+    bos: bool | None = None,
 ) -> dict:
     """Tokenize `sources` with `tokenizer`, pack into rows of seq_len tokens, split, write out_dir.
 
     Documents are concatenated, each followed by the separator token (see separator_id), and cut into
-    consecutive rows [seq_len]; the incomplete last row is dropped. A seeded permutation picks
-    round(n * val_fraction) rows (at least 1 when val_fraction > 0) for val.bin; the rest keep their order
-    in train.bin. max_tokens caps the tokens read (a quick demo). Returns (and writes to meta.json) stats.
+    consecutive rows [seq_len]; the incomplete last row is dropped. Every row starts with the tokens the
+    tokenizer itself puts at the start of a sequence (bos=None: e.g. <bos> for Gemma, nothing for SmolLM2
+    or GPT-2; bos=True forces its bos token, bos=False none): teachers such as Gemma predict far worse
+    without them. A seeded permutation picks round(n * val_fraction) rows (at least 1 when val_fraction > 0)
+    for val.bin; the rest keep their order in train.bin. max_tokens caps the tokens read (a quick demo).
+    Returns (and writes to meta.json) stats.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise DataError(f"data.seq_len must be an int >= 2, got {seq_len!r}")
@@ -249,12 +253,15 @@ def prepare_corpus(
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sep, sep_id = separator_id(tokenizer, separator)
+    prefix = row_prefix(tokenizer, bos)
+    if len(prefix) >= seq_len:
+        raise DataError(f"data.seq_len={seq_len} leaves no room after the row prefix {prefix}; raise it")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tokens, stats, names = _tokenize_sources(sources, tokenizer, sep_id, text_field, tmp, max_tokens)
-        meta = _write_split(tokens, tokenizer, tmp, seq_len, val_fraction, seed, names)
+        meta = _write_split(tokens, prefix, tokenizer, tmp, seq_len, val_fraction, seed, names)
         meta.update(stats, separator=sep, separator_id=sep_id, text_field=text_field, max_tokens=max_tokens,
                     bytes_per_token=stats["bytes"] / max(stats["text_tokens"], 1))
         shutil.rmtree(tmp / "hf", ignore_errors=True)
@@ -269,15 +276,34 @@ def prepare_corpus(
     return meta
 
 
-def _write_split(tokens: np.ndarray, tokenizer, out: Path, seq_len: int, val_fraction: float, seed: int,
-                 names: list[str]) -> dict:
-    n_rows = len(tokens) // seq_len
+def row_prefix(tokenizer, bos: bool | None) -> list[int]:
+    """Token ids every packed row starts with (see prepare_corpus's bos)."""
+    if bos is False:
+        return []
+    if bos is True:
+        if tokenizer.bos_token_id is None:
+            raise DataError("data.bos=true but the tokenizer has no bos token; unset it")
+        return [tokenizer.bos_token_id]
+    plain = tokenizer(["x"], add_special_tokens=False)["input_ids"][0]
+    full = tokenizer(["x"], add_special_tokens=True)["input_ids"][0]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _write_split(tokens: np.ndarray, prefix: list[int], tokenizer, out: Path, seq_len: int,
+                 val_fraction: float, seed: int, names: list[str]) -> dict:
+    body = seq_len - len(prefix)
+    n_rows = len(tokens) // body
     if n_rows == 0:
         raise DataError(f"{', '.join(names[:3])}: only {len(tokens)} tokens, fewer than one sequence of "
                         f"{seq_len}; add text or lower data.seq_len")
-    vocab = max(len(tokenizer), int(tokens.max()) + 1)
+    vocab = max(len(tokenizer), int(tokens.max()) + 1, *(t + 1 for t in prefix))
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    rows = tokens[: n_rows * seq_len].reshape(n_rows, seq_len).astype(dtype)
+    rows = np.empty((n_rows, seq_len), dtype=dtype)
+    rows[:, : len(prefix)] = prefix
+    rows[:, len(prefix):] = tokens[: n_rows * body].reshape(n_rows, body)
     n_val = 0 if val_fraction == 0 else min(n_rows - 1, max(1, round(n_rows * val_fraction)))
     if val_fraction > 0 and n_val < 1:
         raise DataError(f"{', '.join(names[:3])}: {n_rows} row(s) of {seq_len} tokens cannot be split into "
@@ -291,8 +317,8 @@ def _write_split(tokens: np.ndarray, tokenizer, out: Path, seq_len: int, val_fra
     return {
         "format": _FORMAT_VERSION, "dtype": np.dtype(dtype).name, "seq_len": seq_len,
         "n_seqs": {"train": n_rows - n_val, "val": n_val},
-        "tokens": {"total": len(tokens), "packed": n_rows * seq_len,
-                   "dropped": len(tokens) - n_rows * seq_len},
+        "tokens": {"total": len(tokens), "packed": n_rows * body, "dropped": len(tokens) - n_rows * body},
+        "row_prefix": prefix,
         "vocab_size": len(tokenizer), "tokenizer_hash": tokenizer_hash(tokenizer),
         "data_hash": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest(),
         "split_hashes": hashes, "sources": names, "val_fraction": val_fraction, "seed": seed,

@@ -179,3 +179,24 @@ def test_truncated_token_file_is_detected(two_texts, tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match="wrong size"):
         TokenDataset(out)
     assert np.fromfile(out / "val.bin", dtype=np.uint16).size % 16 == 0
+
+
+def test_rows_start_with_the_tokenizers_own_prefix(two_texts, tiny_tokenizer, tmp_path):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    gemma_like = copy.deepcopy(tiny_tokenizer)  # adds bos at the start of every sequence, as Gemma's does
+    gemma_like.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    assert gemma_like("ab")["input_ids"][0] == 0
+    meta = prepare_corpus(two_texts, gemma_like, tmp_path / "g", seq_len=16, val_fraction=0.0)
+    ds = TokenDataset(tmp_path / "g")
+    stream = _stream(tiny_tokenizer, DOC_A, DOC_B)
+    assert meta["row_prefix"] == [0] and len(ds) == len(stream) // 15
+    assert ds[1].tolist() == [0, *stream[15:30]]
+    plain = prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "p", seq_len=16, val_fraction=0.0)
+    forced = prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "f", seq_len=16, val_fraction=0.0, bos=True)
+    assert plain["row_prefix"] == [] and forced["row_prefix"] == [0]
+    off = prepare_corpus(two_texts, gemma_like, tmp_path / "o", seq_len=16, val_fraction=0.0, bos=False)
+    assert off["row_prefix"] == [] and off["data_hash"] == plain["data_hash"]
