@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -29,13 +28,3 @@ def save_model_dir(model, tokenizer, path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread_per_module():
-    """Test modules import this fixture to run on one intra-op thread: tiny models gain nothing from more,
-    and on a busy 2-core box OpenMP spin-waits make them ~50x slower. The setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -15,7 +15,6 @@ from eval import EvalError
 from eval.bpb import count_words, evaluate_bpb, read_eval_text
 from eval.harness import TASKS_DIR, SpikeGPTLM, run_tasks
 from eval.testing import (
-    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
     tiny_student,
 )
 

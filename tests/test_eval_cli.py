@@ -12,7 +12,6 @@ import torch
 from eval.cli import main, register
 from eval.generate import sample_next, stream_text
 from eval.testing import (
-    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
     save_model_dir,
     tiny_student,
 )

@@ -20,7 +20,6 @@ from eval.energy import (
     write_energy_json,
 )
 from eval.testing import (
-    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
     tiny_student,
 )
 

@@ -17,7 +17,6 @@ from lm_eval.api.instance import Instance
 
 from eval.harness import TASKS_DIR, SpikeGPTLM, evaluate_tasks, run_tasks
 from eval.testing import (
-    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
     save_model_dir,
     tiny_student,
 )

@@ -11,7 +11,6 @@ import pytest
 from eval import EvalError
 from eval.leaderboard import SCHEMA, build_leaderboard, load_runs, model_card_row
 from eval.testing import (
-    one_thread_per_module,  # noqa: F401  (autouse: one intra-op thread)
     save_model_dir,
     tiny_student,
 )

@@ -13,15 +13,6 @@ VOCAB = 32
 MIXERS = ["srwkv", "sfsa", "sfsa_linear", ["sfsa", "srwkv"]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box are ~100x slower with 2 contending threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(mixer="srwkv", steps=1, spike_driven=True, seed=0, **kw) -> SpikeGPTForCausalLM:
     torch.manual_seed(seed)
     sizes = {"vocab_size": VOCAB, "d_model": 16, "n_head": 2, **kw}

@@ -5,14 +5,6 @@ import torch
 from students import SpikeGPTConfig, SpikeGPTForCausalLM, SpikeLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(mixer, steps, spike_driven) -> SpikeGPTForCausalLM:
     torch.manual_seed(0)
     cfg = SpikeGPTConfig(vocab_size=8, n_layer=1, d_model=4, n_head=2, ffn_mult=2, token_mixer=mixer,
