@@ -88,27 +88,27 @@ def _firing_rate(model, tokenizer, text: str, context_length: int) -> float:
     return sum(rates.values()) / max(len(rates), 1)
 
 
-def results_table(results: dict) -> str:
-    """Markdown table: per text, student vs teacher bits/byte; then firing rate and energy ratio."""
-    lines = ["| text | student bits/byte | teacher bits/byte |", "|---|---|---|"]
-    for name, row in results["bits_per_byte"].items():
-        teacher = row.get("teacher")
-        lines.append(f"| {name} | {row['student']:.4f} | {'-' if teacher is None else f'{teacher:.4f}'} |")
-    lines.append("")
-    lines.append(f"firing rate (mean over spiking layers): {results['firing_rate']:.4f}")
-    ratio = results.get("energy_ratio")
-    if ratio is not None:
-        lines.append(f"energy per token vs teacher: {ratio:.4g} (operations only, 45 nm; memory not counted)")
-    return "\n".join(lines)
-
-
-def _energy(model, tokenizer, text: str, context_length: int, teacher) -> tuple[dict, float | None, str]:
+def _energy(model, tokenizer, text: str, context_length: int, teacher) -> tuple[dict, str]:
     from eval.energy import energy_report, format_energy_table
 
     report = energy_report(model, context_length, tokenizer=tokenizer, text=text,
                            teacher_config=teacher.config if teacher is not None else None)
-    ratio = report.get("ratio_to_teacher", report.get("energy_ratio"))
-    return report, ratio, format_energy_table(report)
+    return report, format_energy_table(report)
+
+
+def headline(results: dict) -> dict[str, float]:
+    """The scalar metrics of results.json kept in done.json: bits/byte per text, firing rate, energy ratio."""
+    out: dict[str, float] = {}
+    student, teacher = results["student"], results.get("teacher") or {}
+    for name, row in student["bpb"].items():
+        out[f"bpb_{name}"] = row["bits_per_byte"]
+        if name in teacher.get("bpb", {}):
+            out[f"teacher_bpb_{name}"] = teacher["bpb"][name]["bits_per_byte"]
+    energy = student.get("energy") or {}
+    for key, name in (("mean_firing_rate", "firing_rate"), ("ratio_to_teacher", "energy_ratio")):
+        if energy.get(key) is not None:
+            out[name] = energy[key]
+    return out
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -117,52 +117,43 @@ def run(ctx: StageContext) -> StageResult:
 
     import students  # noqa: F401  (registers spikegpt with AutoModelForCausalLM)
     from eval.bpb import evaluate_bpb
+    from eval.leaderboard import collect_results, model_card_row, model_info
 
     r, e = ctx.recipe, ctx.recipe.evaluate
     model_dir = ctx.upstream["export"]["outputs"]["model"]
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = load_texts(r)
-    student = {n: evaluate_bpb(model, tokenizer, t, e.context_length, e.batch_size) for n, t in texts.items()}
-    teacher_scores, teacher = _teacher_scores(r, texts, ctx.log) if e.teacher else ({}, None)
+    bpb = {n: evaluate_bpb(model, tokenizer, t, e.context_length, e.batch_size) for n, t in texts.items()}
+    teacher_bpb, teacher = _teacher_scores(r, texts, ctx.log) if e.teacher else (None, None)
     first_text = next(iter(texts.values()))
-    results: dict[str, Any] = {
-        "model": r.run.name, "model_dir": model_dir, "teacher": r.teacher.spec,
-        "teacher_fingerprint": getattr(teacher, "fingerprint", None), "context_length": e.context_length,
-        "max_text_bytes": e.max_text_bytes,
-        "bits_per_byte": {n: {"student": student[n]["bits_per_byte"],
-                              "teacher": teacher_scores.get(n, {}).get("bits_per_byte")} for n in texts},
-        "texts": {n: {"student": student[n], "teacher": teacher_scores.get(n)} for n in texts},
-        "firing_rate": _firing_rate(model, tokenizer, first_text, e.context_length),
-    }
-    energy_text = ""
-    if e.energy:
-        results["energy"], results["energy_ratio"], energy_text = _energy(
-            model, tokenizer, first_text, e.context_length, teacher)
+    report, energy_text = _energy(model, tokenizer, first_text, e.context_length, teacher) if e.energy else (None, "")
+    task_rows: dict = {}
     if e.tasks:
         from eval.harness import evaluate_tasks
 
-        results["tasks"] = evaluate_tasks(model_dir, list(e.tasks), ctx.stage_dir / "lm_eval", limit=e.limit,
-                                          batch_size=e.batch_size, teacher_spec=r.teacher.spec if e.teacher else None)
-    results["sample"] = {"prompt": e.sample_prompt,
-                         "text": _sample(model, tokenizer, e.sample_prompt, e.sample_tokens)}
+        task_rows = evaluate_tasks(model_dir, list(e.tasks), ctx.stage_dir / "lm_eval", limit=e.limit,
+                                   batch_size=e.batch_size,
+                                   teacher_spec=r.teacher.spec if e.teacher else None)["models"]
+    sample = {"prompt": e.sample_prompt, "text": _sample(model, tokenizer, e.sample_prompt, e.sample_tokens)}
+    results = collect_results(r.run.name, model_dir, bpb, task_rows.get("student"), report,
+                              r.teacher.spec if e.teacher else None, teacher_bpb, task_rows.get("teacher"),
+                              model_info(model), sample)
+    results["settings"] = {"context_length": e.context_length, "max_text_bytes": e.max_text_bytes,
+                           "teacher_fingerprint": getattr(teacher, "fingerprint", None)}
     out = ctx.stage_dir / "results.json"
     out.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    table = results_table(results)
-    write_model_card(Path(model_dir), r, ctx.upstream["export"]["metrics"].get("parameters", 0),
-                     _card_metrics(results), extra="\n" + table + "\n")
-    print(("\n" + energy_text if energy_text else "") + "\n" + table)
-    print(f"\nsample: {e.sample_prompt}{results['sample']['text']}\n")
-    return StageResult(outputs={"results": str(out)}, metrics=_card_metrics(results))
-
-
-def _card_metrics(results: dict) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, row in results["bits_per_byte"].items():
-        out[f"bpb_{name}"] = row["student"]
-        if row["teacher"] is not None:
-            out[f"teacher_bpb_{name}"] = row["teacher"]
-    out["firing_rate"] = results["firing_rate"]
-    if results.get("energy_ratio") is not None:
-        out["energy_ratio"] = results["energy_ratio"]
-    return out
+    table = model_card_row(results)
+    metrics = headline(results)
+    if report is None:  # without the energy report, the plain mean firing rate stands in
+        metrics["firing_rate"] = _firing_rate(model, tokenizer, first_text, e.context_length)
+        table += f"\nfiring rate (mean over spiking modules): {metrics['firing_rate']:.4f}\n"
+    write_model_card(Path(model_dir), r, ctx.upstream["export"]["metrics"].get("parameters", 0), metrics,
+                     extra="\n" + table + "\n")
+    if energy_text:  # the per-layer table goes to a file; the console gets its totals
+        (ctx.stage_dir / "energy.md").write_text(energy_text, encoding="utf-8")
+        totals = [line for line in energy_text.splitlines() if line.strip() and not line.startswith("|")]
+        print("\n" + "\n".join(totals))
+    print("\n" + table)
+    print(f"\nsample: {e.sample_prompt}{sample['text']}\n")
+    return StageResult(outputs={"results": str(out)}, metrics=metrics)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.stages import StageContext, StageResult
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, trust_remote_code: bool = False, dtype: str = "bf16"):
     """The teacher's tokenizer, without loading its weights when the spec is a hub id or a HF directory."""
     from transformers import AutoTokenizer
 
@@ -25,7 +25,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     from teachers import load_teacher
 
-    return load_teacher(spec, trust_remote_code=trust_remote_code).tokenizer
+    return load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code).tokenizer
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> StageResult:
     from teachers.data import prepare_corpus
 
     r = ctx.recipe
-    tokenizer = load_tokenizer(r.teacher.spec, r.teacher.trust_remote_code)
+    tokenizer = load_tokenizer(r.teacher.spec, r.teacher.trust_remote_code, r.teacher.dtype)
     tok_dir = ctx.stage_dir / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     out = ctx.stage_dir / "dataset"

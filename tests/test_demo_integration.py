@@ -1,0 +1,60 @@
+"""recipes/demo.yaml end to end with the real bundled SmolLM2-135M teacher, on a tiny override budget.
+
+Every stage runs for real (prepare -> align -> distill -> export -> evaluate); the budget is cut so the test
+stays well under two minutes on 2 CPU cores (the first ever run also converts the GGUF teacher once, ~20 s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.max_train_tokens=3000", "data.seq_len=64", "data.val_fraction=0.05",
+    "student.config.n_layer=1", "student.config.d_model=32", "student.config.n_head=2",
+    "align.train.steps=2", "align.train.batch_size=2", "align.train.eval_every=2", "align.train.eval_batches=1",
+    "align.train.checkpoint_every=1", "align.train.log_every=1",
+    "distill.train.steps=2", "distill.train.batch_size=2", "distill.train.eval_every=2",
+    "distill.train.eval_batches=1", "distill.train.checkpoint_every=1", "distill.train.log_every=1",
+    "evaluate.max_text_bytes=800", "evaluate.context_length=128", "evaluate.sample_tokens=4",
+]
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_every_stage(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import students  # noqa: F401
+    from pipeline.cli import main
+
+    run_dir = tmp_path / "demo"
+    assert main(["run", str(ROOT / "recipes" / "demo.yaml"), "--run-dir", str(run_dir), *TINY]) == 0
+    out = capsys.readouterr().out
+    for stage in ("prepare", "align", "distill", "export", "evaluate"):
+        done = json.loads((run_dir / stage / "done.json").read_text())
+        assert done["stage"] == stage and all(Path(p).exists() for p in done["outputs"].values())
+    assert "student bits/byte" in out and "sample:" in out
+
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    for text in ("persuasion", "hamlet"):
+        row = results["bits_per_byte"][text]
+        assert math.isfinite(row["student"]) and row["student"] > 0
+        assert 0.3 < row["teacher"] < min(3.0, row["student"])  # the real SmolLM2 teacher, held-out prose
+    assert 0.0 <= results["firing_rate"] <= 1.0
+
+    model_dir = run_dir / "export" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert type(model).__name__ == "SpikeGPTForCausalLM" and model.config.n_layer == 1
+    assert not any("proj" in name and "spad" in name for name, _ in model.named_parameters())
+    assert (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
+    card = (model_dir / "README.md").read_text()
+    assert "student bits/byte" in card and "smollm2-135m" in card
+
+    assert main(["run", str(ROOT / "recipes" / "demo.yaml"), "--run-dir", str(run_dir), *TINY]) == 0
+    summary = capsys.readouterr().out
+    assert summary.count("skipped") == 5
