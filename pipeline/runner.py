@@ -136,14 +136,22 @@ def _deepspeed_dict(recipe: Recipe, train: TrainConfig | None) -> dict:
     return ds
 
 
+def _no_deepspeed_shm_op() -> None:
+    """Stop DeepSpeed JIT-compiling its shared-memory all-reduce on CPU (minutes on a small box); it then
+    uses plain gloo collectives."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
     """An Accelerator for the recipe's distributed section (CPU + gloo when CUDA is absent).
 
     strategy auto/ddp/none take what the launcher set up; deepspeed passes the recipe's JSON (with "auto"
-    fields filled from `train`); fsdp uses FSDP2 unless `accelerate launch` configured FSDP already.
+    fields filled from `train`); fsdp is applied by the trainer (FSDP2) unless `accelerate launch` set it up.
     """
     import torch
-    from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
     dist = recipe.distributed
@@ -157,8 +165,9 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
     }
     if dist.strategy == "deepspeed":
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train))
-    elif dist.strategy == "fsdp" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
+        kwargs["cpu"] = False  # accelerate drops the DeepSpeed plugin under cpu=True; without CUDA it uses the CPU
+        if not cuda:
+            _no_deepspeed_shm_op()
     return Accelerator(**kwargs)
 
 
@@ -346,9 +355,9 @@ class Runner:
         """Check the run directory, take the lock (main process), write config.yaml, run the stages."""
         planned = plan_stages(self.recipe, requested)
         lock = RunLock(self.run_dir)
+        _check_config(self.run_dir, self.recipe, resume, self.force)  # every rank, so all stop together
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _check_config(self.run_dir, self.recipe, resume, self.force)
             lock.acquire()
         try:
             if self.is_main:
