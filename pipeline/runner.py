@@ -357,8 +357,12 @@ class Runner:
         lock = RunLock(self.run_dir)
         _check_config(self.run_dir, self.recipe, resume, self.force)  # every rank, so all stop together
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            except PermissionError as exc:
+                raise PipelineError(f"{self.run_dir}: not writable ({exc.strerror}); pass --run-dir DIR or set "
+                                    "run.runs_dir to a folder you can write") from None
         try:
             if self.is_main:
                 write_text_atomic(self.run_dir / "config.yaml", recipe_to_yaml(self.recipe))

@@ -223,3 +223,24 @@ def test_non_main_rank_writes_nothing(tmp_path, stubs, monkeypatch):
         run_pipeline(_recipe(), run_dir=tmp_path)
     assert not (tmp_path / "config.yaml").exists()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_run_dir_is_one_clear_error(tmp_path, stubs):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        with pytest.raises(PipelineError, match=r"not writable .*--run-dir"):
+            run_pipeline(_recipe(), run_dir=parent / "run")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_permission_error_on_the_run_dir_is_one_clear_error(tmp_path, stubs, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PipelineError, match=r"not writable \(Permission denied\)"):
+        run_pipeline(_recipe(), run_dir=tmp_path / "run")
