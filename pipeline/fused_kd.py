@@ -57,6 +57,12 @@ def fused_head_kd_loss(
             f"fused_head_kd_loss: head_input [N, C] and head_weight [V, C] expected, got "
             f"{tuple(head_input.shape)} and {tuple(head_weight.shape)}"
         )
+    vocab = head_weight.shape[0]
+    if labels.shape != head_input.shape[:1] or bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()):
+        raise ValueError(
+            f"fused_head_kd_loss: labels must be [N] = {tuple(head_input.shape[:1])} with ids in [0, {vocab}) or "
+            f"{IGNORE_INDEX}; check the tokenizer matches the student's vocab_size"
+        )
     opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta), loss_weights)
     kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
     return {"kd_sum": kd_sum, "ce_sum": ce_sum, "n_tokens": (labels != IGNORE_INDEX).sum()}
@@ -147,12 +153,20 @@ def _target_rows(target: Any, rows: slice) -> Any:
         return target.ids[rows].long(), target.logprobs[rows].float(), target.tail_mass[rows].float()
     with torch.no_grad():
         t = target[rows] if torch.is_tensor(target) else target(rows)
+    n = len(range(*rows.indices(rows.stop)))
+    if t.dim() != 2 or t.shape[0] != n:
+        raise ValueError(f"fused_head_kd_loss: teacher logits for rows {rows} must be [{n}, V], got {tuple(t.shape)}")
     return t.float()
 
 
 def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
     """(kd_sum, ce_sum, d loss / d logits [n, V] or None) for one chunk of rows."""
     z = h_c.float() @ w32.t()
+    if target is not None and not isinstance(target, tuple) and target.shape[1] != z.shape[1]:
+        raise ValueError(
+            f"fused_head_kd_loss: teacher vocab {target.shape[1]} != student vocab {z.shape[1]}; distill only "
+            "between models sharing a tokenizer (teachers.check_vocab)"
+        )
     lib = _cpu_library(z)
     if lib is not None and not isinstance(target, tuple):
         return _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce)

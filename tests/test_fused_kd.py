@@ -112,3 +112,13 @@ def test_fused_rejects_bad_arguments():
         fused_head_kd_loss(h, w, labels, teacher, "jsd", jsd_beta=1.5)
     with pytest.raises(ValueError, match="head_weight"):
         fused_head_kd_loss(h, w.t(), labels, teacher)
+
+
+def test_fused_rejects_mismatched_vocab_and_labels():
+    h, w, labels, teacher = _setup()
+    with pytest.raises(ValueError, match="teacher vocab"):
+        fused_head_kd_loss(h, w, labels, teacher[:, :-1])
+    bad = labels.clone()
+    bad[1] = V  # out of the student's vocabulary
+    with pytest.raises(ValueError, match="labels"):
+        fused_head_kd_loss(h, w, bad, teacher)
