@@ -17,7 +17,10 @@ Reliability:
   checkpoint. Under DeepSpeed with grad_accum > 1 the engine owns the accumulation boundary, so a bad
   micro-batch is skipped but the micro-batches before it in that step are still applied.
 - SIGTERM (pre-emption): the current step finishes, a checkpoint is written, and the process exits with
-  code 143 (128 + SIGTERM), the convention of schedulers such as Slurm.
+  code 143 (128 + SIGTERM), the convention of schedulers such as Slurm. The flag is all-reduced every step,
+  so a signal that reaches one rank stops all of them at the same step; under torchrun each rank exits
+  with 143 and the launcher itself returns 1 (its ChildFailedError report shows "exitcode: 143").
+  Rerunning the same command resumes; on CPU the final weights are bit-identical to an unbroken run.
 """
 
 from __future__ import annotations
