@@ -153,3 +153,20 @@ def test_chunked_logit_losses_without_teacher_is_ce_only():
 def test_bad_kind_names_the_recipe_key():
     with pytest.raises(ValueError, match="distill.kd.kind"):
         kd_loss(torch.zeros(1, 3), torch.zeros(1, 3), kind="tvd")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_impl_is_selected_and_matches_chunked(sparse):
+    pytest.importorskip("pipeline.fused_kd")
+    from pipeline.losses import logit_losses
+
+    torch.manual_seed(5)
+    head = torch.nn.Linear(6, 11, bias=False)
+    h = torch.randn(9, 6)
+    labels = torch.randint(0, 11, (9,))
+    t_logits = torch.randn(9, 11)
+    teacher = _sparse_from_dense(t_logits, 3) if sparse else (lambda rows: t_logits[rows])
+    a = logit_losses(h, head, labels, teacher, "jsd", 2.0, 4, beta=0.3, impl="chunked")
+    b = logit_losses(h, head, labels, teacher, "jsd", 2.0, 4, beta=0.3, impl="fused")
+    for k in ("kd_sum", "ce_sum"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)

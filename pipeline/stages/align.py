@@ -5,10 +5,12 @@ with attention maps, and trains the student together with the SpAD projections (
 {"student": dir (HF save_pretrained), "projections": safetensors file of the SpAD projections}; the
 projections belong to the run, not to the student, and are dropped at export.
 The helpers here (building the student, the teacher and the SpAD module, saving) are shared with distill.
+SPIKEDISTILL_TENSORBOARD=1 also writes TensorBoard logs to <stage>/tensorboard (needs `pip install tensorboard`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,7 @@ def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) ->
     if not any(weights[k] > 0 for k in ("ea", "saa", "sfa")):
         return None
     cfg = student.config
-    mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))
-    log.info("layer map (student -> teacher): %s", ", ".join(f"{s}->{t}" for s, t in enumerate(mapping)))
+    mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
     return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
                     student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
                     head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps)
@@ -108,7 +109,8 @@ def train_objective(ctx: StageContext, objective: DistillObjective, section: Any
     trainer = Trainer(objective, section.train, ctx.accelerator, ctx.stage_dir, train, val_data=val,
                       bytes_per_token=train.bytes_per_token, seed=ctx.recipe.run.seed,
                       config_hash=stage_config_hash(ctx.recipe, name), name=name, collate=collate,
-                      fsdp=ctx.recipe.distributed.strategy == "fsdp")
+                      fsdp=ctx.recipe.distributed.strategy == "fsdp",
+                      tensorboard=os.environ.get("SPIKEDISTILL_TENSORBOARD", "0") == "1")
     return trainer, trainer.fit()
 
 
