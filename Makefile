@@ -49,3 +49,9 @@ eval: venv
 # One table (+ JSON and plots) over every run directory under RUNS
 leaderboard: venv
 	$(VENV)/bin/spikedistill leaderboard $(RUNS)
+
+# Benchmarks print ratios measured side by side in one run (see bench/README.md); they assert nothing.
+bench: venv
+	$(PY) -m bench.kernels --threads 1,2 --repeats 3
+	$(PY) -m bench.generate
+	$(PY) -m bench.teacher

@@ -9,13 +9,7 @@ cache / recurrent state (greedy, head included); the figure is the median over t
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
-
-# A script's own folder comes first on sys.path, so bench/*.py files would shadow packages that transformers
-# probes at import (bench/kernels.py shadows the `kernels` package); import from the project, not from bench/.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, RwkvConfig, RwkvForCausalLM

@@ -9,13 +9,8 @@ of `context` bytes, each from a fresh state). 1 thread, CPU.
 import argparse
 import lzma
 import math
-import sys
 import time
 from pathlib import Path
-
-# A script's own folder comes first on sys.path, so bench/*.py files would shadow packages that transformers
-# probes at import (bench/kernels.py shadows the `kernels` package); import from the project, not from bench/.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
 
