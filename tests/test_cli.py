@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,35 @@ def test_module_entry_point_exits_2(tmp_path):
                           check=False, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.yaml" in proc.stderr
+
+
+def test_teacher_error_exits_2(capsys, tmp_path):
+    argv = ["run", DEMO, "--run-dir", str(tmp_path / "r"), "--stages", "prepare",
+            f"teacher.spec={tmp_path / 'no-such-teacher'}"]
+    err = _fails_with_one_line(capsys, argv)
+    assert "no-such-teacher" in err
+    assert not (tmp_path / "r" / "prepare" / "done.json").exists()
+
+
+def test_data_error_exits_2_and_nothing_is_done(capsys, tmp_path, tiny_teacher_dir):
+    argv = ["run", DEMO, "--run-dir", str(tmp_path / "r"), "--stages", "prepare",
+            f"teacher.spec={tiny_teacher_dir}", f"data.sources=[{tmp_path / 'missing.txt'}]",
+            "data.max_train_tokens=null"]
+    err = _fails_with_one_line(capsys, argv)
+    assert "missing.txt" in err
+    assert not (tmp_path / "r" / "prepare" / "done.json").exists()
+
+
+def test_prepare_with_a_tiny_teacher(capsys, tmp_path, tiny_teacher_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("It is a truth universally acknowledged, that a single man.\n" * 40)
+    argv = ["run", DEMO, "--run-dir", str(tmp_path / "r"), "--stages", "prepare", f"teacher.spec={tiny_teacher_dir}",
+            f"data.sources=[{corpus}]", "data.seq_len=16", "data.max_train_tokens=320"]
+    assert main(argv) == 0
+    done = json.loads((tmp_path / "r" / "prepare" / "done.json").read_text())
+    assert done["metrics"]["seq_len"] == 16 and Path(done["outputs"]["tokenizer"], "tokenizer.json").exists()
+    from teachers.data import TokenDataset
+
+    rows = TokenDataset(done["outputs"]["dataset"], "train")
+    assert len(rows) > 0 and rows[0].shape == (16,)
+    assert main(argv) == 0 and "skipped" in capsys.readouterr().out

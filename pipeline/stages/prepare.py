@@ -15,14 +15,13 @@ from pipeline.stages import StageContext, StageResult
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, dtype: str = "bf16"):
-    """The teacher's tokenizer, without loading its weights when the spec is a hub id or a HF directory."""
+    """The teacher's tokenizer; from a local HF directory without loading weights, else via load_teacher
+    (which resolves aliases, GGUF files and Hub ids, and raises TeacherError naming the spec)."""
     from transformers import AutoTokenizer
 
-    path = Path(spec)
-    is_hf_dir = path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    is_hub_id = "/" in spec and not path.exists() and not spec.endswith(".gguf")
-    if is_hf_dir or is_hub_id:
-        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     from teachers import load_teacher
 
     return load_teacher(spec, dtype=dtype, trust_remote_code=trust_remote_code).tokenizer
