@@ -177,8 +177,13 @@ def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_
     path = _shard_path(out_dir, i)
     tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
     meta = {"sha256": _checksum(tensors), "first_row": str(first_row), "rows": str(tensors["ids"].shape[0])}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full or quota: drop the partial temp file, keep the finished shards
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{path}: cannot write the cache shard ({exc.strerror or exc}); free disk space, "
+                         "then rerun (finished shards are kept)") from exc
 
 
 def build_teacher_cache(

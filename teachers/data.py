@@ -268,6 +268,9 @@ def prepare_corpus(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it private
         _replace_dir(tmp, out_dir)
+    except OSError as exc:  # disk full, quota, permissions: the temp dir goes, any older out_dir stays
+        raise DataError(f"{exc.filename or out_dir}: cannot write the prepared data ({exc.strerror or exc}); "
+                        "free disk space or fix the permissions, then rerun") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"prepared {out_dir}: {meta['documents']} documents, {meta['tokens']['total']:,} tokens, "

@@ -66,6 +66,8 @@ def load_teacher(
     conversions and Hub downloads go (see cache_root).
     """
     dtype = resolve_dtype(dtype)
+    if trust_remote_code:
+        warn_remote_code(spec)
     root = cache_root(cache_dir)
     model_dir = _resolve_dir(str(spec), root)
     tokenizer = _load_tokenizer(model_dir, spec, trust_remote_code)
@@ -77,6 +79,12 @@ def load_teacher(
     log.info("teacher %s: %d layers, hidden %d, vocab %d, %s, fingerprint %s", spec, teacher.num_layers,
              teacher.hidden_size, teacher.vocab_size, dtype, fingerprint[:12])
     return teacher
+
+
+def warn_remote_code(spec: str | os.PathLike) -> None:
+    """Log a warning: trust_remote_code runs Python shipped with the model, with this user's rights."""
+    log.warning("teacher %s: trust_remote_code is on, so Python code from the model repository will run "
+                "with your permissions; only enable it for repositories you trust", spec)
 
 
 def _resolve_dir(spec: str, root: Path) -> Path:
@@ -233,6 +241,9 @@ def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trus
             raise TeacherError(f"{spec}: model_type {config.model_type!r} is not a causal LM; "
                                "the teacher must load with AutoModelForCausalLM") from exc
         raise TeacherError(f"{spec}: loading the model failed ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:  # e.g. a config.json without weight files next to it
+        raise TeacherError(f"{spec}: cannot load the model weights ({str(exc).splitlines()[0]}); "
+                           "point teacher.spec at a complete HF model directory") from exc
     return model.eval().requires_grad_(False)
 
 
