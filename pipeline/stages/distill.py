@@ -61,7 +61,11 @@ def _open_cache(ctx: StageContext, train) -> Any:
 
     r = ctx.recipe
     expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
-              "value_dtype": r.teacher_cache.value_dtype}
+              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"]}
+    # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
+    built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
+    if built_by:
+        expect["teacher_fingerprint"] = built_by
     return TeacherCache(ctx.upstream["teacher_cache"]["outputs"]["cache"], expect=expect)
 
 
