@@ -38,14 +38,18 @@ def test_demo_recipe_runs_every_stage(tmp_path, capsys):
     for stage in ("prepare", "align", "distill", "export", "evaluate"):
         done = json.loads((run_dir / stage / "done.json").read_text())
         assert done["stage"] == stage and all(Path(p).exists() for p in done["outputs"].values())
-    assert "student bits/byte" in out and "sample:" in out
+    assert "bpb persuasion" in out and "| student |" in out and "sample:" in out
 
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert results["schema"] == "spikedistill.results/1"
     for text in ("persuasion", "hamlet"):
-        row = results["bits_per_byte"][text]
-        assert math.isfinite(row["student"]) and row["student"] > 0
-        assert 0.3 < row["teacher"] < min(3.0, row["student"])  # the real SmolLM2 teacher, held-out prose
-    assert 0.0 <= results["firing_rate"] <= 1.0
+        student = results["student"]["bpb"][text]["bits_per_byte"]
+        teacher = results["teacher"]["bpb"][text]["bits_per_byte"]
+        assert math.isfinite(student) and student > 0
+        assert 0.3 < teacher < min(3.0, student)  # the real SmolLM2 teacher on held-out prose
+    energy = results["student"]["energy"]
+    assert 0.0 <= energy["mean_firing_rate"] <= 1.0 and 0 < energy["ratio_to_teacher"] < 1
+    assert results["sample"]["prompt"] == "It is a truth universally acknowledged"
 
     model_dir = run_dir / "export" / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -53,7 +57,7 @@ def test_demo_recipe_runs_every_stage(tmp_path, capsys):
     assert not any("proj" in name and "spad" in name for name, _ in model.named_parameters())
     assert (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
     card = (model_dir / "README.md").read_text()
-    assert "student bits/byte" in card and "smollm2-135m" in card
+    assert "bpb persuasion" in card and "| teacher |" in card and "smollm2-135m" in card
 
     assert main(["run", str(ROOT / "recipes" / "demo.yaml"), "--run-dir", str(run_dir), *TINY]) == 0
     summary = capsys.readouterr().out
