@@ -51,14 +51,18 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_done(stage_dir: Path) -> dict | None:
-    """The stage's done.json as a dict, or None when absent or unreadable (then the stage is not done)."""
-    path = Path(stage_dir) / "done.json"
+def _read_json(path: Path) -> dict | None:
     try:
-        done = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return done if isinstance(done, dict) and "config_hash" in done else None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    """The stage's done.json as a dict, or None when absent or unreadable (then the stage is not done)."""
+    done = _read_json(Path(stage_dir) / "done.json")
+    return done if done is not None and "config_hash" in done else None
 
 
 def done_fingerprint(done: dict) -> str:
@@ -265,7 +269,11 @@ class Runner:
         if self.force:
             return "--force"
         if done is None:
-            return "not run yet" if not (self.run_dir / name / "stage.json").exists() else "resuming"
+            started = _read_json(self.run_dir / name / "stage.json")
+            if started is None:
+                return "not run yet"
+            same = (started.get("config_hash"), started.get("inputs")) == (config_hash, inputs)
+            return "resuming" if same else "config changed since the interrupted attempt; starting clean"
         keys = diff_keys(done.get("config", {}), sections)
         if keys:
             return "config changed: " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
@@ -283,11 +291,8 @@ class Runner:
         """Make the stage folder ready: keep it only to resume the same config, else start clean."""
         stage_dir = self.run_dir / name
         marker = stage_dir / "stage.json"
-        try:
-            old = json.loads(marker.read_text())
-            same = (old["config_hash"], old["inputs"]) == (started["config_hash"], started["inputs"])
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
+        old = _read_json(marker) or {}
+        same = (old.get("config_hash"), old.get("inputs")) == (started["config_hash"], started["inputs"])
         (stage_dir / "done.json").unlink(missing_ok=True)
         if stage_dir.exists() and (self.force or not same):
             shutil.rmtree(stage_dir)

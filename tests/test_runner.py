@@ -165,7 +165,8 @@ def test_changed_config_starts_the_stage_folder_clean(tmp_path, stubs):
         run_pipeline(_recipe(), run_dir=tmp_path)
     (tmp_path / "distill" / "checkpoint.marker").write_text("from another config")
     stubs.fail = None
-    run_pipeline(_recipe("distill.train.optim.lr=0.01"), run_dir=tmp_path, resume=True)
+    rows = run_pipeline(_recipe("distill.train.optim.lr=0.01"), run_dir=tmp_path, resume=True)
+    assert rows[2].reason == "config changed since the interrupted attempt; starting clean"
     assert not (tmp_path / "distill" / "checkpoint.marker").exists()
 
 
