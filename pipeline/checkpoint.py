@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -54,16 +55,26 @@ class Checkpoint:
     def optimizer_state(self, rank: int) -> dict | None:
         for name in ("optimizer.pt", f"optimizer-rank{rank}.pt"):
             if (self.path / name).is_file():
-                return torch.load(self.path / name, map_location="cpu", weights_only=True)
+                return _load_torch(self.path / name)
         return None
 
     def scheduler_state(self) -> dict | None:
         f = self.path / "scheduler.pt"
-        return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+        return _load_torch(f) if f.is_file() else None
 
     def rng_state(self, rank: int) -> dict | None:
         f = self.path / f"rng-rank{rank}.pt"
-        return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+        return _load_torch(f) if f.is_file() else None
+
+
+def _load_torch(path: Path) -> Any:
+    """torch.load(weights_only=True); a file it refuses (a pickle of arbitrary objects) is a CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True) ({reason}); this checkpoint "
+                              f"holds more than tensors and plain containers, delete {path.parent}") from None
 
 
 def step_dir_name(step: int) -> str:

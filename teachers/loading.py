@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -241,6 +242,9 @@ def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trus
             raise TeacherError(f"{spec}: model_type {config.model_type!r} is not a causal LM; "
                                "the teacher must load with AutoModelForCausalLM") from exc
         raise TeacherError(f"{spec}: loading the model failed ({str(exc).splitlines()[0]})") from exc
+    except pickle.UnpicklingError as exc:  # a *.bin holding more than tensors: never loaded unsafely
+        raise TeacherError(f"{spec}: weight file refused by torch.load(weights_only=True); it is not a plain "
+                           "checkpoint, use the model's safetensors weights instead") from exc
     except OSError as exc:  # e.g. a config.json without weight files next to it
         raise TeacherError(f"{spec}: cannot load the model weights ({str(exc).splitlines()[0]}); "
                            "point teacher.spec at a complete HF model directory") from exc

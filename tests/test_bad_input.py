@@ -210,6 +210,15 @@ def test_existing_run_dir_with_another_config(capsys, recipe, cached_run):
     assert {p: p.read_bytes() for p in done_files(cached_run)} == before
 
 
+@pytest.mark.xfail(strict=True, reason="runner._check_config does not catch UnicodeDecodeError (fix pending)")
+def test_binary_config_yaml_in_the_run_dir(capsys, recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_bytes(bytes(range(256)))
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), "--stages", "prepare"])
+    assert "config.yaml" in err
+
+
 @pytest.mark.parametrize("where", [pytest.param("under_a_file", marks=pytest.mark.xfail(
     strict=True, reason="the runner turns only PermissionError into a one-line error (fix pending)")),
     "permission_denied"])
