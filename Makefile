@@ -55,3 +55,7 @@ bench: venv
 	$(PY) -m bench.kernels --threads 1,2 --repeats 3
 	$(PY) -m bench.generate
 	$(PY) -m bench.teacher
+
+# Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
+faults: venv
+	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py $(PYTEST_ARGS)
