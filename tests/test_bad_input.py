@@ -135,6 +135,8 @@ STAGE_CASES = [
      ["student.config.vocab_size", "teacher"]),
     ("seq_len_over_teacher_max", lambda f: ["data.seq_len=512"], "prepare,align",
      ["512", "max_length 256", "data.seq_len"]),
+    ("seq_len_over_student_max", lambda f: ["student.config.max_position=8"], "prepare,align",
+     ["max_position", "data.seq_len"]),
     ("corpus_empty", lambda f: [f"data.sources=[{f / 'empty.txt'}]"], "prepare", ["empty.txt", "empty"]),
     ("corpus_not_utf8", lambda f: [f"data.sources=[{f / 'latin1.txt'}]"], "prepare",
      ["latin1.txt", "not UTF-8", "iconv"]),

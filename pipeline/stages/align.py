@@ -36,6 +36,9 @@ def build_student(recipe: Any, vocab_size: int):
         config = SpikeGPTConfig.from_preset(recipe.student.preset, **overrides, vocab_size=vocab_size)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"student.config: {str(exc).splitlines()[0]} (fix student.preset/student.config)") from None
+    if config.max_position and recipe.data.seq_len > config.max_position:
+        raise ConfigError(f"data.seq_len: {recipe.data.seq_len} exceeds the student's max_position "
+                          f"{config.max_position}; lower data.seq_len or raise student.config.max_position")
     torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank and every rerun
     return SpikeGPTForCausalLM(config)
 
