@@ -198,8 +198,10 @@ def test_disk_full_is_one_error_and_nothing_is_marked_done(recipe, tmp_path, cap
             mp.setattr(data, "_write_split", _enospc)
         elif target == "cache":
             mp.setattr(cache, "save_file", _enospc)
-        elif target == "checkpoint":
-            mp.setattr(ckpt, "_save_torch", _enospc)
+        elif target == "checkpoint":  # step 2's checkpoint is written, step 4's hits the full disk
+            save = ckpt._save_torch
+            mp.setattr(ckpt, "_save_torch", lambda obj, path: _enospc() if "0000004" in path.parent.name
+                       else save(obj, path))
         else:  # every safetensors write, as save_pretrained does when the model is exported
             import transformers.modeling_utils as mu
 
@@ -213,6 +215,9 @@ def test_disk_full_is_one_error_and_nothing_is_marked_done(recipe, tmp_path, cap
     after = file_hashes(run_dir)
     assert {k: v for k, v in after.items() if k in before} == before  # earlier outputs untouched
     assert not (run_dir / "lock").exists()
+    if target == "checkpoint":  # the checkpoint written before the disk filled up is intact
+        assert steps_of(run_dir) == [2]
+        assert ckpt.verify(run_dir / "distill" / "checkpoints" / "step-0000002") is None
 
 
 # ------------------------------------------------------------------------------------------------ 6
