@@ -103,6 +103,12 @@ def test_recipe_errors(capsys, recipe, tmp_path, case, overrides, stages, words)
     assert not run_dir.exists()  # a bad recipe is refused before anything is written
 
 
+@pytest.mark.xfail(strict=True, reason="cli.main hands an extra without '=' to argparse (usage + error, 2 lines)")
+def test_bad_override_syntax_after_the_options(capsys, recipe, tmp_path):
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(tmp_path / "run"), "distill.train.steps"])
+    assert "distill.train.steps" in err and "key=value" in err
+
+
 def test_missing_recipe_file(capsys, tmp_path):
     err = fails(capsys, ["run", str(tmp_path / "nope.yaml")])
     assert "nope.yaml: recipe file not found" in err
