@@ -263,7 +263,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells += [_cell(r["acc"].get(t)) for t in tasks] + [_cell(r["mean_acc"])]
         cells += [
             _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
-            _cell(r["ratio_to_teacher"], "{:.3f}"),
+            _cell(r["ratio_to_teacher"], "{:.3g}"),
             _cell(r["mean_firing_rate"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -27,15 +27,10 @@ PROJECTIONS = "projections.safetensors"
 
 def build_student(recipe: Any, vocab_size: int):
     """A fresh SpikeGPTForCausalLM from student.preset + student.config, with the teacher's vocab size."""
-    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+    from pipeline.recipe import student_config
+    from students import SpikeGPTForCausalLM
 
-    overrides = dict(recipe.student.config)
-    if "vocab_size" in overrides:
-        raise ConfigError("student.config.vocab_size: the vocabulary comes from the teacher; remove the key")
-    try:
-        config = SpikeGPTConfig.from_preset(recipe.student.preset, **overrides, vocab_size=vocab_size)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"student.config: {str(exc).splitlines()[0]} (fix student.preset/student.config)") from None
+    config = student_config(recipe, vocab_size)
     if config.max_position and recipe.data.seq_len > config.max_position:
         raise ConfigError(f"data.seq_len: {recipe.data.seq_len} exceeds the student's max_position "
                           f"{config.max_position}; lower data.seq_len or raise student.config.max_position")
