@@ -104,6 +104,9 @@ class AlignConfig:
     # published SpAD weights for the alignment terms (REFERENCES §2)
     weights: LossWeights = field(default_factory=lambda: LossWeights(ea=0.2, saa=0.1, sfa=0.1))
     head_mapping: str = "mean"
+    # SFA against LayerNorm(h_T) instead of the raw residual stream, whose massive activations (SmolLM2: SFA
+    # ~4e3 per token against EA ~0.2) drown the other terms; false gives the paper's raw form
+    sfa_target_norm: bool = True
 
 
 @dataclass

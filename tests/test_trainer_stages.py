@@ -97,3 +97,16 @@ def test_distill_from_the_teacher_cache_without_align(tmp_path, tiny_teacher_dir
     train = [x for x in _rows(tmp_path / "distill" / "metrics.jsonl") if x["split"] == "train"]
     assert len(train) == 2 and train[0]["kd"] > 0
     assert Path(res.outputs["student"], "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("normed", [True, False])
+def test_align_sfa_target_norm_reaches_the_loss(tiny_teacher_dir, normed):
+    from pipeline.stages.align import build_spad, build_student
+    from teachers import load_teacher
+
+    recipe = _recipe(tiny_teacher_dir)
+    recipe.align.sfa_target_norm = normed
+    teacher = load_teacher(str(tiny_teacher_dir))
+    student = build_student(recipe, teacher.vocab_size)
+    spad = build_spad(recipe, student, teacher, {"ea": 0.0, "saa": 0.0, "sfa": 1.0}, logging.getLogger("t"))
+    assert spad.sfa_target_norm is normed

@@ -57,7 +57,8 @@ def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) ->
     mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
     return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
                     student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
-                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps)
+                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
+                    sfa_target_norm=recipe.align.sfa_target_norm)
 
 
 def datasets(ctx: StageContext):
