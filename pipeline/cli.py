@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow the options (argparse stops collecting positionals at an option)
-    if args.command == "run" and all("=" in x and not x.startswith("-") for x in extra):
+    # (one without "=" is passed on too, so load_recipe names it and the expected form in one line)
+    if args.command == "run" and all(not x.startswith("-") for x in extra):
         args.overrides += extra
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))

@@ -224,7 +224,7 @@ def _check_config(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> N
         return
     try:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         old = None
     changed = diff_keys(old if isinstance(old, dict) else {}, to_plain(recipe_to_dict(recipe)))
     if not changed:
@@ -329,7 +329,12 @@ class Runner:
                            accelerator=accelerator, is_main=self.is_main,
                            log=logging.getLogger(f"spikedistill.{name}"))
         t0 = time.perf_counter()
-        result = get_stage(name)(ctx) if (SPECS[name].training or self.is_main) else None
+        try:
+            result = get_stage(name)(ctx) if (SPECS[name].training or self.is_main) else None
+        except OSError as exc:  # disk full, quota, permissions: one line, and the stage stays not done
+            where = exc.filename or stage_dir
+            raise StageError(f"stage {name}: {exc.strerror or exc} on {where}; free disk space or fix the path "
+                             "or its permissions, then rerun the same command (nothing was marked done)") from exc
         seconds = time.perf_counter() - t0
         _barrier()
         if self.is_main:
@@ -365,9 +370,9 @@ class Runner:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
-            except PermissionError as exc:
-                raise PipelineError(f"{self.run_dir}: not writable ({exc.strerror}); pass --run-dir DIR or set "
-                                    "run.runs_dir to a folder you can write") from None
+            except OSError as exc:  # no permission, a path under a file, a read-only file system
+                raise PipelineError(f"{self.run_dir}: not writable ({exc.strerror or exc}); pass --run-dir DIR or "
+                                    "set run.runs_dir to a folder you can write") from None
         try:
             if self.is_main:
                 write_text_atomic(self.run_dir / "config.yaml", recipe_to_yaml(self.recipe))

@@ -177,8 +177,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("target", ["prepare", "cache", "checkpoint", pytest.param("export", marks=pytest.mark.xfail(
-    strict=True, reason="an OSError from a stage without its own handler is a traceback (runner fix pending)"))])
+@pytest.mark.parametrize("target", ["prepare", "cache", "checkpoint", "export"])
 def test_disk_full_is_one_error_and_nothing_is_marked_done(recipe, tmp_path, capsys, target):
     from safetensors import torch as st
 

@@ -21,6 +21,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, dtype: str = "bf1
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
+        if trust_remote_code:
+            from teachers.loading import warn_remote_code
+
+            warn_remote_code(spec)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     from teachers import load_teacher
 
