@@ -65,10 +65,12 @@ def test_ddp_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path, tiny_t
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_deepspeed_zero2_two_ranks_completes_and_loss_falls(tmp_path, tiny_teacher_dir):
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_deepspeed_two_ranks_completes_and_loss_falls(tmp_path, tiny_teacher_dir, zero):
     pytest.importorskip("deepspeed")
     out = tmp_path / "ds"
-    proc = _launch(tiny_teacher_dir, out, "deepspeed", "--batch-size", "2", "--steps", "8", "--lr", "0.03")
+    proc = _launch(tiny_teacher_dir, out, "deepspeed", "--zero", str(zero), "--batch-size", "2", "--steps", "8",
+                   "--lr", "0.03")
     _check_written(proc, out)
     info = json.loads((out / "info.json").read_text())
     assert info["wrapper"] == "DeepSpeedEngine" and info["world_size"] == 2

@@ -11,6 +11,7 @@ SPIKEDISTILL_TENSORBOARD=1 also writes TensorBoard logs to <stage>/tensorboard (
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,34 @@ def build_student(recipe: Any, vocab_size: int):
     return SpikeGPTForCausalLM(config)
 
 
-def load_stage_teacher(recipe: Any, device: Any, attn_maps: bool):
-    """The frozen teacher in the recipe's dtype on `device`."""
+def load_stage_teacher(recipe: Any, accelerator: Any, attn_maps: bool):
+    """The frozen teacher in the recipe's dtype on the accelerator's device, whole on every rank."""
     from pipeline.stages.teacher_cache import teacher_dtype
     from teachers import load_teacher
 
-    return load_teacher(recipe.teacher.spec, dtype=teacher_dtype(recipe.teacher.dtype), attn_maps=attn_maps,
-                        device=device, trust_remote_code=recipe.teacher.trust_remote_code)
+    with _unpartitioned(accelerator):
+        return load_teacher(recipe.teacher.spec, dtype=teacher_dtype(recipe.teacher.dtype), attn_maps=attn_maps,
+                            device=accelerator.device, trust_remote_code=recipe.teacher.trust_remote_code)
+
+
+@contextmanager
+def _unpartitioned(accelerator: Any):
+    """Load models whole under DeepSpeed ZeRO-3, where transformers would partition them (zero.Init).
+
+    transformers decides from the DeepSpeed config that accelerate registers (its stage, not accelerate's
+    zero3_init flag), so that registration is lifted for the duration and restored afterwards.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) -> SpADLoss | None:
@@ -119,7 +141,7 @@ def run(ctx: StageContext) -> StageResult:
 
     r = ctx.recipe
     weights = asdict(r.align.weights)
-    teacher = load_stage_teacher(r, ctx.accelerator.device, attn_maps=weights["saa"] > 0)
+    teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0)
     student = build_student(r, teacher.vocab_size)
     check_vocab(student.config.vocab_size, teacher)
     spad = build_spad(r, student, teacher, weights, ctx.log)

@@ -86,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
     use_cache = "teacher_cache" in ctx.upstream
     features = any(weights[k] > 0 for k in ("ea", "saa", "sfa"))
     needs_teacher = features or not use_cache or "align" not in ctx.upstream
-    teacher = load_stage_teacher(r, ctx.accelerator.device, attn_maps=weights["saa"] > 0) if needs_teacher else None
+    teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0) if needs_teacher else None
     student = _student(ctx, teacher)
     if teacher is not None:
         from teachers import check_vocab

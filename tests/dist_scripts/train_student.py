@@ -2,7 +2,7 @@
 
 Usage (what tests/test_distributed.py runs):
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/train_student.py \
-        --teacher DIR --out DIR --strategy ddp|fsdp|deepspeed --batch-size 2 --steps 4
+        --teacher DIR --out DIR --strategy ddp|fsdp|deepspeed [--zero 1|2|3] --batch-size 2 --steps 4
 Writes OUT/final.safetensors (the trained module's full state dict, main rank) and OUT/metrics.jsonl.
 The accelerator comes from pipeline.runner.make_accelerator, exactly as in a real run.
 """
@@ -33,28 +33,12 @@ class PatternRows(Dataset):
         return self.rows[i]
 
 
-def deepspeed_accelerator(recipe, train):
-    """Accelerator(cpu=False) with the recipe's DeepSpeed config: with cpu=True accelerate drops the plugin.
-
-    The shared-memory all-reduce op is switched off: DeepSpeed would JIT-compile it (minutes on a busy
-    2-core box) and falls back to plain gloo collectives without it.
-    """
-    import deepspeed.ops
-    from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from pipeline.runner import _deepspeed_dict
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train)),
-                       kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="DeepSpeed ZeRO stage (recipes/deepspeed)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
@@ -67,20 +51,21 @@ def main(argv=None) -> int:
     from pipeline.losses import DistillObjective
     from pipeline.runner import make_accelerator
     from pipeline.schema import OptimConfig, Recipe, TrainConfig
+    from pipeline.stages.align import load_stage_teacher
     from pipeline.trainer import Trainer
     from students import SpikeGPTConfig, SpikeGPTForCausalLM
-    from teachers import load_teacher
 
     recipe = Recipe()
     recipe.distributed.strategy = args.strategy
+    recipe.teacher.spec, recipe.teacher.dtype = args.teacher, "fp32"
     if args.strategy == "deepspeed":
-        recipe.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero2.json")
+        recipe.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2]
+                                                  / f"recipes/deepspeed/zero{args.zero}.json")
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         eval_every=10**6, checkpoint_every=args.checkpoint_every, log_every=1,
                         optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, grad_clip=1.0))
-    accelerator = make_accelerator(recipe, train) if args.strategy != "deepspeed" else deepspeed_accelerator(recipe,
-                                                                                                           train)
-    teacher = load_teacher(args.teacher, dtype=torch.float32)
+    accelerator = make_accelerator(recipe, train)
+    teacher = load_stage_teacher(recipe, accelerator, attn_maps=False)
     torch.manual_seed(0)
     student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("tiny", n_layer=2, d_model=16, n_head=2,
                                                                vocab_size=teacher.vocab_size))
