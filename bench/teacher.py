@@ -18,22 +18,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.losses import kd_loss
 from teachers import load_teacher
 from teachers.cache import TeacherCache, build_teacher_cache
 from teachers.data import TokenDataset, prepare_corpus
-
-try:
-    from pipeline.losses import kd_loss
-except ImportError:  # same bucket semantics, forward KL only
-    def kd_loss(student_logits, target, kind="forward_kl", temperature=1.0):
-        log_p = torch.log_softmax(student_logits.float(), -1)
-        if torch.is_tensor(target):
-            log_q = torch.log_softmax(target.float(), -1)
-            return (log_q.exp() * (log_q - log_p)).sum(-1)
-        log_q = torch.cat([target.logprobs, target.tail_mass.clamp_min(1e-10).log()[..., None]], -1)
-        rest = torch.logsumexp(log_p.scatter(-1, target.ids, float("-inf")), -1, keepdim=True)
-        log_p_b = torch.cat([log_p.gather(-1, target.ids), rest], -1)
-        return (log_q.exp() * (log_q - log_p_b)).sum(-1)
 
 KS = (16, 64, 256)
 
