@@ -9,7 +9,7 @@ MODEL ?=
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo distill eval bench study leaderboard faults lint clean
+.PHONY: venv test demo distill eval bench leaderboard faults lint clean
 
 # torch goes in first and is pinned through a constraints file so no later package can replace it.
 $(VENV)/.installed: pyproject.toml
