@@ -8,17 +8,9 @@ import triton
 import triton.language as tl
 
 from ..surrogate import SURROGATES
+from ..triton_common import surrogate_grad
 
 BLOCK = 128
-
-
-@triton.jit
-def _surrogate_grad(x, alpha, SUR: tl.constexpr):
-    if SUR == 0:
-        z = 1.5707963267948966 * alpha * x
-        return alpha / (2.0 * (1.0 + z * z))
-    sg = 1.0 / (1.0 + tl.exp(-alpha * x))
-    return alpha * sg * (1.0 - sg)
 
 
 @triton.jit
@@ -71,7 +63,7 @@ def _lif_bwd(x_ptr, v0_ptr, gs_ptr, gvl_ptr, h_ptr, gx_ptr, gv0_ptr, S, N, beta,
         else:
             dv_ds = -h
         gs = tl.load(gs_ptr + off, mask=mask, other=0.0)
-        gh = gv * dv_dh + (gs + gv * dv_ds) * _surrogate_grad(xs, alpha, SUR)
+        gh = gv * dv_dh + (gs + gv * dv_ds) * surrogate_grad(xs, alpha, SUR)
         tl.store(gx_ptr + off, gh * gain, mask=mask)
         gv = gh * beta
     if HAS_V0:

@@ -10,17 +10,9 @@ import triton
 import triton.language as tl
 
 from ..surrogate import SURROGATES
+from ..triton_common import surrogate_grad
 
 BLOCK = 16
-
-
-@triton.jit
-def _surrogate_grad(x, alpha, SUR: tl.constexpr):
-    if SUR == 0:
-        z = 1.5707963267948966 * alpha * x
-        return alpha / (2.0 * (1.0 + z * z))
-    sg = 1.0 / (1.0 + tl.exp(-alpha * x))
-    return alpha * sg * (1.0 - sg)
 
 
 @triton.jit
@@ -54,7 +46,7 @@ def _score_grad(q, k, v, do, ga_ptr, rows, cols, th, alpha, L, HAS_GA: tl.conste
     g = tl.dot(do, tl.trans(v), input_precision="ieee")
     if HAS_GA:
         g += tl.load(ga_ptr + rows[:, None] * L + cols[None, :], mask=causal, other=0.0)
-    gs = tl.where(causal, g * _surrogate_grad(s - th, alpha, SUR), 0.0)
+    gs = tl.where(causal, g * surrogate_grad(s - th, alpha, SUR), 0.0)
     a = tl.where(causal & (s - th >= 0.0), 1.0, 0.0)
     return gs, a
 
