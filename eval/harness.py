@@ -347,12 +347,16 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     teacher_spec: str | None = None,
+    teacher_cache_dir=None,
 ) -> dict:
     """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir.
 
     Files: lm_eval_<label>.json (lm-eval's own results dict per model) and results.md (lm-eval's table per
     model plus one side-by-side table). Returns {"models": {label: {task: {metric: value}}},
     "files": {name: path}}; label is "student" (the model dir) and "teacher".
+    teacher_cache_dir: keep the teacher's results there, keyed by its weights' fingerprint, the tasks, the
+    limit, the local task files and the lm-eval version, so many students scored against one teacher pay
+    for the teacher once.
     """
     from lm_eval.utils import make_table
 
@@ -366,7 +370,10 @@ def evaluate_tasks(
     specs = {"student": str(model_dir)} | ({"teacher": teacher_spec} if teacher_spec else {})
     models, files, md = {}, {}, []
     for label, spec in specs.items():
-        raw = run_tasks(lm_for(spec, batch_size=batch_size), tasks, limit, manager)
+        if label == "teacher" and teacher_cache_dir is not None:
+            raw = _cached_teacher_tasks(spec, tasks, limit, manager, batch_size, Path(teacher_cache_dir))
+        else:
+            raw = run_tasks(lm_for(spec, batch_size=batch_size), tasks, limit, manager)
         path = out_dir / f"lm_eval_{label}.json"
         path.write_text(json.dumps(raw, indent=2, default=str))
         files[f"lm_eval_{label}"] = str(path)
@@ -376,3 +383,44 @@ def evaluate_tasks(
     (out_dir / "results.md").write_text("# lm-eval results\n\n" + table + "\n" + "\n".join(md))
     files["markdown"] = str(out_dir / "results.md")
     return {"models": models, "files": files, "markdown": table}
+
+
+def _task_files_digest() -> str:
+    """sha256 over the local task definitions and their data (a changed task invalidates cached scores)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(TASKS_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".yaml", ".jsonl", ".py"):
+            h.update(path.relative_to(TASKS_DIR).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cached_teacher_tasks(spec: str, tasks: list[str], limit, manager, batch_size: int, cache_dir: Path) -> dict:
+    """lm-eval results of teacher `spec` from cache_dir, or run and store them (atomically)."""
+    import hashlib
+    import os
+    from importlib.metadata import version
+
+    from lm_eval.models.huggingface import HFLM
+
+    from teachers import load_teacher
+
+    teacher = load_teacher(spec, dtype=torch.float32)
+    key = {"teacher": teacher.fingerprint, "dtype": "fp32", "tasks": sorted(tasks), "limit": limit,
+           "task_files": _task_files_digest(), "lm_eval": version("lm_eval")}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"lm_eval_{name}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            path.unlink()  # a corrupt entry is recomputed
+    lm = HFLM(pretrained=teacher.model.eval(), tokenizer=teacher.tokenizer, batch_size=batch_size)
+    raw = run_tasks(lm, tasks, limit, manager)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(raw, default=str))
+    tmp.replace(path)
+    return json.loads(path.read_text())

@@ -182,6 +182,8 @@ def _short_label(entry: dict, run: str, role: str) -> str:
     if not info.get("params"):
         return run
     mixer = info.get("token_mixer")
+    if mixer is None:  # not a SpikeGPT student (e.g. the matched ANN baseline)
+        return f"{info.get('model_type') or 'model'} {info['params'] / 1e6:.2f}M"
     mixer = "+".join(dict.fromkeys(mixer)) if isinstance(mixer, list) else mixer
     return f"{mixer} T={info.get('time_steps')} {info['params'] / 1e6:.2f}M"
 
@@ -189,6 +191,7 @@ def _short_label(entry: dict, run: str, role: str) -> str:
 def entry_row(entry: dict, run: str, role: str) -> dict:
     """A flat leaderboard row from a student/teacher entry of results.json."""
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
+    task_bpb = {t: m["bits_per_byte"] for t, m in entry["tasks"].items() if m.get("bits_per_byte") is not None}
     energy = entry.get("energy") or {}
     return {
         "model": entry["name"],
@@ -197,12 +200,15 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
         "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
+        "lm_eval_bits_per_byte": task_bpb,
         "acc": accs,
         "mean_acc": _mean(accs.values()),
         "energy_pj": energy.get("energy_pj"),
         "ratio_to_teacher": energy.get("ratio_to_teacher"),
         "mean_firing_rate": energy.get("mean_firing_rate"),
+        "module_firing_rate": entry.get("module_firing_rate"),
         "params": entry.get("info", {}).get("params"),
+        "train": None,  # filled from the run directory by build_leaderboard (students only)
     }
 
 
@@ -250,22 +256,35 @@ def _cell(v, fmt="{:.4f}") -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Rows -> one markdown table: bits/byte per text, accuracy per task, energy, ratio, firing rate."""
     texts = sorted({t for r in rows for t in r["bits_per_byte"]})
+    ppl_tasks = sorted({t for r in rows for t in r.get("lm_eval_bits_per_byte", {})})
     tasks = sorted({t for r in rows for t in r["acc"]})
+    trained = any(r.get("train") for r in rows)
+    neurons = any(r.get("module_firing_rate") is not None for r in rows)
     head = (
         ["model", "run", "role"]
         + [f"bpb {t}" for t in texts]
-        + [f"acc {t}" for t in tasks]
+        + [f"bpb (lm-eval) {t.replace('spikedistill_', '')}" for t in ppl_tasks]
+        + [f"acc {t.replace('spikedistill_', '')}" for t in tasks]
         + ["mean acc", "energy/token (nJ)", "vs teacher", "firing rate"]
+        + (["firing rate (all neurons)"] if neurons else [])
+        + (["train tokens", "train tokens/s", "wall (min)"] if trained else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["label"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
-        cells += [_cell(r["acc"].get(t)) for t in tasks] + [_cell(r["mean_acc"])]
+        cells += [_cell(r.get("lm_eval_bits_per_byte", {}).get(t)) for t in ppl_tasks]
+        cells += [_cell(r["acc"].get(t), "{:.3f}") for t in tasks] + [_cell(r["mean_acc"], "{:.3f}")]
         cells += [
             _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
             _cell(r["ratio_to_teacher"], "{:.3g}"),
             _cell(r["mean_firing_rate"]),
         ]
+        if neurons:
+            cells.append(_cell(r.get("module_firing_rate")))
+        if trained:
+            t = r.get("train") or {}
+            cells += [_cell(t.get("tokens"), "{:,.0f}"), _cell(t.get("tokens_per_s"), "{:,.0f}"),
+                      _cell(None if t.get("wall_seconds") is None else t["wall_seconds"] / 60, "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -308,8 +327,16 @@ def _dedup_teachers(rows: list[dict]) -> list[dict]:
 
 def build_leaderboard(runs_dir, out_dir) -> dict:
     """Aggregate all runs into out_dir/{leaderboard.md, leaderboard.json, bpb_vs_energy.png,
-    task_accuracy.png}; returns {"rows": [...], "files": {name: path}}."""
-    rows = _dedup_teachers([row for res in load_runs(runs_dir) for row in rows_of(res)])
+    task_accuracy.png, learning_curves.png, token_efficiency.png}; returns {"rows": [...], "files": {...}}.
+
+    Student rows also carry their run's training cost and validation curve (`training_info`)."""
+    all_rows = []
+    for path, res in zip(sorted(Path(runs_dir).glob(f"*/{RESULTS_FILE}")), load_runs(runs_dir)):
+        for row in rows_of(res):
+            if row["role"] == "student":
+                row["train"] = training_info(path.parent.parent)
+            all_rows.append(row)
+    rows = _dedup_teachers(all_rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -317,12 +344,144 @@ def build_leaderboard(runs_dir, out_dir) -> dict:
         "json": out / "leaderboard.json",
         "bpb_vs_energy": out / "bpb_vs_energy.png",
         "task_accuracy": out / "task_accuracy.png",
+        "learning_curves": out / "learning_curves.png",
+        "token_efficiency": out / "token_efficiency.png",
     }
     files["markdown"].write_text("# spikedistill leaderboard\n\n" + markdown_table(rows))
     files["json"].write_text(json.dumps({"schema": SCHEMA, "rows": rows}, indent=2))
     plot_bpb_vs_energy(rows, files["bpb_vs_energy"])
     plot_task_accuracy(rows, files["task_accuracy"])
+    plot_learning_curves(rows, files["learning_curves"])
+    plot_token_efficiency(rows, files["token_efficiency"])
     return {"rows": rows, "files": {k: str(v) for k, v in files.items()}}
+
+
+# ---------------------------------------------------------------- training cost and curves
+
+TRAINING_STAGES = ("align", "distill")
+# keys that set a run's budget or bookkeeping, not what is trained: runs differing only here are one series
+_BUDGET_KEYS = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def series_key(config: dict) -> str:
+    """A run's resolved config.yaml minus its name, budget and evaluation settings (see _BUDGET_KEYS)."""
+    import hashlib
+
+    cfg = json.loads(json.dumps(config, default=str))
+    cfg.pop("run", None)
+    cfg.pop("evaluate", None)
+    for stage in TRAINING_STAGES:
+        train = (cfg.get(stage) or {}).get("train") or {}
+        for key in _BUDGET_KEYS:
+            train.pop(key, None)
+        (train.get("optim") or {}).pop("warmup_steps", None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def training_info(run_dir) -> dict | None:
+    """Training tokens, tokens/s, seconds and the validation curve of a run directory (None without distill).
+
+    From <run>/<stage>/done.json (stage seconds; the trainer's tokens_seen and train_seconds) and
+    <run>/distill/metrics.jsonl (val_bits_per_byte by tokens seen, align's tokens counted first).
+    wall_seconds sums every stage's own time, so a shared teacher cache counts only in the run that built it.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    done = {p.parent.name: _read_json(p) for p in sorted(run_dir.glob("*/done.json"))}
+    if "distill" not in done:
+        return None
+    metrics = {s: done.get(s, {}).get("metrics", {}) for s in TRAINING_STAGES}
+    align_tokens = float(metrics["align"].get("tokens_seen") or 0.0)
+    tokens = align_tokens + float(metrics["distill"].get("tokens_seen") or 0.0)
+    train_seconds = sum(float(metrics[s].get("train_seconds") or 0.0) for s in TRAINING_STAGES)
+    curve = []
+    log = run_dir / "distill" / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("split") == "val" and "val_bits_per_byte" in row and "tokens_seen" in row:
+                curve.append([align_tokens + row["tokens_seen"], row["val_bits_per_byte"]])
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    return {
+        "tokens": tokens or None,
+        "align_tokens": align_tokens,
+        "train_seconds": train_seconds or None,
+        "tokens_per_s": tokens / train_seconds if tokens and train_seconds else None,
+        "wall_seconds": sum(float(d.get("seconds") or 0.0) for d in done.values()),
+        "stage_seconds": {name: d.get("seconds") for name, d in done.items()},
+        "curve": curve,
+        "series": series_key(config) if config else None,
+    }
+
+
+def plot_learning_curves(rows: list[dict], path) -> None:
+    """Validation bits/byte against training tokens seen (align + distill), one line per student run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for r in rows:
+        curve = (r.get("train") or {}).get("curve") or []
+        if curve:
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, marker=".", label=_label(r))
+            drawn += 1
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run logged validation bits/byte", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("training tokens seen (align + distill)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("Learning curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_token_efficiency(rows: list[dict], path) -> None:
+    """Held-out bits/byte against training tokens; runs that differ only in budget are joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        t = r.get("train") or {}
+        if t.get("tokens") and r["mean_bits_per_byte"] is not None:
+            series.setdefault(t.get("series") or r["run"], []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for members in series.values():
+        members.sort(key=lambda r: r["train"]["tokens"])
+        xs = [r["train"]["tokens"] for r in members]
+        ys = [r["mean_bits_per_byte"] for r in members]
+        ax.plot(xs, ys, marker="o", label=" / ".join(_label(r) for r in members))
+    if series:
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has both training tokens and bits/byte", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("training tokens (align + distill, log)")
+    ax.set_ylabel("held-out bits per byte (mean over texts)")
+    ax.set_title("Token efficiency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _label(r: dict) -> str:

@@ -1,6 +1,7 @@
 """The `spikedistill` command (also `python -m pipeline`).
 
     spikedistill run RECIPE.yaml [key=value ...] [--stages a,b] [--run-dir DIR] [--resume] [--force] [--debug]
+    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [key=value ...]
     spikedistill eval | generate | energy | leaderboard ...   (from eval/cli.py)
 
 Project errors print one line to stderr and exit 2; --debug shows the traceback instead.
@@ -54,6 +55,28 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.study import run_study
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    out = run_study(args.folder, args.out, only=only, report_only=args.report_only, overrides=args.overrides)
+    print(Path(out["files"]["markdown"]).read_text())
+    print(f"wrote {', '.join(out['files'].values())}")
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run every recipe of a folder (resumable), then one report with plots")
+    p.add_argument("folder", help="folder of arm recipes, e.g. recipes/study (_*.yaml are shared bases)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every arm")
+    p.add_argument("--out", help="report folder (default: <runs_dir>/leaderboard)")
+    p.add_argument("--only", help="comma-separated arm names (recipe file stems) to run")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.set_defaults(func=_cmd_study)
+
+
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     try:
         from eval.cli import register
@@ -76,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_study(sub)
     _add_eval_commands(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -93,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow the options (argparse stops collecting positionals at an option)
     # (one without "=" is passed on too, so load_recipe names it and the expected form in one line)
-    if args.command == "run" and all(not x.startswith("-") for x in extra):
+    if args.command in ("run", "study") and all(not x.startswith("-") for x in extra):
         args.overrides += extra
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))

@@ -347,9 +347,7 @@ class DistillObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
         spad = self.spad
         logit_terms = self.weights["sta"] > 0 or self.weights["hta"] > 0
-        out = self.student(input_ids, skip_logits=True,
-                           output_hidden_states=spad is not None and spad.needs_hidden_states,
-                           output_attentions=spad is not None and spad.needs_attentions)
+        out = self._student_forward(input_ids, spad)
         n_pos = input_ids.shape[1] - 1
         online = self.teacher is not None and (spad is not None or (self.weights["sta"] > 0 and targets is None))
         t_out = self.teacher(input_ids, logits=False, hidden_states=spad is not None and spad.needs_hidden_states) \
@@ -359,6 +357,15 @@ class DistillObjective(nn.Module):
             sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets))
         loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
         return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
+
+    def _student_forward(self, input_ids: torch.Tensor, spad: SpADLoss | None) -> Any:
+        """The student's outputs up to its head (`.head_input`, the normed last hidden state)."""
+        if getattr(self.student.config, "model_type", "") != "spikegpt":
+            # a non-spiking HF baseline (e.g. the matched Llama): its decoder's final state feeds lm_head
+            return _HeadInput(self.student.get_decoder()(input_ids).last_hidden_state)
+        return self.student(input_ids, skip_logits=True,
+                            output_hidden_states=spad is not None and spad.needs_hidden_states,
+                            output_attentions=spad is not None and spad.needs_attentions)
 
     def _logit_terms(self, head_input, input_ids, t_out, targets) -> dict[str, torch.Tensor]:
         h = head_input[:, :-1].reshape(-1, head_input.shape[-1])
@@ -378,6 +385,13 @@ class DistillObjective(nn.Module):
         r = logit_losses(h, self.student.lm_head, labels, teacher, kd["kind"], kd["temperature"],
                          kd["chunk_size"], kd["beta"], kd["impl"])
         return {"kd": r["kd_sum"], "ce": r["ce_sum"]}
+
+
+class _HeadInput:
+    """What DistillObjective reads from a non-spiking student's forward: the input of its lm_head."""
+
+    def __init__(self, head_input: torch.Tensor):
+        self.head_input = head_input
 
 
 _WEIGHT_OF = {"ea": "ea", "saa": "saa", "sfa": "sfa", "kd": "sta", "ce": "hta"}

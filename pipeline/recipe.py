@@ -77,15 +77,31 @@ def _explain(exc: OmegaConfBaseException) -> str:
     return msg
 
 
+def _apply_file(cfg: DictConfig, path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    """Merge a recipe file onto cfg, after its `base:` recipe (a path relative to the file) if it names one."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must be the path of another recipe file, got {base!r}")
+        base_path = (path.parent / base).resolve()
+        if base_path in chain or base_path == path.resolve():
+            raise ConfigError(f"{path}: base {base!r} includes itself (a cycle of base: keys); fix the chain")
+        cfg = _apply_file(cfg, base_path, (*chain, path.resolve()))
+    return _merge(cfg, data, str(path))
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load `path` (None = schema defaults), apply `key=value` overrides, validate; returns a Recipe.
+
+    A recipe may start with `base: other.yaml` (relative to itself): that recipe is loaded first and this
+    file's keys are merged over it (lists are replaced, not appended), recursively.
 
     Raises ConfigError with one line naming the file, the override or the dotted key.
     """
     cfg: DictConfig = OmegaConf.structured(Recipe)
     if path is not None:
-        path = Path(path)
-        cfg = _merge(cfg, _read_yaml(path), str(path))
+        cfg = _apply_file(cfg, Path(path), ())
     for text in overrides:
         parts, value = parse_override(text)
         cfg = _merge(cfg, _nest(parts, value), f"override {text!r}")

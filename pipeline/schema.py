@@ -42,6 +42,9 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    # spikegpt: the spiking student; llama: a non-spiking transformers Llama of the same width, depth and
+    # vocabulary (an ANN baseline, trained by the same distill stage; CE/KD only, no align stage)
+    arch: str = "spikegpt"
     preset: str = "demo"
     # SpikeGPTConfig field overrides; vocab_size always comes from the teacher
     config: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,9 @@ class TeacherCacheConfig:
     k: int = 64
     value_dtype: str = "bf16"
     batch_size: int = 8
+    # a directory shared by runs (e.g. every arm of a study): built once, reused by any run whose teacher,
+    # data, k and value_dtype match (the cache manifest checks them); null = inside the run directory
+    dir: str | None = None
 
 
 @dataclass
@@ -161,6 +167,7 @@ class Recipe:
 
 # Allowed values of the string fields that select behaviour.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "student.arch": ("spikegpt", "llama"),
     "teacher.dtype": ("fp32", "bf16", "fp16"),
     "teacher_cache.value_dtype": ("fp32", "bf16", "fp16"),
     "align.head_mapping": ("mean", "learned"),
@@ -248,6 +255,12 @@ def check_values(recipe: Recipe) -> None:
     _need(0 <= kd.jsd_beta <= 1, "distill.kd.jsd_beta", "in [0, 1]", kd.jsd_beta)
     _need(kd.chunk_size > 0, "distill.kd.chunk_size", "> 0", kd.chunk_size)
     _check_choices(recipe)
+    if recipe.student.arch != "spikegpt":
+        _need(not recipe.align.enabled, "align.enabled", f"false for student.arch={recipe.student.arch} (the "
+              "SpAD alignment needs a spiking student)", recipe.align.enabled)
+        feats = {k: getattr(recipe.distill.weights, k) for k in ("ea", "saa", "sfa")}
+        _need(not any(feats.values()), "distill.weights", f"sta/hta only for student.arch="
+              f"{recipe.student.arch} (set ea, saa and sfa to 0)", feats)
     dist = recipe.distributed
     _need(dist.strategy != "deepspeed" or bool(dist.deepspeed_config), "distributed.deepspeed_config",
           "a path to a DeepSpeed JSON (e.g. recipes/deepspeed/zero2.json) when strategy is deepspeed",

@@ -143,6 +143,8 @@ class Trainer:
         self.is_main = accelerator.is_main_process
         self.model = model
         self.step, self.position, self.bad_total, self.bad_run = 0, 0, 0, 0
+        # training tokens (next-token targets, all ranks) and seconds spent in training steps, over resumes
+        self.tokens_seen, self.train_seconds = 0.0, 0.0
         self._term = False
         self._tb = self._tensorboard() if tensorboard and self.is_main else None
         self.own_fsdp = fsdp and self.world > 1 and "FSDP" not in str(accelerator.distributed_type)
@@ -196,7 +198,8 @@ class Trainer:
     def _payload(self) -> ckpt.CheckpointPayload:
         state = {"step": self.step, "position": self.position, "bad_total": self.bad_total,
                  "bad_run": self.bad_run, "world_size": self.world, "config_hash": self.config_hash,
-                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum}
+                 "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds}
         model_state = self._full_model_state()
         optim_state, sharded = self._optimizer_state()
         return ckpt.CheckpointPayload(
@@ -248,6 +251,7 @@ class Trainer:
         st = found.trainer_state
         self.step, self.position = st["step"], st["position"]
         self.bad_total, self.bad_run = st["bad_total"], st["bad_run"]
+        self.tokens_seen, self.train_seconds = st.get("tokens_seen", 0.0), st.get("train_seconds", 0.0)
         model_state = found.model_state()
         optim_state = found.optimizer_state(self.rank)
         if self.deepspeed:
@@ -303,7 +307,11 @@ class Trainer:
             metrics = self._train_step()
             self.step += 1
             bar.update(1)
-            metrics.update(step=self.step, lr=lr, seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.tokens_seen += metrics["tokens"]
+            self.train_seconds += seconds
+            metrics.update(step=self.step, lr=lr, seconds=seconds, tokens_seen=self.tokens_seen,
+                           train_seconds=self.train_seconds)
             final.update(metrics)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 self._write_metrics("train", metrics)
@@ -322,7 +330,9 @@ class Trainer:
                 self.save()
         bar.close()
         final.pop("_term", None)
-        final.update(bad_steps=float(self.bad_total))
+        final.update(bad_steps=float(self.bad_total), tokens_seen=self.tokens_seen,
+                     train_seconds=self.train_seconds,
+                     tokens_per_s=self.tokens_seen / self.train_seconds if self.train_seconds else None)
         return final
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -415,7 +425,7 @@ class Trainer:
         metrics = {f"val_{k}": float(total[i]) / float(total[-1]) for i, k in enumerate(names)}
         if "val_ce" in metrics and self.bytes_per_token:
             metrics["val_bits_per_byte"] = metrics["val_ce"] / math.log(2) / self.bytes_per_token
-        self._write_metrics("val", {"step": self.step, **metrics})
+        self._write_metrics("val", {"step": self.step, "tokens_seen": self.tokens_seen, **metrics})
         return metrics
 
     def _write_metrics(self, split: str, metrics: dict[str, float]) -> None:

@@ -4,6 +4,7 @@
 """
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .baseline import matched_llama, matched_llama_config
 from .config import PRESETS, TOKEN_MIXERS, SpikeGPTConfig, StudentError
 from .layers import SpikeLinear
 from .model import SpikeGPTCausalLMOutput, SpikeGPTForCausalLM, shifted_cross_entropy
@@ -13,6 +14,8 @@ AutoConfig.register("spikegpt", SpikeGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(SpikeGPTConfig, SpikeGPTForCausalLM, exist_ok=True)
 
 __all__ = [
+    "matched_llama",
+    "matched_llama_config",
     "PRESETS",
     "TOKEN_MIXERS",
     "SpikeGPTCausalLMOutput",

@@ -96,7 +96,7 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
         "sfsa-b" in md
         and "srwkv-a" in md
         and "bpb hamlet" in md
-        and "acc spikedistill_persuasion_cloze" in md
+        and "acc persuasion_cloze" in md
     )
     assert json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"] == out["rows"]
     for key in ("bpb_vs_energy", "task_accuracy"):

@@ -27,15 +27,19 @@ PROJECTIONS = "projections.safetensors"
 
 
 def build_student(recipe: Any, vocab_size: int):
-    """A fresh SpikeGPTForCausalLM from student.preset + student.config, with the teacher's vocab size."""
+    """A fresh student from student.preset + student.config, with the teacher's vocab size: a
+    SpikeGPTForCausalLM, or with student.arch=llama the matched non-spiking LlamaForCausalLM baseline."""
     from pipeline.recipe import student_config
-    from students import SpikeGPTForCausalLM
+    from students import SpikeGPTForCausalLM, matched_llama
 
     config = student_config(recipe, vocab_size)
     if config.max_position and recipe.data.seq_len > config.max_position:
         raise ConfigError(f"data.seq_len: {recipe.data.seq_len} exceeds the student's max_position "
                           f"{config.max_position}; lower data.seq_len or raise student.config.max_position")
     torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank and every rerun
+    if recipe.student.arch == "llama":
+        positions = max(recipe.data.seq_len, recipe.evaluate.context_length, 2048)
+        return matched_llama(config, positions)
     return SpikeGPTForCausalLM(config)
 
 

@@ -134,19 +134,23 @@ def run(ctx: StageContext) -> StageResult:
 
         task_rows = evaluate_tasks(model_dir, list(e.tasks), ctx.stage_dir / "lm_eval", limit=e.limit,
                                    batch_size=e.batch_size,
-                                   teacher_spec=r.teacher.spec if e.teacher else None)["models"]
+                                   teacher_spec=r.teacher.spec if e.teacher else None,
+                                   teacher_cache_dir=score_cache_dir())["models"]
     sample = {"prompt": e.sample_prompt, "text": _sample(model, tokenizer, e.sample_prompt, e.sample_tokens)}
     results = collect_results(r.run.name, model_dir, bpb, task_rows.get("student"), report,
                               r.teacher.spec if e.teacher else None, teacher_bpb, task_rows.get("teacher"),
                               model_info(model), sample)
+    if hasattr(model, "spike_rates"):  # every spiking module's rate, also where no Linear reads spikes
+        results["student"]["module_firing_rate"] = _firing_rate(model, tokenizer, first_text, e.context_length)
     results["settings"] = {"context_length": e.context_length, "max_text_bytes": e.max_text_bytes,
                            "teacher_fingerprint": getattr(teacher, "fingerprint", None)}
     out = ctx.stage_dir / "results.json"
     out.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     table = model_card_row(results)
     metrics = headline(results)
-    if report is None:  # without the energy report, the plain mean firing rate stands in
-        metrics["firing_rate"] = _firing_rate(model, tokenizer, first_text, e.context_length)
+    if report is None and "module_firing_rate" in results["student"]:
+        # without the energy report, the plain mean firing rate stands in
+        metrics["firing_rate"] = results["student"]["module_firing_rate"]
         table += f"\nfiring rate (mean over spiking modules): {metrics['firing_rate']:.4f}\n"
     write_model_card(Path(model_dir), r, ctx.upstream["export"]["metrics"].get("parameters", 0), metrics,
                      extra="\n" + table + "\n")

@@ -26,25 +26,33 @@ def _metrics_table(metrics: dict) -> str:
 def model_card(recipe: Recipe, config, n_params: int, metrics: dict, extra: str = "") -> str:
     """README.md text of an exported student: front matter, architecture, training, metrics, usage."""
     d = recipe.distill
-    mixers = config.token_mixer if isinstance(config.token_mixer, str) else ",".join(config.token_mixer)
     align = (f"{recipe.align.train.steps} SpAD alignment steps (weights {vars(recipe.align.weights)}), then "
              if recipe.align.enabled else "")
+    if getattr(config, "model_type", "") == "spikegpt":
+        mixers = config.token_mixer if isinstance(config.token_mixer, str) else ",".join(config.token_mixer)
+        kind = "A SpikeGPT-style spiking student (binary spikes between layers)"
+        tags, title = "spiking-neural-network, spikegpt", "a binary spiking language model"
+        rows = (f"| layers x width | {config.n_layer} x {config.d_model} ({config.n_head} heads) |\n"
+                f"| token mixer | {mixers} |\n| time steps per token | {config.time_steps} |\n"
+                f"| spike-driven | {config.spike_driven} |")
+    else:  # the matched non-spiking baseline (student.arch)
+        kind = f"A non-spiking {config.model_type} baseline (student.arch={recipe.student.arch})"
+        tags, title = config.model_type, f"a non-spiking {config.model_type} baseline"
+        rows = (f"| layers x width | {config.num_hidden_layers} x {config.hidden_size} "
+                f"({config.num_attention_heads} heads) |")
     return f"""---
 library_name: transformers
-tags: [spiking-neural-network, spikegpt, knowledge-distillation, spikedistill]
+tags: [{tags}, knowledge-distillation, spikedistill]
 ---
-# {recipe.run.name}: a binary spiking language model distilled from `{recipe.teacher.spec}`
+# {recipe.run.name}: {title} distilled from `{recipe.teacher.spec}`
 
-A SpikeGPT-style spiking student (binary spikes between layers) trained with spikedistill.
+{kind} trained with spikedistill.
 
 ## Architecture
 | field | value |
 |---|---|
 | parameters | {n_params:,} |
-| layers x width | {config.n_layer} x {config.d_model} ({config.n_head} heads) |
-| token mixer | {mixers} |
-| time steps per token | {config.time_steps} |
-| spike-driven | {config.spike_driven} |
+{rows}
 | vocabulary | {config.vocab_size} (the teacher's tokenizer) |
 
 ## Training
@@ -82,13 +90,13 @@ def write_model_card(model_dir: Path, recipe: Recipe, n_params: int, metrics: di
 
 def run(ctx: StageContext) -> StageResult:
     """Copy the distilled student into ctx.stage_dir/model in the export dtype, with tokenizer and card."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from students import SpikeGPTForCausalLM
+    import students  # noqa: F401  (registers spikegpt with AutoModelForCausalLM)
 
     r = ctx.recipe
     distill = ctx.upstream["distill"]
-    model = SpikeGPTForCausalLM.from_pretrained(distill["outputs"]["student"])
+    model = AutoModelForCausalLM.from_pretrained(distill["outputs"]["student"])
     model = model.to(teacher_dtype(r.export.dtype))
     out = ctx.stage_dir / "model"
     if out.exists():

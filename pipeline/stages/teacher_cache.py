@@ -2,9 +2,13 @@
 
 Output: {"cache": dir} in teachers.cache format, keyed by teacher fingerprint, tokenizer, data and k so the
 distill stage refuses a cache that does not match. A killed build resumes at its first missing shard.
+With teacher_cache.dir set, the cache lives in that shared directory: the first run builds it, later runs
+with the same key find every shard there and only check the manifest (another key: a one-line error).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pipeline.stages import StageContext, StageResult
 
@@ -27,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
     r = ctx.recipe
     teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
                            trust_remote_code=r.teacher.trust_remote_code)
-    out = ctx.stage_dir / "cache"
+    out = Path(r.teacher_cache.dir).expanduser() if r.teacher_cache.dir else ctx.stage_dir / "cache"
     stats = build_teacher_cache(teacher, ctx.upstream["prepare"]["outputs"]["dataset"], out,
                                 k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size, split="train",
                                 value_dtype=r.teacher_cache.value_dtype)

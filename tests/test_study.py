@@ -1,0 +1,177 @@
+"""The results study's machinery: recipe bases, the matched ANN baseline, the shared teacher cache, training
+cost in done.json, `spikedistill study` end to end (tiny teacher, real CLI, one process per arm) and the
+shipped recipes/study arms (one budget, one seed, one size)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "recipes" / "study"
+
+
+def test_a_recipe_merges_over_its_base_and_cycles_are_refused(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, seed: 3}\ndata: {seq_len: 32, sources: [a, b]}\n")
+    (tmp_path / "arm.yaml").write_text("base: base.yaml\nrun: {name: arm}\ndata: {sources: [c]}\n")
+    r = load_recipe(tmp_path / "arm.yaml", ["data.seq_len=48"])
+    assert (r.run.name, r.run.seed, r.data.seq_len, r.data.sources) == ("arm", 3, 48, ["c"])  # lists replaced
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "x.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be the path"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "gone.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: recipe file not found"):
+        load_recipe(tmp_path / "gone.yaml")
+
+
+def test_the_ann_arch_refuses_spiking_only_settings():
+    with pytest.raises(ConfigError, match=r"align\.enabled: must be false for student\.arch=llama"):
+        load_recipe(None, ["student.arch=llama"])
+    with pytest.raises(ConfigError, match=r"distill\.weights: must be sta/hta only"):
+        load_recipe(None, ["student.arch=llama", "align.enabled=false", "distill.weights.ea=0.1"])
+    with pytest.raises(ConfigError, match=r"student\.arch: must be one of spikegpt\|llama"):
+        load_recipe(None, ["student.arch=gpt"])
+
+
+def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objective():
+    from pipeline.losses import DistillObjective
+    from pipeline.stages.align import build_student
+    from students import SpikeGPTForCausalLM
+    from teachers.cache import topk_targets
+
+    r = load_recipe(None, ["student.arch=llama", "align.enabled=false", "student.preset=tiny",
+                           "student.config.n_layer=2", "student.config.d_model=32", "student.config.n_head=4"])
+    ann = build_student(r, 64)
+    cfg = ann.config
+    assert type(ann).__name__ == "LlamaForCausalLM"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
+            cfg.intermediate_size) == (2, 32, 4, 64, 128)
+    r.student.arch = "spikegpt"
+    snn = build_student(r, 64)
+    assert isinstance(snn, SpikeGPTForCausalLM)
+    # the same Linear budget per layer: 4 C^2 in the mixer/attention + 3 C F in the FFN/MLP
+    ann_linear = sum(p.numel() for n, p in ann.model.layers.named_parameters() if p.dim() == 2)
+    snn_linear = sum(p.numel() for n, p in snn.blocks.named_parameters() if p.dim() == 2)
+    assert ann_linear == 2 * (4 * 32 * 32 + 3 * 32 * 128)
+    assert abs(snn_linear - ann_linear) / ann_linear < 0.25
+
+    ids = torch.randint(0, 64, (2, 9))
+    ce_only = DistillObjective(ann, {"hta": 1.0})
+    out = ce_only(ids)
+    ref = torch.nn.functional.cross_entropy(ann(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1),
+                                            reduction="sum")
+    torch.testing.assert_close(out["ce"], ref.detach(), rtol=1e-5, atol=1e-4)
+    out["loss"].backward()
+    assert ann.lm_head.weight.grad is not None and ann.model.layers[0].self_attn.q_proj.weight.grad is not None
+    targets = topk_targets(torch.randn(2, 9, 64), 8)
+    kd = DistillObjective(ann, {"sta": 0.5, "hta": 0.5}, kd={"kind": "forward_kl", "temperature": 2.0})(ids, targets)
+    assert torch.isfinite(kd["kd"]) and kd["kd"] > 0
+
+
+def test_shipped_study_arms_share_size_seed_data_and_budget():
+    from pipeline.study import runs_dir_of, study_recipes
+
+    arms = study_recipes(STUDY)
+    assert [p.stem for p in arms][:4] == ["a_ann_ce", "b_snn_ce", "c_snn_kd", "d_snn_spad"]
+    assert runs_dir_of(arms) == Path("runs/study")
+    budget = {}
+    for path in arms:
+        r = load_recipe(path)
+        assert (r.run.seed, r.student.preset, r.data.seq_len, r.data.max_train_tokens) == (0, "demo", 128, 150000)
+        steps = r.distill.train.steps * r.distill.train.batch_size
+        if r.align.enabled:
+            steps += r.align.train.steps * r.align.train.batch_size
+        budget[path.stem] = steps * r.data.seq_len
+        assert r.evaluate.tasks and r.evaluate.teacher and r.evaluate.energy
+    full = budget.pop("b_snn_ce")
+    assert budget.pop("h1_spad_quarter") == full // 4 and budget.pop("h2_spad_half") == full // 2
+    assert set(budget.values()) == {full}
+    kinds = {p.stem: load_recipe(p) for p in arms}
+    assert kinds["a_ann_ce"].student.arch == "llama"
+    assert kinds["b_snn_ce"].distill.weights.sta == 0 and not kinds["b_snn_ce"].align.enabled
+    assert kinds["c_snn_kd"].distill.weights.sta > 0 and not kinds["c_snn_kd"].align.enabled
+    assert kinds["d_snn_spad"].align.enabled and kinds["d_snn_spad"].student.config == {}
+    assert kinds["e1_sfsa_spad"].student.config == {"token_mixer": "sfsa"}
+    assert kinds["f_t2_spad"].student.config == {"time_steps": 2}
+    assert kinds["g_spike_driven_off_spad"].student.config == {"spike_driven": False}
+
+
+def test_study_refuses_an_unknown_arm_and_an_empty_folder(tmp_path):
+    from pipeline.study import study_recipes
+
+    with pytest.raises(ConfigError, match="no recipe zz"):
+        study_recipes(STUDY, ["zz"])
+    (tmp_path / "_base.yaml").write_text("run: {name: x}\n")
+    with pytest.raises(ConfigError, match="no \\*.yaml recipes"):
+        study_recipes(tmp_path)
+
+
+BASE = """\
+run: {{seed: 0, runs_dir: {runs}}}
+data: {{sources: [{corpus}], seq_len: 16, val_fraction: 0.1}}
+teacher: {{spec: {teacher}, dtype: fp32}}
+student: {{preset: tiny, config: {{n_layer: 1, d_model: 16, n_head: 2}}}}
+teacher_cache: {{enabled: false, k: 4, value_dtype: fp32, batch_size: 4, dir: {cache}}}
+align: {{enabled: false}}
+distill:
+  train: {{steps: 4, batch_size: 2, eval_every: 2, eval_batches: 1, checkpoint_every: 2, log_every: 1}}
+  weights: {{sta: 0.0, hta: 1.0}}
+  kd: {{chunk_size: 8}}
+evaluate: {{texts: [persuasion], max_text_bytes: 300, context_length: 32, energy: true, teacher: true,
+           sample_tokens: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_study_runs_every_arm_reports_and_resumes(tmp_path, tiny_teacher_dir):
+    from pipeline.cli import main
+
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+            "in want of a wife. ") * 30
+    (tmp_path / "corpus.txt").write_text(text)
+    folder, runs, cache = tmp_path / "study", tmp_path / "runs", tmp_path / "shared_cache"
+    folder.mkdir()
+    (folder / "_base.yaml").write_text(BASE.format(runs=runs, corpus=tmp_path / "corpus.txt",
+                                                   teacher=tiny_teacher_dir, cache=cache))
+    (folder / "a_ann.yaml").write_text("base: _base.yaml\nrun: {name: a_ann}\nstudent: {arch: llama}\n")
+    (folder / "c_kd.yaml").write_text("base: _base.yaml\nrun: {name: c_kd}\nteacher_cache: {enabled: true}\n"
+                                      "distill: {weights: {sta: 0.5, hta: 0.5}}\n")
+    (folder / "h_kd_half.yaml").write_text("base: c_kd.yaml\nrun: {name: h_kd_half}\ndistill: {train: {steps: 2}}\n")
+
+    assert main(["study", str(folder), "--out", str(tmp_path / "report")]) == 0
+    board = json.loads((tmp_path / "report" / "leaderboard.json").read_text())
+    students = {r["run"]: r for r in board["rows"] if r["role"] == "student"}
+    assert set(students) == {"a_ann", "c_kd", "h_kd_half"}
+    assert [r["role"] for r in board["rows"]].count("teacher") == 1
+    assert students["a_ann"]["label"].startswith("llama") and students["a_ann"]["mean_firing_rate"] is None
+    assert students["c_kd"]["module_firing_rate"] is not None
+    for run, row in students.items():
+        t = row["train"]
+        assert t["tokens"] == (4 if run != "h_kd_half" else 2) * 2 * 15  # steps x rows x next-token targets
+        assert t["tokens_per_s"] > 0 and t["wall_seconds"] > 0 and t["curve"]
+        assert row["ratio_to_teacher"] is not None and row["mean_bits_per_byte"] > 0
+    # runs that differ only in their budget are one series of the token-efficiency plot
+    assert students["c_kd"]["train"]["series"] == students["h_kd_half"]["train"]["series"]
+    assert students["a_ann"]["train"]["series"] != students["c_kd"]["train"]["series"]
+    # the teacher cache was built once, in the shared folder, by the first KD arm
+    built = [json.loads((runs / r / "teacher_cache" / "done.json").read_text())["metrics"]["shards_written"]
+             for r in ("c_kd", "h_kd_half")]
+    assert built[0] >= 1 and built[1] == 0 and (cache / "manifest.json").is_file()
+    for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "train tokens/s" in md and "| a_ann | student |" in md
+
+    done = {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students}
+    assert main(["study", str(folder), "--out", str(tmp_path / "report")]) == 0  # resumable: all skipped
+    assert {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students} == done
