@@ -9,7 +9,7 @@ MODEL ?=
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo distill eval bench leaderboard faults lint clean
+.PHONY: venv test demo distill eval bench leaderboard study faults lint clean
 
 # torch goes in first and is pinned through a constraints file so no later package can replace it.
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,11 @@ eval: venv
 # One table (+ JSON and plots) over every run directory under RUNS
 leaderboard: venv
 	$(VENV)/bin/spikedistill leaderboard $(RUNS)
+
+# The results study (docs/results/README.md): every recipes/study/*.yaml arm in turn (resumable: rerun to continue),
+# then the table, JSON and plots in docs/results. About an hour on a 2-core CPU; run it alone on the machine.
+study: venv
+	$(VENV)/bin/spikedistill study recipes/study --out docs/results $(OVERRIDES)
 
 # Benchmarks print ratios measured side by side in one run (see bench/README.md); they assert nothing.
 bench: venv

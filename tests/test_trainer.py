@@ -82,7 +82,7 @@ class Crash(Exception):
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path):
     cfg = _cfg(steps=7, grad_accum=2, batch_size=3)
-    full, _, _ = _train(tmp_path / "full", cfg)
+    full, full_trainer, final_full = _train(tmp_path / "full", cfg)
 
     def crash(calls):
         if calls == 11:  # inside step 6, after the step-4 checkpoint
@@ -93,8 +93,11 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     with pytest.raises(Crash):
         _train(tmp_path / "cut", cfg, model=crashing)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [2, 4]
-    resumed, trainer, _ = _train(tmp_path / "cut", cfg, model=ToyLM(seed=99))  # other init: must be restored
+    resumed, trainer, final = _train(tmp_path / "cut", cfg, model=ToyLM(seed=99))  # other init: must be restored
     assert trainer.step == 7
+    # training tokens carry over the crash (restored from the step-4 checkpoint, steps 5-7 added again)
+    assert final["tokens_seen"] == final_full["tokens_seen"] == trainer.tokens_seen > 0
+    assert final["tokens_per_s"] > 0
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
