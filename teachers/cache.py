@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from teachers.errors import CacheError, DataError
 FORMAT_VERSION = 1
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
+OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
 
 
 @dataclass
@@ -263,7 +265,10 @@ class TeacherCache:
             raise CacheError(f"{self.dir}: built for other inputs ({'; '.join(diff[:2])}); rebuild it "
                              "(teacher_cache stage) or delete the directory")
         self.manifest, self.key, self.verify = manifest, manifest["key"], verify
-        self._open: dict[int, object] = {}
+        # open shard handles, least recently used first; training reads rows in shuffled order, so one shard
+        # at a time would reopen (and re-verify) a shard for almost every row
+        self._open: OrderedDict[int, object] = OrderedDict()
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
@@ -278,17 +283,22 @@ class TeacherCache:
         return float(self.manifest["stats"]["bytes_per_token"])
 
     def _shard(self, i: int):
-        if i not in self._open:
-            path = _shard_path(self.dir, i)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (OSError, SafetensorError) as exc:
-                raise CacheError(f"{path}: missing or corrupt shard ({exc}); rebuild the cache") from exc
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        path = _shard_path(self.dir, i)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as exc:
+            raise CacheError(f"{path}: missing or corrupt shard ({exc}); rebuild the cache") from exc
+        if self.verify and i not in self._verified:  # each shard's checksum once per reader
             lo, hi = _rows_of(self.manifest, i)
-            if self.verify:
-                self._verify(path, handle, hi - lo)
-            self._open = {i: handle}  # keep one shard open: rows are read mostly in order
-        return self._open[i]
+            self._verify(path, handle, hi - lo)
+            self._verified.add(i)
+        self._open[i] = handle
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return handle
 
     def _verify(self, path: Path, handle, rows: int) -> None:
         try:

@@ -107,6 +107,24 @@ def test_killed_build_resumes_at_the_first_missing_shard(teacher, prepared, tmp_
     assert fresh["shards_written"] == fresh["shards"]
 
 
+def test_shuffled_reads_verify_each_shard_once(teacher, prepared, tmp_path, monkeypatch):
+    from teachers import cache as cache_mod
+
+    _build(teacher, prepared, tmp_path / "c")
+    cache = TeacherCache(tmp_path / "c")
+    checked = []
+    verify = cache._verify
+    monkeypatch.setattr(cache, "_verify", lambda path, *a: (checked.append(path.name), verify(path, *a)))
+    monkeypatch.setattr(cache_mod, "OPEN_SHARDS", 2)  # fewer handles than shards: some are reopened
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist() * 2
+    rows = {r: cache[r] for r in order}
+    n_shards = -(-len(cache) // 4)
+    assert n_shards > 2 and sorted(checked) == sorted(set(checked)) and len(checked) == n_shards
+    assert len(cache._open) == 2
+    fresh = TeacherCache(tmp_path / "c")
+    assert all(torch.equal(rows[r].ids, fresh[r].ids) for r in range(len(cache)))
+
+
 def test_corrupt_shards_are_detected(teacher, prepared, tmp_path):
     out = tmp_path / "c"
     _build(teacher, prepared, out)
