@@ -89,10 +89,14 @@ def cmd_energy(args) -> int:
 def cmd_leaderboard(args) -> int:
     from eval.leaderboard import build_leaderboard
 
-    out = build_leaderboard(args.runs_dir, args.out or Path(args.runs_dir) / "leaderboard")
+    print_leaderboard(build_leaderboard(args.runs_dir, args.out or Path(args.runs_dir) / "leaderboard"))
+    return 0
+
+
+def print_leaderboard(out: dict) -> None:
+    """Print a build_leaderboard result: its markdown table and the files written."""
     print(Path(out["files"]["markdown"]).read_text())
     print(f"wrote {', '.join(out['files'].values())}")
-    return 0
 
 
 def register(subparsers) -> None:

@@ -299,6 +299,11 @@ def model_card_row(results: dict) -> str:
 
 def load_runs(runs_dir) -> list[dict]:
     """Every runs_dir/<run>/evaluate/results.json, sorted by run name."""
+    return [res for _, res in _run_results(runs_dir)]
+
+
+def _run_results(runs_dir) -> list[tuple[Path, dict]]:
+    """(run directory, parsed results.json) of every run under runs_dir, sorted by run name."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise EvalError(f"{runs_dir}: not a directory; pass the runs folder (e.g. runs/)")
@@ -308,7 +313,7 @@ def load_runs(runs_dir) -> list[dict]:
     out = []
     for path in found:
         try:
-            out.append(json.loads(path.read_text()))
+            out.append((path.parent.parent, json.loads(path.read_text())))
         except json.JSONDecodeError as exc:
             raise EvalError(f"{path}: unreadable JSON ({exc.msg}); re-run that run's evaluate stage") from exc
     return out
@@ -331,10 +336,10 @@ def build_leaderboard(runs_dir, out_dir) -> dict:
 
     Student rows also carry their run's training cost and validation curve (`training_info`)."""
     all_rows = []
-    for path, res in zip(sorted(Path(runs_dir).glob(f"*/{RESULTS_FILE}")), load_runs(runs_dir)):
+    for run_dir, res in _run_results(runs_dir):
         for row in rows_of(res):
             if row["role"] == "student":
-                row["train"] = training_info(path.parent.parent)
+                row["train"] = training_info(run_dir)
             all_rows.append(row)
     rows = _dedup_teachers(all_rows)
     out = Path(out_dir)
@@ -428,12 +433,7 @@ def training_info(run_dir) -> dict | None:
 
 def plot_learning_curves(rows: list[dict], path) -> None:
     """Validation bits/byte against training tokens seen (align + distill), one line per student run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes((7, 4.5))
     drawn = 0
     for r in rows:
         curve = (r.get("train") or {}).get("curve") or []
@@ -448,24 +448,17 @@ def plot_learning_curves(rows: list[dict], path) -> None:
     ax.set_xlabel("training tokens seen (align + distill)")
     ax.set_ylabel("validation bits per byte")
     ax.set_title("Learning curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_token_efficiency(rows: list[dict], path) -> None:
     """Held-out bits/byte against training tokens; runs that differ only in budget are joined by a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[str, list[dict]] = {}
     for r in rows:
         t = r.get("train") or {}
         if t.get("tokens") and r["mean_bits_per_byte"] is not None:
             series.setdefault(t.get("series") or r["run"], []).append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes((7, 4.5))
     for members in series.values():
         members.sort(key=lambda r: r["train"]["tokens"])
         xs = [r["train"]["tokens"] for r in members]
@@ -479,6 +472,22 @@ def plot_token_efficiency(rows: list[dict], path) -> None:
     ax.set_xlabel("training tokens (align + distill, log)")
     ax.set_ylabel("held-out bits per byte (mean over texts)")
     ax.set_title("Token efficiency")
+    _save(fig, path)
+
+
+def _axes(size: tuple[float, float]):
+    """A new (figure, axes) on matplotlib's file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _save(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -490,12 +499,7 @@ def _label(r: dict) -> str:
 
 def plot_bpb_vs_energy(rows: list[dict], path) -> None:
     """Scatter: mean bits/byte (lower is better) against compute energy per token (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _axes((6, 4.5))
     pts = [r for r in rows if r["energy_pj"] and r["mean_bits_per_byte"] is not None]
     for r in pts:
         marker, color = ("s", "tab:red") if r["role"] == "teacher" else ("o", "tab:blue")
@@ -514,20 +518,13 @@ def plot_bpb_vs_energy(rows: list[dict], path) -> None:
     ax.set_xlabel("compute energy per token (nJ, log; memory traffic not counted)")
     ax.set_ylabel("bits per byte (mean over held-out texts)")
     ax.set_title("Students (o) and teachers (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_task_accuracy(rows: list[dict], path) -> None:
     """Grouped bars: accuracy per task, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({t for r in rows for t in r["acc"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4.5))
+    fig, ax = _axes((max(6, 1.6 * len(tasks) + 2), 4.5))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(tasks))]
@@ -544,6 +541,4 @@ def plot_task_accuracy(rows: list[dict], path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -56,14 +56,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from eval.cli import print_leaderboard
     from pipeline.study import run_study
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    out = run_study(args.folder, args.out, only=only, report_only=args.report_only, overrides=args.overrides)
-    print(Path(out["files"]["markdown"]).read_text())
-    print(f"wrote {', '.join(out['files'].values())}")
+    print_leaderboard(run_study(args.folder, args.out, only=only, report_only=args.report_only,
+                                overrides=args.overrides))
     return 0
 
 
