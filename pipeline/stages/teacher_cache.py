@@ -24,9 +24,8 @@ def teacher_dtype(name: str):
 
 def run(ctx: StageContext) -> StageResult:
     """Run the teacher over the prepared training split and store its top-k log-probs."""
-    from teachers.cache import build_teacher_cache
-
     from teachers import load_teacher
+    from teachers.cache import build_teacher_cache
 
     r = ctx.recipe
     teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
