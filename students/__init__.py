@@ -14,8 +14,6 @@ AutoConfig.register("spikegpt", SpikeGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(SpikeGPTConfig, SpikeGPTForCausalLM, exist_ok=True)
 
 __all__ = [
-    "matched_llama",
-    "matched_llama_config",
     "PRESETS",
     "TOKEN_MIXERS",
     "SpikeGPTCausalLMOutput",
@@ -24,5 +22,7 @@ __all__ = [
     "SpikeGPTState",
     "SpikeLinear",
     "StudentError",
+    "matched_llama",
+    "matched_llama_config",
     "shifted_cross_entropy",
 ]
