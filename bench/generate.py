@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, RwkvConfig, RwkvForCausalLM
 
-from students import SpikeGPTConfig, SpikeGPTForCausalLM
+from students import SpikeGPTConfig, SpikeGPTForCausalLM, cache_kwargs, state_of
 
 VOCAB, WIDTH, LAYERS, FFN = 49152, 256, 4, 1024
 
@@ -42,7 +42,7 @@ def prefill(model, ids: torch.Tensor):
         out = model(ids, use_cache=True, logits_to_keep=1)
         return out.state, out.logits[:, -1:].argmax(-1)
     out = model(ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return state_of(out), out.logits[:, -1:].argmax(-1)
 
 
 def step(model, token: torch.Tensor, cache):
@@ -50,8 +50,8 @@ def step(model, token: torch.Tensor, cache):
     if isinstance(model, RwkvForCausalLM):
         out = model(token, state=cache, use_cache=True)
         return out.state, out.logits[:, -1:].argmax(-1)
-    out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = model(token, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    return state_of(out), out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()

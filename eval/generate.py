@@ -1,6 +1,6 @@
 """Token-by-token generation through the model's cache, with streaming text output.
 
-The loop feeds the prompt once, then one token per step with `past_key_values`: O(1) work per new token for
+The loop feeds the prompt once, then one token per step with the recurrent state: O(1) work per new token for
 the recurrent student, KV-cached decoding for any HF causal LM. Used by `spikedistill generate` and by the
 lm-eval adapter's generate_until (stop strings need a loop we control).
 """
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from eval import EvalError
+from students.outputs import cache_kwargs, state_of
 
 
 def sample_next(
@@ -61,7 +62,7 @@ def generate_tokens(
         yield int(token[0])
         if eos_token_id is not None and int(token[0]) == eos_token_id:
             return
-        out = model(token[:, None], past_key_values=out.past_key_values, use_cache=True)
+        out = model(token[:, None], use_cache=True, **cache_kwargs(state_of(out)))
 
 
 def stream_text(

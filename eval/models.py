@@ -25,7 +25,7 @@ def model_type_of(model_dir: str | Path) -> str:
 
 
 def is_recurrent(model) -> bool:
-    """True for the spiking student, whose state can be streamed chunk by chunk through past_key_values."""
+    """True for the spiking student, whose state can be streamed chunk by chunk through its recurrent state (cache)."""
     return getattr(model.config, "model_type", "") == SPIKEGPT_TYPE
 
 

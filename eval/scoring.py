@@ -1,7 +1,7 @@
 """Token-level scoring shared by the lm-eval adapter and the bits-per-byte evaluator.
 
 Two ways to score a long document:
-- streaming (the recurrent student): one pass, chunk by chunk, carrying `past_key_values`, so every token
+- streaming (the recurrent student): one pass, chunk by chunk, carrying the recurrent state (`cache`), so every token
   is conditioned on the whole document before it;
 - windows (any HF causal LM): exactly lm-eval's `hf` scheme (disjoint windows of `max_length` tokens, each
   conditioned on the previous window's last token), so the numbers match lm-eval's bits_per_byte.
@@ -15,6 +15,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from eval.models import is_recurrent, prefix_token_id
+from students.outputs import cache_kwargs, state_of
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
@@ -50,8 +51,8 @@ def stream_logprobs(
     state, logps, greedy = None, [], []
     for start in tqdm(range(0, len(tokens) - 1, chunk_size), desc="streaming", disable=not progress):
         end = min(start + chunk_size, len(tokens) - 1)
-        out = model(ids[None, start:end], past_key_values=state, use_cache=True)
-        state = out.past_key_values
+        out = model(ids[None, start:end], use_cache=True, **cache_kwargs(state))
+        state = state_of(out)
         lp, gr = _target_logprobs(out.logits[0], ids[start + 1 : end + 1])
         logps.append(lp.cpu())
         greedy.append(gr.cpu())

@@ -7,13 +7,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .baseline import matched_llama, matched_llama_config
 from .config import PRESETS, TOKEN_MIXERS, SpikeGPTConfig, StudentError
 from .layers import SpikeLinear
-from .model import SpikeGPTCausalLMOutput, SpikeGPTForCausalLM, shifted_cross_entropy
+from .model import SpikeGPTForCausalLM, shifted_cross_entropy
+from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, state_of
 from .state import SpikeGPTState
 
 AutoConfig.register("spikegpt", SpikeGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(SpikeGPTConfig, SpikeGPTForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CACHE_FIELD",
     "PRESETS",
     "TOKEN_MIXERS",
     "SpikeGPTCausalLMOutput",
@@ -22,7 +24,9 @@ __all__ = [
     "SpikeGPTState",
     "SpikeLinear",
     "StudentError",
+    "cache_kwargs",
     "matched_llama",
     "matched_llama_config",
     "shifted_cross_entropy",
+    "state_of",
 ]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -11,26 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 
 from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
+from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, one_cache, state_of
 from .ops import spike
 from .state import SpikeGPTState
-
-
-@dataclass
-class SpikeGPTCausalLMOutput(ModelOutput):
-    """loss (scalar), logits [B, L, V] (None with skip_logits), past_key_values (SpikeGPTState),
-    hidden_states (n_layer+1 x [B, L, C]), attentions (n_layer x [B, H, L, L_keys]), head_input [B, L, C]."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: SpikeGPTState | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    head_input: torch.Tensor | None = None
 
 
 class SpikeGPTPreTrainedModel(PreTrainedModel):
@@ -138,25 +124,27 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = False,
         output_attentions: bool | None = False,
-        past_key_values: SpikeGPTState | None = None,
+        cache: SpikeGPTState | None = None,
         use_cache: bool | None = False,
         skip_logits: bool = False,
         logits_to_keep: int = 0,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = True,
+        past_key_values: SpikeGPTState | None = None,
         **kwargs,
     ) -> SpikeGPTCausalLMOutput:
         """input_ids [B, L] -> SpikeGPTCausalLMOutput.
 
         labels [B, L]: shifted cross-entropy (labels = input_ids), mean over tokens, -100 ignored.
-        past_key_values: a SpikeGPTState from an earlier call with use_cache=True; the call continues it and
-            updates it in place.
+        cache: a SpikeGPTState from an earlier call with use_cache=True; the call continues it and updates it in
+            place. `past_key_values` is accepted as its older name (transformers < 5.24); passing both raises.
         skip_logits: return logits=None (and no loss) so a caller can apply `lm_head` to `head_input` in chunks.
         logits_to_keep: > 0 computes logits for the last that many tokens only (generation).
         """
-        self._check_call(input_ids, labels, skip_logits or logits_to_keep > 0, past_key_values, attention_mask)
+        past = one_cache(cache, past_key_values)
+        self._check_call(input_ids, labels, skip_logits or logits_to_keep > 0, past, attention_mask)
         steps, batch, length = self.config.time_steps, *input_ids.shape
-        state = past_key_values if past_key_values is not None else (SpikeGPTState() if use_cache else None)
+        state = past if past is not None else (SpikeGPTState() if use_cache else None)
         emb = self.emb(input_ids)
         if self.config.binary_embedding:
             emb = spike(emb, self.config.surrogate, self.config.surrogate_alpha)
@@ -186,10 +174,10 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         return SpikeGPTCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=state if use_cache else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
             attentions=tuple(attentions) if attentions is not None else None,
             head_input=head_input,
+            **{CACHE_FIELD: state if use_cache else None},
         )
 
     def _check_call(self, input_ids, labels, skip_logits, state, attention_mask) -> None:
@@ -282,7 +270,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
                     streamer.put(nxt.cpu())
                 if (eos.numel() and bool(done.all())) or i == max_new_tokens - 1:
                     break
-                out = self(nxt[:, None], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                out = self(nxt[:, None], cache=state_of(out), use_cache=True, logits_to_keep=1)
         if streamer is not None:
             streamer.end()
         return torch.cat(tokens, 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from students import SpikeGPTConfig, SpikeGPTForCausalLM, SpikeGPTState, SpikeLinear, StudentError
+from students import SpikeGPTConfig, SpikeGPTForCausalLM, SpikeGPTState, SpikeLinear, StudentError, state_of
 from students.layers import LIF, SpikingRWKV
 
 VOCAB = 32
@@ -107,8 +107,8 @@ def test_recurrent_equals_parallel(mixer, steps):
         parallel = rec.joined()
         rec, state, logits = SpikeRecorder(model), None, []
         for t in range(ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=state, use_cache=True)
-            state = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=state, use_cache=True)
+            state = state_of(out)
             logits.append(out.logits)
         recurrent = rec.joined()
     assert isinstance(state, SpikeGPTState) and state.get_seq_length() == ids.shape[1]
@@ -125,8 +125,8 @@ def test_chunked_continuation_equals_full(mixer):
     with torch.no_grad():
         full = model(ids)
         first = model(ids[:, :4], use_cache=True)
-        second = model(ids[:, 4:9], past_key_values=first.past_key_values, use_cache=True)
-        third = model(ids[:, 9:], past_key_values=second.past_key_values, use_cache=True)
+        second = model(ids[:, 4:9], cache=state_of(first), use_cache=True)
+        third = model(ids[:, 9:], cache=state_of(second), use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full.logits,
                                rtol=1e-4, atol=1e-4)
 
@@ -301,6 +301,6 @@ def test_neuron_variants_train_and_stream():
     with torch.no_grad():
         full = model(ids).logits
         first = model(ids[:, :3], use_cache=True)
-        rest = model(ids[:, 3:], past_key_values=first.past_key_values, use_cache=True)
+        rest = model(ids[:, 3:], cache=state_of(first), use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=1e-4, atol=1e-4)
     assert "emb" not in model.spike_rates()
