@@ -14,8 +14,8 @@ from transformers import initialization as init
 from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
-from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, one_cache, state_of
 from .ops import spike
+from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, one_cache, state_of
 from .state import SpikeGPTState
 
 
