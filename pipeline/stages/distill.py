@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.losses import DistillObjective
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.align import (
+from pipeline.build import (
     build_spad,
     build_student,
     datasets,
@@ -27,6 +25,8 @@ from pipeline.stages.align import (
     save_outputs,
     train_objective,
 )
+from pipeline.losses import DistillObjective
+from pipeline.stages import StageContext, StageResult
 
 
 class CachedRows(Dataset):
