@@ -9,6 +9,7 @@ each other. SPIKEDISTILL_TENSORBOARD=1 also writes TensorBoard logs to <stage>/t
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +23,15 @@ from pipeline.stages import StageContext
 from pipeline.trainer import Trainer, freeze_unreached_parameters
 
 PROJECTIONS = "projections.safetensors"
+LOG = logging.getLogger(__name__)
 
 
-def build_student(recipe: Any, vocab_size: int):
+def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = None):
     """A fresh student from student.preset + student.config, with the teacher's vocab size: a
-    SpikeGPTForCausalLM, or with student.arch=llama the matched non-spiking LlamaForCausalLM baseline."""
+    SpikeGPTForCausalLM, or with student.arch=llama the matched non-spiking LlamaForCausalLM baseline.
+
+    With student.init_from_teacher its embedding and LM head start from the teacher's (pipeline.inherit);
+    that needs `teacher` (a teachers.Teacher), else StageError."""
     from pipeline.recipe import student_config
     from students import SpikeGPTForCausalLM, matched_llama
 
@@ -38,7 +43,17 @@ def build_student(recipe: Any, vocab_size: int):
     if recipe.student.arch == "llama":
         positions = max(recipe.data.seq_len, recipe.evaluate.context_length, 2048)
         return matched_llama(config, positions)
-    return SpikeGPTForCausalLM(config)
+    student = SpikeGPTForCausalLM(config)
+    if recipe.student.init_from_teacher:
+        from pipeline.errors import StageError
+        from pipeline.inherit import init_student_from_teacher, teacher_projections
+
+        if teacher is None:
+            raise StageError("student.init_from_teacher needs the teacher loaded where the student is built")
+        stats = init_student_from_teacher(student, teacher_projections(teacher, config.d_model, recipe.run.seed))
+        (log or LOG).info("student: embedding and LM head from the teacher's embedding projection (%s)",
+                          ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    return student
 
 
 def load_stage_teacher(recipe: Any, accelerator: Any, attn_maps: bool):
@@ -79,10 +94,16 @@ def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) ->
         return None
     cfg = student.config
     mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
-    return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
+    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
                     student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
                     head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
                     sfa_target_norm=recipe.align.sfa_target_norm)
+    if recipe.student.init_from_teacher and weights["ea"] > 0:
+        from pipeline.inherit import init_ea_projection
+
+        explained = init_ea_projection(spad.ea_proj, student, teacher.model.get_input_embeddings().weight)
+        log.info("SpAD: EA projection = least-squares decoder of the student's embedding (R^2 %.3f)", explained)
+    return spad
 
 
 def datasets(ctx: StageContext):

@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> StageResult:
     r = ctx.recipe
     weights = asdict(r.align.weights)
     teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0)
-    student = build_student(r, teacher.vocab_size)
+    student = build_student(r, teacher.vocab_size, teacher, ctx.log)
     check_vocab(student.config.vocab_size, teacher)
     spad = build_spad(r, student, teacher, weights, ctx.log)
     kd = {"kind": r.distill.kd.kind, "temperature": r.distill.kd.temperature, "beta": r.distill.kd.jsd_beta,

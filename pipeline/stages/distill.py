@@ -76,7 +76,7 @@ def _student(ctx: StageContext, teacher) -> Any:
         path = ctx.upstream["align"]["outputs"]["student"]
         ctx.log.info("distill: starting from align's student %s", path)
         return SpikeGPTForCausalLM.from_pretrained(path)
-    return build_student(ctx.recipe, teacher.vocab_size)
+    return build_student(ctx.recipe, teacher.vocab_size, teacher, ctx.log)
 
 
 def run(ctx: StageContext) -> StageResult:
