@@ -28,6 +28,8 @@ from common import ROOT, STAGES, TEXT, cli, write_recipe
 from pipeline.cli import main
 from pipeline.schema import Recipe
 
+pytestmark = pytest.mark.faults  # docs/reliability.md cites these tests; `make faults` runs them
+
 EVAL = ["evaluate.texts=persuasion", "evaluate.max_text_bytes=600", "evaluate.context_length=64",
         "evaluate.energy=true", "evaluate.teacher=true", "evaluate.tasks=spikedistill_persuasion_cloze",
         "evaluate.limit=2", "evaluate.sample_tokens=2"]
@@ -263,6 +265,23 @@ def test_own_data_in_every_documented_format(recipe, own_data, tmp_path, kind):
             *field]
     assert main(argv) == 0
     assert done(tmp_path / "r", "prepare")["metrics"]["documents"] == documents
+
+
+def test_the_readme_recipe_for_own_data_runs(own_data, tiny_teacher_dir, tmp_path, monkeypatch):
+    import shutil
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.DOTALL).group(1)
+    assert block.startswith("base: recipes/demo.yaml") and len(block.strip().splitlines()) == 4
+    (tmp_path / "recipes").mkdir()
+    shutil.copy(ROOT / "recipes" / "demo.yaml", tmp_path / "recipes" / "demo.yaml")
+    shutil.copy(own_data["jsonl"][0], tmp_path / "notes.jsonl")
+    (tmp_path / "mine.yaml").write_text(block, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # data.sources paths are relative to the working directory
+    assert main(["run", "mine.yaml", "--stages", "prepare", f"teacher.spec={tiny_teacher_dir}", "data.seq_len=16"]) == 0
+    prepared = done(tmp_path / "runs" / "mine", "prepare")
+    assert prepared["metrics"]["documents"] == own_data["jsonl"][1]
+    assert prepared["config"]["data"]["text_field"] == "body"
 
 
 @pytest.mark.parametrize("case", ["model_dir", "prepared", "run_dir", "empty", "only_subfolders",
