@@ -37,12 +37,12 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return logp, logits.argmax(-1) == targets
 
 
-@torch.no_grad()
 def _bar(progress: bool | str, default: str) -> dict:
     """tqdm keywords for a `progress` argument: False = no bar, True = a bar, a string = a bar so named."""
     return {"desc": progress if isinstance(progress, str) else default, "disable": not progress}
 
 
+@torch.no_grad()
 def stream_logprobs(
     model, tokens: list[int], chunk_size: int = 1024, progress: bool | str = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -573,7 +573,7 @@ def in_progress(run_dir: Path) -> dict | None:
 
 # the metrics the summary table shows per stage, in order (other stages: their first scalar metrics)
 _SHOWN = {
-    "prepare": ("documents", "text_tokens", "bytes_per_token"),
+    "prepare": ("documents", "tokens.packed", "n_seqs.train", "n_seqs.val"),
     "align": ("val_loss", "loss", "tokens_seen", "tokens_per_s"),
     "distill": ("val_bits_per_byte", "val_loss", "tokens_seen", "tokens_per_s"),
     "export": ("parameters",),
@@ -585,7 +585,9 @@ def format_summary(rows: list[StageSummary]) -> str:
     """A plain-text table: stage, status, seconds, reason, a few scalar metrics."""
     lines = [f"{'stage':<14}{'status':<9}{'time':>9}  reason / metrics"]
     for row in rows:
-        scalar = {k: v for k, v in row.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        flat = {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
+                for k, v in row.metrics.items() for sub in (v if isinstance(v, dict) else [None])}
+        scalar = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         keys = [k for k in _SHOWN.get(row.name, ()) if k in scalar] or [k for k in scalar if k not in _NOT_SHOWN]
         shown = [f"{k}={_fmt(scalar[k])}" for k in keys[:4]]
         detail = row.reason + (" | " + " ".join(shown) if shown else "")

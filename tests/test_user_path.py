@@ -144,6 +144,15 @@ def test_bpb_max_bytes_and_the_bar_names_the_text(full_run, capsys):
     assert "bpb persuasion" in captured.err  # the progress bar's name
 
 
+def test_scoring_builds_no_autograd_graph(full_run):
+    from eval.models import load_model_dir
+    from eval.scoring import stream_logprobs
+
+    model, _ = load_model_dir(full_run[1] / "export" / "model")
+    logps, _ = stream_logprobs(model, list(range(1, 40)), chunk_size=16, progress="x")
+    assert not logps.requires_grad
+
+
 # ----------------------------------------------------------------------------------- Ctrl-C, wall time
 def test_ctrl_c_says_what_was_saved_and_the_printed_command_resumes(recipe, tmp_path):
     from eval.leaderboard import training_info
