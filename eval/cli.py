@@ -45,15 +45,13 @@ def cmd_bpb(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from eval.generate import stream_text
+    from eval.generate import generate_text
     from eval.models import load_any
 
     model, tok = load_any(args.model_dir)
     print(args.prompt, end="", flush=True)
-    for piece in stream_text(
-        model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-    ):
-        print(piece, end="", flush=True)
+    generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                  on_text=lambda piece: print(piece, end="", flush=True))
     print()
     return 0
 
