@@ -19,7 +19,7 @@ VENV_LATEST ?= .venv-latest
 # The build tools and torch go in first; the rest (four packages are sdists) then builds without isolation,
 # so no unlocked setuptools is downloaded either.
 $(VENV)/.installed: $(LOCK) pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	rm -rf $(VENV) && python3 -m venv $(VENV)  # a clean venv: exactly the lock, no leftovers
 	grep -q '^torch==$(TORCH_VERSION)[+ ]' $(LOCK) || { echo "$(LOCK) does not pin torch==$(TORCH_VERSION): run make lock" >&2; exit 2; }
 	$(PY) -m pip install $(PIP_QUIET) --no-deps --require-hashes -r <(python3 requirements/lock.py --only setuptools wheel torch)
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_QUIET) --no-deps --require-hashes --no-build-isolation -r $(LOCK)
