@@ -381,13 +381,23 @@ class Runner:
         new_steps = getattr(self.recipe, name).train.steps
         old_recipe = copy.deepcopy(self.recipe)
         getattr(old_recipe, name).train.steps = old_steps
-        if new_steps <= old_steps or stage_config_hash(old_recipe, name) != done["config_hash"]:
+        if stage_config_hash(old_recipe, name) != done["config_hash"]:
             return None
+        if new_steps < old_steps:
+            raise ConfigError(f"--extend: {name}.train.steps went down from {old_steps} to {new_steps}; a run "
+                              f"cannot be shortened from a checkpoint: rerun without --extend to train {new_steps} "
+                              "steps from step 0")
         found = ckpt.list_checkpoints(self.run_dir / name / "checkpoints")
         if not found:
             raise ConfigError(f"--extend: {self.run_dir / name / 'checkpoints'} holds no checkpoint to continue "
                               f"{name} from; rerun without --extend to train it from step 0")
         return {"config_hash": done["config_hash"], "from_step": found[-1][0], "to_step": new_steps}
+
+    def _grew(self, name: str) -> bool:
+        """Whether the recipe asks a finished training stage for more steps than it ran."""
+        done = read_done(self.run_dir / name) or {}
+        old = done.get("config", {}).get(name, {}).get("train", {}).get("steps")
+        return isinstance(old, int) and getattr(self.recipe, name).train.steps > old
 
     def _prepare_dir(self, name: str, started: dict) -> Path:
         """Make the stage folder ready: keep it only to resume the same config (or to extend), else start
@@ -427,7 +437,7 @@ class Runner:
                       "(learning-rate schedule of the new step count)")
         elif reason == "resuming":  # an interrupted extension keeps accepting the checkpoints it started from
             extends = (_read_json(self.run_dir / name / "stage.json") or {}).get("extends")
-        elif SPECS[name].training and reason == f"config changed: {name}.train.steps":
+        elif SPECS[name].training and reason == f"config changed: {name}.train.steps" and self._grew(name):
             reason += " (from step 0; --extend continues from the last checkpoint instead)"
         LOG.info("[%s] running (%s)", name, reason)
         accelerator = self._accelerator_for(name)
