@@ -56,7 +56,7 @@ class SpikeGPTPreTrainedModel(PreTrainedModel):
 # Initialisation: every LIF fires at init (a silent neuron passes nothing forward and gets no gradient through
 # the Linear it feeds). Each Linear's std is chosen so that its output has a target std given the rms of what
 # it reads, assuming the spikes it reads fire at INIT_SPIKE_RATE. The constants are measured at init on held-out
-# English text (tests/test_student_model.py::test_every_neuron_fires_at_init_on_real_text).
+# English text (tests/test_student_model.py::test_every_neuron_fires_at_init_and_every_block_counts).
 INIT_SPIKE_RATE = 0.15
 # rms of sigmoid(r) for r ~ N(0, 1), and of the WKV's decay-weighted average of v relative to v itself
 _GATE_RMS, _WKV_RMS = 0.54, 0.67
@@ -88,7 +88,7 @@ def lif_current(config: SpikeGPTConfig) -> float:
     over-shoots through the cascade of layers, since at T = 1 the membrane already integrates across tokens.
     """
     g_1, g_t = membrane_gain(config, 1), membrane_gain(config, config.time_steps)
-    return float(__import__("os").environ.get("C", "1")) * config.lif_threshold / (g_1**0.75 * g_t**0.25)
+    return config.lif_threshold / (g_1**0.75 * g_t**0.25)
 
 
 def _linear_init_std(model: nn.Module, linear: SpikeLinear) -> float:
