@@ -148,9 +148,8 @@ def evaluate_model(
         if teacher
         else None
     )
-    task_rows = (
-        evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec)["models"] if tasks else {}
-    )
+    tasks_out = evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec) if tasks else {}
+    task_rows = tasks_out.get("models", {})
     probe = next(iter(texts.values()), None)
     report = (
         energy_report(model, context_length, tok, probe, teacher[0] if teacher else None)
@@ -175,6 +174,9 @@ def evaluate_model(
         model_info(model),
         sample,
     )
+    first = next(iter(bpb.values()), {})
+    results["settings"] = {"context_length": context_length, "bpb_protocol": first.get("protocol"),
+                           "lm_eval_protocol": tasks_out.get("protocol")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 

@@ -185,7 +185,7 @@ def test_importing_the_adapter_keeps_lm_eval_builtin_models(monkeypatch):
     `hf` and `dummy` are still found (lm-eval loads its built-ins only while the registry is empty)."""
     import importlib
 
-    import lm_eval.api.registry as registry
+    from lm_eval.api import registry
 
     import eval.harness
 
@@ -243,7 +243,7 @@ def tokenizer_case(request, tiny_tokenizer):
 def test_bos_loglikelihood_by_hand(tokenizer_case):
     tok, adds = tokenizer_case
     model = tiny_llama(len(tok), seed=2)
-    lm = SpikeGPTLM(model, tokenizer=tok, max_length=64)
+    lm = SpikeGPTLM(model, tokenizer=tok, max_length=64, batch_size=1)  # unpadded: every input id is real
     context, continuation = "The lamps were lit early", " and the road grew soft."
     seen = _input_recorder(model)
     (lp, _), (lp_empty, _) = lm.loglikelihood(
@@ -259,9 +259,10 @@ def test_bos_loglikelihood_by_hand(tokenizer_case):
     doc = tok.encode(LAMPS, add_special_tokens=False)
     want_empty, _ = _manual_logprob(model, [lm.prefix_token_id] + doc, len(doc))
     assert lp_empty == pytest.approx(want_empty, abs=1e-4)
-    for ids in seen:
-        assert int((ids[0] == tok.bos_token_id).sum()) == (1 if adds else int(lm.prefix_token_id == tok.bos_token_id
-                                                                                and ids[0, 0] == tok.bos_token_id))
+    assert len(seen) == 2
+    for ids in seen:  # BOS-adding: one BOS each; plain: only the empty context's prefix token (= BOS here)
+        bos_count = int((ids[0] == tok.bos_token_id).sum())
+        assert bos_count == (1 if adds else int(ids[0, 0] == lm.prefix_token_id))
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -283,7 +284,7 @@ def test_bos_rolling_by_hand(tokenizer_case, stream, tiny_tokenizer):
 
 def test_bos_rolling_windowed_hf(tokenizer_case):
     """lm-eval's hf model with our rolling protocol: each window led by one BOS, each token scored once."""
-    tok, adds = tokenizer_case
+    tok, _ = tokenizer_case
     model = tiny_llama(len(tok), seed=3)
     lm = WindowedHFLM(pretrained=model, tokenizer=tok, max_length=8, batch_size=1, rolling_stride=8)
     seen = _input_recorder(model)
