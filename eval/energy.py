@@ -336,15 +336,16 @@ def measure_rates(model, tokenizer, text: str, context_length: int) -> int:
     return rows * length
 
 
-def _matched_ann(model):
+def _matched_ann(model, context_length: int):
     """The dense model whose int8 / ternary prices are the quantised baseline: the spiking student's matched
     Llama (random weights: the counts do not depend on them), or the model itself when it is an ANN."""
     if not hasattr(model, "op_counts"):
         return model
     from students.baseline import matched_llama
 
-    torch.manual_seed(0)
-    return matched_llama(model.config).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return matched_llama(model.config, max_position=max(2048, context_length)).eval()
 
 
 def energy_report(
@@ -404,7 +405,7 @@ def energy_report(
         "caveat": CAVEAT,
     }
     if quantised:
-        ann = _matched_ann(model)
+        ann = _matched_ann(model, context_length)
         ann_count = count_forward(ann, context_length)
         report["quantised"] = {
             p.name: {"model": f"{getattr(ann.config, 'model_type', 'ann')} {param_count(ann) / 1e6:.2f}M",

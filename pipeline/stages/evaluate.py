@@ -210,10 +210,9 @@ def run(ctx: StageContext) -> StageResult:
         table += f"\nfiring rate (mean over spiking modules): {metrics['firing_rate']:.4f}\n"
     write_model_card(Path(model_dir), r, ctx.upstream["export"]["metrics"].get("parameters", 0), metrics,
                      extra="\n" + table + "\n")
-    if energy_text:  # the per-layer table goes to a file; the console gets its totals
+    if energy_text:  # the per-layer table goes to a file; the console gets the totals and the three figures
         (ctx.stage_dir / "energy.md").write_text(energy_text, encoding="utf-8")
-        totals = [line for line in energy_text.splitlines() if line.strip() and not line.startswith("|")]
-        print("\n" + "\n".join(totals))
+        print("\n" + energy_text[energy_text.index("Totals per token"):].strip())
     print("\n" + table)
     print(f"\nsample: {e.sample_prompt}{sample['text']}\n")
     return StageResult(outputs={"results": str(out)}, metrics=metrics)
