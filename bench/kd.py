@@ -1,0 +1,179 @@
+"""Cached top-k KD against CE-only training of the same student, and where an online-teacher distill step goes.
+
+    .venv/bin/python -m bench.kd [--steps 16] [--repeats 3] [--threads 2] [--impls fused,chunked]
+                                 [--online-steps 3] [--skip-runs] [--skip-online] [--workdir DIR]
+
+Part 1, through the CLI: `spikedistill run` of the study's arms b_snn_ce (CE only) and c_snn_kd (STA on the
+cached top-64 targets + HTA; tau 2) at the study's shapes (4 x 128 `demo` student, the bundled SmolLM2-135M's
+49,152-token vocabulary, batch 8 x 128), each for --steps distill steps, stages prepare, teacher_cache and
+distill only. The two arms run one after the other, alternating which goes first, --repeats times per
+distill.kd.impl (the machine is shared: interleaving exposes both arms to the same load). Figures per run:
+the trainer's tokens/s (done.json) and the median step's tokens/s (metrics.jsonl, step 1 left out); the
+ratio KD / CE per repeat (the two runs of a pair are adjacent in time) and its median.
+
+Part 2, in process: --online-steps steps of the distill objective with the online teacher (STA + HTA, no
+cache), the same shapes, timed per part: teacher (body forward, and its head's logits made chunk by chunk
+inside the loss), student (forward + backward), loss (head + KD + CE of the student, forward and backward,
+teacher head excluded) and optimizer (AdamW step). Printed as fractions of the step (medians over steps,
+after one untimed warm-up step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {"ce": "recipes/study/b_snn_ce.yaml", "kd": "recipes/study/c_snn_kd.yaml"}
+BATCH, SEQ_LEN = 8, 128
+
+
+def _run_arm(arm: str, impl: str, name: str, args, workdir: Path) -> dict:
+    """One `spikedistill run` of an arm; returns its distill tokens/s figures."""
+    tokens = (args.steps + 2) * BATCH * (SEQ_LEN + 1) * 2  # enough training rows for --steps steps
+    overrides = [
+        f"run.runs_dir={workdir}", f"run.name={name}", f"teacher_cache.dir={workdir / '_teacher_cache'}",
+        f"data.max_train_tokens={tokens}", f"distill.train.steps={args.steps}",
+        f"distill.train.eval_every={args.steps}", "distill.train.eval_batches=1",
+        f"distill.train.checkpoint_every={args.steps}", "distill.train.log_every=1", f"distill.kd.impl={impl}",
+    ]
+    stages = "prepare,teacher_cache,distill" if arm == "kd" else "prepare,distill"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline", "run", ARMS[arm], *overrides, "--stages", stages]
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/kd.py: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    stage = workdir / name / "distill"
+    metrics = json.loads((stage / "done.json").read_text())["metrics"]
+    steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [s["seconds"] for s in steps if s.get("split", "train") == "train" and "seconds" in s
+               and s.get("step", 0) > 1]
+    return {"tokens_per_s": metrics["tokens_per_s"],
+            "median_step_tokens_per_s": BATCH * SEQ_LEN / statistics.median(seconds)}
+
+
+def bench_runs(args) -> None:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_kd_"))
+    print(f"## cached top-64 KD (c_snn_kd) vs CE only (b_snn_ce): {args.steps} distill steps per run, "
+          f"batch {BATCH} x {SEQ_LEN}, {args.threads} thread(s), runs in {workdir}")
+    print("| impl | repeat | order | CE tok/s | KD tok/s | KD / CE | CE median-step tok/s | KD median-step tok/s "
+          "| KD / CE (median step) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for impl in args.impls.split(","):
+        ratios, step_ratios = [], []
+        for rep in range(args.repeats):
+            order = ("kd", "ce") if rep % 2 == 0 else ("ce", "kd")
+            res = {arm: _run_arm(arm, impl, f"{impl}_{arm}_{rep}", args, workdir) for arm in order}
+            ce, kd = res["ce"], res["kd"]
+            ratios.append(kd["tokens_per_s"] / ce["tokens_per_s"])
+            step_ratios.append(kd["median_step_tokens_per_s"] / ce["median_step_tokens_per_s"])
+            print(f"| {impl} | {rep} | {'-'.join(order)} | {ce['tokens_per_s']:.0f} | {kd['tokens_per_s']:.0f} | "
+                  f"{ratios[-1]:.2f}x | {ce['median_step_tokens_per_s']:.0f} | "
+                  f"{kd['median_step_tokens_per_s']:.0f} | {step_ratios[-1]:.2f}x |", flush=True)
+        summary[impl] = (statistics.median(ratios), statistics.median(step_ratios))
+    for impl, (r, sr) in summary.items():
+        print(f"impl {impl}: KD / CE tokens/s, median over repeats: {r:.2f}x (trainer figure), "
+              f"{sr:.2f}x (median step)")
+
+
+class _Timed:
+    """Accumulates the wall time of calls to a wrapped callable into timer[key]."""
+
+    def __init__(self, fn, timer: dict, key: str):
+        self.fn, self.timer, self.key = fn, timer, key
+
+    def __call__(self, *a, **kw):
+        start = time.perf_counter()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            self.timer[self.key] = self.timer.get(self.key, 0.0) + time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def bench_online(args) -> None:
+    from pipeline import losses
+    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+    from teachers import load_teacher
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    teacher = load_teacher("smollm2-135m", dtype="fp32")
+    student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("demo", vocab_size=teacher.config.vocab_size))
+    timer: dict[str, float] = {}
+    teacher.head = _Timed(teacher.head, timer, "teacher_head")
+    objective = losses.DistillObjective(student, {"sta": 0.3, "hta": 0.3}, teacher=_Timed(teacher, timer, "teacher"),
+                                        kd={"kind": "forward_kl", "temperature": 2.0, "chunk_size": 512})
+    logit_losses = losses.logit_losses
+    losses.logit_losses = _Timed(logit_losses, timer, "loss")
+    student_forward = student.forward
+    student.forward = _Timed(student_forward, timer, "student_fwd")
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+    ids = torch.randint(0, teacher.config.vocab_size, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+    parts: dict[str, list[float]] = {}
+    try:
+        for step in range(args.online_steps + 1):
+            timer.clear()
+            start = time.perf_counter()
+            out = objective(ids)
+            mid = time.perf_counter()
+            (out["loss"] / (BATCH * SEQ_LEN)).backward()
+            bwd = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            end = time.perf_counter()
+            if step == 0:
+                continue  # warm-up
+            row = {"teacher": timer["teacher"] + timer["teacher_head"],
+                   "student": timer["student_fwd"] + (bwd - mid),
+                   "loss": timer["loss"] - timer["teacher_head"],
+                   "optimizer": end - bwd, "total": end - start}
+            row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
+            for k, v in row.items():
+                parts.setdefault(k, []).append(v)
+    finally:
+        losses.logit_losses = logit_losses
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    print(f"## online-teacher distill step (SmolLM2-135M fp32 teacher, demo student, batch {BATCH} x {SEQ_LEN}, "
+          f"STA forward KL tau 2 + HTA, kd impl fused), {args.threads} thread(s), median of {args.online_steps} steps")
+    print("| part | seconds | fraction of the step |")
+    print("|---|---|---|")
+    for k in ("teacher", "student", "loss", "optimizer", "other", "total"):
+        print(f"| {k} | {med[k]:.3f} | {med[k] / med['total']:.2f} |")
+    print("(teacher = body forward + its head's logits, chunk by chunk inside the loss; student = forward + "
+          "backward; loss = the student's head + KD + CE, forward and backward)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=16, help="distill steps per `spikedistill run`")
+    p.add_argument("--repeats", type=int, default=3, help="KD/CE run pairs per impl")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impls", default="fused,chunked", help="distill.kd.impl values to compare")
+    p.add_argument("--online-steps", type=int, default=3)
+    p.add_argument("--skip-runs", action="store_true")
+    p.add_argument("--skip-online", action="store_true")
+    p.add_argument("--workdir", help="where the runs go (default: a new temporary folder)")
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start "
+          f"{os.getloadavg()[0]:.1f}")
+    if not args.skip_runs:
+        bench_runs(args)
+    if not args.skip_online:
+        bench_online(args)
+
+
+if __name__ == "__main__":
+    main()
