@@ -125,6 +125,51 @@ def _wkv_inputs(B, L, C, seed=0, dtype=torch.float32):
     return td, tf, k, v
 
 
+def _wkv_float64(time_decay, time_first, k, v):
+    """WKV from its definition in float64, with no running max: y_t is the average of v_0..v_t weighted by
+    softmax_i of -(t-1-i) e^w + k_i (i < t) and u + k_t (i = t). Inputs [C], [C], [B, L, C] -> y [B, L, C]."""
+    L = k.shape[1]
+    t = torch.arange(L, dtype=torch.float64)
+    lag = (t[:, None] - 1 - t[None, :])  # [t, i]
+    logits = -lag[None, :, :, None] * time_decay.exp()[None, None, None, :] + k[:, None, :, :]  # [B, t, i, C]
+    eye = torch.eye(L, dtype=torch.bool)[None, :, :, None]
+    logits = torch.where(eye, time_first + k[:, None, :, :], logits)
+    logits = logits.masked_fill((lag < -1)[None, :, :, None], float("-inf"))  # i > t: not seen yet
+    return (torch.softmax(logits, dim=2) * v[:, None, :, :]).sum(2)
+
+
+def _wkv_grads(fn, td, tf, k, v, g_y):
+    inputs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v)]
+    y = fn(*inputs)
+    y = y[0] if isinstance(y, tuple) else y
+    return torch.autograd.grad((y.double() * g_y).sum(), inputs)
+
+
+@pytest.mark.parametrize("case", ["time_first=12", "time_first=20", "time_decay=90", "time_decay=200"])
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_wkv_gradients_match_float64_at_extreme_parameters(case, impl):
+    # issue 14 (d): time_first's gradient cancelled in the C kernel (98% error at 20); time_decay > ~88.7 gave
+    # NaN gradients in both (exp overflow, 0 * inf). Half the channels take the extreme value.
+    gen = torch.Generator().manual_seed(7)
+    B, L, C = 2, 12, 6
+    td, tf = torch.randn(C, generator=gen) * 0.5, torch.randn(C, generator=gen) * 0.5
+    name, value = case.split("=")
+    (tf if name == "time_first" else td)[::2] = float(value)
+    k, v = torch.randn(B, L, C, generator=gen) * 2, torch.randn(B, L, C, generator=gen)
+    g_y = torch.randn(B, L, C, generator=gen, dtype=torch.float64)
+    want = _wkv_grads(_wkv_float64, td.double(), tf.double(), k.double(), v.double(), g_y)
+    fn = wkv_cpu if impl == "cpu" else wkv_reference
+    got = _wkv_grads(fn, td, tf, k, v, g_y)
+    for name_, a, b in zip(("time_decay", "time_first", "k", "v"), got, want):
+        assert torch.isfinite(a).all(), name_
+        # relative to each group of channels' own scale: the extreme channels' gradients are far smaller
+        for group in (slice(0, None, 2), slice(1, None, 2)):
+            a_g, b_g = a[..., group].double(), b[..., group]
+            scale = b_g.abs().max()
+            err = float((a_g - b_g).abs().max() / scale) if scale > 0 else float(a_g.abs().max())
+            assert err < 1e-4, (name_, group, err)
+
+
 @pytest.mark.parametrize("B,L,C", [(2, 1, 5), (1, 37, 20), (3, 13, 70)])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_wkv_cpu_matches_reference(B, L, C, with_state):
