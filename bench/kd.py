@@ -1,7 +1,8 @@
 """Cached top-k KD against CE-only training of the same student, and where an online-teacher distill step goes.
 
-    .venv/bin/python -m bench.kd [--steps 16] [--repeats 3] [--threads 2] [--impls fused,chunked]
-                                 [--online-steps 3] [--skip-runs] [--skip-online] [--workdir DIR]
+    .venv/bin/python -m bench.kd [--steps 12] [--repeats 3] [--threads 2] [--impls fused,chunked]
+                                 [--train-tokens 12384] [--inprocess-steps 5] [--online-steps 3]
+                                 [--skip-runs] [--skip-inprocess] [--skip-online] [--workdir DIR]
 
 Part 1, through the CLI: `spikedistill run` of the study's arms b_snn_ce (CE only) and c_snn_kd (STA on the
 cached top-64 targets + HTA; tau 2) at the study's shapes (4 x 128 `demo` student, the bundled SmolLM2-135M's
@@ -11,7 +12,11 @@ distill.kd.impl (the machine is shared: interleaving exposes both arms to the sa
 the trainer's tokens/s (done.json) and the median step's tokens/s (metrics.jsonl, step 1 left out); the
 ratio KD / CE per repeat (the two runs of a pair are adjacent in time) and its median.
 
-Part 2, in process: --online-steps steps of the distill objective with the online teacher (STA + HTA, no
+Part 2, in process: the same comparison without the CLI around it: objective steps (forward, backward, AdamW)
+of CE only and of cached top-64 KD alternated on one batch, --inprocess-steps each per impl. Wall seconds,
+and CPU seconds of this process, which a busy shared machine disturbs less than wall time.
+
+Part 3, in process: --online-steps steps of the distill objective with the online teacher (STA + HTA, no
 cache), the same shapes, timed per part: teacher (body forward, and its head's logits made chunk by chunk
 inside the loss), student (forward + backward), loss (head + KD + CE of the student, forward and backward,
 teacher head excluded) and optimizer (AdamW step). Printed as fractions of the step (medians over steps,
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,13 +45,14 @@ BATCH, SEQ_LEN = 8, 128
 
 def _run_arm(arm: str, impl: str, name: str, args, workdir: Path) -> dict:
     """One `spikedistill run` of an arm; returns its distill tokens/s figures."""
-    tokens = (args.steps + 2) * BATCH * (SEQ_LEN + 1) * 2  # enough training rows for --steps steps
+    tokens = args.train_tokens  # the trainer cycles through the rows; the teacher cache covers them once
     overrides = [
         f"run.runs_dir={workdir}", f"run.name={name}", f"teacher_cache.dir={workdir / '_teacher_cache'}",
         f"data.max_train_tokens={tokens}", f"distill.train.steps={args.steps}",
         f"distill.train.eval_every={args.steps}", "distill.train.eval_batches=1",
         f"distill.train.checkpoint_every={args.steps}", "distill.train.log_every=1", f"distill.kd.impl={impl}",
     ]
+    shutil.rmtree(workdir / name, ignore_errors=True)  # a fresh run; the teacher cache folder is kept
     stages = "prepare,teacher_cache,distill" if arm == "kd" else "prepare,distill"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pipeline", "run", ARMS[arm], *overrides, "--stages", stages]
@@ -156,14 +163,58 @@ def bench_online(args) -> None:
           "backward; loss = the student's head + KD + CE, forward and backward)")
 
 
+def bench_inprocess(args) -> None:
+    """CE-only and cached top-64 KD objective steps alternated in one process: wall and CPU seconds."""
+    from pipeline.losses import DistillObjective
+    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+    from teachers.cache import SparseTargets
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    vocab = 49152
+    student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("demo", vocab_size=vocab))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (BATCH, SEQ_LEN + 1), generator=gen)
+    # top-64 of a random teacher distribution, stored as the cache stores them (ids, log-probs, tail mass)
+    top = (torch.randn(BATCH, SEQ_LEN + 1, vocab, generator=gen) * 3).log_softmax(-1).topk(64, -1)
+    targets = SparseTargets(top.indices, top.values.bfloat16().float(), (1 - top.values.exp().sum(-1)).clamp(0, 1))
+    kd = {"kind": "forward_kl", "temperature": 2.0, "chunk_size": 512}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    print(f"## in process: one objective step (forward, backward, AdamW) of the demo student, batch {BATCH} x "
+          f"{SEQ_LEN}, CE only vs STA on top-64 targets + HTA, alternating, {args.threads} thread(s), "
+          f"median of {args.inprocess_steps} steps each after one warm-up")
+    print("| impl | CE wall s | KD wall s | KD / CE tokens/s (wall) | CE CPU s | KD CPU s | KD / CE tokens/s (CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for impl in args.impls.split(","):
+        arms = {"ce": DistillObjective(student, {"sta": 0.0, "hta": 1.0}, kd={**kd, "impl": impl}),
+                "kd": DistillObjective(student, {"sta": 0.3, "hta": 0.3}, kd={**kd, "impl": impl})}
+        times: dict[str, list[tuple[float, float]]] = {"ce": [], "kd": []}
+        for step in range(args.inprocess_steps + 1):
+            for arm in (("ce", "kd") if step % 2 else ("kd", "ce")):
+                wall, cpu = time.perf_counter(), time.process_time()
+                out = arms[arm](ids, targets=targets if arm == "kd" else None)
+                (out["loss"] / (BATCH * SEQ_LEN)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if step:
+                    times[arm].append((time.perf_counter() - wall, time.process_time() - cpu))
+        med = {arm: [statistics.median(t[i] for t in v) for i in range(2)] for arm, v in times.items()}
+        print(f"| {impl} | {med['ce'][0]:.2f} | {med['kd'][0]:.2f} | {med['ce'][0] / med['kd'][0]:.2f}x | "
+              f"{med['ce'][1]:.2f} | {med['kd'][1]:.2f} | {med['ce'][1] / med['kd'][1]:.2f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=16, help="distill steps per `spikedistill run`")
+    p.add_argument("--steps", type=int, default=12, help="distill steps per `spikedistill run`")
     p.add_argument("--repeats", type=int, default=3, help="KD/CE run pairs per impl")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impls", default="fused,chunked", help="distill.kd.impl values to compare")
+    p.add_argument("--train-tokens", type=int, default=12384,
+                   help="data.max_train_tokens: the rows the teacher cache is built for (once per --workdir)")
     p.add_argument("--online-steps", type=int, default=3)
+    p.add_argument("--inprocess-steps", type=int, default=5, help="steps per arm of the in-process comparison")
     p.add_argument("--skip-runs", action="store_true")
+    p.add_argument("--skip-inprocess", action="store_true")
     p.add_argument("--skip-online", action="store_true")
     p.add_argument("--workdir", help="where the runs go (default: a new temporary folder)")
     args = p.parse_args(argv)
@@ -171,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f}")
     if not args.skip_runs:
         bench_runs(args)
+    if not args.skip_inprocess:
+        bench_inprocess(args)
     if not args.skip_online:
         bench_online(args)
 
