@@ -106,7 +106,7 @@ def evaluate_model(
     (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and returns the dict."""
     from eval.bpb import evaluate_bpb
     from eval.energy import energy_report
-    from eval.generate import stream_text
+    from eval.generate import generate_text
     from eval.harness import evaluate_tasks
     from eval.models import load_any, load_model_dir
 
@@ -136,7 +136,7 @@ def evaluate_model(
     if sample_prompt:
         sample = {
             "prompt": sample_prompt,
-            "text": "".join(stream_text(model, tok, sample_prompt, sample_tokens)),
+            "text": generate_text(model, tok, sample_prompt, sample_tokens),
         }
     results = collect_results(
         run_name,

@@ -2,9 +2,12 @@
 
     spikedistill run RECIPE.yaml [key=value ...] [--stages a,b] [--run-dir DIR] [--resume] [--force] [--debug]
     spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [key=value ...]
+    spikedistill export MODEL_DIR --out DIR [--dtype fp32|bf16|fp16] [--tokenizer SPEC]
+    spikedistill import-spikegpt CKPT.pth --out DIR [--tokenizer SPEC] [--float-embedding]
     spikedistill eval | generate | energy | leaderboard ...   (from eval/cli.py)
 
-Project errors print one line to stderr and exit 2; --debug shows the traceback instead.
+Project errors and bad options print one line to stderr and exit 2; --debug shows the traceback instead.
+Numeric options are range-checked by the shared argparse types of eval/argtypes.py.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from eval.argtypes import OneLineParser
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -75,6 +79,42 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_study)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.stages.export import export_folder
+
+    out = export_folder(args.model_dir, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
+    print(f"wrote {out} (loads with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True))")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="make a student folder self-contained: remote code, weights, tokenizer, card")
+    p.add_argument("model_dir", help="a student folder, e.g. runs/<name>/export/model")
+    p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype (default: as saved)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the model folder's)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_import_spikegpt(args: argparse.Namespace) -> int:
+    from pipeline.stages.export import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer,
+                            binary_embedding=not args.float_embedding)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_import_spikegpt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-spikegpt", help="convert a ridgerchu/SpikeGPT .pth checkpoint into a student folder")
+    p.add_argument("checkpoint", help="CKPT.pth: the state_dict of SpikeGPT's src/model.py GPT (model_type RWKV)")
+    p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id to ship with it (e.g. GPT-NeoX's for 216M)")
+    p.add_argument("--float-embedding", action="store_true",
+                   help="the model was trained without the binary (Heaviside) embedding")
+    p.set_defaults(func=_cmd_import_spikegpt)
+
+
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     try:
         from eval.cli import register
@@ -93,11 +133,13 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="spikedistill", description="Distill a HF causal LM into a spiking LM.")
+    parser = OneLineParser(prog="spikedistill", description="Distill a HF causal LM into a spiking LM.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_study(sub)
+    _add_export(sub)
+    _add_import_spikegpt(sub)
     _add_eval_commands(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

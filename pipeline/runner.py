@@ -156,6 +156,7 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
     """
     import torch
     from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
 
     dist = recipe.distributed
@@ -168,6 +169,11 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
         "kwargs_handlers": [InitProcessGroupKwargs(backend=backend)] if backend else None,
     }
     if dist.strategy == "deepspeed":
+        # Each stage brings its own DeepSpeed config (micro batch, accumulation, clipping), and accelerate
+        # refuses a second Accelerator with a deepspeed_plugin in one process: stages run one after the other,
+        # so the previous stage's state goes (the process group, held by PartialState, stays).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train))
         kwargs["cpu"] = False  # accelerate drops the DeepSpeed plugin under cpu=True; without CUDA it uses the CPU
         if not cuda:
