@@ -1,16 +1,18 @@
 """Cached top-k KD against CE-only training of the same student, and where an online-teacher distill step goes.
 
-    .venv/bin/python -m bench.kd [--steps 12] [--repeats 3] [--threads 2] [--impls fused,chunked]
-                                 [--train-tokens 12384] [--inprocess-steps 5] [--online-steps 3]
-                                 [--skip-runs] [--skip-inprocess] [--skip-online] [--workdir DIR]
+    .venv/bin/python -m bench.kd [--steps 12] [--repeats 3] [--threads 1] [--mode concurrent|sequential]
+                                 [--impls fused,chunked] [--train-tokens 12384] [--inprocess-steps 5]
+                                 [--online-steps 3] [--skip-runs] [--skip-inprocess] [--skip-online]
+                                 [--workdir DIR]
 
 Part 1, through the CLI: `spikedistill run` of the study's arms b_snn_ce (CE only) and c_snn_kd (STA on the
 cached top-64 targets + HTA; tau 2) at the study's shapes (4 x 128 `demo` student, the bundled SmolLM2-135M's
 49,152-token vocabulary, batch 8 x 128), each for --steps distill steps, stages prepare, teacher_cache and
-distill only. The two arms run one after the other, alternating which goes first, --repeats times per
-distill.kd.impl (the machine is shared: interleaving exposes both arms to the same load). Figures per run:
-the trainer's tokens/s (done.json) and the median step's tokens/s (metrics.jsonl, step 1 left out); the
-ratio KD / CE per repeat (the two runs of a pair are adjacent in time) and its median.
+distill only (the shared teacher cache is built once, untimed). Per repeat one CE run and one KD run, by
+default at the same time (--mode concurrent, --threads each): on a machine shared with other jobs both runs
+then see the same load, which one-after-the-other runs do not. Figures per run: the trainer's tokens/s
+(done.json) and the median step's tokens/s (metrics.jsonl, step 1 left out); the ratio KD / CE per repeat
+and its median over repeats, per distill.kd.impl.
 
 Part 2, in process: the same comparison without the CLI around it: objective steps (forward, backward, AdamW)
 of CE only and of cached top-64 KD alternated on one batch, --inprocess-steps each per impl. Wall seconds,
@@ -43,49 +45,74 @@ ARMS = {"ce": "recipes/study/b_snn_ce.yaml", "kd": "recipes/study/c_snn_kd.yaml"
 BATCH, SEQ_LEN = 8, 128
 
 
-def _run_arm(arm: str, impl: str, name: str, args, workdir: Path) -> dict:
-    """One `spikedistill run` of an arm; returns its distill tokens/s figures."""
-    tokens = args.train_tokens  # the trainer cycles through the rows; the teacher cache covers them once
+def _launch(arm: str, impl: str, name: str, args, workdir: Path, stages: str | None = None
+            ) -> tuple[subprocess.Popen, list[str]]:
+    """Start one `spikedistill run` of an arm (stages prepare, [teacher_cache,] distill) in the background."""
     overrides = [
         f"run.runs_dir={workdir}", f"run.name={name}", f"teacher_cache.dir={workdir / '_teacher_cache'}",
-        f"data.max_train_tokens={tokens}", f"distill.train.steps={args.steps}",
+        f"data.max_train_tokens={args.train_tokens}", f"distill.train.steps={args.steps}",
         f"distill.train.eval_every={args.steps}", "distill.train.eval_batches=1",
         f"distill.train.checkpoint_every={args.steps}", "distill.train.log_every=1", f"distill.kd.impl={impl}",
     ]
     shutil.rmtree(workdir / name, ignore_errors=True)  # a fresh run; the teacher cache folder is kept
-    stages = "prepare,teacher_cache,distill" if arm == "kd" else "prepare,distill"
+    stages = stages or ("prepare,teacher_cache,distill" if arm == "kd" else "prepare,distill")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pipeline", "run", ARMS[arm], *overrides, "--stages", stages]
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"bench/kd.py: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    stage = workdir / name / "distill"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, cmd
+
+
+def _figures(proc: subprocess.Popen, cmd: list[str], stage: Path) -> dict:
+    """Wait for a run; its distill tokens/s: the trainer's figure and the median step's (step 1 left out)."""
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"bench/kd.py: {' '.join(cmd)} failed:\n{err[-2000:]}")
     metrics = json.loads((stage / "done.json").read_text())["metrics"]
     steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    seconds = [s["seconds"] for s in steps if s.get("split", "train") == "train" and "seconds" in s
-               and s.get("step", 0) > 1]
+    train = [s for s in steps if s.get("split") == "train" and s.get("step", 0) > 1]
     return {"tokens_per_s": metrics["tokens_per_s"],
-            "median_step_tokens_per_s": BATCH * SEQ_LEN / statistics.median(seconds)}
+            "median_step_tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in train)}
+
+
+def _pair(impl: str, rep: int, args, workdir: Path) -> dict:
+    """One CE run and one KD run: at the same time (--mode concurrent) or one after the other."""
+    order = ("kd", "ce") if rep % 2 == 0 else ("ce", "kd")
+    res = {}
+    if args.mode == "concurrent":
+        procs = {arm: _launch(arm, impl, f"{impl}_{arm}_{rep}", args, workdir) for arm in order}
+        for arm, (proc, cmd) in procs.items():
+            res[arm] = _figures(proc, cmd, workdir / f"{impl}_{arm}_{rep}" / "distill")
+    else:
+        for arm in order:
+            proc, cmd = _launch(arm, impl, f"{impl}_{arm}_{rep}", args, workdir)
+            res[arm] = _figures(proc, cmd, workdir / f"{impl}_{arm}_{rep}" / "distill")
+    return {**res, "order": order}
 
 
 def bench_runs(args) -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_kd_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "_teacher_cache" / "manifest.json").exists():  # build the shared cache once, untimed
+        proc, cmd = _launch("kd", "fused", "_cache_build", args, workdir, stages="prepare,teacher_cache")
+        if proc.wait() != 0:
+            raise SystemExit(f"bench/kd.py: {' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
+    how = ("both runs of a pair at the same time, so they share whatever load the machine has"
+           if args.mode == "concurrent" else "the runs of a pair one after the other")
     print(f"## cached top-64 KD (c_snn_kd) vs CE only (b_snn_ce): {args.steps} distill steps per run, "
-          f"batch {BATCH} x {SEQ_LEN}, {args.threads} thread(s), runs in {workdir}")
-    print("| impl | repeat | order | CE tok/s | KD tok/s | KD / CE | CE median-step tok/s | KD median-step tok/s "
+          f"batch {BATCH} x {SEQ_LEN}, {args.threads} thread(s) per run, {how}; runs in {workdir}")
+    print("| impl | repeat | started | CE tok/s | KD tok/s | KD / CE | CE median-step tok/s | KD median-step tok/s "
           "| KD / CE (median step) |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for impl in args.impls.split(","):
         ratios, step_ratios = [], []
         for rep in range(args.repeats):
-            order = ("kd", "ce") if rep % 2 == 0 else ("ce", "kd")
-            res = {arm: _run_arm(arm, impl, f"{impl}_{arm}_{rep}", args, workdir) for arm in order}
+            res = _pair(impl, rep, args, workdir)
             ce, kd = res["ce"], res["kd"]
             ratios.append(kd["tokens_per_s"] / ce["tokens_per_s"])
             step_ratios.append(kd["median_step_tokens_per_s"] / ce["median_step_tokens_per_s"])
-            print(f"| {impl} | {rep} | {'-'.join(order)} | {ce['tokens_per_s']:.0f} | {kd['tokens_per_s']:.0f} | "
-                  f"{ratios[-1]:.2f}x | {ce['median_step_tokens_per_s']:.0f} | "
+            print(f"| {impl} | {rep} | {' then '.join(res['order'])} | {ce['tokens_per_s']:.0f} | "
+                  f"{kd['tokens_per_s']:.0f} | {ratios[-1]:.2f}x | {ce['median_step_tokens_per_s']:.0f} | "
                   f"{kd['median_step_tokens_per_s']:.0f} | {step_ratios[-1]:.2f}x |", flush=True)
         summary[impl] = (statistics.median(ratios), statistics.median(step_ratios))
     for impl, (r, sr) in summary.items():
@@ -207,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12, help="distill steps per `spikedistill run`")
     p.add_argument("--repeats", type=int, default=3, help="KD/CE run pairs per impl")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per run (and for the in-process parts)")
+    p.add_argument("--mode", choices=("concurrent", "sequential"), default="concurrent",
+                   help="run the CE and the KD run of a pair at the same time (default) or one after the other")
     p.add_argument("--impls", default="fused,chunked", help="distill.kd.impl values to compare")
     p.add_argument("--train-tokens", type=int, default=12384,
                    help="data.max_train_tokens: the rows the teacher cache is built for (once per --workdir)")
