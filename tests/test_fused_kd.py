@@ -174,3 +174,17 @@ def test_logit_losses_picks_the_path():
     torch.testing.assert_close(out["kd_sum"], kd_ref)
     with pytest.raises(ValueError, match="distill.kd.impl"):
         logit_losses(h, biased, labels, teacher, "forward_kl", 2.0, 8, impl="fast")
+
+
+def test_fused_kd_does_not_import_the_losses_module():
+    # issue 14 item 6: pipeline.fused_kd and pipeline.losses share pipeline.kd_targets, one direction only
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pipeline.kd_targets
+
+    code = "import sys, pipeline.fused_kd; assert 'pipeline.losses' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    source = Path(pipeline.kd_targets.__file__).read_text()
+    assert "import pipeline" not in source and "from pipeline" not in source
