@@ -88,4 +88,4 @@ bench: venv
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv
-	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py tests/test_user_path.py $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ EvalError (one line) for the caller to print with exit code 2."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,32 @@ from eval import EvalError
 from eval.argtypes import OneLineParser, float_range, int_range
 
 DEFAULT_TASKS = ["spikedistill_offline"]
+
+
+class DropLogLines(logging.Filter):
+    """Drop log records whose message contains one of `needles` (third-party lines the user cannot act on)."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in str(record.msg) for n in self.needles)
+
+
+# (logger, message parts) of lm-eval lines about settings that our local tasks and our call do not use
+LM_EVAL_NOISE = (
+    ("lm_eval.api.task", ("Custom kwargs can be passed to `--metadata`",)),
+    ("lm_eval.evaluator", ("Setting verbosity through simple_evaluate is deprecated",)),
+)
+
+
+def quiet_logs(noise=LM_EVAL_NOISE) -> None:
+    """Install a DropLogLines filter for each (logger name, message parts) once; other records pass."""
+    for name, needles in noise:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropLogLines) and f.needles == needles for f in logger.filters):
+            logger.addFilter(DropLogLines(*needles))
 
 
 def _split_tasks(values: list[str]) -> list[str]:
@@ -29,17 +56,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bpb(args) -> int:
-    from eval.bpb import evaluate_bpb, read_eval_text
+    from eval.bpb import cut_text, evaluate_bpb, read_eval_text
     from eval.models import load_any
 
+    texts = {spec: read_eval_text(spec) for spec in args.texts}  # a bad name fails before the model loads
     model, tok = load_any(args.model)
-    for text_spec in args.texts:
+    for text_spec, whole in texts.items():
+        text = cut_text(whole, args.max_bytes)
         res = evaluate_bpb(
-            model, tok, read_eval_text(text_spec), args.context, args.batch_size, progress=True
+            model, tok, text, args.context, args.batch_size, progress=f"bpb {Path(text_spec).name}"
+        )
+        scored = f"{res['bytes']:,} bytes" + (
+            f" of {len(whole.encode('utf-8')):,}, cut at a line end" if len(text) < len(whole) else ""
         )
         print(
             f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
-            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']} tokens, {res['bytes']} bytes)"
+            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']:,} tokens, {scored})"
         )
     return 0
 
@@ -124,6 +156,11 @@ def register(subparsers) -> None:
         help="student: chunk size of the streaming pass; other models: lm-eval window length",
     )
     p.add_argument("--batch-size", type=int_range(1), default=1)
+    p.add_argument(
+        "--max-bytes",
+        type=int_range(1),
+        help="score only the first N UTF-8 bytes of each text, cut at a line end (as evaluate.max_text_bytes)",
+    )
     p.set_defaults(func=cmd_bpb)
 
     p = subparsers.add_parser("generate", help="stream a continuation of a prompt")
@@ -159,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m eval.cli")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    quiet_logs()
     try:
         return args.func(args)
     except EvalError as exc:
