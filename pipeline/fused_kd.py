@@ -7,7 +7,10 @@ custom autograd Function: the forward computes the sums chunk by chunk and keeps
 weight; the backward recomputes each chunk's logits and writes the closed-form gradient
     d(tau^2 D)/dz_j = tau * p_j * r_{b(j)}   (p the tempered student, b(j) the bucket of token j)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
-A callable teacher is called once per chunk in the forward and once more in the backward.
+A callable teacher is called once per chunk in the forward and once more in the backward. On CPU each chunk's
+rows go through the C row kernels (students/ops/csrc/spike_ops.cpp: kd_dense_rows, and kd_sparse_rows for
+cached top-k targets, which sums the tail bucket in the same pass as CE and the tempered softmax); elsewhere
+(CUDA, SPIKEDISTILL_KERNELS=reference) the same maths run as torch ops.
 
 With `loss_weights=(w_kd, w_ce)` (the caller promises to backpropagate w_kd * kd_sum + w_ce * ce_sum times
 any common scale) the gradients are computed in the forward instead: three head matmuls instead of four,
