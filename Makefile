@@ -85,7 +85,8 @@ bench: venv
 	$(PY) -m bench.kernels --threads 1,2 --repeats 3
 	$(PY) -m bench.generate
 	$(PY) -m bench.teacher
+	$(PY) -m bench.kd
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv
-	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py tests/test_user_path.py $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ def count_words(text: str) -> int:
 
 
 def document_nll(
-    model, tokenizer, text: str, protocol: Protocol, batch_size: int = 1, progress: bool = False
+    model, tokenizer, text: str, protocol: Protocol, batch_size: int = 1, progress: bool | str = False
 ) -> tuple[float, int, Protocol]:
     """(total NLL in nats, number of scored tokens, the protocol used) of `text` as one document.
 
@@ -53,7 +53,7 @@ def evaluate_bpb(
     text: str,
     context_length: int = 1024,
     batch_size: int = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     stride: int | None = None,
     protocol: str = "windows",
 ) -> dict:
@@ -81,6 +81,18 @@ def evaluate_bpb(
         "nll_sum": nll,
         "protocol": used.as_dict(),
     }
+
+
+def cut_text(text: str, max_bytes: int | None) -> str:
+    """The first `max_bytes` UTF-8 bytes of `text`, cut back to the last line end within them (the whole
+    text when it is shorter or max_bytes is None; a text without a line end there is cut at the byte limit,
+    never inside a character)."""
+    raw = text.encode("utf-8")
+    if not max_bytes or len(raw) <= max_bytes:
+        return text
+    head = raw[:max_bytes].decode("utf-8", errors="ignore")
+    cut = head.rfind("\n")
+    return head[: cut + 1] if cut > 0 else head
 
 
 def read_eval_text(name_or_path: str) -> str:

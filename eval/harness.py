@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from eval import EvalError
-from eval.generate import generate_tokens
+from eval.generate import generate_text
 from eval.models import (
     SPIKEGPT_TYPE,
     can_stream,
@@ -218,24 +218,16 @@ class SpikeGPTLM(TemplateLM):
             keep = max(1, window_length(self.model, self.max_length) - max_new)
             lead = ids[:1] if keep > 1 and ids[:1] == [self.tokenizer.bos_token_id] else []
             ids = lead + ids[len(ids) - keep + len(lead) :] if len(ids) > keep else ids
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
-        new: list[int] = []
-        for token in generate_tokens(
+        text = generate_text(
             self.model,
-            prompt,
+            self.tokenizer,
+            ids,
             max_new,
             temperature=temperature,
             top_k=int(gen_kwargs.get("top_k", 0) or 0),
             top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-            eos_token_id=self.eot_token_id,
-        ):
-            if token == self.eot_token_id:
-                break
-            new.append(token)
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if any(stop in text for stop in until):
-                break
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+            stop=lambda so_far: any(s in so_far for s in until),
+        )
         return _cut_at_stops(text, until)
 
 
