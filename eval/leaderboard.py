@@ -447,13 +447,16 @@ def _dedup_teachers(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_leaderboard(runs_dir, out_dir) -> dict:
-    """Aggregate all runs into out_dir/{leaderboard.md, leaderboard.json, bpb_vs_energy.png,
-    task_accuracy.png, learning_curves.png, token_efficiency.png}; returns {"rows": [...], "files": {...}}.
+def build_leaderboard(runs_dir, out_dir, only: set[str] | None = None) -> dict:
+    """Aggregate all runs (or only the run directory names in `only`) into out_dir/{leaderboard.md,
+    leaderboard.json, bpb_vs_energy.png, task_accuracy.png, learning_curves.png, token_efficiency.png};
+    returns {"rows": [...], "files": {...}}.
 
     Student rows also carry their run's training cost and validation curve (`training_info`)."""
     all_rows = []
     for run_dir, res in _run_results(runs_dir):
+        if only is not None and run_dir.name not in only:
+            continue
         for row in rows_of(res):
             if row["role"] == "student":
                 row["train"] = training_info(run_dir)
