@@ -1,4 +1,4 @@
-"""Build-once loader for the fused CPU kernels in spike_ops.cpp (plain C ABI, called through ctypes).
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp and fused_ops.cpp (plain C ABI, through ctypes).
 
 The library has no torch headers, so g++ builds it in about a second. It is cached per source hash and CPU
 model under $SPIKEDISTILL_CACHE/cpu_kernels (default ~/.cache/spikedistill/cpu_kernels); a file lock keeps
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("spike_ops.cpp")
+FUSED_SOURCE = Path(__file__).with_name("fused_ops.cpp")  # linear_ce and fused_lif (students/ops)
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -33,6 +34,18 @@ _SIGNATURES = {
     "sfsa_threshold": [_P] * 2 + [_I64] * 4 + [_I],
     "sfsa_threshold_backward": [_P] * 4 + [_I64] * 4 + [_I, _F, _I],
     "kd_dense_rows": [_P] * 3 + [_I64] * 2 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
+}
+_FUSED_SIGNATURES = {
+    "spike_tile": ([], _I64),  # (argtypes, restype); plain lists return nothing
+    "spike_logits": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I],
+    "pack_tiles": [_P, _I64, _I64, _P, _I64, _I],
+    "unpack_tiles": [_P, _I64, _I64, _P, _I64, _I],
+    "spike_weight_grad": [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I, _I],
+    "ce_rows": [_P, _I64, _P, _I64, _I64, _F, _I, _P, _I],
+    "pointwise_lif_forward": [_I] + [_P] * 5 + [_I64] * 3 + [_F] * 3 + [_I] * 3,
+    "pointwise_lif_backward": [_I] + [_P] * 8 + [_I64] * 3 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
+    "shift_lif_forward": [_P] * 6 + [_I64] * 5 + [_F] * 3 + [_I] * 3,
+    "shift_lif_backward": [_P] * 10 + [_I64] * 5 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
 }
 
 
@@ -53,7 +66,7 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, source: Path = SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others find the finished file
@@ -64,7 +77,7 @@ def _build(target: Path) -> None:
         obj = tmp[:-3] + ".o"
         cxx = os.environ.get("CXX", "g++")
         try:
-            for cmd in ([cxx, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj], [cxx, *LINK_FLAGS, obj, "-o", tmp]):
+            for cmd in ([cxx, *COMPILE_FLAGS, "-c", str(source), "-o", obj], [cxx, *LINK_FLAGS, obj, "-o", tmp]):
                 subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
             os.replace(tmp, target)
         finally:
@@ -76,25 +89,35 @@ def _build(target: Path) -> None:
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+    return _load(SOURCE, _SIGNATURES)
+
+
+@cache
+def fused_library() -> ctypes.CDLL | None:
+    """The fused training kernels (fused_ops.cpp), built and loaded like `library()`."""
+    return _load(FUSED_SOURCE, _FUSED_SIGNATURES)
+
+
+def _load(source: Path, signatures: dict) -> ctypes.CDLL | None:
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
-    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
-    target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
+    key = hashlib.sha256(source.read_bytes() + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}_{platform.machine()}_{key}.so"
     try:
         if not target.exists():
-            _build(target)
+            _build(target, source)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(
-            f"students/ops/csrc: could not build {SOURCE.name} ({str(detail).strip()[:200]}); the spike ops fall "
+            f"students/ops/csrc: could not build {source.name} ({str(detail).strip()[:200]}); the spike ops fall "
             "back to the slow reference. Install g++ with OpenMP or set SPIKEDISTILL_KERNELS=reference.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, signature in signatures.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = signature if isinstance(signature, tuple) else (signature, None)
     return lib
 
 
