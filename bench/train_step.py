@@ -72,7 +72,7 @@ def step(model, loss_fn, ids) -> float:
     model.zero_grad(set_to_none=True)
     loss = loss_fn(model, ids)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def timed(fn) -> tuple[float, float]:
@@ -96,7 +96,7 @@ def paired_steps(rows: dict, ids: torch.Tensor, pairs: int, warmup: int = 2) -> 
 
 
 def body_and_head(model, ids: torch.Tensor, repeats: int) -> dict:
-    """Median (wall, cpu) seconds of the body fwd+bwd and of the head + loss fwd+bwd, measured apart."""
+    """Median (wall, cpu) seconds over `repeats` of the body fwd+bwd and of the head + loss fwd+bwd, measured apart."""
     is_student = isinstance(model, SpikeGPTForCausalLM)
     gen = torch.Generator().manual_seed(1)
     grad_h = torch.randn(BATCH, LENGTH, WIDTH, generator=gen) * 1e-3
@@ -160,13 +160,18 @@ def sweep_rate(repeats: int) -> None:
         times = {}
         for mode in ("on", "off"):
             with env("SPIKEDISTILL_SPARSE", mode):
-                def run():
-                    weight.grad = x.grad = None
-                    linear_cross_entropy(x, weight, targets).backward()
-
+                run = _head_step(x, weight, targets)
                 run()
                 times[mode] = statistics.median(timed(run)[1] for _ in range(repeats))
         print(f"| {rate:.2f} | {times['on']:.3f} | {times['off']:.3f} | {times['off'] / times['on']:.2f}x |")
+
+
+def _head_step(x, weight, targets):
+    def run():
+        weight.grad = x.grad = None
+        linear_cross_entropy(x, weight, targets).backward()
+
+    return run
 
 
 def profile_table(model, loss_fn, ids, rows: int = 15) -> str:
@@ -199,7 +204,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; fp32; vocab {VOCAB}, width {WIDTH}, {LAYERS} layers, "
           f"FFN {FFN}; batch {BATCH} x {LENGTH}; loss: mean next-token CE over {BATCH} x {LENGTH - 1} positions; "
           "step = zero_grad + forward + loss + backward, no optimizer step for any model")
-    print(f"losses: " + ", ".join(f"{n} {v:.5f}" for n, v in losses.items()) +
+    print("losses: " + ", ".join(f"{n} {v:.5f}" for n, v in losses.items()) +
           f"; student head input firing rate {rate:.3f}")  # fmt: skip
     tokens = BATCH * LENGTH
     for n_threads in [int(t) for t in args.threads.split(",")]:
@@ -220,7 +225,7 @@ def main() -> None:
         print("\n| model | part | wall s | CPU s |")
         print("|---|---|---|---|")
         for label, model in (("student", spiking), ("Llama", hf)):
-            for part, (wall, cpu) in body_and_head(model, ids, args.pairs).items():
+            for part, (wall, cpu) in body_and_head(model, ids, 3).items():
                 print(f"| {label} | {part} | {wall:.3f} | {cpu:.3f} |")
         if args.profile:
             for name in ("student (train path)", "Llama (HF path)"):

@@ -41,6 +41,7 @@ def linear_cross_entropy_cpu(
 
 def uses_sparse(x: torch.Tensor) -> bool:
     """Whether the spike-aware matmuls run for head input x: binary, rate <= SPARSE_MAX_RATE, not switched off."""
+    x = x.detach()
     if os.environ.get("SPIKEDISTILL_SPARSE", "").strip().lower() == "off" or x.numel() == 0:
         return False
     if bool(((x != 0) & (x != 1)).any()):
