@@ -5,7 +5,7 @@ import torch
 
 from students import SpikeGPTConfig, SpikeGPTForCausalLM
 from students.ops import linear_cross_entropy
-from students.ops.csrc import fused_library
+from students.ops.csrc import library
 from students.ops.fused_lif import (
     relu_square_lif_reference,
     sigmoid_gate_lif_reference,
@@ -16,7 +16,7 @@ from students.ops.linear_ce import cpu as linear_ce_cpu
 from students.ops.linear_ce import linear_cross_entropy_reference
 from students.ops.linear_ce.cpu import linear_cross_entropy_cpu
 
-pytestmark = pytest.mark.skipif(fused_library() is None, reason="the fused CPU library did not build (g++)")
+pytestmark = pytest.mark.skipif(library() is None, reason="the CPU kernel library did not build (g++)")
 
 LIF = {"tau": 2.0, "v_threshold": 1.0, "reset": "hard", "decay_input": True, "detach_reset": False,
        "surrogate": "atan", "alpha": 2.0}  # fmt: skip
@@ -88,7 +88,7 @@ def test_linear_ce_spike_aware_and_dense_paths_agree(monkeypatch):
     _close(g_sparse, torch.autograd.grad(dense, (x, w)))
 
 
-def test_linear_ce_sparse_path_choice():
+def test_linear_ce_sparse_path_choice(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     low = (torch.rand(64, 32, generator=gen) < 0.1).float()
     assert linear_ce_cpu.uses_sparse(low)
@@ -98,6 +98,12 @@ def test_linear_ce_sparse_path_choice():
     rate[:, :3] = 1.0
     rate[0, 5] = 0.5  # one non-binary entry is enough to use the dense matmuls
     assert not linear_ce_cpu.uses_sparse(rate)
+    monkeypatch.setenv("SPIKEDISTILL_SPARSE", "on")  # any binary input, whatever its rate
+    assert linear_ce_cpu.uses_sparse((torch.rand(64, 32, generator=gen) < 0.9).float())
+    assert not linear_ce_cpu.uses_sparse(rate)
+    monkeypatch.setenv("SPIKEDISTILL_SPARSE", "sometimes")
+    with pytest.raises(ValueError, match="SPIKEDISTILL_SPARSE"):
+        linear_ce_cpu.uses_sparse(low)
 
 
 def test_linear_ce_spike_kernels_are_exercised(monkeypatch):
@@ -132,7 +138,7 @@ def test_linear_ce_all_rows_ignored_matches_reference():
     ref, fast = linear_cross_entropy_reference(x, w, labels), linear_cross_entropy_cpu(x, w, labels)
     assert torch.isnan(ref) and torch.isnan(fast)
     _close(torch.autograd.grad(ref, (x, w)), torch.autograd.grad(fast, (x, w)))  # zeros
-    assert float(linear_cross_entropy_cpu(x, w, labels, "sum")) == 0.0
+    assert float(linear_cross_entropy_cpu(x, w, labels, "sum").detach()) == 0.0
 
 
 def test_linear_ce_bf16_is_fp32_math():

@@ -1,6 +1,6 @@
 // Fused CPU kernels for training the spiking student: the LM head + cross-entropy (linear_ce) and the LIF
 // neurons with their elementwise producer folded in (fused_lif). Plain C ABI, fp32, contiguous buffers, OpenMP
-// over independent lanes; loaded through ctypes by students/ops/csrc/__init__.py (fused_library()).
+// over independent lanes; loaded through ctypes by students/ops/csrc/__init__.py (library()).
 // Every function mirrors a reference in students/ops/linear_ce/reference.py or students/ops/fused_lif/reference.py.
 #include <algorithm>
 #include <cmath>

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..csrc import fused_library, ptr, threads
+from ..csrc import library, ptr, threads
 from ..surrogate import SURROGATES
 
 _GATE, _RELU_SQUARE = 0, 1
@@ -44,7 +44,7 @@ class _Pointwise(torch.autograd.Function):
         xf, yf, v0f = _f32(x), _f32(y), _f32(v0)
         out = torch.empty_like(xf)
         v_last = torch.empty(B, N) if opts["fire"] else torch.empty(0)
-        fused_library().pointwise_lif_forward(kind, ptr(xf), ptr(yf), ptr(v0f), ptr(out),
+        library().pointwise_lif_forward(kind, ptr(xf), ptr(yf), ptr(v0f), ptr(out),
                                               ptr(v_last) if opts["fire"] else None, B, S, N, *opts["fwd"],
                                               opts["fire"], threads())  # fmt: skip
         ctx.save_for_backward(xf, yf, v0f)
@@ -61,7 +61,7 @@ class _Pointwise(torch.autograd.Function):
         g_x = torch.empty_like(xf)
         g_y = None if yf is None else torch.empty_like(yf)
         g_v0 = None if v0f is None else torch.empty_like(v0f)
-        fused_library().pointwise_lif_backward(ctx.kind, ptr(xf), ptr(yf), ptr(v0f), ptr(go), ptr(gvl), ptr(g_x),
+        library().pointwise_lif_backward(ctx.kind, ptr(xf), ptr(yf), ptr(v0f), ptr(go), ptr(gvl), ptr(g_x),
                                                ptr(g_y), ptr(g_v0), B, S, N, *ctx.opts["fwd"], *ctx.opts["bwd"],
                                                ctx.opts["fire"], threads())  # fmt: skip
         g_x = g_x.to(ctx.dtypes[0])
@@ -78,7 +78,7 @@ class _Shift(torch.autograd.Function):
         hf, mixf, prevf, v0f = _f32(h), _f32(mix), _f32(prev), _f32(v0)
         out = torch.empty(B, S, K * C)
         v_last = torch.empty(B, K * C) if opts["fire"] else torch.empty(0)
-        fused_library().shift_lif_forward(ptr(hf), ptr(mixf), ptr(prevf), ptr(v0f), ptr(out),
+        library().shift_lif_forward(ptr(hf), ptr(mixf), ptr(prevf), ptr(v0f), ptr(out),
                                           ptr(v_last) if opts["fire"] else None, B, S, C, K, steps, *opts["fwd"],
                                           opts["fire"], threads())  # fmt: skip
         ctx.save_for_backward(hf, mixf, prevf, v0f)
@@ -100,7 +100,7 @@ class _Shift(torch.autograd.Function):
         g_mix_rows = torch.empty(B, K, C)
         g_prev = None if prevf is None else torch.empty_like(prevf)
         g_v0 = None if v0f is None else torch.empty_like(v0f)
-        fused_library().shift_lif_backward(ptr(hf), ptr(mixf), ptr(prevf), ptr(v0f), ptr(go), ptr(gvl), ptr(g_h),
+        library().shift_lif_backward(ptr(hf), ptr(mixf), ptr(prevf), ptr(v0f), ptr(go), ptr(gvl), ptr(g_h),
                                            ptr(g_mix_rows), ptr(g_prev), ptr(g_v0), B, S, C, K, T, *ctx.opts["fwd"],
                                            *ctx.opts["bwd"], ctx.opts["fire"], threads())  # fmt: skip
         h_dt, mix_dt, prev_dt, v0_dt = ctx.dtypes

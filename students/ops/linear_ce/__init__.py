@@ -2,7 +2,6 @@
 import torch
 
 from .._dispatch import select_backend
-from ..csrc import fused_library
 from .reference import IGNORE_INDEX, linear_cross_entropy_reference
 
 
@@ -17,8 +16,6 @@ def linear_cross_entropy(
     inputs (see cpu.py). Raises ValueError on mismatched shapes or an unknown reduction.
     """
     backend = select_backend(x)
-    if backend == "cpu" and fused_library() is None:
-        backend = "reference"  # the loader has warned once
     if backend == "cpu":
         from .cpu import linear_cross_entropy_cpu
 

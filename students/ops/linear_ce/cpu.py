@@ -8,13 +8,14 @@ When x is binary ({0, 1} spikes, as the head input of a spike-driven student) an
 SPARSE_MAX_RATE, the two matmuls that read x skip the zeros: the logits add up the weight columns of each row's
 active inputs, and dW gathers for each input the dz rows where it fired, both over a weight layout packed in
 tiles of 32 vocabulary columns ([V/32, C, 32]) so the rows summed stay in cache. The sums equal the dense
-matmuls up to float summation order. SPIKEDISTILL_SPARSE=off forces the dense matmuls.
+matmuls up to float summation order. SPIKEDISTILL_SPARSE=off forces the dense matmuls, =on the spike-aware
+ones for any binary input.
 """
 import os
 
 import torch
 
-from ..csrc import fused_library, threads
+from ..csrc import library, threads
 from ._autograd import wanted, with_grads
 from .reference import IGNORE_INDEX, check_args
 
@@ -40,17 +41,19 @@ def linear_cross_entropy_cpu(
 
 
 def uses_sparse(x: torch.Tensor) -> bool:
-    """Whether the spike-aware matmuls run for head input x: binary, rate <= SPARSE_MAX_RATE, not switched off."""
+    """Whether the spike-aware matmuls run for head input x: x binary and SPIKEDISTILL_SPARSE=auto (default) with
+    a firing rate <= SPARSE_MAX_RATE, or =on (any rate); =off never."""
+    mode = os.environ.get("SPIKEDISTILL_SPARSE", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"SPIKEDISTILL_SPARSE must be auto, on or off, got {mode!r}")
     x = x.detach()
-    if os.environ.get("SPIKEDISTILL_SPARSE", "").strip().lower() == "off" or x.numel() == 0:
+    if mode == "off" or x.numel() == 0 or bool(((x != 0) & (x != 1)).any()):
         return False
-    if bool(((x != 0) & (x != 1)).any()):
-        return False
-    return float(x.float().mean()) <= SPARSE_MAX_RATE
+    return mode == "on" or float(x.float().mean()) <= SPARSE_MAX_RATE
 
 
 def _fused(x, weight, labels, reduction, chunk, want_x, want_w):
-    lib = fused_library()
+    lib = library()
     n_all, width = x.shape
     vocab = weight.shape[0]
     x32, w32, labels = x.float().contiguous(), weight.float().contiguous(), labels.contiguous()
