@@ -149,7 +149,8 @@ def env(name: str, value: str):
 
 
 def sweep_rate(repeats: int) -> None:
-    """Head + CE fwd+bwd at the bench shape for binary inputs of several firing rates: spike-aware vs dense."""
+    """Head + CE fwd+bwd at the bench shape for binary inputs of several firing rates: spike-aware
+    (SPIKEDISTILL_SPARSE=on) vs dense (=off), median process CPU seconds."""
     gen = torch.Generator().manual_seed(2)
     weight = (torch.randn(VOCAB, WIDTH, generator=gen) * WIDTH**-0.5).requires_grad_()
     targets = torch.randint(0, VOCAB, (BATCH * LENGTH,), generator=gen)
@@ -211,7 +212,8 @@ def main() -> None:
         torch.set_num_threads(n_threads)
         times = paired_steps(rows, ids, args.pairs)
         base = times["Llama (HF path)"]
-        print(f"\n## {n_threads} thread(s), {args.pairs} paired steps (medians)")
+        load = os.getloadavg()[0]
+        print(f"\n## {n_threads} thread(s), {args.pairs} paired steps (medians); load average {load:.1f} at the start")
         print("| row | wall s/step | tokens/s | vs Llama (HF), wall | CPU s/step | vs Llama (HF), CPU |")
         print("|---|---|---|---|---|---|")
         for name, runs in times.items():
