@@ -100,14 +100,14 @@ class KDConfig:
     temperature: float = 2.0
     jsd_beta: float = 0.5
     chunk_size: int = 1024
-    impl: str = "chunked"
+    impl: str = "fused"  # the fast path; "chunked" is the autograd reference (pipeline.losses)
 
 
 @dataclass
 class AlignConfig:
     enabled: bool = True
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
-    # published SpAD weights for the alignment terms (REFERENCES §2)
+    # published SpAD weights for the alignment terms (BiSpikCLM, arXiv 2605.13859, as reimplemented in SpikLLM)
     weights: LossWeights = field(default_factory=lambda: LossWeights(ea=0.2, saa=0.1, sfa=0.1))
     head_mapping: str = "mean"
     # SFA against LayerNorm(h_T) instead of the raw residual stream, whose massive activations (SmolLM2: SFA
