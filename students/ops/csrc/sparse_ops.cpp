@@ -95,22 +95,23 @@ void gather_tail(const W* wt, int64_t out, const int32_t* idx, int64_t n, const 
 }
 
 template <typename X, typename W>
-int event_linear_t(const X* x, const W* wt, const float* bias, float* y, int32_t* idx, int64_t* counts, int64_t M,
+int event_linear_t(const X* x, const W* wt, const float* bias, float* y, int32_t* idx, int32_t* counts, int64_t M,
                    int64_t in, int64_t out, double max_rate, int nthreads) {
   // 1) events per row (cheap: one pass over x); any non-binary entry or too many events -> decline.
   int bad = 0;
   int64_t total = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) reduction(+ : total)
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static) reduction(| : bad) reduction(+ : total)
   for (int64_t m = 0; m < M; ++m) {
-    counts[m] = row_events(x + m * in, in, idx + m * in);
-    bad |= counts[m] < 0;
-    total += counts[m];
+    const int64_t n = row_events(x + m * in, in, idx + m * in);
+    counts[m] = static_cast<int32_t>(n);
+    bad |= n < 0;
+    total += n;
   }
   if (bad) return 2;
   if (static_cast<double>(total) > max_rate * static_cast<double>(M * in)) return 1;
   // 2) gather-add, parallel over output tiles; each tile of W^T (in x kTile) stays in cache across the rows.
   const int64_t tiles = (out + kTile - 1) / kTile;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 8)
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(dynamic, 8)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t c0 = t * kTile, w = std::min(kTile, out - c0);
     for (int64_t m = 0; m < M; ++m) {
@@ -130,10 +131,12 @@ extern "C" {
 
 // y [M, out] fp32 = x [M, in] @ W^T + bias for binary x, from wt = W^T [in, out] contiguous.
 // x_bf16 / w_bf16: the buffer holds bf16 bits (uint16) instead of fp32. bias [out] fp32 or null.
-// idx [M * in] int32 and counts [M] int64 are scratch. Returns 0 when y is written, 1 when the event rate
+// scratch [M * in + M] int32: the spike positions of each row, then the spike count of each row. Returns 0 when y is written, 1 when the event rate
 // exceeds max_rate, 2 when x is not binary (y untouched in both cases: run the dense matmul).
-int event_linear(const void* x, const void* wt, const float* bias, float* y, int32_t* idx, int64_t* counts,
-                 int64_t M, int64_t in, int64_t out, int x_bf16, int w_bf16, double max_rate, int nthreads) {
+int event_linear(const void* x, const void* wt, const float* bias, float* y, int32_t* scratch, int64_t M, int64_t in,
+                 int64_t out, int x_bf16, int w_bf16, double max_rate, int nthreads) {
+  int32_t* idx = scratch;
+  int32_t* counts = scratch + M * in;
   if (x_bf16) {
     const auto* xs = static_cast<const uint16_t*>(x);
     return w_bf16 ? event_linear_t(xs, static_cast<const uint16_t*>(wt), bias, y, idx, counts, M, in, out,

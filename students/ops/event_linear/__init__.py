@@ -12,6 +12,7 @@ import os
 import torch
 
 from .._dispatch import select_backend
+from ..csrc import library
 from .cpu import EventWeight
 from .reference import event_linear_reference
 
@@ -19,7 +20,7 @@ MODES = ("auto", "on", "off")
 EVENT_DTYPES = (torch.float32, torch.bfloat16)
 # Measured with bench/decode.py's kernel sweep (bench/README.md) on a 2-core AVX-512 CPU, 1 and 2 threads:
 # the dense GEMM gains on the gather-add as rows grow (weight reuse) and as the firing rate rises.
-MIN_WEIGHTS = 1 << 16                                 # in * out below this: call overhead dominates, dense wins
+MIN_WEIGHTS = 1 << 17                                 # in * out below this: call overhead dominates, dense wins
 RATE_CROSSOVER = ((4, 1.0), (32, 0.5), (256, 0.3))   # (up to this many rows, take it below this firing rate)
 
 
@@ -34,19 +35,26 @@ def sparse_mode() -> str:
 def event_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float | None:
     """The firing rate up to which the event path runs for this call (None: dense matmul, rate not counted)."""
     mode = sparse_mode()
-    if mode == "off" or x.dtype not in EVENT_DTYPES or weight.dtype != x.dtype:
+    if mode == "off":
+        return None
+    if mode == "auto":  # cheapest tests first: this runs for every binary Linear
+        n_out, n_in = weight.shape
+        if n_in * n_out < MIN_WEIGHTS:
+            return None
+        rows = x.numel() // n_in
+        max_rate = next((rate for limit, rate in RATE_CROSSOVER if rows <= limit), None)
+        if max_rate is None:
+            return None
+    else:
+        max_rate = 1.0
+    if x.dtype not in EVENT_DTYPES or weight.dtype != x.dtype or not (x.is_cpu and weight.is_cpu):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if x.device.type != "cpu" or weight.device.type != "cpu" or select_backend(x) != "cpu":
-        return None
-    if mode == "on":
-        return 1.0
-    n_out, n_in = weight.shape
-    if n_in * n_out < MIN_WEIGHTS:
-        return None
-    rows = x.numel() // n_in
-    return next((rate for limit, rate in RATE_CROSSOVER if rows <= limit), None)
+    choice = os.environ.get("SPIKEDISTILL_KERNELS", "auto").strip().lower()
+    if choice in ("auto", "cpu", ""):  # CPU fp32/bf16 tensors: what select_backend decides, without its overhead
+        return max_rate if library() is not None else None
+    return max_rate if select_backend(x) == "cpu" else None
 
 
 def event_linear(

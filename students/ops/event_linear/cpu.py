@@ -60,17 +60,15 @@ def event_linear_cpu(
     x2 = x.reshape(-1, n_in).contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n_out, dtype=torch.float32)
-    idx = torch.empty(rows * n_in, dtype=torch.int32)
-    counts = torch.empty(rows, dtype=torch.int64)
+    scratch = torch.empty(rows * (n_in + 1), dtype=torch.int32)  # spike positions, then counts, per row
     b = None if bias is None else bias.detach().float().contiguous()
     # Thread count from the dense work bound (rows * in * out * max_rate adds), before counting events.
-    work = rows * n_in * n_out * max_rate
-    nthreads = max(1, min(threads(), int(work // ADDS_PER_THREAD)))
+    nthreads = max(1, min(threads(), int(rows * n_in * n_out * max_rate) // ADDS_PER_THREAD))
     status = library().event_linear(
-        x2.data_ptr(), weight_t.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), idx.data_ptr(),
-        counts.data_ptr(), rows, n_in, n_out, int(x2.dtype == torch.bfloat16),
-        int(weight_t.dtype == torch.bfloat16), float(max_rate), nthreads,
+        x2.data_ptr(), weight_t.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+        rows, n_in, n_out, x2.dtype == torch.bfloat16, weight_t.dtype == torch.bfloat16, max_rate, nthreads,
     )  # fmt: skip
     if status != 0:
         return None
-    return y.view(*x.shape[:-1], n_out).to(x.dtype)
+    y = y.view(*x.shape[:-1], n_out)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
