@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..threads import tick
+
 SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "sparse_ops.cpp")]
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
@@ -114,5 +116,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 
 def threads() -> int:
-    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both."""
+    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both; first lets
+    the thread governor re-decide that count when one is on (students/ops/threads.py)."""
+    tick()
     return torch.get_num_threads()
