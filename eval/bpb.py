@@ -23,7 +23,7 @@ def count_words(text: str) -> int:
 
 
 def document_nll(
-    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool = False
+    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool | str = False
 ) -> tuple[float, int]:
     """(total NLL in nats, number of scored tokens) of `text` as one rolling document.
 
@@ -31,7 +31,8 @@ def document_nll(
     size changes memory only, not the result). Any other HF causal LM: lm-eval's disjoint windows of
     `context_length` tokens, each conditioned on the previous window's last token (so the result equals
     lm-eval's `hf` model with max_length=context_length); a student whose config sets max_position shorter
-    than the text is scored in such windows too, of at most max_position tokens.
+    than the text is scored in such windows too, of at most max_position tokens. progress: a tqdm bar (a
+    string names it).
     """
     tokens = encode_document(tokenizer, text)
     prefix = prefix_token_id(tokenizer)
@@ -43,7 +44,7 @@ def document_nll(
 
 
 def evaluate_bpb(
-    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool = False
+    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool | str = False
 ) -> dict:
     """Bits/byte, byte and word perplexity of `text`.
 
@@ -63,6 +64,18 @@ def evaluate_bpb(
         "words": n_words,
         "nll_sum": nll,
     }
+
+
+def cut_text(text: str, max_bytes: int | None) -> str:
+    """The first `max_bytes` UTF-8 bytes of `text`, cut back to the last line end within them (the whole
+    text when it is shorter or max_bytes is None; a text without a line end there is cut at the byte limit,
+    never inside a character)."""
+    raw = text.encode("utf-8")
+    if not max_bytes or len(raw) <= max_bytes:
+        return text
+    head = raw[:max_bytes].decode("utf-8", errors="ignore")
+    cut = head.rfind("\n")
+    return head[: cut + 1] if cut > 0 else head
 
 
 def read_eval_text(name_or_path: str) -> str:

@@ -4,13 +4,40 @@ EvalError (one line) for the caller to print with exit code 2."""
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
 
 from eval import EvalError
+from eval.argtypes import OneLineParser, float_range, int_range
 
 DEFAULT_TASKS = ["spikedistill_offline"]
+
+
+class DropLogLines(logging.Filter):
+    """Drop log records whose message contains one of `needles` (third-party lines the user cannot act on)."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in str(record.msg) for n in self.needles)
+
+
+# (logger, message parts) of lm-eval lines about settings that our local tasks and our call do not use
+LM_EVAL_NOISE = (
+    ("lm_eval.api.task", ("Custom kwargs can be passed to `--metadata`",)),
+    ("lm_eval.evaluator", ("Setting verbosity through simple_evaluate is deprecated",)),
+)
+
+
+def quiet_logs(noise=LM_EVAL_NOISE) -> None:
+    """Install a DropLogLines filter for each (logger name, message parts) once; other records pass."""
+    for name, needles in noise:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropLogLines) and f.needles == needles for f in logger.filters):
+            logger.addFilter(DropLogLines(*needles))
 
 
 def _split_tasks(values: list[str]) -> list[str]:
@@ -29,31 +56,34 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bpb(args) -> int:
-    from eval.bpb import evaluate_bpb, read_eval_text
+    from eval.bpb import cut_text, evaluate_bpb, read_eval_text
     from eval.models import load_any
 
+    texts = {spec: read_eval_text(spec) for spec in args.texts}  # a bad name fails before the model loads
     model, tok = load_any(args.model)
-    for text_spec in args.texts:
+    for text_spec, whole in texts.items():
+        text = cut_text(whole, args.max_bytes)
         res = evaluate_bpb(
-            model, tok, read_eval_text(text_spec), args.context, args.batch_size, progress=True
+            model, tok, text, args.context, args.batch_size, progress=f"bpb {Path(text_spec).name}"
+        )
+        scored = f"{res['bytes']:,} bytes" + (
+            f" of {len(whole.encode('utf-8')):,}, cut at a line end" if len(text) < len(whole) else ""
         )
         print(
             f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
-            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']} tokens, {res['bytes']} bytes)"
+            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']:,} tokens, {scored})"
         )
     return 0
 
 
 def cmd_generate(args) -> int:
-    from eval.generate import stream_text
+    from eval.generate import generate_text
     from eval.models import load_any
 
     model, tok = load_any(args.model_dir)
     print(args.prompt, end="", flush=True)
-    for piece in stream_text(
-        model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-    ):
-        print(piece, end="", flush=True)
+    generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                  on_text=lambda piece: print(piece, end="", flush=True))
     print()
     return 0
 
@@ -112,8 +142,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output", help="where to write results (default: the model directory)")
     p.add_argument("--teacher", help="teacher spec scored with lm-eval's hf model beside the student")
-    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int_range(1), help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int_range(1), default=8)
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("bpb", help="bits/byte and perplexity of a model on texts")
@@ -121,31 +151,39 @@ def register(subparsers) -> None:
     p.add_argument("texts", nargs="+", help="bundled text names (persuasion, hamlet) or UTF-8 text files")
     p.add_argument(
         "--context",
-        type=int,
+        type=int_range(1),
         default=1024,
         help="student: chunk size of the streaming pass; other models: lm-eval window length",
     )
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int_range(1), default=1)
+    p.add_argument(
+        "--max-bytes",
+        type=int_range(1),
+        help="score only the first N UTF-8 bytes of each text, cut at a line end (as evaluate.max_text_bytes)",
+    )
     p.set_defaults(func=cmd_bpb)
 
     p = subparsers.add_parser("generate", help="stream a continuation of a prompt")
     p.add_argument("model_dir", help="model directory or teacher spec")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int_range(1), default=50)
+    p.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int_range(0), default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0,
+                   help="sample within the smallest set of tokens of probability >= p (1 = all)")
+    p.add_argument("--seed", type=int_range(0, 2**63 - 1), help="makes a sample reproducible")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("energy", help="per-layer SOPs/MACs/energy per token, ratio to a teacher")
     p.add_argument("model_dir")
     p.add_argument("--teacher", help="teacher spec or model directory (its config gives the all-MAC count)")
-    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--context", type=int_range(1), default=512)
     p.add_argument("--text", default="persuasion", help="held-out text to measure firing rates on")
     p.add_argument("--json", help="also write the report as JSON here")
-    p.add_argument("--e-ac", type=float, default=0.9, help="pJ per accumulate (45 nm: 0.9)")
-    p.add_argument("--e-mac", type=float, default=4.6, help="pJ per multiply-accumulate (45 nm: 4.6)")
+    p.add_argument("--e-ac", type=float_range(0, lo_open=True), default=0.9,
+                   help="pJ per accumulate (45 nm: 0.9)")
+    p.add_argument("--e-mac", type=float_range(0, lo_open=True), default=4.6,
+                   help="pJ per multiply-accumulate (45 nm: 4.6)")
     p.set_defaults(func=cmd_energy)
 
     p = subparsers.add_parser("leaderboard", help="one table + plots over runs/*/evaluate/results.json")
@@ -155,9 +193,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.cli")
+    parser = OneLineParser(prog="python -m eval.cli")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    quiet_logs()
     from students.ops.threads import configure_threads
 
     try:

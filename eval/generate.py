@@ -1,99 +1,107 @@
-"""Token-by-token generation through the model's cache, with streaming text output.
+"""Text generation through transformers' own `GenerationMixin.generate`, with text streamed as it is produced.
 
-The loop feeds the prompt once, then one token per step with the recurrent state: O(1) work per new token for
-the recurrent student, KV-cached decoding for any HF causal LM. Used by `spikedistill generate` and by the
-lm-eval adapter's generate_until (stop strings need a loop we control).
+The student plugs into `generate` through its recurrent state (a transformers Cache): the prompt is read once,
+then each new token costs one O(1) step; any other HF causal LM uses its KV cache. Used by `spikedistill
+generate` (pieces printed as they come), the lm-eval adapter's generate_until (stop strings end it early) and
+the leaderboard's sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from eval import EvalError
-from students.outputs import cache_kwargs, state_of
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token from logits [B, V] -> ids [B]; temperature 0 means greedy."""
+class TextPieces(BaseStreamer):
+    """A transformers streamer that hands each new piece of decoded text to `on_text` as soon as its token exists.
+
+    The first `put` (the prompt) is skipped, EOS tokens are left out, and a piece is released only once it
+    decodes cleanly, so a multi-byte character split over two tokens arrives whole. Batch size 1.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], eos_token_id: int | None = None):
+        self.tokenizer, self.on_text, self.eos = tokenizer, on_text, eos_token_id
+        self.tokens: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens += [t for t in value.reshape(-1).tolist() if t != self.eos]
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+            return
+        self.on_text(text[len(self.shown):])
+        self.shown = text
+
+    def end(self) -> None:
+        pass
+
+
+class StopWhen(StoppingCriteria):
+    """Stops generation once `stop(text generated so far)` is true (EOS tokens left out). Batch size 1."""
+
+    def __init__(self, tokenizer, prompt_length: int, stop: Callable[[str], bool], eos_token_id: int | None):
+        self.tokenizer, self.prompt_length, self.stop, self.eos = tokenizer, prompt_length, stop, eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = [t for t in input_ids[0, self.prompt_length:].tolist() if t != self.eos]
+        done = bool(self.stop(self.tokenizer.decode(new, skip_special_tokens=True)))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def sampling_kwargs(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """`generate` keyword arguments for our CLI's convention: temperature 0 = greedy, top_k 0 / top_p 1 = off."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always survives)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k or None,
+            "top_p": top_p if top_p < 1.0 else None}
 
 
 @torch.no_grad()
-def generate_tokens(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    eos_token_id: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time for a prompt input_ids [1, T] (stops at EOS, which is yielded)."""
-    if input_ids.shape[1] == 0:
-        raise EvalError("generate: the prompt is empty after tokenization; pass a non-empty --prompt")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    out = model(input_ids, use_cache=True)
-    for _ in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
-        yield int(token[0])
-        if eos_token_id is not None and int(token[0]) == eos_token_id:
-            return
-        out = model(token[:, None], use_cache=True, **cache_kwargs(state_of(out)))
-
-
-def stream_text(
+def generate_text(
     model,
     tokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_new_tokens: int = 50,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
     stop: Callable[[str], bool] | None = None,
-) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are produced; `stop(text so far)` ends generation early.
+) -> str:
+    """The continuation of `prompt` (text, or token ids) as text, from `model.generate`.
 
-    Pieces are released only when they decode cleanly, so a multi-byte character split over two tokens
-    is printed once it is complete.
+    Greedy when temperature <= 0, else sampling with top_k (0 = off) and top_p (1 = off); `seed` makes a sample
+    reproducible without touching the global RNG. Stops at the tokenizer's EOS (not included), after
+    max_new_tokens, or once `stop(text so far)` is true. `on_text(piece)` receives the text as it is produced.
+    Raises EvalError for an empty prompt.
     """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise EvalError("generate: the prompt is empty after tokenization; pass a non-empty --prompt")
     device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    new, shown = [], ""
-    for token in generate_tokens(
-        model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_token_id
-    ):
-        if token == tokenizer.eos_token_id:
-            break
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(shown) :]
-        shown = text
-        if stop is not None and stop(shown):
-            return
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    eos = tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": max_new_tokens, "attention_mask": torch.ones_like(input_ids),
+              "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else eos, **sampling_kwargs(temperature, top_k, top_p)}
+    if on_text is not None:
+        kwargs["streamer"] = TextPieces(tokenizer, on_text, eos)
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhen(tokenizer, len(ids), stop, eos)])
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids, **kwargs)
+    new = [t for t in out[0, len(ids):].tolist() if t != eos]
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -16,7 +16,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from eval import EvalError
-from eval.generate import generate_tokens
+from eval.generate import generate_text
 from eval.models import (
     SPIKEGPT_TYPE,
     can_stream,
@@ -198,24 +198,16 @@ class SpikeGPTLM(TemplateLM):
         ids = self.tok_encode(context)
         if not can_stream(self.model, len(ids) + max_new):
             ids = ids[-max(1, window_length(self.model, self.max_length) - max_new) :]
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
-        new: list[int] = []
-        for token in generate_tokens(
+        text = generate_text(
             self.model,
-            prompt,
+            self.tokenizer,
+            ids,
             max_new,
             temperature=temperature,
             top_k=int(gen_kwargs.get("top_k", 0) or 0),
             top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-            eos_token_id=self.eot_token_id,
-        ):
-            if token == self.eot_token_id:
-                break
-            new.append(token)
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if any(stop in text for stop in until):
-                break
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+            stop=lambda so_far: any(s in so_far for s in until),
+        )
         return _cut_at_stops(text, until)
 
 

@@ -106,7 +106,7 @@ def evaluate_model(
     (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and returns the dict."""
     from eval.bpb import evaluate_bpb
     from eval.energy import energy_report
-    from eval.generate import stream_text
+    from eval.generate import generate_text
     from eval.harness import evaluate_tasks
     from eval.models import load_any, load_model_dir
 
@@ -136,7 +136,7 @@ def evaluate_model(
     if sample_prompt:
         sample = {
             "prompt": sample_prompt,
-            "text": "".join(stream_text(model, tok, sample_prompt, sample_tokens)),
+            "text": generate_text(model, tok, sample_prompt, sample_tokens),
         }
     results = collect_results(
         run_name,
@@ -199,6 +199,7 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
         "run": run,
         "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
+        "bpb_bytes": {t: v.get("bytes") for t, v in entry["bpb"].items()},  # UTF-8 bytes scored per text
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
         "lm_eval_bits_per_byte": task_bpb,
         "acc": accs,
@@ -396,7 +397,9 @@ def training_info(run_dir) -> dict | None:
 
     From <run>/<stage>/done.json (stage seconds; the trainer's tokens_seen and train_seconds) and
     <run>/distill/metrics.jsonl (val_bits_per_byte by tokens seen, align's tokens counted first).
-    wall_seconds sums every stage's own time, so a shared teacher cache counts only in the run that built it.
+    wall_seconds sums every stage's own time, so a shared teacher cache counts only in the run that built it;
+    a stage's time is its done.json `wall_seconds` (every attempt: a run interrupted and resumed counts
+    each invocation), or `seconds` (the last attempt) in run directories written before that field.
     """
     import yaml
 
@@ -424,11 +427,16 @@ def training_info(run_dir) -> dict | None:
         "align_tokens": align_tokens,
         "train_seconds": train_seconds or None,
         "tokens_per_s": tokens / train_seconds if tokens and train_seconds else None,
-        "wall_seconds": sum(float(d.get("seconds") or 0.0) for d in done.values()),
-        "stage_seconds": {name: d.get("seconds") for name, d in done.items()},
+        "wall_seconds": sum(_stage_seconds(d) for d in done.values()),
+        "stage_seconds": {name: _stage_seconds(d) for name, d in done.items()},
         "curve": curve,
         "series": series_key(config) if config else None,
     }
+
+
+def _stage_seconds(done: dict) -> float:
+    """Wall seconds of one stage over all its attempts (see training_info)."""
+    return float(done.get("wall_seconds") or done.get("seconds") or 0.0)
 
 
 def plot_learning_curves(rows: list[dict], path) -> None:
@@ -497,27 +505,62 @@ def _label(r: dict) -> str:
     return r["label"] if r["role"] == "teacher" else r["run"]
 
 
+def common_texts(rows: list[dict]) -> tuple[list[str], list[dict], list[dict]]:
+    """The held-out texts that every row was scored on, with the same number of bytes.
+
+    Returns (texts, rows kept, rows left out). A text counts only when every kept row has it with one byte
+    count (e.g. all cut at evaluate.max_text_bytes=20000). When no text is shared by all rows, the
+    (text, bytes) pair scored by the most rows is used and the rows without it are left out.
+    """
+    keys = [{(t, r.get("bpb_bytes", {}).get(t)) for t in r["bits_per_byte"]} for r in rows]
+    if not rows:
+        return [], [], []
+    shared = set.intersection(*keys)
+    if shared:
+        return sorted(t for t, _ in shared), rows, []
+    counts: dict = {}
+    for ks in keys:
+        for k in ks:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return [], [], rows
+    best = max(sorted(counts, key=str), key=lambda k: counts[k])
+    kept = [r for r, ks in zip(rows, keys) if best in ks]
+    return [best[0]], kept, [r for r, ks in zip(rows, keys) if best not in ks]
+
+
+def _text_label(rows: list[dict], texts: list[str]) -> str:
+    sizes = {rows[0].get("bpb_bytes", {}).get(t) for t in texts} if rows else set()
+    size = f", {sizes.pop():,} bytes each" if len(sizes) == 1 and None not in sizes else ""
+    return ", ".join(texts) + size
+
+
 def plot_bpb_vs_energy(rows: list[dict], path) -> None:
-    """Scatter: mean bits/byte (lower is better) against compute energy per token (log scale)."""
-    fig, ax = _axes((6, 4.5))
-    pts = [r for r in rows if r["energy_pj"] and r["mean_bits_per_byte"] is not None]
+    """Scatter: bits/byte (lower is better) against compute energy per token (log scale).
+
+    Every point's bits/byte is the mean over the same texts (`common_texts`: the texts all plotted runs
+    were scored on, with the same byte counts); the texts are named on the plot, and runs left out for
+    lack of them are listed under it.
+    """
+    fig, ax = _axes((6.4, 4.8))
+    candidates = [r for r in rows if r["energy_pj"] and r["bits_per_byte"]]
+    texts, pts, left_out = common_texts(candidates)
     for r in pts:
+        y = sum(r["bits_per_byte"][t] for t in texts) / len(texts)
         marker, color = ("s", "tab:red") if r["role"] == "teacher" else ("o", "tab:blue")
-        ax.scatter(r["energy_pj"] / 1e3, r["mean_bits_per_byte"], marker=marker, color=color)
-        ax.annotate(
-            _label(r),
-            (r["energy_pj"] / 1e3, r["mean_bits_per_byte"]),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+        ax.scatter(r["energy_pj"] / 1e3, y, marker=marker, color=color)
+        ax.annotate(_label(r), (r["energy_pj"] / 1e3, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if not pts:
         ax.text(0.5, 0.5, "no run has both bits/byte and energy", ha="center", transform=ax.transAxes)
     else:
         ax.set_xscale("log")
     ax.set_xlabel("compute energy per token (nJ, log; memory traffic not counted)")
-    ax.set_ylabel("bits per byte (mean over held-out texts)")
-    ax.set_title("Students (o) and teachers (s)")
+    ax.set_ylabel("bits per byte (mean over the texts named above)")
+    ax.set_title(f"Students (o) and teachers (s)\nbits/byte on the same texts for every point: "
+                 f"{_text_label(pts, texts) or 'none'}", fontsize=9)
+    if left_out:
+        names = ", ".join(sorted({_label(r) for r in left_out}))
+        fig.text(0.01, 0.01, f"left out (not scored on these texts): {names}", fontsize=7)
     _save(fig, path)
 
 

@@ -10,14 +10,28 @@ from eval import EvalError
 SPIKEGPT_TYPE = "spikegpt"
 
 
+def not_a_model(path: str | Path) -> str | None:
+    """Why a directory is not a model directory, naming the model inside it when it holds one (a run
+    directory -> its export/model), or None when it has a config.json."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return None
+    for inner in (path / "export" / "model", path / "model"):
+        if (inner / "config.json").is_file():
+            kind = "a run directory" if inner.parent.name == "export" else "an export stage folder"
+            return f"{path}: {kind}, not a model; its exported model is {inner}: pass that path instead"
+    if (path / "config.yaml").is_file() or (path / "prepare").is_dir():
+        return (f"{path}: a run directory without an exported model yet; finish its export stage "
+                f"(spikedistill run RECIPE --run-dir {path}) and pass {path / 'export' / 'model'}")
+    return f"{path}: not a model directory (no config.json); point at an exported model, e.g. runs/<name>/export/model"
+
+
 def model_type_of(model_dir: str | Path) -> str:
     """The `model_type` in MODEL_DIR/config.json; EvalError if the directory is not a HF model."""
     cfg = Path(model_dir) / "config.json"
-    if not cfg.is_file():
-        raise EvalError(
-            f"{model_dir}: not a model directory (no config.json); point at an exported model, "
-            "e.g. runs/<name>/export/model"
-        )
+    problem = not_a_model(model_dir)
+    if problem:
+        raise EvalError(problem)
     try:
         return json.loads(cfg.read_text()).get("model_type", "")
     except json.JSONDecodeError as exc:
@@ -62,8 +76,8 @@ def load_model_dir(model_dir: str | Path, dtype=None):
 def load_any(spec: str, dtype: str = "fp32"):
     """(model, tokenizer) from a model directory, or from a teacher spec (alias, hub id, GGUF file)."""
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        return load_model_dir(path)
+    if path.is_dir():
+        return load_model_dir(path)  # EvalError naming the model inside a run directory, if any
     from teachers import load_teacher
 
     teacher = load_teacher(spec, dtype=dtype)

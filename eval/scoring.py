@@ -37,19 +37,25 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     return logp, logits.argmax(-1) == targets
 
 
+def _bar(progress: bool | str, default: str) -> dict:
+    """tqdm keywords for a `progress` argument: False = no bar, True = a bar, a string = a bar so named."""
+    return {"desc": progress if isinstance(progress, str) else default, "disable": not progress}
+
+
 @torch.no_grad()
 def stream_logprobs(
-    model, tokens: list[int], chunk_size: int = 1024, progress: bool = False
+    model, tokens: list[int], chunk_size: int = 1024, progress: bool | str = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score tokens[1:] given everything before, streaming chunks through the model's cache.
 
+    progress: show a tqdm bar (a string names it, e.g. the text being scored).
     tokens: N ids (tokens[0] is the conditioning prefix). Returns (log p [N-1], greedy [N-1]) on CPU.
     Chunked continuation equals one full forward for the student (and for KV-cache models), so this is
     the full-sequence loss at O(chunk) memory.
     """
     ids = torch.tensor(tokens, dtype=torch.long, device=_device(model))
     state, logps, greedy = None, [], []
-    for start in tqdm(range(0, len(tokens) - 1, chunk_size), desc="streaming", disable=not progress):
+    for start in tqdm(range(0, len(tokens) - 1, chunk_size), **_bar(progress, "streaming")):
         end = min(start + chunk_size, len(tokens) - 1)
         out = model(ids[None, start:end], use_cache=True, **cache_kwargs(state))
         state = state_of(out)
@@ -98,11 +104,12 @@ def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tup
 
 
 def windowed_nll(
-    model, tokens: list[int], prefix: int, max_length: int, batch_size: int = 1, progress: bool = False
+    model, tokens: list[int], prefix: int, max_length: int, batch_size: int = 1, progress: bool | str = False
 ) -> float:
-    """Total NLL (nats) of `tokens` scored in lm-eval's rolling windows of `max_length` tokens."""
+    """Total NLL (nats) of `tokens` scored in lm-eval's rolling windows of `max_length` tokens (progress: as
+    in stream_logprobs)."""
     windows = rolling_windows(tokens, prefix, max_length)
     total = 0.0
-    for i in tqdm(range(0, len(windows), batch_size), desc="windows", disable=not progress):
+    for i in tqdm(range(0, len(windows), batch_size), **_bar(progress, "windows")):
         total -= sum(lp for lp, _ in score_batch(model, windows[i : i + batch_size]))
     return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -62,19 +63,67 @@ def _nest(parts: list[str | int], value: Any) -> dict:
     return out
 
 
+def did_you_mean(word: str, options, prefix: str = "") -> str:
+    """' did you mean <prefix><X>?' for the closest of `options` to `word` (difflib), or ''."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _list_value(key: str, value: Any) -> list:
+    """A value for a list-typed key: a list stays, a single item becomes a one-element list."""
+    if isinstance(value, list):
+        return value
+    how = f"write {key}=[a,b] for several items or {key}=a for one (in a YAML file: [a, b])"
+    if isinstance(value, dict) or (isinstance(value, str) and "," in value):
+        raise ConfigError(f"{key}: a list, got {value!r}; {how}")
+    return [value]
+
+
+def _conform(node: DictConfig, update: Any, prefix: str = "") -> Any:
+    """Check `update` (a dict merged onto the schema node) key by key before OmegaConf sees it.
+
+    Unknown keys of a schema section are errors with a "did you mean" (difflib) and the section's keys; a
+    single item for a list-typed key becomes a one-element list; a scalar where the schema has a section or
+    a mapping is an error saying how to write one. Types of scalar values are left to OmegaConf.
+    """
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(update, dict):
+        raise ConfigError(f"{where}: a section of keys, got {update!r}; set its keys one by one, e.g. "
+                          f"{prefix}{next(iter(node.keys()), 'key')}=...")
+    if OmegaConf.get_type(node) is dict:  # a free mapping (student.config, teacher.layer_map)
+        return update
+    out = {}
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in node:
+            known = [str(k) for k in node]
+            hint = did_you_mean(key, known, prefix) or f" keys of {where}: {', '.join(known)}."
+            raise ConfigError(f"{path}: unknown key;{hint} (the schema is pipeline/schema.py)")
+        child = node._get_node(key)
+        if OmegaConf.is_list(child):
+            value = _list_value(path, value)
+        elif OmegaConf.is_dict(child):
+            if not isinstance(value, dict):
+                example = ("student.config.token_mixer=sfsa" if path == "student.config" else
+                           "teacher.layer_map.3=20" if path == "teacher.layer_map" else
+                           f"{path}.{next(iter(child.keys()), 'key')}=...")
+                raise ConfigError(f"{path}: a mapping of keys, got {value!r}; set one key at a time, e.g. "
+                                  f"{example}")
+            value = _conform(child, value, f"{path}.")
+        out[key] = value
+    return out
+
+
 def _merge(base: DictConfig, update: Any, origin: str) -> DictConfig:
     try:
+        update = _conform(base, update)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {origin})") from None
+    try:
         return OmegaConf.merge(base, update)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError) as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {_explain(exc)} (in {origin})") from None
-
-
-def _explain(exc: OmegaConfBaseException) -> str:
-    msg = _first_line(exc)
-    if type(exc).__name__ == "ConfigKeyError":
-        return "unknown key; check its spelling against pipeline/schema.py"
-    return msg
+        raise ConfigError(f"{key}: {_first_line(exc)} (in {origin})") from None
 
 
 def _apply_file(cfg: DictConfig, path: Path, chain: tuple[Path, ...]) -> DictConfig:
@@ -111,6 +160,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{key}: {_first_line(exc)} (set it in the recipe)") from None
     check_values(recipe)
+    check_student(recipe)
     return recipe
 
 
@@ -159,17 +209,37 @@ def student_config(recipe: Recipe, vocab_size: int):
 
     preset, overrides = recipe.student.preset, dict(recipe.student.config)
     if preset not in PRESETS:
-        raise ConfigError(f"student.preset: must be one of {'|'.join(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"student.preset: must be one of {'|'.join(PRESETS)}, got {preset!r};"
+                          f"{did_you_mean(preset, PRESETS)}")
     if "vocab_size" in overrides:
         raise ConfigError("student.config.vocab_size: the vocabulary comes from the teacher's tokenizer; "
                           "remove this key")
     known = SpikeGPTConfig.from_preset(preset, vocab_size=vocab_size).to_dict()
     for key in overrides:
         if key not in known:
-            raise ConfigError(f"student.config.{key}: not a SpikeGPTConfig field; see students/config.py")
+            fields = [k for k in known if not k.startswith("_") and k != "vocab_size"]
+            raise ConfigError(f"student.config.{key}: not a SpikeGPTConfig field;"
+                              f"{did_you_mean(key, fields, 'student.config.') or ' see students/config.py'}")
     try:
         return SpikeGPTConfig.from_preset(preset, **overrides, vocab_size=vocab_size)
     except StudentError as exc:
         match = re.search(r"SpikeGPTConfig\.(\w+)", str(exc))
         key = f"student.config.{match.group(1)}" if match else "student.config"
         raise ConfigError(f"{key}: {_first_line(exc)}") from None
+
+
+def check_student(recipe: Recipe) -> None:
+    """Check the student section before any stage runs: the preset, every student.config field and value
+    (a placeholder vocabulary stands in for the teacher's), data.seq_len against max_position, and the
+    student side of teacher.layer_map. Raises ConfigError naming the key."""
+    from students import PRESETS
+
+    placeholder = PRESETS.get(recipe.student.preset, {}).get("vocab_size", 256)
+    config = student_config(recipe, placeholder)
+    if config.max_position and recipe.data.seq_len > config.max_position:
+        raise ConfigError(f"data.seq_len: {recipe.data.seq_len} exceeds the student's max_position "
+                          f"{config.max_position}; lower data.seq_len or raise student.config.max_position")
+    for layer in recipe.teacher.layer_map:
+        if layer >= config.n_layer:
+            raise ConfigError(f"teacher.layer_map.{layer}: the student has layers 0..{config.n_layer - 1}; "
+                              "map only those")

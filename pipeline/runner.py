@@ -4,10 +4,18 @@ A stage is skipped when its done.json holds the same config hash (its recipe sec
 config hashes) and the same input fingerprints (its input stages' done.json) and its outputs still exist.
 Otherwise it reruns, and since its done.json changes, so does every stage that reads it. done.json is
 written last and atomically, so nothing half-written is ever marked done. Only the main process writes.
+
+Before any stage runs, `preflight` checks what the planned stages will read (data sources, evaluation texts,
+the teacher spec, a DeepSpeed JSON), so a typo fails in a second instead of after the teacher loads.
+With `extend=True` a finished training stage whose config differs only in `<stage>.train.steps` (raised)
+continues from its last checkpoint instead of starting over (see `Runner.extension`).
+Every attempt at a stage appends its seconds to `<stage>/attempts.jsonl`; done.json's `wall_seconds` is
+their sum, so a stage interrupted and resumed reports all the time it took.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,8 +30,9 @@ from typing import Any
 
 import yaml
 
+from pipeline import checkpoint as ckpt
 from pipeline.errors import ConfigError, PipelineError, StageError
-from pipeline.recipe import diff_keys, recipe_to_dict, recipe_to_yaml, stable_hash, to_plain
+from pipeline.recipe import did_you_mean, diff_keys, recipe_to_dict, recipe_to_yaml, stable_hash, to_plain
 from pipeline.schema import Recipe, TrainConfig
 from pipeline.stages import SPECS, STAGE_ORDER, StageContext, StageResult, get_stage
 
@@ -156,6 +165,7 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
     """
     import torch
     from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
 
     dist = recipe.distributed
@@ -168,6 +178,11 @@ def make_accelerator(recipe: Recipe, train: TrainConfig | None = None):
         "kwargs_handlers": [InitProcessGroupKwargs(backend=backend)] if backend else None,
     }
     if dist.strategy == "deepspeed":
+        # Each stage brings its own DeepSpeed config (micro batch, accumulation, clipping), and accelerate
+        # refuses a second Accelerator with a deepspeed_plugin in one process: stages run one after the other,
+        # so the previous stage's state goes (the process group, held by PartialState, stays).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_dict(recipe, train))
         kwargs["cpu"] = False  # accelerate drops the DeepSpeed plugin under cpu=True; without CUDA it uses the CPU
         if not cuda:
@@ -200,7 +215,8 @@ def plan_stages(recipe: Recipe, requested: list[str] | None) -> list[str]:
         return [s for s in STAGE_ORDER if SPECS[s].enabled(recipe)]
     for name in requested:
         if name not in SPECS:
-            raise ConfigError(f"--stages: unknown stage {name!r}; stages are {','.join(STAGE_ORDER)}")
+            raise ConfigError(f"--stages: unknown stage {name!r};{did_you_mean(name, STAGE_ORDER)} stages are "
+                              f"{','.join(STAGE_ORDER)}")
         if not SPECS[name].enabled(recipe):
             key = "teacher_cache.enabled" if name == "teacher_cache" else f"{name}.enabled"
             raise ConfigError(f"--stages asks for {name} but {key} is false; set {key}=true")
@@ -231,19 +247,80 @@ def _check_config(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> N
         return
     shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
     if not (resume or force):
+        longer = ("--extend to continue training from the last checkpoint, " if
+                  all(k.endswith(".train.steps") for k in changed) else "")
         raise ConfigError(f"{path}: this run directory was made with a different config (changed: {shown}); "
-                          "pass --resume to continue it with the new config (changed stages rerun), --force to "
-                          "rerun every stage, or --run-dir for a new directory")
+                          f"pass {longer}--resume to continue it with the new config (changed stages rerun), "
+                          "--force to rerun every stage, or --run-dir for a new directory")
     LOG.info("config changed (%s); continuing because of %s", shown, "--force" if force else "--resume")
+
+
+def _check_eval_texts(recipe: Recipe) -> None:
+    from teachers.data import BUNDLED_EVAL
+
+    for name in recipe.evaluate.texts:
+        if Path(name).expanduser().is_file() or name.lower() in BUNDLED_EVAL:
+            continue
+        raise ConfigError(f"evaluate.texts: {name!r} is neither a file nor a bundled held-out text "
+                          f"({', '.join(BUNDLED_EVAL)});{did_you_mean(name, BUNDLED_EVAL)} give a path to a UTF-8 "
+                          "text file")
+
+
+def _check_eval_tasks(recipe: Recipe) -> None:
+    """evaluate.tasks: local names are read from eval/tasks/*.yaml (no lm-eval import); only other names are
+    looked up in lm-eval's registry (seconds, but before training rather than after it)."""
+    import re
+
+    import eval as eval_package
+    from eval import EvalError
+
+    local = {m.group(1) for f in (Path(eval_package.__file__).parent / "tasks").glob("*.yaml")
+             for m in re.finditer(r"^(?:task|group): *(\w+)", f.read_text(encoding="utf-8"), flags=re.MULTILINE)}
+    other = [t for t in recipe.evaluate.tasks if t not in local]
+    if not other:
+        return
+    from eval.harness import task_manager_for
+
+    try:
+        task_manager_for(other)
+    except EvalError:
+        hint = "".join(did_you_mean(t, local) for t in other)
+        raise ConfigError(f"evaluate.tasks: unknown task(s) {', '.join(other)};{hint} local tasks: "
+                          f"{', '.join(sorted(local))} (or any lm-eval task name)") from None
+
+
+def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
+    """Check, before any stage runs, the files the planned stages will read.
+
+    prepare_runs: whether prepare will (re)run; then data.sources are checked (teachers.data.check_sources:
+    every file exists and is readable as what it claims, the text field is there) and the teacher spec
+    (teachers.check_spec: a path exists, a bundled alias is installed); a stage that runs the teacher on rows
+    of data.seq_len checks them against a local teacher's positions. Raises ConfigError, DataError or
+    TeacherError naming the key or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
+    """
+    from teachers import check_spec
+    from teachers.data import check_sources
+
+    if prepare_runs:
+        check_spec(recipe.teacher.spec)
+        check_sources(list(recipe.data.sources), recipe.data.text_field)
+    if any(s in planned for s in ("teacher_cache", "align", "distill")):
+        check_spec(recipe.teacher.spec, seq_len=recipe.data.seq_len)  # rows of seq_len go through the teacher
+    if "evaluate" in planned:
+        _check_eval_texts(recipe)
+        _check_eval_tasks(recipe)
+    if recipe.distributed.strategy == "deepspeed" and any(SPECS[s].training for s in planned):
+        _deepspeed_dict(recipe, None)
 
 
 class Runner:
     """Runs the planned stages of one recipe in one run directory (see module docstring)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, *, force: bool = False):
+    def __init__(self, recipe: Recipe, run_dir: Path, *, force: bool = False, extend: bool = False):
         self.recipe = recipe
         self.run_dir = Path(run_dir).resolve()
         self.force = force
+        self.extend = extend
         self.rank, self.world = _world()
         self.is_main = self.rank == 0
         self.accelerator = None
@@ -287,12 +364,49 @@ class Runner:
             return "output missing: " + ", ".join(missing)
         return None
 
+    def extension(self, name: str, inputs: dict[str, str], sections: dict) -> dict | None:
+        """With --extend: how a finished training stage continues, or None when it cannot.
+
+        It can when its done.json has the same inputs and differs from `sections` only in
+        `<name>.train.steps`, which grew. The trainer then resumes from the newest checkpoint (written with
+        the old config) and follows the learning-rate schedule of the new step count from that step on.
+        Returns {"config_hash": the old hash, "from_step", "to_step"}; ConfigError when no checkpoint is left.
+        """
+        done = read_done(self.run_dir / name)
+        if not (self.extend and SPECS[name].training and done is not None and done.get("inputs") == inputs):
+            return None
+        if diff_keys(done.get("config", {}), sections) != [f"{name}.train.steps"]:
+            return None
+        old_steps = int(done["config"][name]["train"]["steps"])
+        new_steps = getattr(self.recipe, name).train.steps
+        old_recipe = copy.deepcopy(self.recipe)
+        getattr(old_recipe, name).train.steps = old_steps
+        if stage_config_hash(old_recipe, name) != done["config_hash"]:
+            return None
+        if new_steps < old_steps:
+            raise ConfigError(f"--extend: {name}.train.steps went down from {old_steps} to {new_steps}; a run "
+                              f"cannot be shortened from a checkpoint: rerun without --extend to train {new_steps} "
+                              "steps from step 0")
+        found = ckpt.list_checkpoints(self.run_dir / name / "checkpoints")
+        if not found:
+            raise ConfigError(f"--extend: {self.run_dir / name / 'checkpoints'} holds no checkpoint to continue "
+                              f"{name} from; rerun without --extend to train it from step 0")
+        return {"config_hash": done["config_hash"], "from_step": found[-1][0], "to_step": new_steps}
+
+    def _grew(self, name: str) -> bool:
+        """Whether the recipe asks a finished training stage for more steps than it ran."""
+        done = read_done(self.run_dir / name) or {}
+        old = done.get("config", {}).get(name, {}).get("train", {}).get("steps")
+        return isinstance(old, int) and getattr(self.recipe, name).train.steps > old
+
     def _prepare_dir(self, name: str, started: dict) -> Path:
-        """Make the stage folder ready: keep it only to resume the same config, else start clean."""
+        """Make the stage folder ready: keep it only to resume the same config (or to extend), else start
+        clean."""
         stage_dir = self.run_dir / name
         marker = stage_dir / "stage.json"
         old = _read_json(marker) or {}
         same = (old.get("config_hash"), old.get("inputs")) == (started["config_hash"], started["inputs"])
+        same = same or started.get("extends") is not None
         (stage_dir / "done.json").unlink(missing_ok=True)
         if stage_dir.exists() and (self.force or not same):
             shutil.rmtree(stage_dir)
@@ -317,17 +431,26 @@ class Runner:
             done = read_done(self.run_dir / name) or {}
             LOG.info("[%s] skipped: done and unchanged", name)
             return StageSummary(name, "skipped", "unchanged", 0.0, done.get("metrics", {}))
+        extends = None if self.force else self.extension(name, inputs, sections)
+        if extends is not None:
+            reason = (f"--extend: continuing from step {extends['from_step']} to {extends['to_step']} "
+                      "(learning-rate schedule of the new step count)")
+        elif reason == "resuming":  # an interrupted extension keeps accepting the checkpoints it started from
+            extends = (_read_json(self.run_dir / name / "stage.json") or {}).get("extends")
+        elif SPECS[name].training and reason == f"config changed: {name}.train.steps" and self._grew(name):
+            reason += " (from step 0; --extend continues from the last checkpoint instead)"
         LOG.info("[%s] running (%s)", name, reason)
         accelerator = self._accelerator_for(name)
         stage_dir = self.run_dir / name
         if self.is_main:
             started = {"stage": name, "config_hash": config_hash, "inputs": inputs,
-                       "started_at": _now()}
+                       "started_at": _now(), "extends": extends}
             stage_dir = self._prepare_dir(name, started)
         _barrier()
         ctx = StageContext(recipe=self.recipe, run_dir=self.run_dir, stage_dir=stage_dir, upstream=upstream,
                            accelerator=accelerator, is_main=self.is_main,
-                           log=logging.getLogger(f"spikedistill.{name}"))
+                           log=logging.getLogger(f"spikedistill.{name}"),
+                           accept_checkpoints=(extends["config_hash"],) if extends else ())
         t0 = time.perf_counter()
         try:
             result = get_stage(name)(ctx) if (SPECS[name].training or self.is_main) else None
@@ -335,6 +458,9 @@ class Runner:
             where = exc.filename or stage_dir
             raise StageError(f"stage {name}: {exc.strerror or exc} on {where}; free disk space or fix the path "
                              "or its permissions, then rerun the same command (nothing was marked done)") from exc
+        finally:
+            if self.is_main:
+                _log_attempt(stage_dir, time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         _barrier()
         if self.is_main:
@@ -357,15 +483,26 @@ class Runner:
             with open(stage_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"stage": name, "seconds": round(seconds, 3), **metrics}) + "\n")
         done = {"stage": name, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
-                "metrics": metrics, "config": sections, "seconds": round(seconds, 3), "finished_at": _now(),
+                "metrics": metrics, "config": sections, "seconds": round(seconds, 3),
+                "wall_seconds": round(attempt_seconds(stage_dir), 3), "finished_at": _now(),
                 "run_id": uuid.uuid4().hex}
         write_json_atomic(stage_dir / "done.json", done)
 
+    def prepare_runs(self, planned: list[str]) -> bool:
+        """Whether the prepare stage is planned and will not be skipped."""
+        if "prepare" not in planned:
+            return False
+        sections = to_plain(SPECS["prepare"].sections(self.recipe))
+        return self.decide("prepare", stage_config_hash(self.recipe, "prepare"), {}, sections) is not None
+
     def run(self, requested: list[str] | None = None, *, resume: bool = False) -> list[StageSummary]:
-        """Check the run directory, take the lock (main process), write config.yaml, run the stages."""
+        """Check the recipe's inputs and the run directory, take the lock (main process), write config.yaml,
+        run the stages."""
         planned = plan_stages(self.recipe, requested)
+        preflight(self.recipe, planned, self.prepare_runs(planned))
         lock = RunLock(self.run_dir)
-        _check_config(self.run_dir, self.recipe, resume, self.force)  # every rank, so all stop together
+        # every rank checks, so all stop together
+        _check_config(self.run_dir, self.recipe, resume or self.extend, self.force)
         if self.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -391,21 +528,90 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def run_pipeline(recipe: Recipe, *, run_dir: str | Path | None = None, stages: list[str] | None = None,
-                 resume: bool = False, force: bool = False) -> list[StageSummary]:
-    """Run (or skip) the recipe's stages in `run_dir` (default runs_dir/name); returns the summary rows."""
-    runner = Runner(recipe, Path(run_dir) if run_dir else default_run_dir(recipe), force=force)
+                 resume: bool = False, force: bool = False, extend: bool = False) -> list[StageSummary]:
+    """Run (or skip) the recipe's stages in `run_dir` (default runs_dir/name); returns the summary rows.
+
+    extend: continue finished training stages whose only change is a larger `train.steps` from their last
+    checkpoint (implies resume for the changed config.yaml); see Runner.extension.
+    """
+    runner = Runner(recipe, Path(run_dir) if run_dir else default_run_dir(recipe), force=force, extend=extend)
     return runner.run(stages, resume=resume)
+
+
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def _log_attempt(stage_dir: Path, seconds: float) -> None:
+    """Append one attempt's seconds to <stage>/attempts.jsonl (also when the attempt failed or was stopped)."""
+    if Path(stage_dir).is_dir():
+        with open(Path(stage_dir) / ATTEMPTS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"seconds": round(seconds, 3), "ended_at": _now()}) + "\n")
+
+
+def attempt_seconds(stage_dir: Path) -> float:
+    """Seconds of every recorded attempt at a stage since its folder was last started clean."""
+    total = 0.0
+    try:
+        lines = (Path(stage_dir) / ATTEMPTS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        try:
+            total += float(json.loads(line)["seconds"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return total
+
+
+def in_progress(run_dir: Path) -> dict | None:
+    """The stage an interrupted run was in: {"stage", "checkpoint_step", "checkpoint", "steps", "finished"}.
+
+    The stage is the last one (in pipeline order) with a stage.json and no done.json; checkpoint_step is
+    its newest checkpoint's step (None when it wrote none), steps its planned total (training stages).
+    None when no stage was in progress.
+    """
+    run_dir = Path(run_dir)
+    finished = [s for s in STAGE_ORDER if read_done(run_dir / s) is not None]
+    started = [s for s in STAGE_ORDER if (run_dir / s / "stage.json").is_file() and s not in finished]
+    if not started:
+        return None
+    name = started[-1]
+    found = ckpt.list_checkpoints(run_dir / name / "checkpoints")
+    steps = None
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        steps = config.get(name, {}).get("train", {}).get("steps") if SPECS[name].training else None
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        pass
+    return {"stage": name, "checkpoint_step": found[-1][0] if found else None,
+            "checkpoint": str(found[-1][1]) if found else None, "steps": steps, "finished": finished}
+
+
+# the metrics the summary table shows per stage, in order (other stages: their first scalar metrics)
+_SHOWN = {
+    "prepare": ("documents", "tokens.packed", "n_seqs.train", "n_seqs.val"),
+    "align": ("val_loss", "loss", "tokens_seen", "tokens_per_s"),
+    "distill": ("val_bits_per_byte", "val_loss", "tokens_seen", "tokens_per_s"),
+    "export": ("parameters",),
+}
+_NOT_SHOWN = ("tokens", "step", "seconds", "format", "skipped")  # per-step or bookkeeping values
 
 
 def format_summary(rows: list[StageSummary]) -> str:
     """A plain-text table: stage, status, seconds, reason, a few scalar metrics."""
     lines = [f"{'stage':<14}{'status':<9}{'time':>9}  reason / metrics"]
     for row in rows:
-        scalars = [f"{k}={_fmt(v)}" for k, v in row.metrics.items() if isinstance(v, (int, float))][:4]
-        detail = row.reason + (" | " + " ".join(scalars) if scalars else "")
+        flat = {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
+                for k, v in row.metrics.items() for sub in (v if isinstance(v, dict) else [None])}
+        scalar = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = [k for k in _SHOWN.get(row.name, ()) if k in scalar] or [k for k in scalar if k not in _NOT_SHOWN]
+        shown = [f"{k}={_fmt(scalar[k])}" for k in keys[:4]]
+        detail = row.reason + (" | " + " ".join(shown) if shown else "")
         lines.append(f"{row.name:<14}{row.status:<9}{row.seconds:>8.1f}s  {detail}")
     return "\n".join(lines)
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float) and abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.4g}" if isinstance(v, float) else f"{v:,}"

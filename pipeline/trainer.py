@@ -11,7 +11,11 @@ The data position saved in a checkpoint is the stream position, so a resumed run
 
 Reliability:
 - checkpoints every train.checkpoint_every steps and at the end (pipeline.checkpoint: atomic, verified);
-  a rerun resumes from the newest valid one when its config hash matches, else starts over.
+  a rerun resumes from the newest valid one when its config hash matches (or is one of `accept_hashes`:
+  the same stage with fewer steps, continued by `spikedistill run --extend`; the learning rate then
+  follows the new step count's schedule from the checkpoint's step on), else starts over.
+- the progress bar shows the loss smoothed over recent steps (an exponential moving average with
+  bias correction, LOSS_SMOOTHING), updated every step; metrics.jsonl keeps the raw per-step values.
 - a non-finite loss or gradient norm skips the step (no update, counted in metrics); after
   train.max_bad_steps consecutive bad steps the run stops with TrainingError, keeping the last good
   checkpoint. Under DeepSpeed with grad_accum > 1 the engine owns the accumulation boundary, so a bad
@@ -43,6 +47,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.errors import StageError
 
 SIGTERM_EXIT_CODE = 143
+LOSS_SMOOTHING = 0.9  # weight of the past in the progress bar's running loss (about the last 10 steps)
 log = logging.getLogger(__name__)
 
 
@@ -130,7 +135,7 @@ class Trainer:
                  seed: int = 0, config_hash: str = "", name: str = "train",
                  collate: Callable[[list[Any]], dict] = default_collate,
                  count_tokens: Callable[[dict], int] = count_next_token_targets,
-                 tensorboard: bool = False, fsdp: bool = False):
+                 tensorboard: bool = False, fsdp: bool = False, accept_hashes: tuple[str, ...] = ()):
         self.cfg, self.acc, self.name = train_cfg, accelerator, name
         self.stage_dir = Path(stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
@@ -139,6 +144,7 @@ class Trainer:
         self.val_stream = DataStream(val_data, seed, shuffle=False) if val_data is not None and len(val_data) else None
         self.bytes_per_token = bytes_per_token
         self.config_hash, self.collate, self.count_tokens = config_hash, collate, count_tokens
+        self.accept_hashes = tuple(accept_hashes)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
         self.model = model
@@ -236,7 +242,14 @@ class Trainer:
         found = ckpt.load_latest(self.ckpt_root)
         if found is None:
             return
-        if found.trainer_state.get("config_hash") != self.config_hash:
+        written_by = found.trainer_state.get("config_hash")
+        if written_by != self.config_hash and written_by in self.accept_hashes:
+            self._load(found)
+            self._follow_new_schedule()
+            log.info("%s: continuing from %s (step %d) to step %d", self.name, found.path, found.step,
+                     self.cfg.steps)
+            return
+        if written_by != self.config_hash:
             self.acc.wait_for_everyone()
             if self.is_main:
                 log.warning("%s: checkpoints in %s are from a different config; starting over", self.name,
@@ -271,6 +284,15 @@ class Trainer:
             ckpt.set_rng_state(rng)
         self._truncate_metrics()
 
+    def _follow_new_schedule(self) -> None:
+        """Set the learning rates of the loaded step from this run's schedule (a checkpoint of a shorter run
+        holds the rate of its own schedule, e.g. min_lr at its last step)."""
+        self.scheduler.last_epoch = self.step
+        rates = [base * fn(self.step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, rate in zip(self.scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
+
     def _truncate_metrics(self) -> None:
         """Drop metrics lines written after the resumed step, so a resumed log reads like an unbroken one."""
         if not self.is_main or not self.metrics_path.is_file():
@@ -301,11 +323,16 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.name, disable=not self.is_main,
                    dynamic_ncols=True)
         final: dict[str, float] = {}
+        smooth, weight = 0.0, 0.0  # running loss for the bar: EMA numerator and its bias-correction weight
         self.model.train()
         while self.step < self.cfg.steps:
             t0, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
             metrics = self._train_step()
             self.step += 1
+            if math.isfinite(metrics["loss"]):
+                smooth = LOSS_SMOOTHING * smooth + (1 - LOSS_SMOOTHING) * metrics["loss"]
+                weight = LOSS_SMOOTHING * weight + (1 - LOSS_SMOOTHING)
+                bar.set_postfix(loss=f"{smooth / weight:.4g}", refresh=False)
             bar.update(1)
             seconds = time.perf_counter() - t0
             self.tokens_seen += metrics["tokens"]
@@ -315,7 +342,6 @@ class Trainer:
             final.update(metrics)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 self._write_metrics("train", metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 final.update(self._validate())
             if metrics.pop("_term", 0.0) > 0:

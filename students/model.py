@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import ClassVar
 
 import torch
@@ -15,7 +15,7 @@ from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
 from .ops import spike
-from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, one_cache, state_of
+from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, one_cache
 from .state import SpikeGPTState
 
 
@@ -227,72 +227,51 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         """Every op per token of a forward over `context_length` tokens (T steps included); see opcount.py."""
         return count_ops(self, context_length)
 
-    @torch.no_grad()
-    def generate(
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """GenerationMixin: never build a key/value DynamicCache; the first forward creates a SpikeGPTState."""
+        return False
+
+    def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        streamer=None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        cache: SpikeGPTState | None = None,
+        past_key_values: SpikeGPTState | None = None,
         attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.LongTensor:
-        """Decode through the recurrent state: the prompt once, then one O(1) step per token (srwkv, sfsa_linear).
+    ) -> dict:
+        """GenerationMixin hook: feed only the tokens the recurrent state has not seen.
 
-        input_ids [B, L] -> [B, L + new]. Greedy unless do_sample. eos_token_id (int or list, None = never stop):
-        a finished row is padded with pad_token_id (default: the first eos) and decoding stops when all rows are
-        finished. streamer: an HF
-        BaseStreamer (put/end). spike_rates() afterwards reflect the prompt (decode steps do not record them).
+        input_ids [B, L] is the whole sequence so far: the prompt goes in once (prefill), then one token per step,
+        so each new token costs O(1) for srwkv and sfsa_linear layers whatever the context length. A state passed
+        in by the caller (`cache=`) continues from its `seen_tokens`. Raises StudentError for inputs_embeds, or
+        when the state has already seen at least L tokens.
         """
-        if kwargs:
-            raise StudentError(f"generate() got unsupported arguments {sorted(kwargs)}")
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
-                           device=input_ids.device)
-        pad = eos[0] if pad_token_id is None and eos.numel() else pad_token_id
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        out = self(input_ids, use_cache=True, logits_to_keep=1, attention_mask=attention_mask)
-        tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        with self.rates_paused():
-            for i in range(max_new_tokens):
-                nxt = _pick(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
-                if eos.numel():
-                    nxt = torch.where(done, pad, nxt)
-                    done = done | torch.isin(nxt, eos)
-                tokens.append(nxt[:, None])
-                if streamer is not None:
-                    streamer.put(nxt.cpu())
-                if (eos.numel() and bool(done.all())) or i == max_new_tokens - 1:
-                    break
-                out = self(nxt[:, None], cache=state_of(out), use_cache=True, logits_to_keep=1)
-        if streamer is not None:
-            streamer.end()
-        return torch.cat(tokens, 1)
+        if inputs_embeds is not None:
+            raise StudentError("generate(inputs_embeds=...) is not supported: the student reads token ids")
+        state = one_cache(cache, past_key_values)
+        seen = state.get_seq_length() if state is not None else 0
+        if seen >= input_ids.shape[1]:
+            raise StudentError(
+                f"the cache has seen {seen} tokens but input_ids holds {input_ids.shape[1]}: pass the whole "
+                "sequence (the tokens the cache has seen, then the new ones)"
+            )
+        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, "use_cache": use_cache,
+                  **cache_kwargs(state)}
+        for key in ("logits_to_keep", "output_attentions", "output_hidden_states"):
+            if kwargs.get(key) is not None:
+                inputs[key] = kwargs[key]
+        return inputs
 
-
-def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-    """Next token per row from logits [B, V]: argmax, or a sample after temperature / top-k / top-p."""
-    if not do_sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise StudentError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p (the first token always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    @contextmanager
+    def _optimize_model_for_decode(self):
+        """GenerationMixin's decode-loop context (sampling and greedy search): decode steps do not record firing
+        rates, so spike_rates() after generate() describes the prompt."""
+        parent = getattr(super(), "_optimize_model_for_decode", None)
+        with parent() if parent is not None else nullcontext(), self.rates_paused():
+            yield
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ A leaf package: imports neither `students` nor `pipeline`/`eval`.
 
 from teachers.errors import CacheError, DataError, TeacherError
 from teachers.layer_map import layer_map
-from teachers.loading import check_vocab, load_teacher
+from teachers.loading import check_spec, check_vocab, load_teacher
 from teachers.outputs import Teacher, TeacherOutput
 
-__all__ = ["CacheError", "DataError", "Teacher", "TeacherError", "TeacherOutput", "check_vocab",
+__all__ = ["CacheError", "DataError", "Teacher", "TeacherError", "TeacherOutput", "check_spec", "check_vocab",
            "layer_map", "load_teacher"]

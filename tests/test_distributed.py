@@ -40,6 +40,7 @@ def _check_written(proc: subprocess.CompletedProcess, out: Path) -> None:
         pytest.fail(f"the 2-rank run wrote no final weights (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+@pytest.mark.latest
 def test_ddp_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path, tiny_teacher_dir):
     proc = _launch(tiny_teacher_dir, tmp_path / "ddp", "ddp", "--batch-size", "2", "--steps", "3", "--lr", "0.03")
     _check_written(proc, tmp_path / "ddp")

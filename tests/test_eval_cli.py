@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eval.cli import main, register
-from eval.generate import sample_next, stream_text
+from eval.generate import generate_text, sampling_kwargs
 from eval.testing import (
     save_model_dir,
     tiny_student,
@@ -41,31 +41,86 @@ def test_register_adds_subcommands():
         assert callable(args.func)
 
 
-def test_stream_text_streams_the_greedy_continuation(student, tiny_tokenizer):
-    prompt = "It is a truth"
-    pieces = list(stream_text(student, tiny_tokenizer, prompt, max_new_tokens=10))
-    ids = tiny_tokenizer.encode(prompt)
-    own = student.generate(torch.tensor([ids]), max_new_tokens=10, eos_token_id=0)[0, len(ids) :].tolist()
+def _greedy_until_eos(model, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation by full recompute (no state, no transformers generate), stopping at EOS (id 0)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            if token == 0:
+                break
+            seq.append(token)
+    return seq[len(ids) :]
+
+
+def test_generate_text_streams_the_greedy_continuation(student, tiny_tokenizer):
+    prompt, pieces = "It is a truth", []
+    text = generate_text(student, tiny_tokenizer, prompt, max_new_tokens=10, on_text=pieces.append)
+    own = _greedy_until_eos(student, tiny_tokenizer.encode(prompt), 10)
     assert len(pieces) > 1  # text arrives piece by piece, not at the end
-    assert "".join(pieces) == tiny_tokenizer.decode(own, skip_special_tokens=True)
+    assert "".join(pieces) == text == tiny_tokenizer.decode(own, skip_special_tokens=True)
+    cut = generate_text(student, tiny_tokenizer, prompt, max_new_tokens=10, stop=lambda so_far: len(so_far) >= 3)
+    assert text.startswith(cut) and len(cut) >= 3 and len(cut) < len(text)
 
 
 def test_sampling_seed_top_k_top_p(student, tiny_tokenizer):
     def run(**kw):
-        return "".join(stream_text(student, tiny_tokenizer, "To be", 8, **kw))
+        return generate_text(student, tiny_tokenizer, "To be", 8, **kw)
 
     assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
+    assert run(temperature=1.0, seed=3) != run(temperature=1.0, seed=4)
     assert run(temperature=1.0, top_k=1, seed=3) == run()  # top-k 1 is greedy
     assert run(temperature=1.0, top_p=1e-6, seed=4) == run()  # top-p keeps at least the top token
-    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
-    gen = torch.Generator().manual_seed(0)
-    picks = {int(sample_next(logits, 1.0, top_k=2, generator=gen)) for _ in range(50)}
-    assert picks <= {2, 3} and len(picks) == 2
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    run(temperature=1.0, seed=5)
+    assert torch.equal(torch.rand(3), before)  # a seeded sample leaves the global RNG alone
+    assert sampling_kwargs(0.0, 5, 0.5)["do_sample"] is False
+    ids = torch.tensor([tiny_tokenizer.encode("To be")])
+    with torch.no_grad():
+        top2 = set(student(ids).logits[0, -1].topk(2).indices.tolist())
+    picks = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        out = student.generate(ids, max_new_tokens=1, **sampling_kwargs(1.0, top_k=2))
+        picks.add(int(out[0, -1]))
+    assert picks == top2
 
 
 def test_generate_command_prints_prompt_and_continuation(student_dir, capsys):
     assert main(["generate", str(student_dir), "--prompt", "It is a truth", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("It is a truth")
+
+
+def test_generate_command_streams_tokens_as_they_are_produced(student_dir, monkeypatch):
+    import sys
+
+    import eval.models
+
+    events: list = []
+    load_any = eval.models.load_any
+
+    def load_and_watch(spec):
+        model, tok = load_any(spec)
+        model.register_forward_pre_hook(lambda *args: events.append("forward"))
+        return model, tok
+
+    class Tee:
+        def write(self, text):
+            events.append(("print", text))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(eval.models, "load_any", load_and_watch)
+    monkeypatch.setattr(sys, "stdout", Tee())
+    assert main(["generate", str(student_dir), "--prompt", "It is a truth", "--max-new-tokens", "8"]) == 0
+    forwards = [i for i, e in enumerate(events) if e == "forward"]
+    assert len(forwards) == 8  # the prompt, then one step per further token
+    # the generated text reaches stdout piece by piece between decode steps, not after the last one
+    pieces_before_last = [e for e in events[forwards[0] : forwards[-1]] if e != "forward"]
+    assert len(pieces_before_last) >= 3, events
 
 
 def test_energy_and_bpb_commands(student_dir, tiny_teacher_dir, tmp_path, capsys):

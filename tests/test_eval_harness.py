@@ -57,6 +57,7 @@ def _manual_logprob(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
     return float(logp.gather(1, target[:, None]).sum()), bool((logits[-n_cont:].argmax(-1) == target).all())
 
 
+@pytest.mark.latest
 def test_loglikelihood_matches_manual_and_is_greedy(lm, student, tiny_tokenizer):
     contexts = [
         "It is a truth",
@@ -122,6 +123,7 @@ def test_generate_until_stop_strings_and_max_tokens(lm, student, tiny_tokenizer)
     assert stop not in cut
 
 
+@pytest.mark.latest
 def test_simple_evaluate_instance_on_local_tasks(lm):
     res = run_tasks(lm, ["spikedistill_ppl_hamlet", "spikedistill_persuasion_cloze"], limit=2)
     ppl, mc = res["results"]["spikedistill_ppl_hamlet"], res["results"]["spikedistill_persuasion_cloze"]

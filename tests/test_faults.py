@@ -165,6 +165,8 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(recipe, reference, tmp_p
     term = cli(["run", str(recipe), "--run-dir", str(run_dir), "--stages", STAGES], "term_step", 3)
     assert term.returncode == 143, term.stderr[-2000:]
     assert "SIGTERM received; checkpoint written at step 3" in term.stderr
+    assert "stopped by SIGTERM: stage distill stopped; its last checkpoint is step 3 of 6" in term.stderr
+    assert "resume with: spikedistill run" in term.stderr
     assert steps_of(run_dir) == [2, 3]
     assert not (run_dir / "distill" / "done.json").exists()
     assert not (run_dir / "lock").exists()  # released on the way out

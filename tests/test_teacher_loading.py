@@ -140,7 +140,11 @@ def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TeacherError) as exc:
         load_teacher("no-such-org/no-such-model", cache_dir=tmp_path)
-    assert "no-such-org/no-such-model: not a local path" in _one_line(exc)
+    assert "no-such-org/no-such-model: not a bundled alias (smollm2-135m, gemma3-270m), local directory" in _one_line(exc)
+    assert "did you mean" not in _one_line(exc)  # nothing close to suggest
+    with pytest.raises(TeacherError) as exc:
+        load_teacher("smollm2-135", cache_dir=tmp_path)
+    assert _one_line(exc).endswith("did you mean the bundled alias 'smollm2-135m'?")
 
 
 def test_concurrent_conversion_keeps_the_finished_directory(tmp_path):

@@ -32,6 +32,7 @@ def test_converted_once_into_a_safetensors_dir(smollm2):
     assert separator_id(smollm2.tokenizer, None) == ("<|endoftext|>", 0)
 
 
+@pytest.mark.latest
 def test_held_out_loss_is_far_below_uniform(smollm2):
     text = read_text(bundled_corpus()["persuasion"])[5000:7000]
     ids = smollm2.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :256]

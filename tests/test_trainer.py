@@ -146,3 +146,58 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     assert exc.value.code == SIGTERM_EXIT_CODE
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [3]
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_progress_bar_shows_the_smoothed_loss(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    from pipeline.trainer import LOSS_SMOOTHING
+
+    shown: list[tuple[int, float]] = []
+
+    class Bar:  # records what the trainer's bar would display at each step
+        def __init__(self, *a, initial=0, **kw):
+            self.n, self.postfix = initial, None
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = float(kw["loss"])
+
+        def update(self, k):
+            self.n += k
+            shown.append((self.n, self.postfix))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    _train(tmp_path, _cfg(steps=8, log_every=1))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["split"] == "train"]
+    # independent float64 reference: bias-corrected EMA of the per-step losses
+    for step, value in shown:
+        w = [(1 - LOSS_SMOOTHING) * LOSS_SMOOTHING ** (step - 1 - i) for i in range(step)]
+        expected = sum(wi * li for wi, li in zip(w, losses[:step])) / sum(w)
+        assert value == pytest.approx(expected, rel=1e-3), step
+    assert shown[-1][1] != pytest.approx(losses[-1], rel=1e-3)  # not the last logged value
+
+
+def test_accepted_checkpoints_continue_on_the_new_schedule(tmp_path):
+    cfg6 = _cfg(steps=6, checkpoint_every=3)
+    _train(tmp_path, cfg6)
+    cfg10 = _cfg(steps=10, checkpoint_every=3)
+    model = ToyLM(seed=0)
+    trainer = Trainer(model, cfg10, Accelerator(cpu=True), tmp_path, ToyData(), val_data=ToyData(8, seed=1),
+                      bytes_per_token=2.0, seed=0, config_hash="h10", accept_hashes=("h",))
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 11))  # steps 1-6 kept, 7-10 added
+    o = cfg10.optim
+    for r in train[6:]:  # from the checkpoint on, the rate of a 10-step schedule
+        assert r["lr"] == pytest.approx(o.lr * lr_factor(r["step"] - 1, 10, o.warmup_steps, o.lr, o.min_lr))
+    assert train[6]["tokens_seen"] == pytest.approx(train[5]["tokens_seen"] + train[6]["tokens"])
+    # a checkpoint of another hash that is not accepted is not resumed
+    other = Trainer(ToyLM(seed=0), _cfg(steps=12), Accelerator(cpu=True), tmp_path, ToyData(),
+                    bytes_per_token=2.0, seed=0, config_hash="h12")
+    other._resume()
+    assert other.step == 0

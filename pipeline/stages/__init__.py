@@ -30,7 +30,9 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Everything a stage may use. `upstream` maps an input stage's name to its done.json dict."""
+    """Everything a stage may use. `upstream` maps an input stage's name to its done.json dict;
+    `accept_checkpoints`: config hashes, besides the stage's own, whose checkpoints a training stage resumes
+    from (set by `spikedistill run --extend`)."""
 
     recipe: Recipe
     run_dir: Path
@@ -39,6 +41,7 @@ class StageContext:
     accelerator: Any
     is_main: bool
     log: logging.Logger
+    accept_checkpoints: tuple[str, ...] = ()
 
 
 StageFn = Callable[[StageContext], StageResult]

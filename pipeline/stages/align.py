@@ -137,7 +137,7 @@ def train_objective(ctx: StageContext, objective: DistillObjective, section: Any
     trainer = Trainer(objective, section.train, ctx.accelerator, ctx.stage_dir, train, val_data=val,
                       bytes_per_token=train.bytes_per_token, seed=ctx.recipe.run.seed,
                       config_hash=stage_config_hash(ctx.recipe, name), name=name, collate=collate,
-                      fsdp=ctx.recipe.distributed.strategy == "fsdp",
+                      fsdp=ctx.recipe.distributed.strategy == "fsdp", accept_hashes=ctx.accept_checkpoints,
                       tensorboard=os.environ.get("SPIKEDISTILL_TENSORBOARD", "0") == "1")
     return trainer, trainer.fit()
 

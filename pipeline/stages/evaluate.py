@@ -29,18 +29,10 @@ def score_cache_dir() -> Path:
 
 def load_texts(recipe: Recipe) -> dict[str, str]:
     """name -> text (bundled name or file path), cut to `evaluate.max_text_bytes` at a line end."""
-    from eval.bpb import read_eval_text
+    from eval.bpb import cut_text, read_eval_text
 
-    limit = recipe.evaluate.max_text_bytes
-    texts = {}
-    for name in recipe.evaluate.texts:
-        text = read_eval_text(name)
-        if limit and len(text.encode("utf-8")) > limit:
-            head = text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
-            cut = head.rfind("\n")
-            text = head[: cut + 1] if cut > 0 else head
-        texts[Path(name).name] = text
-    return texts
+    return {Path(name).name: cut_text(read_eval_text(name), recipe.evaluate.max_text_bytes)
+            for name in recipe.evaluate.texts}
 
 
 def _teacher_scores(recipe: Recipe, texts: dict[str, str], log) -> tuple[dict[str, dict], Any]:

@@ -11,6 +11,7 @@ FAULT (ARG is an int):
   small_shards 0   no fault, cache shards of 4 rows (as kill_cache uses)
   pause_step N     at training step N touch $INJECT_PAUSE_FLAG and sleep (the lock stays held)
   term_step N      SIGTERM to itself during training step N (pre-emption)
+  int_step N       SIGINT to itself during training step N (Ctrl-C)
   nan_from N       the training loss is NaN from step N on
 The fault hooks patch module attributes, so the code under test is exactly the shipped code.
 """
@@ -45,6 +46,8 @@ def _patch_trainer(fault: str, n: int) -> None:
             time.sleep(600)
         if fault == "term_step" and upcoming == n:
             os.kill(os.getpid(), signal.SIGTERM)
+        if fault == "int_step" and upcoming == n:
+            os.kill(os.getpid(), signal.SIGINT)
         if fault == "nan_from" and upcoming >= n:
             forward = self.model.forward
 
@@ -113,7 +116,7 @@ def main(argv: list[str]) -> int:
     fault, arg, sep, *cli = argv
     assert sep == "--", "usage: inject.py FAULT ARG -- CLI ARGS"
     n = int(arg)
-    if fault in ("kill_step", "term_step", "nan_from", "pause_step"):
+    if fault in ("kill_step", "term_step", "int_step", "nan_from", "pause_step"):
         _patch_trainer(fault, n)
     elif fault == "kill_ckpt":
         _patch_checkpoint(n)
