@@ -239,7 +239,8 @@ def test_generate_takes_the_event_path_in_auto_mode(student, monkeypatch):
     sparse = student.generate(ids, max_new_tokens=12)
     assert torch.equal(sparse, dense)
     head_rows = [c[0] for c in spy.taken(out=student.config.vocab_size)]
-    assert head_rows.count(1) == 12  # the prompt's head (logits_to_keep=1) and 11 decode steps
+    new_tokens = sparse.shape[1] - ids.shape[1]  # generation may stop at EOS
+    assert new_tokens >= 3 and head_rows.count(1) == new_tokens  # one one-row head per new token
 
 
 def test_generate_command_takes_it(student_dir, monkeypatch, capsys):
