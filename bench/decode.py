@@ -172,7 +172,9 @@ def kernel_sweep(threads: list[int], repeats: int) -> None:
     rows_list, rates = [1, 4, 16, 32, 64, 256, 1024], [0.1, 0.3, 0.5, 0.7, 0.9]
     for n in threads:
         torch.set_num_threads(n)
-        print(f"\n### kernel sweep, {n} thread(s): event / dense time (median of {repeats}; < 1: event faster)")
+        clock = time.thread_time if n == 1 else time.perf_counter  # 1 thread: CPU time, immune to descheduling
+        print(f"\n### kernel sweep, {n} thread(s), {'thread CPU' if n == 1 else 'wall'} time: event / dense "
+              f"(median of {repeats}; < 1: event faster)")
         print("| in x out | rows | " + " | ".join(f"rate {r}" for r in rates) + " |")
         print("|---|---:|" + "---:|" * len(rates))
         for k, out in shapes:
@@ -187,11 +189,11 @@ def kernel_sweep(threads: list[int], repeats: int) -> None:
                     td, te = [], []
                     for i in range(repeats + 1):  # the first pair warms up
                         x = xs[i % len(xs)]
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         event_linear_reference(x, w)
-                        t1 = time.perf_counter()
+                        t1 = clock()
                         event_linear_cpu(x, wt)
-                        t2 = time.perf_counter()
+                        t2 = clock()
                         td.append(t1 - t0)
                         te.append(t2 - t1)
                     cells.append(f"{statistics.median(te[1:]) / statistics.median(td[1:]):.2f}")
@@ -208,11 +210,15 @@ def main() -> None:
     parser.add_argument("--sweep", default="2,1.5,1,0.5", help="LIF threshold factors ('' to skip)")
     parser.add_argument("--sweep-steps", type=int, default=12)
     parser.add_argument("--kernels", action="store_true", help="also run the kernel sweep")
+    parser.add_argument("--kernels-only", action="store_true", help="only the kernel sweep")
     parser.add_argument("--repeats", type=int, default=15, help="kernel sweep repeats")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     factors = [float(f) for f in args.sweep.split(",")] if args.sweep else []
     torch.manual_seed(0)
+    if args.kernels_only:
+        kernel_sweep(threads, args.repeats)
+        return
     ids = prompt_ids(args.context)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f} at start; batch 1, fp32, "
