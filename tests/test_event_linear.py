@@ -141,6 +141,8 @@ def test_dispatch_modes_gradients_and_dtypes(monkeypatch):
         event_linear(x.double(), w.double())
         with pytest.raises(RuntimeError):
             event_linear(x.bfloat16(), w)  # the dense matmul's own dtype error, as with nn.Linear
+        with pytest.raises(RuntimeError):
+            event_linear(x.reshape(4, 32), w)  # and its shape error (4 x 32 would reshape to 2 rows of 64)
         monkeypatch.setenv("SPIKEDISTILL_KERNELS", "reference")
         event_linear(x, w)
         monkeypatch.delenv("SPIKEDISTILL_KERNELS")

@@ -50,6 +50,8 @@ def event_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         max_rate = 1.0
     if x.dtype not in EVENT_DTYPES or weight.dtype != x.dtype or not (x.is_cpu and weight.is_cpu):
         return None
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        return None  # the dense matmul raises its own shape error
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
     choice = os.environ.get("SPIKEDISTILL_KERNELS", "auto").strip().lower()
