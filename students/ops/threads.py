@@ -4,18 +4,19 @@ processes keep busy.
 Why: torch's OpenMP pool (which our kernels share) splits each op statically across its threads and waits at a
 barrier for the last one. When another process runs on one of those cores, the thread there gets a fraction of
 it, and every parallel region waits for it: on the 2-core box one busy loop slowed the teacher's 2-thread
-forward 2.6x and a loaded machine (load ~10) made it 4x slower than the same forward on one thread
-(bench/contention.py). Fewer threads than busy cores avoid the waits and leave each process whole cores.
+forward 2.6x, and a loaded machine (load ~10) made it 4-6x slower than the same forward on one thread
+(bench/contention.py). As many threads as free cores avoid the waits and leave each process whole cores.
 
 - `available_cores()`: the CPUs in this process's affinity mask (`sched_getaffinity`: taskset, cpusets),
   capped by the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up.
 - `default_threads()`: `OMP_NUM_THREADS` if set (the user's choice is kept as is), else `available_cores()`.
 - `configure_threads()` (the CLI calls it once at start): sets torch to `default_threads()` and, unless
-  `OMP_NUM_THREADS` is set, turns on the governor: every `interval` seconds of work it measures how many of
-  those cores other processes used since the last look (/proc/stat busy and steal time on the allowed CPUs,
-  minus this process's own CPU time) and runs `max(1, cores - round(others))` threads (never more than
-  available). The check runs in `csrc.threads()`, i.e. before each fused kernel call, on the thread that
-  computes (OpenMP thread counts are per calling thread); between checks it costs one clock read.
+  `OMP_NUM_THREADS` is set, turns on the governor, starting from the 1-minute load average: every `interval`
+  seconds of work it measures how many of those cores other processes used since the last look (/proc/stat
+  busy and steal time on the allowed CPUs, minus this process's own CPU time) and runs
+  `max(1, cores - round(others))` threads. The check runs in `csrc.threads()`, i.e. before each fused kernel
+  call, and before each forward of a `watch`ed model (the teacher), on the thread that computes (OpenMP thread
+  counts are per calling thread); between checks it costs one clock read.
 """
 from __future__ import annotations
 
