@@ -85,6 +85,7 @@ bench: venv
 	$(PY) -m bench.kernels --threads 1,2 --repeats 3
 	$(PY) -m bench.generate
 	$(PY) -m bench.teacher
+	$(PY) -m bench.kd
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv

@@ -2,7 +2,9 @@
 
 bits/byte = NLL_nats / (ln 2 * UTF-8 bytes of the text); byte perplexity = exp(NLL / bytes); word
 perplexity = exp(NLL / words) with words = len(re.split(r"\\s+", text)) (lm-eval's count). The text is
-scored as one document conditioned on the tokenizer's BOS (else EOS), like lm-eval's rolling tasks.
+scored as one document after one prefix token (the tokenizer's BOS, else EOS), under a named protocol
+(eval/scoring.py): windows of W tokens with stride S, each led by the prefix (student and teacher alike, the
+protocol of every table), or one streamed pass (the recurrent student, an extra column).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from eval import EvalError
 from eval.models import can_stream, prefix_token_id, window_length
-from eval.scoring import encode_document, stream_logprobs, windowed_nll
+from eval.scoring import Protocol, encode_document, protocol_nll
 
 
 def count_words(text: str) -> int:
@@ -23,37 +25,51 @@ def count_words(text: str) -> int:
 
 
 def document_nll(
-    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool | str = False
-) -> tuple[float, int]:
-    """(total NLL in nats, number of scored tokens) of `text` as one rolling document.
+    model, tokenizer, text: str, protocol: Protocol, batch_size: int = 1, progress: bool | str = False
+) -> tuple[float, int, Protocol]:
+    """(total NLL in nats, number of scored tokens, the protocol used) of `text` as one document.
 
-    Student: one streaming pass through the recurrent state, `context_length` tokens per chunk (the chunk
-    size changes memory only, not the result). Any other HF causal LM: lm-eval's disjoint windows of
-    `context_length` tokens, each conditioned on the previous window's last token (so the result equals
-    lm-eval's `hf` model with max_length=context_length); a student whose config sets max_position shorter
-    than the text is scored in such windows too, of at most max_position tokens. progress: a tqdm bar (a
-    string names it).
+    "windows": see eval/scoring.py; the window is capped by a student's max_position when its config sets one.
+    "stream": the student's recurrent pass in chunks of `protocol.window` tokens; a model that cannot stream
+    the text (not a SpikeGPT student, or a text beyond its max_position) raises EvalError.
     """
     tokens = encode_document(tokenizer, text)
     prefix = prefix_token_id(tokenizer)
-    if can_stream(model, len(tokens) + 1):
-        logps, _ = stream_logprobs(model, [prefix] + tokens, chunk_size=context_length, progress=progress)
-        return -float(logps.double().sum()), len(tokens)
-    window = window_length(model, context_length)
-    return windowed_nll(model, tokens, prefix, window, batch_size, progress), len(tokens)
+    if protocol.kind == "stream" and not can_stream(model, len(tokens) + 1):
+        raise EvalError(
+            f"bits/byte: {getattr(model.config, 'model_type', 'this model')} cannot stream {len(tokens)} tokens "
+            "through a recurrent state; use the windows protocol"
+        )
+    if protocol.kind == "windows":
+        window = window_length(model, protocol.window)
+        if window != protocol.window:
+            protocol = Protocol("windows", window, min(protocol.step, window))
+    return protocol_nll(model, tokens, prefix, protocol, batch_size, progress), len(tokens), protocol
 
 
 def evaluate_bpb(
-    model, tokenizer, text: str, context_length: int = 1024, batch_size: int = 1, progress: bool | str = False
+    model,
+    tokenizer,
+    text: str,
+    context_length: int = 1024,
+    batch_size: int = 1,
+    progress: bool | str = False,
+    stride: int | None = None,
+    protocol: str = "windows",
 ) -> dict:
-    """Bits/byte, byte and word perplexity of `text`.
+    """Bits/byte, byte and word perplexity of `text` under one protocol.
 
-    Returns {"bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "words", "nll_sum"}
-    (nll_sum in nats). See `document_nll` for how long texts are scored.
+    context_length: the window W (windows) or the chunk size (stream); stride: the windows' stride S (default
+    W // 2); protocol: "windows" (any model; every table's protocol) or "stream" (the student only).
+    Returns {"bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "words", "nll_sum",
+    "protocol": {"kind", "window", "stride", "text"}} (nll_sum in nats). Raises EvalError on an empty text or
+    a bad protocol.
     """
     if not text:
         raise EvalError("evaluate_bpb: the text is empty; pass a non-empty text or file")
-    nll, n_tokens = document_nll(model, tokenizer, text, context_length, batch_size, progress)
+    nll, n_tokens, used = document_nll(
+        model, tokenizer, text, Protocol(protocol, context_length, stride), batch_size, progress
+    )
     n_bytes, n_words = len(text.encode("utf-8")), count_words(text)
     return {
         "bits_per_byte": nll / n_bytes / math.log(2),
@@ -63,6 +79,7 @@ def evaluate_bpb(
         "bytes": n_bytes,
         "words": n_words,
         "nll_sum": nll,
+        "protocol": used.as_dict(),
     }
 
 

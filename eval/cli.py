@@ -64,14 +64,15 @@ def cmd_bpb(args) -> int:
     for text_spec, whole in texts.items():
         text = cut_text(whole, args.max_bytes)
         res = evaluate_bpb(
-            model, tok, text, args.context, args.batch_size, progress=f"bpb {Path(text_spec).name}"
+            model, tok, text, args.context, args.batch_size, progress=f"bpb {Path(text_spec).name}",
+            stride=args.stride, protocol=args.protocol,
         )
         scored = f"{res['bytes']:,} bytes" + (
             f" of {len(whole.encode('utf-8')):,}, cut at a line end" if len(text) < len(whole) else ""
         )
         print(
             f"{text_spec}: {res['bits_per_byte']:.4f} bits/byte, byte ppl {res['byte_perplexity']:.4f}, "
-            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']:,} tokens, {scored})"
+            f"word ppl {res['word_perplexity']:.2f} ({res['tokens']:,} tokens, {scored}; {res['protocol']['text']})"
         )
     return 0
 
@@ -88,15 +89,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _teacher_config(spec: str):
+def _teacher_model(spec: str):
+    """The teacher (a model directory or a teacher spec) with its weights: its energy comes from a real forward."""
     path = Path(spec)
     if path.is_dir():
-        from transformers import AutoConfig
+        from eval.models import load_model_dir
 
-        return AutoConfig.from_pretrained(path)
+        return load_model_dir(path)[0]
     from teachers import load_teacher
 
-    return load_teacher(spec).config
+    return load_teacher(spec).model.eval()
 
 
 def cmd_energy(args) -> int:
@@ -105,9 +107,9 @@ def cmd_energy(args) -> int:
     from eval.models import load_model_dir
 
     model, tok = load_model_dir(args.model_dir)
-    teacher_cfg = _teacher_config(args.teacher) if args.teacher else None
+    teacher = _teacher_model(args.teacher) if args.teacher else None
     report = energy_report(
-        model, args.context, tok, read_eval_text(args.text), teacher_cfg, args.e_ac, args.e_mac
+        model, args.context, tok, read_eval_text(args.text), teacher, args.e_ac, args.e_mac
     )
     print(format_energy_table(report))
     if args.json:
@@ -153,13 +155,21 @@ def register(subparsers) -> None:
         "--context",
         type=int_range(1),
         default=1024,
-        help="student: chunk size of the streaming pass; other models: lm-eval window length",
+        help="tokens per window (windows protocol) or per chunk (stream)",
     )
     p.add_argument("--batch-size", type=int_range(1), default=1)
     p.add_argument(
         "--max-bytes",
         type=int_range(1),
         help="score only the first N UTF-8 bytes of each text, cut at a line end (as evaluate.max_text_bytes)",
+    )
+    p.add_argument("--stride", type=int_range(1), help="windows advance by this many tokens (default: half a window)")
+    p.add_argument(
+        "--protocol",
+        choices=["windows", "stream"],
+        default="windows",
+        help="windows: any model, each window led by BOS (the tables' protocol); stream: the student's one "
+        "pass through its recurrent state",
     )
     p.set_defaults(func=cmd_bpb)
 
@@ -174,9 +184,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int_range(0, 2**63 - 1), help="makes a sample reproducible")
     p.set_defaults(func=cmd_generate)
 
-    p = subparsers.add_parser("energy", help="per-layer SOPs/MACs/energy per token, ratio to a teacher")
+    p = subparsers.add_parser(
+        "energy", help="energy per token: compute only, memory-inclusive, quantised ANN; ratio to a teacher"
+    )
     p.add_argument("model_dir")
-    p.add_argument("--teacher", help="teacher spec or model directory (its config gives the all-MAC count)")
+    p.add_argument("--teacher", help="teacher spec or model directory (counted from one real forward, all MAC)")
     p.add_argument("--context", type=int_range(1), default=512)
     p.add_argument("--text", default="persuasion", help="held-out text to measure firing rates on")
     p.add_argument("--json", help="also write the report as JSON here")

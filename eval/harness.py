@@ -2,7 +2,12 @@
 
 `lm_eval --model spikegpt --model_args pretrained=DIR,batch_size=8 --tasks ... --include_path eval/tasks`
 finds this class through the start-up hook in eval/lm_eval_hook.py (install it once with
-`python -m eval.lm_eval_hook install`); from Python, importing this module registers it.
+`python -m eval.lm_eval_hook install`); from Python, importing this module registers it (after lm-eval's own
+models, so `hf`, `dummy` and the rest stay available).
+
+BOS: a tokenizer that adds BOS itself (Llama, Gemma) gets exactly one BOS in front of every loglikelihood
+context, rolling document and generation prompt; a plain tokenizer gets none in contexts and prompts, and
+its BOS (else EOS) as the conditioning token of a rolling document or an empty context, as lm-eval's `hf`.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: it skips them once the registry has any)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from eval import EvalError
@@ -25,7 +32,7 @@ from eval.models import (
     prefix_token_id,
     window_length,
 )
-from eval.scoring import encode_document, score_batch, stream_logprobs, windowed_nll
+from eval.scoring import Protocol, encode_document, protocol_nll, score_batch, stream_logprobs
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEFAULT_MAX_LENGTH = 1024
@@ -37,8 +44,11 @@ class SpikeGPTLM(TemplateLM):
     """lm-eval LM around the spiking student (or any HF causal LM with a cache).
 
     pretrained: a model directory or an already-loaded model (then pass `tokenizer`). max_length: the
-    context for batched scoring and generation (default: the config's max positions, else 1024); rolling
-    documents on the student stream through the recurrent state in max_length chunks, so any length works.
+    context for batched scoring and generation (default: the config's max positions, else 1024).
+    rolling: how loglikelihood_rolling scores a document: "stream" (default; one pass through the recurrent
+    state in max_length chunks, so any length works) or "windows" (the protocol of eval/scoring.py with
+    windows of max_length tokens and stride rolling_stride, default max_length // 2: what `evaluate_tasks`
+    uses for student and teacher alike). A model that cannot stream a document is scored in windows.
     """
 
     def __init__(
@@ -50,14 +60,18 @@ class SpikeGPTLM(TemplateLM):
         device: str | None = None,
         dtype: str | None = None,
         max_batch_size: int | None = None,
+        rolling: str = "stream",
+        rolling_stride: int | None = None,
         **unknown,
     ):
         super().__init__()
         if unknown:
             raise EvalError(
                 f"spikegpt: unknown model_args {sorted(unknown)}; valid: pretrained, batch_size, max_length, "
-                "device, dtype"
+                "device, dtype, rolling, rolling_stride"
             )
+        if rolling not in ("stream", "windows"):
+            raise EvalError(f"spikegpt: rolling={rolling!r}; use rolling=stream or rolling=windows")
         if isinstance(pretrained, (str, Path)):
             self.model, self.tokenizer = load_model_dir(pretrained, dtype=_torch_dtype(dtype))
         elif tokenizer is None:
@@ -71,6 +85,8 @@ class SpikeGPTLM(TemplateLM):
         self.model.to(self._device)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self._config_max_length()
+        self.rolling = rolling
+        self.rolling_stride = int(rolling_stride) if rolling_stride else None
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
@@ -113,8 +129,11 @@ class SpikeGPTLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Ids of `string`: by default with the tokenizer's own special tokens (one BOS for a BOS-adding
+        tokenizer), none when the string already starts with the prefix token's text."""
         if add_special_tokens is None:
-            return encode_document(self.tokenizer, string)
+            prefix = self.tokenizer.decode([self.prefix_token_id])
+            add_special_tokens = not (prefix and string.startswith(prefix))
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def _loglikelihood_tokens(
@@ -159,23 +178,22 @@ class SpikeGPTLM(TemplateLM):
             )
         return score_batch(self.model, [(context[-keep:], continuation)])[0]
 
+    def rolling_protocol(self, n_tokens: int) -> Protocol:
+        """The protocol loglikelihood_rolling uses for a document of n_tokens (see the class docstring)."""
+        if self.rolling == "stream" and can_stream(self.model, n_tokens + 1):
+            return Protocol("stream", self.max_length)
+        window = window_length(self.model, self.max_length)
+        stride = min(self.rolling_stride, window) if self.rolling_stride else None
+        return Protocol("windows", window, stride)
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Whole-document log-likelihood: one streaming pass for the student, lm-eval windows otherwise."""
+        """Whole-document log-likelihood after one prefix token, under `rolling_protocol`."""
         out = []
         for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             (text,) = req.args
-            tokens = self.tok_encode(text)
-            if can_stream(self.model, len(tokens) + 1):
-                logps, _ = stream_logprobs(self.model, [self.prefix_token_id] + tokens, self.max_length)
-                value = float(logps.double().sum())
-            else:
-                value = -windowed_nll(
-                    self.model,
-                    tokens,
-                    self.prefix_token_id,
-                    window_length(self.model, self.max_length),
-                    self.batch_size_per_gpu,
-                )
+            tokens = encode_document(self.tokenizer, text)
+            protocol = self.rolling_protocol(len(tokens))
+            value = -protocol_nll(self.model, tokens, self.prefix_token_id, protocol, self.batch_size_per_gpu)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
             out.append(value)
         return out
@@ -197,7 +215,9 @@ class SpikeGPTLM(TemplateLM):
         temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
         ids = self.tok_encode(context)
         if not can_stream(self.model, len(ids) + max_new):
-            ids = ids[-max(1, window_length(self.model, self.max_length) - max_new) :]
+            keep = max(1, window_length(self.model, self.max_length) - max_new)
+            lead = ids[:1] if keep > 1 and ids[:1] == [self.tokenizer.bos_token_id] else []
+            ids = lead + ids[len(ids) - keep + len(lead) :] if len(ids) > keep else ids
         text = generate_text(
             self.model,
             self.tokenizer,
@@ -260,21 +280,62 @@ def task_manager_for(tasks: list[str]):
     return manager
 
 
-def lm_for(spec: str, batch_size: int = 8, max_length: int | None = None, dtype: str = "fp32"):
-    """An lm-eval LM for a spec: student dir -> `spikegpt`; other HF dir or teacher spec -> lm-eval's `hf`."""
-    from lm_eval.models.huggingface import HFLM
+class WindowedHFLM(HFLM):
+    """lm-eval's `hf` model whose loglikelihood_rolling uses this project's windows protocol (every window led
+    by the prefix token, so a BOS-adding tokenizer gets exactly one BOS per window; windows of max_length
+    tokens, stride rolling_stride, default max_length // 2). Loglikelihood and generation are lm-eval's own."""
 
+    def __init__(self, *args, rolling_stride: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rolling_stride = rolling_stride
+
+    def rolling_protocol(self, n_tokens: int = 0) -> Protocol:
+        stride = min(self.rolling_stride, self.max_length) if self.rolling_stride else None
+        return Protocol("windows", self.max_length, stride)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
+            (text,) = req.args
+            tokens = encode_document(self.tokenizer, text)
+            value = -protocol_nll(self.model, tokens, self.prefix_token_id, self.rolling_protocol(), self.batch_size)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
+            out.append(value)
+        return out
+
+
+DEFAULT_TASK_CONTEXT = 1024
+
+
+def lm_for(
+    spec: str,
+    batch_size: int = 8,
+    max_length: int | None = DEFAULT_TASK_CONTEXT,
+    dtype: str = "fp32",
+    rolling_stride: int | None = None,
+):
+    """An lm-eval LM for a spec, all scoring rolling documents under one windows protocol (max_length,
+    rolling_stride): student dir -> `spikegpt` (rolling=windows); any other HF dir or teacher spec ->
+    `WindowedHFLM` (lm-eval's `hf` with that rolling protocol)."""
     path = Path(spec)
     if path.is_dir():
         if model_type_of(path) == SPIKEGPT_TYPE:
-            return SpikeGPTLM(str(path), batch_size=batch_size, max_length=max_length)
+            return SpikeGPTLM(str(path), batch_size=batch_size, max_length=max_length, rolling="windows",
+                              rolling_stride=rolling_stride)
         model, tokenizer = load_model_dir(path)
     else:
         from teachers import load_teacher
 
         teacher = load_teacher(spec, dtype=dtype)
         model, tokenizer = teacher.model.eval(), teacher.tokenizer
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return WindowedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                        rolling_stride=rolling_stride)
+
+
+def rolling_protocol_text(max_length: int = DEFAULT_TASK_CONTEXT, rolling_stride: int | None = None) -> str:
+    """The line naming the protocol of lm-eval's rolling (bits/byte, perplexity) tasks in our tables."""
+    return (f"lm-eval loglikelihood_rolling for student and teacher: "
+            f"{Protocol('windows', max_length, rolling_stride).describe()}")
 
 
 def run_tasks(lm, tasks: list[str], limit: int | None = None, manager=None) -> dict:
@@ -340,12 +401,18 @@ def evaluate_tasks(
     batch_size: int = 8,
     teacher_spec: str | None = None,
     teacher_cache_dir=None,
+    max_length: int = DEFAULT_TASK_CONTEXT,
+    rolling_stride: int | None = None,
 ) -> dict:
     """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir.
 
+    Both models score rolling documents (bits/byte, perplexity tasks) under one protocol: windows of
+    max_length tokens, stride rolling_stride (default max_length // 2), each led by the prefix token; the
+    bundled perplexity documents (<= 2,000 characters) fit in one window, so that is whole-document scoring.
     Files: lm_eval_<label>.json (lm-eval's own results dict per model) and results.md (lm-eval's table per
-    model plus one side-by-side table). Returns {"models": {label: {task: {metric: value}}},
-    "files": {name: path}}; label is "student" (the model dir) and "teacher".
+    model plus one side-by-side table, headed by the protocol). Returns {"models": {label: {task: {metric:
+    value}}}, "files": {name: path}, "markdown": the side-by-side table, "protocol": its line}; label is
+    "student" (the model dir) and "teacher".
     teacher_cache_dir: keep the teacher's results there, keyed by its weights' fingerprint, the tasks, the
     limit, the local task files and the lm-eval version, so many students scored against one teacher pay
     for the teacher once.
@@ -363,18 +430,23 @@ def evaluate_tasks(
     models, files, md = {}, {}, []
     for label, spec in specs.items():
         if label == "teacher" and teacher_cache_dir is not None:
-            raw = _cached_teacher_tasks(spec, tasks, limit, manager, batch_size, Path(teacher_cache_dir))
+            raw = _cached_teacher_tasks(spec, tasks, limit, manager, batch_size, Path(teacher_cache_dir),
+                                        max_length, rolling_stride)
         else:
-            raw = run_tasks(lm_for(spec, batch_size=batch_size), tasks, limit, manager)
+            lm = lm_for(spec, batch_size=batch_size, max_length=max_length, rolling_stride=rolling_stride)
+            raw = run_tasks(lm, tasks, limit, manager)
         path = out_dir / f"lm_eval_{label}.json"
         path.write_text(json.dumps(raw, indent=2, default=str))
         files[f"lm_eval_{label}"] = str(path)
         models[label] = summarize(raw)
         md.append(f"## {label}: {spec}\n\n{make_table(raw)}")
+    protocol = rolling_protocol_text(max_length, rolling_stride)
     table = side_by_side_markdown(models)
-    (out_dir / "results.md").write_text("# lm-eval results\n\n" + table + "\n" + "\n".join(md))
+    (out_dir / "results.md").write_text(
+        f"# lm-eval results\n\nBits/byte and perplexity: {protocol}.\n\n" + table + "\n" + "\n".join(md)
+    )
     files["markdown"] = str(out_dir / "results.md")
-    return {"models": models, "files": files, "markdown": table}
+    return {"models": models, "files": files, "markdown": table, "protocol": protocol}
 
 
 def _task_files_digest() -> str:
@@ -389,19 +461,21 @@ def _task_files_digest() -> str:
     return h.hexdigest()
 
 
-def _cached_teacher_tasks(spec: str, tasks: list[str], limit, manager, batch_size: int, cache_dir: Path) -> dict:
+def _cached_teacher_tasks(spec: str, tasks: list[str], limit, manager, batch_size: int, cache_dir: Path,
+                          max_length: int = DEFAULT_TASK_CONTEXT, rolling_stride: int | None = None) -> dict:
     """lm-eval results of teacher `spec` from cache_dir, or run and store them (atomically)."""
     import hashlib
     import os
     from importlib.metadata import version
 
-    from lm_eval.models.huggingface import HFLM
-
     from teachers import load_teacher
 
     teacher = load_teacher(spec, dtype=torch.float32)
+    lm = WindowedHFLM(pretrained=teacher.model.eval(), tokenizer=teacher.tokenizer, batch_size=batch_size,
+                      max_length=max_length, rolling_stride=rolling_stride)
     key = {"teacher": teacher.fingerprint, "dtype": "fp32", "tasks": sorted(tasks), "limit": limit,
-           "task_files": _task_files_digest(), "lm_eval": version("lm_eval")}
+           "task_files": _task_files_digest(), "lm_eval": version("lm_eval"),
+           "rolling": lm.rolling_protocol().as_dict()}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"lm_eval_{name}.json"
     if path.is_file():
@@ -409,7 +483,6 @@ def _cached_teacher_tasks(spec: str, tasks: list[str], limit, manager, batch_siz
             return json.loads(path.read_text())
         except ValueError:
             path.unlink()  # a corrupt entry is recomputed
-    lm = HFLM(pretrained=teacher.model.eval(), tokenizer=teacher.tokenizer, batch_size=batch_size)
     raw = run_tasks(lm, tasks, limit, manager)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -29,8 +29,22 @@ def _model_entry(
     }
 
 
+def _figures(f: dict | None) -> dict:
+    """compute / memory-inclusive pJ and head shares of one energy figure set (see eval/energy.py)."""
+    if not f:
+        return {}
+    return {
+        "compute_pj": f["compute_pj"],
+        "memory_inclusive_pj": f["memory_inclusive_pj"],
+        "head_share_compute": f["head_share_compute"],
+        "head_share_memory_inclusive": f["head_share_memory_inclusive"],
+    }
+
+
 def _energy_summary(report: dict | None) -> dict | None:
-    """The leaderboard's energy fields from an energy_report (per token), or None."""
+    """The leaderboard's energy fields from an energy_report (per token), or None: the three figures (compute
+    only = energy_pj, memory-inclusive, the quantised matched ANN's) with the head's share, and the break-even
+    firing rates against the quantised ANN."""
     if not report:
         return None
     t = report["totals"]
@@ -41,10 +55,14 @@ def _energy_summary(report: dict | None) -> dict | None:
         "energy_pj": t["energy_pj"],
         "mean_firing_rate": t["mean_firing_rate"],
         "ratio_to_teacher": (report.get("ratio") or {}).get("energy_student_over_teacher"),
+        **_figures(report.get("figures")),
+        "quantised": {name: {"model": q.get("model"), **_figures(q)} for name, q in (report.get("quantised") or {}).items()},
+        "break_even": report.get("break_even"),
     }
     if report.get("teacher"):
         out["teacher_energy_pj"] = report["teacher"]["energy_pj"]
         out["teacher_macs"] = report["teacher"]["macs"]
+        out["teacher_figures"] = _figures(report["teacher"])
     return out
 
 
@@ -76,6 +94,7 @@ def collect_results(
                 "energy_pj": energy["teacher"]["energy_pj"],
                 "mean_firing_rate": None,
                 "ratio_to_teacher": 1.0,
+                **_figures(energy["teacher"] if "compute_pj" in energy["teacher"] else None),
             }
         teacher = _model_entry(teacher_name, teacher_bpb, teacher_tasks, None, None)
         teacher["energy"] = t_energy
@@ -102,18 +121,24 @@ def evaluate_model(
     sample_prompt: str | None = None,
     sample_tokens: int = 40,
 ) -> dict:
-    """Everything the evaluate stage reports: bpb per text, lm-eval tasks, energy, a sample; student and
-    (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and returns the dict."""
+    """Everything the evaluate stage reports: bpb per text (windows of context_length, stride half of it, for
+    student and teacher; the student's streamed pass under "stream"), lm-eval tasks, energy (three figures), a
+    sample; student and (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and
+    returns the dict."""
     from eval.bpb import evaluate_bpb
     from eval.energy import energy_report
     from eval.generate import generate_text
     from eval.harness import evaluate_tasks
-    from eval.models import load_any, load_model_dir
+    from eval.models import can_stream, load_any, load_model_dir
 
     out_dir = Path(output_dir or model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_dir(model_dir)
     bpb = {name: evaluate_bpb(model, tok, text, context_length, batch_size) for name, text in texts.items()}
+    for name, text in texts.items():
+        if can_stream(model, bpb[name]["tokens"] + 1):
+            stream = evaluate_bpb(model, tok, text, context_length, batch_size, protocol="stream")
+            bpb[name]["stream"] = {k: stream[k] for k in ("bits_per_byte", "nll_sum", "tokens", "protocol")}
     teacher = load_any(teacher_spec) if teacher_spec else None
     t_bpb = (
         {
@@ -123,12 +148,11 @@ def evaluate_model(
         if teacher
         else None
     )
-    task_rows = (
-        evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec)["models"] if tasks else {}
-    )
+    tasks_out = evaluate_tasks(model_dir, tasks, out_dir, limit, batch_size, teacher_spec) if tasks else {}
+    task_rows = tasks_out.get("models", {})
     probe = next(iter(texts.values()), None)
     report = (
-        energy_report(model, context_length, tok, probe, teacher[0].config if teacher else None)
+        energy_report(model, context_length, tok, probe, teacher[0] if teacher else None)
         if energy
         else None
     )
@@ -150,6 +174,9 @@ def evaluate_model(
         model_info(model),
         sample,
     )
+    first = next(iter(bpb.values()), {})
+    results["settings"] = {"context_length": context_length, "bpb_protocol": first.get("protocol"),
+                           "lm_eval_protocol": tasks_out.get("protocol")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -193,18 +220,26 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
     task_bpb = {t: m["bits_per_byte"] for t, m in entry["tasks"].items() if m.get("bits_per_byte") is not None}
     energy = entry.get("energy") or {}
+    protocols = [v["protocol"]["text"] for v in entry["bpb"].values() if isinstance(v.get("protocol"), dict)]
     return {
         "model": entry["name"],
         "label": _short_label(entry, run, role),
         "run": run,
         "role": role,
         "bits_per_byte": {t: v["bits_per_byte"] for t, v in entry["bpb"].items()},
+        "bpb_stream": {t: v["stream"]["bits_per_byte"] for t, v in entry["bpb"].items() if v.get("stream")},
+        "bpb_protocol": protocols[0] if protocols else None,
         "bpb_bytes": {t: v.get("bytes") for t, v in entry["bpb"].items()},  # UTF-8 bytes scored per text
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
         "lm_eval_bits_per_byte": task_bpb,
         "acc": accs,
         "mean_acc": _mean(accs.values()),
         "energy_pj": energy.get("energy_pj"),
+        "memory_inclusive_pj": energy.get("memory_inclusive_pj"),
+        "head_share_compute": energy.get("head_share_compute"),
+        "head_share_memory_inclusive": energy.get("head_share_memory_inclusive"),
+        "break_even": energy.get("break_even"),
+        "energy_context": energy.get("context_length"),
         "ratio_to_teacher": energy.get("ratio_to_teacher"),
         "mean_firing_rate": energy.get("mean_firing_rate"),
         "module_firing_rate": entry.get("module_firing_rate"),
@@ -241,12 +276,36 @@ def normalize_results(results: dict) -> dict:
     )
 
 
+QUANTISED_ROLE = "quantised ANN"
+
+
+def quantised_rows(results: dict) -> list[dict]:
+    """Energy-only rows of the student's bit-matched quantised ANN (matched Llama, int8 and ternary)."""
+    energy = results["student"].get("energy") or {}
+    rows = []
+    for name, q in (energy.get("quantised") or {}).items():
+        entry = {"name": f"{q.get('model') or 'matched ANN'} {name}", "info": {}, "bpb": {}, "tasks": {},
+                 "energy": {"context_length": energy.get("context_length"), "energy_pj": q["compute_pj"],
+                            **q, "ratio_to_teacher": None}}
+        row = entry_row(entry, results["run"], QUANTISED_ROLE)
+        row["label"] = entry["name"]
+        teacher_pj = energy.get("teacher_energy_pj")
+        row["ratio_to_teacher"] = q["compute_pj"] / teacher_pj if teacher_pj else None
+        rows.append(row)
+    return rows
+
+
 def rows_of(results: dict) -> list[dict]:
-    """Student row (and teacher row) of one results.json dict (either layout, see normalize_results)."""
+    """Student row (then the teacher row and the quantised-ANN energy rows, when present) of one results.json
+    dict (either layout, see normalize_results); each row carries the run's lm-eval rolling protocol."""
     results = normalize_results(results)
     rows = [entry_row(results["student"], results["run"], "student")]
     if results.get("teacher"):
         rows.append(entry_row(results["teacher"], results["run"], "teacher"))
+    rows += quantised_rows(results)
+    lm_eval_protocol = (results.get("settings") or {}).get("lm_eval_protocol")
+    for row in rows:
+        row["lm_eval_protocol"] = lm_eval_protocol
     return rows
 
 
@@ -254,40 +313,96 @@ def _cell(v, fmt="{:.4f}") -> str:
     return "" if v is None else fmt.format(v)
 
 
+def _rate(r: float | None) -> str:
+    if r is None:
+        return ""
+    return "never" if r < 0 else ("any" if r > 1 else f"{r:.3f}")
+
+
+def _break_even_cell(r: dict) -> str:
+    """'int8 c / m; ternary c / m' break-even firing rates (compute only / memory-inclusive)."""
+    be = r.get("break_even") or {}
+    return "; ".join(f"{name} {_rate(v.get('compute_pj'))} / {_rate(v.get('memory_inclusive_pj'))}"
+                     for name, v in be.items())
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Rows -> one markdown table: bits/byte per text, accuracy per task, energy, ratio, firing rate."""
+    """Rows -> one markdown table: bits/byte per text (the shared protocol, and the student's streamed pass),
+    lm-eval bits/byte, accuracy per task, the three energy figures with the head's share, ratio, firing rate,
+    break-even firing rates; followed by the notes naming the protocols and the energy model."""
     texts = sorted({t for r in rows for t in r["bits_per_byte"]})
+    streamed = sorted({t for r in rows for t in r.get("bpb_stream", {})})
     ppl_tasks = sorted({t for r in rows for t in r.get("lm_eval_bits_per_byte", {})})
     tasks = sorted({t for r in rows for t in r["acc"]})
     trained = any(r.get("train") for r in rows)
     neurons = any(r.get("module_firing_rate") is not None for r in rows)
+    breaks = any(r.get("break_even") for r in rows)
     head = (
         ["model", "run", "role"]
         + [f"bpb {t}" for t in texts]
+        + [f"bpb stream {t}" for t in streamed]
         + [f"bpb (lm-eval) {t.replace('spikedistill_', '')}" for t in ppl_tasks]
         + [f"acc {t.replace('spikedistill_', '')}" for t in tasks]
-        + ["mean acc", "energy/token (nJ)", "vs teacher", "firing rate"]
+        + ["mean acc", "energy/token compute (nJ)", "memory-incl. (nJ)", "head share (compute / mem.)",
+           "vs teacher", "firing rate"]
         + (["firing rate (all neurons)"] if neurons else [])
+        + (["break-even rate (compute / mem.)"] if breaks else [])
         + (["train tokens", "train tokens/s", "wall (min)"] if trained else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["label"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
+        cells += [_cell(r.get("bpb_stream", {}).get(t)) for t in streamed]
         cells += [_cell(r.get("lm_eval_bits_per_byte", {}).get(t)) for t in ppl_tasks]
         cells += [_cell(r["acc"].get(t), "{:.3f}") for t in tasks] + [_cell(r["mean_acc"], "{:.3f}")]
+        shares = (r.get("head_share_compute"), r.get("head_share_memory_inclusive"))
         cells += [
-            _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:.2f}"),
+            _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:,.2f}"),
+            _cell(None if r.get("memory_inclusive_pj") is None else r["memory_inclusive_pj"] / 1e3, "{:,.0f}"),
+            "" if shares[0] is None else f"{shares[0]:.0%} / {shares[1]:.0%}",
             _cell(r["ratio_to_teacher"], "{:.3g}"),
             _cell(r["mean_firing_rate"]),
         ]
         if neurons:
             cells.append(_cell(r.get("module_firing_rate")))
+        if breaks:
+            cells.append(_break_even_cell(r))
         if trained:
             t = r.get("train") or {}
             cells += [_cell(t.get("tokens"), "{:,.0f}"), _cell(t.get("tokens_per_s"), "{:,.0f}"),
                       _cell(None if t.get("wall_seconds") is None else t["wall_seconds"] / 60, "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + table_notes(rows)
+
+
+def table_notes(rows: list[dict]) -> str:
+    """The lines under a table naming its bits/byte protocols and its energy model."""
+    from eval.energy import E_AC_PJ, E_INT8_MAC_PJ, E_MAC_PJ, E_TERNARY_MAC_PJ, MEMORY_MODEL
+
+    notes = []
+    protocols = sorted({r["bpb_protocol"] for r in rows if r.get("bpb_protocol")})
+    if protocols:
+        notes.append(f"bpb columns, student and teacher alike: {' | '.join(protocols)}.")
+    if any(r.get("bpb_stream") for r in rows):
+        notes.append("bpb stream: the spiking student's one pass through its recurrent state over the whole text "
+                     "(no window), an extra column.")
+    lm_protocols = sorted({r["lm_eval_protocol"] for r in rows if r.get("lm_eval_protocol")})
+    if lm_protocols and any(r.get("lm_eval_bits_per_byte") for r in rows):
+        notes.append(f"bpb (lm-eval): {' | '.join(lm_protocols)}.")
+    contexts = sorted({r["energy_context"] for r in rows if r.get("energy_context")})
+    if contexts:
+        notes.append(
+            f"Energy per token at context {', '.join(map(str, contexts))} (45 nm, Horowitz ISSCC 2014): compute "
+            f"only prices an op on spikes as an accumulate ({E_AC_PJ} pJ x firing rate) and every other op as a "
+            f"MAC ({E_MAC_PJ} pJ); memory-incl. adds memory traffic ({MEMORY_MODEL}); the {QUANTISED_ROLE} rows "
+            f"are the student's matched Llama with int8 ({E_INT8_MAC_PJ:g} pJ per MAC) or ternary "
+            f"({E_TERNARY_MAC_PJ:g} pJ) weights; head share: the LM head's part of each figure."
+        )
+    if any(r.get("break_even") for r in rows):
+        notes.append("break-even rate: the firing rate of every spike operand at which the student would cost "
+                     "as much as the int8 / ternary ANN (compute only / memory-incl.); it wins below it, "
+                     "'never' = its rate-independent part alone costs more.")
+    return ("\n" + "\n".join(notes) + "\n") if notes else ""
 
 
 def model_card_row(results: dict) -> str:
@@ -321,23 +436,27 @@ def _run_results(runs_dir) -> list[tuple[Path, dict]]:
 
 
 def _dedup_teachers(rows: list[dict]) -> list[dict]:
-    """Keep one row per teacher name (the first run's) so a teacher scored by many runs appears once."""
+    """Keep one row per teacher (and quantised ANN) name, the first run's, so a model shared by many runs
+    appears once."""
     seen, out = set(), []
     for r in rows:
-        key = (r["role"], r["model"]) if r["role"] == "teacher" else (r["run"], r["role"])
+        key = (r["role"], r["model"]) if r["role"] != "student" else (r["run"], r["role"])
         if key not in seen:
             seen.add(key)
             out.append(r)
     return out
 
 
-def build_leaderboard(runs_dir, out_dir) -> dict:
-    """Aggregate all runs into out_dir/{leaderboard.md, leaderboard.json, bpb_vs_energy.png,
-    task_accuracy.png, learning_curves.png, token_efficiency.png}; returns {"rows": [...], "files": {...}}.
+def build_leaderboard(runs_dir, out_dir, only: set[str] | None = None) -> dict:
+    """Aggregate all runs (or only the run directory names in `only`) into out_dir/{leaderboard.md,
+    leaderboard.json, bpb_vs_energy.png, task_accuracy.png, learning_curves.png, token_efficiency.png};
+    returns {"rows": [...], "files": {...}}.
 
     Student rows also carry their run's training cost and validation curve (`training_info`)."""
     all_rows = []
     for run_dir, res in _run_results(runs_dir):
+        if only is not None and run_dir.name not in only:
+            continue
         for row in rows_of(res):
             if row["role"] == "student":
                 row["train"] = training_info(run_dir)
@@ -356,7 +475,7 @@ def build_leaderboard(runs_dir, out_dir) -> dict:
     files["markdown"].write_text("# spikedistill leaderboard\n\n" + markdown_table(rows))
     files["json"].write_text(json.dumps({"schema": SCHEMA, "rows": rows}, indent=2))
     plot_bpb_vs_energy(rows, files["bpb_vs_energy"])
-    plot_task_accuracy(rows, files["task_accuracy"])
+    plot_task_accuracy([r for r in rows if r["role"] != QUANTISED_ROLE], files["task_accuracy"])
     plot_learning_curves(rows, files["learning_curves"])
     plot_token_efficiency(rows, files["token_efficiency"])
     return {"rows": rows, "files": {k: str(v) for k, v in files.items()}}

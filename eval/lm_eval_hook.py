@@ -1,14 +1,18 @@
-"""Let the stock `lm_eval` command find `--model spikegpt` (lm-eval 0.4 has no plug-in entry points).
+"""Let the stock `lm_eval` command find `--model spikegpt` (lm-eval 0.4.13 has no plug-in entry points).
 
 `python -m eval.lm_eval_hook install` writes spikedistill_lm_eval.pth into the environment's site-packages;
 its one line runs `install_hook()` at interpreter start-up. The hook is cheap (no torch, no lm_eval import):
-it only waits for `lm_eval.api.registry` to be imported and then registers "spikegpt" as a lazy
-placeholder for eval.harness:SpikeGPTLM, which lm-eval imports when the model is asked for.
+it only waits for `lm_eval.api.registry` to be imported, then loads lm-eval's own model table
+(`lm_eval.models`, which registers `hf`, `dummy`, `vllm`, ... as lazy placeholders) and only after that adds
+"spikegpt" as a lazy placeholder for eval.harness:SpikeGPTLM. The order matters: lm-eval 0.4.13's
+`get_model` loads its built-in table only while the registry is empty, so a name registered first would hide
+every built-in model (`lm_eval --model hf` would fail with KeyError).
 `python -m eval.lm_eval_hook uninstall` removes the file.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -18,12 +22,15 @@ from pathlib import Path
 MODEL_NAME = "spikegpt"
 TARGET = "eval.harness:SpikeGPTLM"
 WATCHED = "lm_eval.api.registry"
+BUILTIN_MODELS = "lm_eval.models"
 PTH_NAME = "spikedistill_lm_eval.pth"
 PTH_LINE = "import eval.lm_eval_hook as _h; _h.install_hook()\n"
 
 
 def register(registry_module) -> None:
-    """Register the spikegpt placeholder in lm-eval's model registry (idempotent)."""
+    """Register the spikegpt placeholder in lm-eval's model registry, after lm-eval's built-in models
+    (idempotent)."""
+    importlib.import_module(BUILTIN_MODELS)
     registry = registry_module.model_registry
     if MODEL_NAME not in registry:
         registry.register(MODEL_NAME, target=TARGET)

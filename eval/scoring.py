@@ -1,29 +1,86 @@
 """Token-level scoring shared by the lm-eval adapter and the bits-per-byte evaluator.
 
-Two ways to score a long document:
-- streaming (the recurrent student): one pass, chunk by chunk, carrying the recurrent state (`cache`), so every token
-  is conditioned on the whole document before it;
-- windows (any HF causal LM): exactly lm-eval's `hf` scheme (disjoint windows of `max_length` tokens, each
-  conditioned on the previous window's last token), so the numbers match lm-eval's bits_per_byte.
+A document is its tokens without special tokens, t_1..t_N, scored after one prefix token p (the tokenizer's
+BOS, else its EOS, as lm-eval conditions documents), so a tokenizer that adds BOS itself gets exactly one.
+Three ways to score a long document:
+- windows (`Protocol("windows", W, S)`, the protocol of every student-vs-teacher table): model inputs of at
+  most W tokens, each starting with p, then up to W-1 document tokens (scoring up to W: the last input token
+  predicts one more); a window advances by S tokens and scores only the tokens no earlier window scored (the
+  first scores all W), so every scored token after the first window sees at least W-S earlier document
+  tokens. S = W gives disjoint windows. Any causal LM, student or teacher, with p at the start of every window
+  (Gemma-3 and Llama-family teachers need their BOS there);
+- stream (the recurrent student only): one pass, chunk by chunk, carrying the recurrent state (`cache`), so every
+  token is conditioned on the whole document before it (the chunk size changes memory, not the result);
+- lm-eval's own rolling windows (`rolling_windows`, `windowed_nll`): disjoint windows of `max_length` tokens,
+  each conditioned on the previous window's last token, only the first led by p: kept to check agreement
+  with lm-eval's `hf` model.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from eval.models import is_recurrent, prefix_token_id
+from eval import EvalError
+from eval.models import is_recurrent
 from students.outputs import cache_kwargs, state_of
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How a long document is scored: kind "windows" (window W tokens per model input, prefix included, and
+    stride S) or "stream" (the student's recurrent pass; window = chunk size, stride unused)."""
+
+    kind: str = "windows"
+    window: int = 1024
+    stride: int | None = None  # None: half a window (W // 2)
+
+    def __post_init__(self):
+        if self.kind not in ("windows", "stream"):
+            raise EvalError(f"bits/byte protocol must be 'windows' or 'stream', got {self.kind!r}")
+        if self.window < 2:
+            raise EvalError(f"bits/byte window must be >= 2 tokens (the prefix and one token), got {self.window}")
+        if self.kind == "windows" and not 1 <= self.step <= self.window:
+            raise EvalError(
+                f"bits/byte stride must be in 1..window = 1..{self.window}, got {self.stride}; pass a stride "
+                "no larger than the context"
+            )
+
+    @property
+    def step(self) -> int:
+        """The stride in tokens (half a window when not set)."""
+        return self.stride if self.stride is not None else max(1, self.window // 2)
+
+    def describe(self) -> str:
+        """One line naming the protocol, for tables."""
+        if self.kind == "stream":
+            return "one streamed pass through the recurrent state, led by the prefix token"
+        return (
+            f"windows of {self.window} tokens, stride {self.step}, each window led by the prefix token (BOS, "
+            f"else EOS)"
+        )
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "window": self.window, "stride": self.step if self.kind == "windows" else None,
+                "text": self.describe()}
+
+
 def encode_document(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` exactly as lm-eval's `hf` model encodes a rolling document (tokenizer defaults)."""
-    prefix = tokenizer.decode([prefix_token_id(tokenizer)])
-    if prefix and text.startswith(prefix):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
+    """Token ids of `text` without any special token the tokenizer would add: the caller adds the one prefix."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself (Llama, Gemma), as opposed to a plain one."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    return bool(with_special) and with_special[0] == bos and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
 
 
 def _device(model) -> torch.device:
@@ -93,6 +150,34 @@ def score_batch(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[f
         lp, gr = _target_logprobs(logits, targets)
         results.append((float(lp.sum()), bool(gr.all())))
     return results
+
+
+def protocol_windows(tokens: list[int], prefix: int, window: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """Windows of the "windows" protocol as [(context ids, continuation ids)], covering every token once.
+
+    Each context starts with `prefix`; the model input (context + continuation minus its last token, see
+    `score_batch`) is at most `window` tokens; window k starts at document token k * stride."""
+    pairs, begin, done = [], 0, 0
+    while done < len(tokens):
+        end = min(begin + window, len(tokens))
+        pairs.append(([prefix] + tokens[begin:done], tokens[done:end]))
+        done, begin = end, begin + stride
+    return pairs
+
+
+def protocol_nll(
+    model, tokens: list[int], prefix: int, protocol: Protocol, batch_size: int = 1, progress: bool | str = False
+) -> float:
+    """Total NLL (nats) of `tokens` (no special tokens) under `protocol`, after one `prefix` token (progress:
+    a tqdm bar, a string names it)."""
+    if protocol.kind == "stream":
+        logps, _ = stream_logprobs(model, [prefix] + tokens, chunk_size=protocol.window, progress=progress)
+        return -float(logps.double().sum())
+    pairs = protocol_windows(tokens, prefix, protocol.window, protocol.step)
+    total = 0.0
+    for i in tqdm(range(0, len(pairs), batch_size), **_bar(progress, "windows")):
+        total -= sum(lp for lp, _ in score_batch(model, pairs[i : i + batch_size]))
+    return total
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:

@@ -2,7 +2,7 @@
 
     spikedistill run RECIPE.yaml [key=value ...] [--stages a,b] [--run-dir DIR] [--resume] [--force] [--extend]
                      [--debug]
-    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [key=value ...]
+    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [--jobs N] [key=value ...]
     spikedistill export MODEL_DIR --out DIR [--dtype fp32|bf16|fp16] [--tokenizer SPEC]
     spikedistill import-spikegpt CKPT.pth --out DIR [--tokenizer SPEC] [--float-embedding]
     spikedistill eval | generate | energy | leaderboard ...   (from eval/cli.py)
@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from eval.argtypes import OneLineParser
+from eval.argtypes import OneLineParser, int_range
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -177,7 +177,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     print_leaderboard(run_study(args.folder, args.out, only=only, report_only=args.report_only,
-                                overrides=args.overrides))
+                                overrides=args.overrides, jobs=args.jobs))
     return 0
 
 
@@ -188,6 +188,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="report folder (default: <runs_dir>/leaderboard)")
     p.add_argument("--only", help="comma-separated arm names (recipe file stems) to run")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument("--jobs", type=int_range(1), default=1,
+                   help="runs trained at once, each with cores/jobs threads and its output in <run>/study.log "
+                   "(shared teacher caches are built first, one at a time)")
     p.set_defaults(func=_cmd_study)
 
 

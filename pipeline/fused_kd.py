@@ -7,7 +7,10 @@ custom autograd Function: the forward computes the sums chunk by chunk and keeps
 weight; the backward recomputes each chunk's logits and writes the closed-form gradient
     d(tau^2 D)/dz_j = tau * p_j * r_{b(j)}   (p the tempered student, b(j) the bucket of token j)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
-A callable teacher is called once per chunk in the forward and once more in the backward.
+A callable teacher is called once per chunk in the forward and once more in the backward. On CPU each chunk's
+rows go through the C row kernels (students/ops/csrc/spike_ops.cpp: kd_dense_rows, and kd_sparse_rows for
+cached top-k targets, which sums the tail bucket in the same pass as CE and the tempered softmax); elsewhere
+(CUDA, SPIKEDISTILL_KERNELS=reference) the same maths run as torch ops.
 
 With `loss_weights=(w_kd, w_ce)` (the caller promises to backpropagate w_kd * kd_sum + w_ce * ce_sum times
 any common scale) the gradients are computed in the forward instead: three head matmuls instead of four,
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.losses import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
+from pipeline.kd_targets import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, is_sparse
 from students.ops._dispatch import kernel_backend
 from students.ops.csrc import library, ptr, threads
 
@@ -63,9 +66,26 @@ def fused_head_kd_loss(
             f"fused_head_kd_loss: labels must be [N] = {tuple(head_input.shape[:1])} with ids in [0, {vocab}) or "
             f"{IGNORE_INDEX}; check the tokenizer matches the student's vocab_size"
         )
+    if is_sparse(target):
+        _check_sparse(target, head_input.shape[0], vocab)
     opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta), loss_weights)
     kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
     return {"kd_sum": kd_sum, "ce_sum": ce_sum, "n_tokens": (labels != IGNORE_INDEX).sum()}
+
+
+def _check_sparse(target: Any, n: int, vocab: int) -> None:
+    """Sparse targets must be ids [N, k] in [0, V), logprobs [N, k], tail_mass [N] (the C rows index with ids)."""
+    ids, logprobs, tail = target.ids, target.logprobs, target.tail_mass
+    if ids.dim() != 2 or ids.shape[0] != n or logprobs.shape != ids.shape or tail.shape != ids.shape[:1]:
+        raise ValueError(
+            f"fused_head_kd_loss: sparse targets must be ids [N, k], logprobs [N, k], tail_mass [N] with N = {n}, "
+            f"got {tuple(ids.shape)}, {tuple(logprobs.shape)}, {tuple(tail.shape)}"
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.shape[1] > vocab):
+        raise ValueError(
+            f"fused_head_kd_loss: teacher top-k ids must lie in [0, {vocab}) with k <= {vocab}; the cache was "
+            "built with another tokenizer (rerun the teacher_cache stage)"
+        )
 
 
 class _Opts:
@@ -168,7 +188,7 @@ def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
             "between models sharing a tokenizer (teachers.check_vocab)"
         )
     lib = _cpu_library(z)
-    if lib is not None and not isinstance(target, tuple):
+    if lib is not None:
         return _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce)
     valid = labels != IGNORE_INDEX
     safe_labels = labels.clamp_min(0).unsqueeze(1)
@@ -178,7 +198,7 @@ def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
     kd = z.new_zeros(())
     dz = None
     if target is not None:
-        kd_rows, dz_kd = _kd_rows(z, target, opts, want_grad)
+        kd_rows, dz_kd = _kd_rows(z, _neutral_ignored_rows(target, valid), opts, want_grad)
         kd = (kd_rows * valid).sum() * opts.tau**2
         if want_grad:
             dz = dz_kd.mul_(g_kd * opts.tau * valid.unsqueeze(1))
@@ -190,6 +210,17 @@ def _chunk(h_c, w32, labels, target, opts, want_grad, g_kd=None, g_ce=None):
     return kd, ce, dz
 
 
+def _neutral_ignored_rows(target, valid):
+    """The target with the rows of ignored labels replaced by a uniform teacher, so they hold no NaN or inf."""
+    if bool(valid.all()):
+        return target
+    keep = valid.unsqueeze(1)
+    if isinstance(target, tuple):
+        ids, logprobs, tail = target
+        return ids, logprobs.where(keep, 0.0), tail.where(valid, 1.0)
+    return target.where(keep, 0.0)
+
+
 def _cpu_library(z):
     """The fused C row kernel (students/ops/csrc) for CPU logits, or None (then plain torch runs)."""
     if z.device.type != "cpu" or kernel_backend(z.device) == "reference":
@@ -198,16 +229,24 @@ def _cpu_library(z):
 
 
 def _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce):
-    """_chunk for dense targets (or none) on CPU: one fused C pass per row, the gradient written over z."""
-    t = None if target is None else target.contiguous()
+    """_chunk on CPU: one fused C pass per row (dense, sparse or no target), the gradient written over z."""
     labels = labels.long().contiguous()
     kd_rows, ce_rows = torch.empty(z.shape[0]), torch.empty(z.shape[0])
-    kind = ("forward_kl", "reverse_kl", "jsd").index(opts.kind)
+    kind = KD_KINDS.index(opts.kind)
     g_kd, g_ce = (float(g_kd), float(g_ce)) if want_grad else (0.0, 0.0)
-    lib.kd_dense_rows(
-        ptr(z), ptr(t), labels.data_ptr(), z.shape[0], z.shape[1], kind, opts.tau, opts.beta,
-        g_kd, g_ce, int(want_grad), ptr(kd_rows), ptr(ce_rows), threads(),
-    )  # fmt: skip
+    if isinstance(target, tuple):
+        ids, logprobs, tail = (t.contiguous() for t in target)
+        lib.kd_sparse_rows(
+            ptr(z), ids.data_ptr(), ptr(logprobs), ptr(tail), labels.data_ptr(), z.shape[0], z.shape[1],
+            ids.shape[1], kind, opts.tau, opts.beta, g_kd, g_ce, int(want_grad), ptr(kd_rows), ptr(ce_rows),
+            threads(),
+        )  # fmt: skip
+    else:
+        lib.kd_dense_rows(
+            ptr(z), ptr(None if target is None else target.contiguous()), labels.data_ptr(), z.shape[0],
+            z.shape[1], kind, opts.tau, opts.beta, g_kd, g_ce, int(want_grad), ptr(kd_rows), ptr(ce_rows),
+            threads(),
+        )  # fmt: skip
     return kd_rows.sum(), ce_rows.sum(), (z if want_grad else None)
 
 
@@ -227,10 +266,9 @@ def _kd_rows(z, target, opts, want_grad):
     per_token = coef if ids is None else _expand(coef, ids, z.shape[1], has_tail)
     p = log_p.exp()
     if opts.kind == "forward_kl":
-        grad = p - (log_p + per_token).exp()
-    else:
-        grad = p * per_token
-    return div, grad.where(p > 0, 0.0)
+        # no p > 0 mask here: where p underflows to 0 the gradient is -q, which may be far from 0
+        return div, p - (log_p + per_token).exp()
+    return div, (p * per_token).where(p > 0, 0.0)
 
 
 def _sparse_buckets(log_p, ids, logprobs, tail, tau):

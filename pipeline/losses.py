@@ -14,29 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-IGNORE_INDEX = -100
-# Lower bound on a teacher's tail mass when the student still has a tail: keeps reverse KL finite when the
-# stored top-k already sum to 1 (bf16 rounding) while moving the forward KL by at most ~1e-9 nats.
-TAIL_FLOOR = 1e-10
-
-
-class _Sparse(NamedTuple):
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    tail_mass: torch.Tensor
-
-
-def is_sparse(target: Any) -> bool:
-    """True for teachers.cache.SparseTargets (or anything with ids, logprobs and tail_mass)."""
-    return all(hasattr(target, name) for name in ("ids", "logprobs", "tail_mass"))
+from pipeline.fused_kd import fused_head_kd_loss
+from pipeline.kd_targets import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, SparseRows, TeacherLogits, is_sparse
 
 
 def _masked_sum(terms: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
@@ -66,7 +52,9 @@ def _sparse_buckets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map student and teacher onto the k stored ids plus one tail bucket -> (log_p, log_q), each [N, k(+1)]."""
     ids = target.ids.long()
-    s = student_logits.float() / temperature
+    # shifted by the row maximum first: at small tau, s = z / tau is large and lse(tail) - lse(all) of two large
+    # numbers would lose the tail's log-probability to cancellation when the tail holds nearly all the mass
+    s = _shifted(student_logits.float()) / temperature
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     log_p_ids = s.gather(-1, ids) - lse
     t = target.logprobs.float() / temperature
@@ -78,6 +66,11 @@ def _sparse_buckets(
     log_tail = target.tail_mass.float().clamp_min(TAIL_FLOOR).log().unsqueeze(-1) / temperature
     log_q = torch.log_softmax(torch.cat([t, log_tail], dim=-1), dim=-1)
     return torch.cat([log_p_ids, log_p_tail], dim=-1), log_q
+
+
+def _shifted(logits: torch.Tensor) -> torch.Tensor:
+    """logits minus their (constant, gradient-free) row maximum: the same softmax, smaller numbers."""
+    return logits - logits.detach().amax(dim=-1, keepdim=True)
 
 
 def kd_loss(
@@ -107,12 +100,9 @@ def kd_loss(
     if is_sparse(target):
         log_p, log_q = _sparse_buckets(student_logits, target, temperature)
     else:
-        log_p = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-        log_q = torch.log_softmax(target.float() / temperature, dim=-1)
+        log_p = torch.log_softmax(_shifted(student_logits.float()) / temperature, dim=-1)
+        log_q = torch.log_softmax(_shifted(target.float()) / temperature, dim=-1)
     return temperature**2 * _divergence(log_p, log_q, kind, beta)
-
-
-TeacherLogits = Callable[[slice], torch.Tensor]
 
 
 def _teacher_chunk(teacher: Any, rows: slice) -> Any:
@@ -120,11 +110,18 @@ def _teacher_chunk(teacher: Any, rows: slice) -> Any:
     if teacher is None:
         return None
     if is_sparse(teacher):
-        return _Sparse(teacher.ids[rows], teacher.logprobs[rows], teacher.tail_mass[rows])
+        return SparseRows(teacher.ids[rows], teacher.logprobs[rows], teacher.tail_mass[rows])
     if torch.is_tensor(teacher):
         return teacher[rows]
     with torch.no_grad():
         return teacher(rows)
+
+
+def _valid_rows(target: Any, valid: torch.Tensor) -> Any:
+    """The rows of dense logits [n, V] or sparse targets [n, k] whose label is not IGNORE_INDEX."""
+    if is_sparse(target):
+        return SparseRows(target.ids[valid], target.logprobs[valid], target.tail_mass[valid])
+    return target[valid]
 
 
 def _chunk_sums(h, labels, head, teacher, rows, kind, temperature, beta) -> torch.Tensor:
@@ -134,8 +131,12 @@ def _chunk_sums(h, labels, head, teacher, rows, kind, temperature, beta) -> torc
     target = _teacher_chunk(teacher, rows)
     if target is None:
         return torch.stack([ce * 0.0, ce])
-    valid = (labels != IGNORE_INDEX).float()
-    kd = (kd_loss(logits, target, kind, temperature, beta) * valid).sum()
+    # ignored rows are left out, not multiplied by 0: their teacher rows may be anything (all -inf padding),
+    # and 0 * NaN would poison both the sum and the gradient
+    valid = labels != IGNORE_INDEX
+    if not bool(valid.all()):
+        logits, target = logits[valid], _valid_rows(target, valid)
+    kd = kd_loss(logits, target, kind, temperature, beta).sum()
     return torch.stack([kd, ce])
 
 
@@ -171,19 +172,24 @@ def chunked_logit_losses(
     return {"kd_sum": sums[0], "ce_sum": sums[1], "n_tokens": (labels != IGNORE_INDEX).sum()}
 
 
-def logit_losses(head_input, head: nn.Module, labels, teacher, kind, temperature, chunk_size, beta=0.5,
-                 impl: str = "chunked") -> dict[str, torch.Tensor]:
-    """chunked_logit_losses, or pipeline.fused_kd.fused_head_kd_loss when impl == "fused" (same contract)."""
-    if impl == "chunked":
-        return chunked_logit_losses(head_input, head, labels, teacher, kind, temperature, chunk_size, beta)
-    if impl == "fused":
-        from pipeline.fused_kd import fused_head_kd_loss
+KD_IMPLS = ("fused", "chunked")
 
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("distill.kd.impl=fused needs an LM head without bias; use impl=chunked")
+
+def logit_losses(head_input, head: nn.Module, labels, teacher, kind, temperature, chunk_size, beta=0.5,
+                 impl: str = "fused", loss_weights: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+    """KD and CE sums of head(head_input) against labels and the teacher (`chunked_logit_losses`' contract).
+
+    impl "fused" (the default, the fast path) runs pipeline.fused_kd.fused_head_kd_loss, with `loss_weights`
+    (w_kd, w_ce) passed on so the gradient is computed in the forward; a head with a bias falls back to the
+    chunked path. impl "chunked" runs chunked_logit_losses, the autograd reference. Raises ValueError for any
+    other impl.
+    """
+    if impl not in KD_IMPLS:
+        raise ValueError(f"distill.kd.impl must be one of {KD_IMPLS}, got {impl!r}")
+    if impl == "fused" and getattr(head, "bias", None) is None:
         return fused_head_kd_loss(head_input, head.weight, labels, teacher, kind, temperature, chunk_size,
-                                  jsd_beta=beta)
-    raise ValueError(f"distill.kd.impl must be 'chunked' or 'fused', got {impl!r}")
+                                  jsd_beta=beta, loss_weights=loss_weights)
+    return chunked_logit_losses(head_input, head, labels, teacher, kind, temperature, chunk_size, beta)
 
 
 # ------------------------------------------------------------------------------------------------ SpAD
@@ -336,7 +342,7 @@ class DistillObjective(nn.Module):
         super().__init__()
         self.student, self.spad = student, spad
         self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_TERMS}
-        self.kd = {"kind": "forward_kl", "temperature": 1.0, "chunk_size": 1024, "beta": 0.5, "impl": "chunked",
+        self.kd = {"kind": "forward_kl", "temperature": 1.0, "chunk_size": 1024, "beta": 0.5, "impl": "fused",
                    **(kd or {})}
         self._teacher = (teacher,)  # a tuple, so nn.Module does not register or wrap it
 
@@ -373,8 +379,8 @@ class DistillObjective(nn.Module):
         teacher: Any = None
         if self.weights["sta"] > 0 and targets is not None:
             k = targets.ids.shape[-1]
-            teacher = _Sparse(targets.ids[:, :-1].reshape(-1, k), targets.logprobs[:, :-1].reshape(-1, k),
-                              targets.tail_mass[:, :-1].reshape(-1))
+            teacher = SparseRows(targets.ids[:, :-1].reshape(-1, k), targets.logprobs[:, :-1].reshape(-1, k),
+                                 targets.tail_mass[:, :-1].reshape(-1))
         elif self.weights["sta"] > 0 and t_out is not None:
             last = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
             head = self.teacher.head
@@ -382,8 +388,11 @@ class DistillObjective(nn.Module):
             def teacher(rows: slice) -> torch.Tensor:  # teacher logits are made one chunk at a time
                 return head(last[rows])
         kd = self.kd
+        # forward() backpropagates w_sta * kd + w_hta * ce (times the trainer's 1 / tokens): the fused path
+        # may then compute the head's gradient in its forward
         r = logit_losses(h, self.student.lm_head, labels, teacher, kd["kind"], kd["temperature"],
-                         kd["chunk_size"], kd["beta"], kd["impl"])
+                         kd["chunk_size"], kd["beta"], kd["impl"],
+                         loss_weights=(self.weights["sta"], self.weights["hta"]))
         return {"kd": r["kd_sum"], "ce": r["ce_sum"]}
 
 

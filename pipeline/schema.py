@@ -29,6 +29,9 @@ class DataConfig:
     separator: str | None = None
     text_field: str = "text"
     max_train_tokens: int | None = None
+    # seed of the train/validation split; null = run.seed. A study sets it so that its seeds vary the
+    # initialisation and data order but share one dataset (and one teacher cache)
+    split_seed: int | None = None
 
 
 @dataclass
@@ -100,14 +103,14 @@ class KDConfig:
     temperature: float = 2.0
     jsd_beta: float = 0.5
     chunk_size: int = 1024
-    impl: str = "chunked"
+    impl: str = "fused"  # the fast path; "chunked" is the autograd reference (pipeline.losses)
 
 
 @dataclass
 class AlignConfig:
     enabled: bool = True
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
-    # published SpAD weights for the alignment terms (REFERENCES §2)
+    # published SpAD weights for the alignment terms (BiSpikCLM, arXiv 2605.13859, as reimplemented in SpikLLM)
     weights: LossWeights = field(default_factory=lambda: LossWeights(ea=0.2, saa=0.1, sfa=0.1))
     head_mapping: str = "mean"
     # SFA against LayerNorm(h_T) instead of the raw residual stream, whose massive activations (SmolLM2: SFA
@@ -152,6 +155,13 @@ class EvaluateConfig:
 
 
 @dataclass
+class StudyConfig:
+    # Read by `spikedistill study` only, never by a stage: the arm runs once per seed, as
+    # run.name=<name>-s<seed> with run.seed=<seed>; empty = once, with run.name and run.seed as they are.
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,6 +173,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 # Allowed values of the string fields that select behaviour.
@@ -231,12 +242,16 @@ def check_values(recipe: Recipe) -> None:
           "a folder name of letters, digits, '.', '_' or '-'", recipe.run.name)
     _need(recipe.run.seed >= 0, "run.seed", ">= 0", recipe.run.seed)
     _need(bool(recipe.run.runs_dir), "run.runs_dir", "a non-empty path", recipe.run.runs_dir)
+    seeds = list(recipe.study.seeds)
+    _need(all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds), "study.seeds",
+          "distinct integers >= 0 (or an empty list)", seeds)
     d = recipe.data
     _need(len(d.sources) > 0, "data.sources", "a non-empty list", list(d.sources))
     _need(d.seq_len > 0, "data.seq_len", "> 0", d.seq_len)
     _need(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
     _need(d.max_train_tokens is None or d.max_train_tokens > 0, "data.max_train_tokens", "> 0 or null",
           d.max_train_tokens)
+    _need(d.split_seed is None or d.split_seed >= 0, "data.split_seed", ">= 0 or null", d.split_seed)
     _need(bool(recipe.teacher.spec), "teacher.spec", "a bundled alias, hub id, directory or .gguf file",
           recipe.teacher.spec)
     for s, t in recipe.teacher.layer_map.items():

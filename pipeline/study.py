@@ -1,10 +1,16 @@
-"""A study: every recipe of a folder run one after another, then one report over their run directories.
+"""A study: every recipe of a folder run (per seed), then one report over their run directories.
 
 `spikedistill study recipes/study --out docs/results` runs each `recipes/study/*.yaml` (files starting with
-"_" are shared bases, not arms) in its own `spikedistill run` process, in name order, then writes the
-leaderboard (table, JSON, plots incl. learning curves and token efficiency) for their runs directory into
---out. Every arm is an ordinary resumable run: rerunning the command skips finished stages and resumes an
-interrupted one from its last checkpoint, so an interrupted study continues where it stopped.
+"_" are shared bases, not arms) in its own `spikedistill run` process, in name order. An arm whose recipe
+sets `study.seeds: [0, 1, 2]` runs once per seed, as run.name=<name>-s<seed> with run.seed=<seed>. Then it
+writes the leaderboard of those runs (table, JSON, plots) and the study report (eval.study_report:
+summary.json with one record per run, study.md with mean +- std per arm and the goals answered, learning
+curves and token efficiency with error bands) into --out.
+
+Every run is an ordinary resumable run: rerunning the command skips finished stages and resumes an
+interrupted one from its last checkpoint, so an interrupted study continues where it stopped. With
+--jobs N, N runs train at once, each with cores/N threads, after every shared teacher cache has been built
+(one run at a time), so no two runs build the same cache.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from eval.study_report import StudyRun
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -36,32 +44,103 @@ def study_recipes(folder: str | Path, only: list[str] | None = None) -> list[Pat
     return arms
 
 
-def runs_dir_of(recipes: list[Path], overrides: list[str] | None = None) -> Path:
-    """The one runs directory the arms write to (run.runs_dir); arms that disagree are an error."""
+def study_runs(recipes: list[Path], overrides: list[str] | None = None) -> tuple[Path, list[tuple[Path, StudyRun, list[str]]]]:
+    """(the one runs directory, [(recipe, StudyRun, per-run overrides)]), validating every recipe up front.
+
+    Arms that disagree on run.runs_dir are an error."""
     from pipeline.recipe import load_recipe
 
-    dirs = {Path(load_recipe(p, overrides or []).run.runs_dir) for p in recipes}  # also validates every recipe up front
+    runs, dirs = [], set()
+    for path in recipes:
+        recipe = load_recipe(path, overrides or [])
+        dirs.add(Path(recipe.run.runs_dir))
+        seeds = list(recipe.study.seeds) or [None]
+        for seed in seeds:
+            name = recipe.run.name if seed is None else f"{recipe.run.name}-s{seed}"
+            extra = [] if seed is None else [f"run.seed={seed}", f"run.name={name}"]
+            runs.append((path, StudyRun(name, path.stem, seed), extra))
     if len(dirs) != 1:
         raise ConfigError(f"run.runs_dir: the arms of a study must share one runs directory, got "
                           f"{', '.join(sorted(map(str, dirs)))}; set it in the shared base recipe")
-    return dirs.pop()
+    names = [r.run for _, r, _ in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"run.name: two arms of the study would write the same run directory {', '.join(dup)}; "
+                          "give each arm its own run.name")
+    return dirs.pop(), runs
+
+
+def _shared_cache_runs(runs: list[tuple[Path, StudyRun, list[str]]], overrides: list[str]) -> list:
+    """The first run of each distinct shared teacher cache folder (teacher_cache.dir) that a run uses."""
+    from pipeline.recipe import load_recipe
+
+    first = {}
+    for path, run, extra in runs:
+        recipe = load_recipe(path, [*overrides, *extra])
+        if recipe.teacher_cache.enabled and recipe.teacher_cache.dir:
+            first.setdefault(str(Path(recipe.teacher_cache.dir).resolve()), (path, run, extra))
+    return list(first.values())
+
+
+def _run_one(path: Path, run: StudyRun, extra: list[str], overrides: list[str], env: dict, log: Path | None,
+             stages: str | None = None) -> float:
+    """One `python -m pipeline run`; its output to the console (log None) or to `log`. Returns seconds."""
+    cmd = [sys.executable, "-m", "pipeline", "run", str(path), *overrides, *extra]
+    if stages:
+        cmd += ["--stages", stages]
+    t0 = time.perf_counter()
+    if log is None:
+        code = subprocess.run(cmd, check=False, env=env).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            code = subprocess.run(cmd, check=False, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        where = "above" if log is None else f"in {log}"
+        raise PipelineError(f"{path} (run {run.run}): the run failed (exit {code}, its error is {where}); fix it "
+                            "and rerun the study, which skips the runs and stages already done")
+    return time.perf_counter() - t0
+
+
+def _thread_env(jobs: int) -> dict:
+    """The environment of each run: with several jobs, the cores are split between them."""
+    env = os.environ.copy()
+    if jobs > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
+    return env
 
 
 def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[str] | None = None,
-              report_only: bool = False, overrides: list[str] | None = None) -> dict:
-    """Run the arms (each `python -m pipeline run RECIPE`), then build the report; returns its files."""
+              report_only: bool = False, overrides: list[str] | None = None, jobs: int = 1) -> dict:
+    """Run every arm and seed (see the module docstring), then build the report; returns its rows and files."""
     from eval.leaderboard import build_leaderboard
+    from eval.study_report import write_study_report
 
-    arms = study_recipes(folder, only)
-    runs = runs_dir_of(arms, overrides)
+    overrides = list(overrides or [])
+    runs_dir, runs = study_runs(study_recipes(folder, only), overrides)
     if not report_only:
-        for i, recipe in enumerate(arms, 1):
-            print(f"\n=== study arm {i}/{len(arms)}: {recipe} ===", flush=True)
-            t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), *(overrides or [])]
-            code = subprocess.run(cmd, check=False, env=os.environ.copy()).returncode
-            if code != 0:
-                raise PipelineError(f"{recipe}: the arm failed (exit {code}, its error is above); fix it and "
-                                    "rerun the study, which skips the arms and stages already done")
-            print(f"=== {recipe.stem}: {time.perf_counter() - t0:.0f} s ===", flush=True)
-    return build_leaderboard(runs, out_dir or runs / "leaderboard")
+        env = _thread_env(jobs)
+        total = len(runs)
+        if jobs == 1:
+            for i, (path, run, extra) in enumerate(runs, 1):
+                print(f"\n=== study run {i}/{total}: {run.run} ({path}) ===", flush=True)
+                print(f"=== {run.run}: {_run_one(path, run, extra, overrides, env, None):.0f} s ===", flush=True)
+        else:
+            for path, run, extra in _shared_cache_runs(runs, overrides):
+                print(f"=== building the shared teacher cache with {run.run} ===", flush=True)
+                _run_one(path, run, extra, overrides, env, runs_dir / run.run / "study.log",
+                         stages="prepare,teacher_cache")
+
+            def one(item):
+                path, run, extra = item
+                print(f"=== {run.run}: started ({runs_dir / run.run / 'study.log'}) ===", flush=True)
+                seconds = _run_one(path, run, extra, overrides, env, runs_dir / run.run / "study.log")
+                print(f"=== {run.run}: done in {seconds:.0f} s ===", flush=True)
+
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(one, runs))  # re-raises the first failure
+    out = Path(out_dir or runs_dir / "leaderboard")
+    board = build_leaderboard(runs_dir, out, only={run.run for _, run, _ in runs})
+    board["files"].update(write_study_report(board["rows"], [run for _, run, _ in runs], runs_dir, out))
+    return board

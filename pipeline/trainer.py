@@ -178,7 +178,8 @@ class Trainer:
         self.deepspeed = self.acc.state.deepspeed_plugin is not None
 
     def _configure_deepspeed(self) -> None:
-        """Fill the DeepSpeed config from the recipe (its 'auto' fields and the clipping trap of REFERENCES §6)."""
+        """Fill the DeepSpeed config from the recipe: its 'auto' fields, and gradient_clipping, which DeepSpeed
+        defaults to 1.0 and accelerate's DeepSpeedPlugin silently drops when 0.0."""
         plugin = self.acc.state.deepspeed_plugin
         if plugin is None:
             return

@@ -22,6 +22,7 @@ CASES = [
     ("bpb", ["M", "hamlet"], "--context", ["0", "-1"], "1"),
     ("bpb", ["M", "hamlet"], "--batch-size", ["0"], "1"),
     ("bpb", ["M", "hamlet"], "--max-bytes", ["0", "-100", "1e3"], "1"),
+    ("bpb", ["M", "hamlet"], "--stride", ["0", "-1", "1.5"], "1"),
     ("generate", ["M", "--prompt", "hi"], "--max-new-tokens", ["-5", "0", "ten"], "1"),
     ("generate", ["M", "--prompt", "hi"], "--temperature", ["-0.5", "nan", "inf"], "0"),
     ("generate", ["M", "--prompt", "hi"], "--top-k", ["-1", "2.5"], "0"),
@@ -30,6 +31,7 @@ CASES = [
     ("energy", ["M"], "--context", ["0"], "1"),
     ("energy", ["M"], "--e-ac", ["0", "-0.9"], "1e-3"),
     ("energy", ["M"], "--e-mac", ["0", "-4.6"], "1e-3"),
+    ("study", ["F"], "--jobs", ["0", "-1", "1.5"], "1"),
 ]
 
 

@@ -3,7 +3,7 @@
 Each test launches tests/dist_scripts/train_student.py on 2 ranks (a tiny spiking student distilled from
 the tiny random Llama teacher) and judges the run by what it wrote (metrics.jsonl, final.safetensors,
 info.json), not only by the exit code: DeepSpeed sometimes aborts at interpreter exit with "terminate
-called without an active exception" after finishing correctly (REFERENCES §6).
+called without an active exception" after finishing correctly (DeepSpeed 0.19.8 with gloo on CPU, seen here).
 Slow-marked: every launch pays for importing torch/transformers/accelerate in two fresh processes.
 """
 

@@ -15,11 +15,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from eval.harness import TASKS_DIR, SpikeGPTLM, evaluate_tasks, run_tasks
-from eval.testing import (
-    save_model_dir,
-    tiny_student,
-)
+from eval.harness import TASKS_DIR, SpikeGPTLM, WindowedHFLM, evaluate_tasks, run_tasks
+from eval.testing import bos_tokenizer, save_model_dir, tiny_llama, tiny_student
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -147,50 +144,173 @@ def test_simple_evaluate_by_registered_name(student_dir):
     assert "acc,none" in res["results"]["spikedistill_hamlet_next_line"]
 
 
-@pytest.mark.slow  # ~20 s: a fresh interpreter imports lm-eval and indexes its ~14k built-in task configs
-def test_stock_lm_eval_cli_finds_spikegpt(student_dir, tmp_path):
-    """`lm_eval --model spikegpt` via the start-up hook that `python -m eval.lm_eval_hook install` writes."""
+def _hooked_site(tmp_path) -> Path:
+    """A site-packages folder holding only the start-up hook `python -m eval.lm_eval_hook install` writes."""
     site = tmp_path / "site"
-    site.mkdir()
+    site.mkdir(exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "eval.lm_eval_hook", "install", "--site-dir", str(site)],
         check=True,
         cwd=REPO,
         capture_output=True,
     )
-    code = (
-        "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
-        "from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
-    )
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(site),
-            "--model",
-            "spikegpt",
-            "--model_args",
-            f"pretrained={student_dir},batch_size=2,max_length=512",
-            "--tasks",
-            "spikedistill_ppl_hamlet",
-            "--include_path",
-            str(TASKS_DIR),
-            "--limit",
-            "1",
-            "--output_path",
-            str(out),
-        ],
+    return site
+
+
+def _python_with_hook(site: Path, code: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter whose site-packages include `site` (the .pth hook runs first), with
+    the worktree on the path (as the editable install puts it)."""
+    prelude = "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code, str(site), *args],
         check=False,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
+
+
+def test_hook_keeps_lm_eval_builtin_models(tmp_path):
+    """With the hook installed, lm-eval's registry still loads its own models (hf, dummy) and has spikegpt."""
+    code = (
+        "from lm_eval.api.registry import get_model; "
+        "print(get_model('dummy').__name__, get_model('hf').__name__, get_model('spikegpt').__name__)"
+    )
+    proc = _python_with_hook(_hooked_site(tmp_path), code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["DummyLM", "HFLM", "SpikeGPTLM"]
+
+
+def test_importing_the_adapter_keeps_lm_eval_builtin_models(monkeypatch):
+    """`import eval.harness` (which registers spikegpt) into a fresh, empty registry, then lm-eval's own
+    `hf` and `dummy` are still found (lm-eval loads its built-ins only while the registry is empty)."""
+    import importlib
+
+    from lm_eval.api import registry
+
+    import eval.harness
+
+    monkeypatch.setattr(registry.model_registry, "_objs", {})  # what a fresh interpreter starts with
+    monkeypatch.delitem(sys.modules, "lm_eval.models")  # so importing it registers the built-ins again
+    importlib.reload(eval.harness)
+    assert registry.get_model("dummy").__name__ == "DummyLM"
+    assert registry.get_model("hf").__name__ == "HFLM"
+    assert registry.get_model("spikegpt").__name__ == "SpikeGPTLM"
+
+
+def _stock_cli(site, tmp_path, model: str, model_args: str | None) -> dict:
+    out = tmp_path / f"out_{model}"
+    args = ["--model", model] + (["--model_args", model_args] if model_args else []) + [
+        "--tasks", "spikedistill_ppl_hamlet", "--include_path", str(TASKS_DIR), "--limit", "1",
+        "--output_path", str(out)]
+    proc = _python_with_hook(site, "from lm_eval.__main__ import cli_evaluate; cli_evaluate()", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = out.rglob("results_*.json")
-    assert "bits_per_byte,none" in json.loads(result.read_text())["results"]["spikedistill_ppl_hamlet"]
+    return json.loads(result.read_text())["results"]["spikedistill_ppl_hamlet"]
+
+
+@pytest.mark.slow  # ~20 s each: a fresh interpreter imports lm-eval and indexes its ~14k built-in task configs
+@pytest.mark.parametrize("model", ["dummy", "spikegpt"])
+def test_stock_lm_eval_cli_with_the_hook(model, student_dir, tmp_path):
+    """The stock `lm_eval` command, with the hook that `make` installs: lm-eval's own `--model dummy` still
+    works (the hook must not hide lm-eval's built-in models), and `--model spikegpt` finds our adapter."""
+    args = f"pretrained={student_dir},batch_size=2,max_length=512" if model == "spikegpt" else None
+    result = _stock_cli(_hooked_site(tmp_path), tmp_path, model, args)
+    assert "bits_per_byte,none" in result
+
+
+# ---------------------------------------------------------------- BOS: exactly one for BOS-adding tokenizers
+
+LAMPS = "The lamps were lit early and the road grew soft."
+
+
+def _input_recorder(model) -> list[torch.Tensor]:
+    """The input_ids of every forward of `model` from now on."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.fixture(scope="module", params=["bos", "plain"])
+def tokenizer_case(request, tiny_tokenizer):
+    """(tokenizer, adds BOS?) pairs: a Llama-style BOS-adding tokenizer and the plain tiny one."""
+    return (bos_tokenizer(), True) if request.param == "bos" else (tiny_tokenizer, False)
+
+
+def test_bos_loglikelihood_by_hand(tokenizer_case):
+    tok, adds = tokenizer_case
+    model = tiny_llama(len(tok), seed=2)
+    lm = SpikeGPTLM(model, tokenizer=tok, max_length=64, batch_size=1)  # unpadded: every input id is real
+    context, continuation = "The lamps were lit early", " and the road grew soft."
+    seen = _input_recorder(model)
+    (lp, _), (lp_empty, _) = lm.loglikelihood(
+        [_req("loglikelihood", (context, continuation)), _req("loglikelihood", ("", LAMPS))], disable_tqdm=True
+    )
+    seen = list(seen)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    n_cont = len(whole) - len(tok.encode(context, add_special_tokens=False))
+    lead = [tok.bos_token_id] if adds else []
+    want, _ = _manual_logprob(model, lead + whole, n_cont)
+    assert lp == pytest.approx(want, abs=1e-4)
+    # an empty context is conditioned on the prefix token alone, once
+    doc = tok.encode(LAMPS, add_special_tokens=False)
+    want_empty, _ = _manual_logprob(model, [lm.prefix_token_id] + doc, len(doc))
+    assert lp_empty == pytest.approx(want_empty, abs=1e-4)
+    assert len(seen) == 2
+    for ids in seen:  # BOS-adding: one BOS each; plain: only the empty context's prefix token (= BOS here)
+        bos_count = int((ids[0] == tok.bos_token_id).sum())
+        assert bos_count == (1 if adds else int(ids[0, 0] == lm.prefix_token_id))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_bos_rolling_by_hand(tokenizer_case, stream, tiny_tokenizer):
+    """The issue's small input: every document token scored once, after exactly one prefix token. (With a
+    BOS-adding tokenizer the old code scored [bos, bos, ...]: one token too many, and a higher NLL.)"""
+    tok, adds = tokenizer_case
+    model = tiny_student(len(tok), seed=2) if stream else tiny_llama(len(tok), seed=2)
+    lm = SpikeGPTLM(model, tokenizer=tok, max_length=64)
+    (value,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (LAMPS,))], disable_tqdm=True)
+    doc = tok.encode(LAMPS, add_special_tokens=False)
+    prefix = tok.bos_token_id  # both tokenizers have one: lm-eval conditions a document on it
+    want, _ = _manual_logprob(model, [prefix] + doc, len(doc))
+    assert value == pytest.approx(want, rel=1e-5)
+    if adds:
+        doubled, _ = _manual_logprob(model, [prefix] + tok.encode(LAMPS), len(doc) + 1)
+        assert value != pytest.approx(doubled, rel=1e-3)
+
+
+def test_bos_rolling_windowed_hf(tokenizer_case):
+    """lm-eval's hf model with our rolling protocol: each window led by one BOS, each token scored once."""
+    tok, _ = tokenizer_case
+    model = tiny_llama(len(tok), seed=3)
+    lm = WindowedHFLM(pretrained=model, tokenizer=tok, max_length=8, batch_size=1, rolling_stride=8)
+    seen = _input_recorder(model)
+    (value,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (LAMPS,))], disable_tqdm=True)
+    seen = list(seen)  # the model's inputs during the rolling call only
+    doc = tok.encode(LAMPS, add_special_tokens=False)
+    want = sum(_manual_logprob(model, [tok.bos_token_id] + doc[i : i + 8], len(doc[i : i + 8]))[0]
+               for i in range(0, len(doc), 8))  # disjoint windows of 8 tokens, each after one BOS
+    assert value == pytest.approx(want, rel=1e-5)
+    assert len(seen) == -(-len(doc) // 8)
+    for ids in seen:
+        assert ids[0, 0] == tok.bos_token_id and int((ids[0] == tok.bos_token_id).sum()) == 1
+
+
+def test_bos_generation_prompt(tokenizer_case):
+    tok, adds = tokenizer_case
+    model = tiny_llama(len(tok), seed=4)
+    lm = SpikeGPTLM(model, tokenizer=tok, max_length=64)
+    seen = _input_recorder(model)
+    lm.generate_until([_req("generate_until", (LAMPS, {"until": ["<never>"], "max_gen_toks": 2}))],
+                      disable_tqdm=True)
+    prompt = seen[0][0].tolist()
+    body = tok.encode(LAMPS, add_special_tokens=False)
+    assert prompt == ([tok.bos_token_id] if adds else []) + body
 
 
 def test_evaluate_tasks_teacher_beside_student(student_dir, tiny_teacher_dir, tmp_path):

@@ -107,9 +107,35 @@ def test_leaderboard_renders_two_runs(runs_dir, tmp_path):
 def test_model_card_row(runs_dir):
     (res,) = [r for r in load_runs(runs_dir) if r.get("run") == "sfsa-b"]
     card = model_card_row(res)
-    lines = card.strip().splitlines()
-    assert len(lines) == 4 and "| student |" in lines[2] and "| teacher |" in lines[3]
+    lines = [line for line in card.strip().splitlines() if line.startswith("|")]
+    assert len(lines) == 6 and "| student |" in lines[2] and "| teacher |" in lines[3]
+    assert "| quantised ANN |" in lines[4] and " int8 |" in lines[4] and " ternary |" in lines[5]
     assert f"{res['student']['bpb']['hamlet']['bits_per_byte']:.4f}" in lines[2]
+    assert f"{res['student']['bpb']['hamlet']['stream']['bits_per_byte']:.4f}" in lines[2]
+
+
+def test_one_bpb_protocol_named_in_results_and_tables(runs_dir, tmp_path):
+    """Student and teacher bits/byte share one protocol, and the table says which; the student's streamed
+    pass is an extra column; energy shows compute, memory-inclusive and the quantised ANN with head shares."""
+    res = json.loads((runs_dir / "srwkv-a" / "evaluate" / "results.json").read_text())
+    for text in TEXTS:
+        st, te = res["student"]["bpb"][text], res["teacher"]["bpb"][text]
+        assert st["protocol"] == te["protocol"] == {"kind": "windows", "window": 32, "stride": 16,
+                                                    "text": st["protocol"]["text"]}
+        assert st["stream"]["protocol"]["kind"] == "stream" and "stream" not in te
+    energy = res["student"]["energy"]
+    assert energy["memory_inclusive_pj"] > energy["compute_pj"] == energy["energy_pj"] > 0
+    assert set(energy["quantised"]) == {"int8", "ternary"} and 0 < energy["head_share_compute"] < 1
+    assert res["teacher"]["energy"]["memory_inclusive_pj"] > res["teacher"]["energy"]["compute_pj"]
+    build_leaderboard(runs_dir, tmp_path / "lb")
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    header = md.splitlines()[2]
+    for column in ("bpb stream hamlet", "energy/token compute (nJ)", "memory-incl. (nJ)",
+                   "head share (compute / mem.)", "break-even rate (compute / mem.)"):
+        assert column in header
+    assert f"bpb columns, student and teacher alike: {st['protocol']['text']}." in md
+    assert res["settings"]["lm_eval_protocol"].startswith("lm-eval loglikelihood_rolling for student and teacher")
+    assert md.count("| quantised ANN |") == 2  # int8 and ternary, once although three runs share them
 
 
 def test_errors_name_the_path(tmp_path):

@@ -122,3 +122,69 @@ def test_fused_rejects_mismatched_vocab_and_labels():
     bad[1] = V  # out of the student's vocabulary
     with pytest.raises(ValueError, match="labels"):
         fused_head_kd_loss(h, w, bad, teacher)
+
+
+def test_distill_objective_defaults_to_fused_with_the_chunked_gradients():
+    # the fused path is the default (no recipe names it) and, with the gradient computed in its forward from
+    # the objective's STA/HTA weights, trains exactly like the chunked reference
+    from pipeline.losses import DistillObjective
+    from pipeline.schema import KDConfig
+    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+
+    assert KDConfig().impl == "fused"
+    torch.manual_seed(0)
+    student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("tiny", vocab_size=V))
+    ids = torch.randint(0, V, (2, 9))
+    top = torch.randn(2, 9, V).log_softmax(-1).topk(6, -1)
+    targets = SparseTargets(top.indices, top.values, 1 - top.values.exp().sum(-1))
+    kd = {"kind": "forward_kl", "temperature": 2.0, "chunk_size": 5}
+    grads = {}
+    for impl in (None, "chunked"):
+        objective = DistillObjective(student, {"sta": 0.3, "hta": 0.7}, kd={**kd, **({"impl": impl} if impl else {})})
+        student.zero_grad()
+        out = objective(ids, targets=targets)
+        (out["loss"] / 16).backward()  # the trainer's 1 / tokens: a common scale the fused path accepts
+        grads[impl] = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    assert grads[None].keys() == grads["chunked"].keys()
+    for name, g in grads["chunked"].items():
+        torch.testing.assert_close(grads[None][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_rejects_sparse_ids_outside_the_vocab():
+    h, w, labels, teacher = _setup()
+    bad = _sparse(teacher, 5)
+    bad.ids[0, 0] = V  # the C rows index the logits with these ids: never let one out of range through
+    with pytest.raises(ValueError, match="top-k ids"):
+        fused_head_kd_loss(h, w, labels, bad)
+    with pytest.raises(ValueError, match="sparse targets"):
+        fused_head_kd_loss(h, w, labels, _sparse(teacher[:-1], 5))
+
+
+def test_logit_losses_picks_the_path():
+    from pipeline.losses import logit_losses
+
+    h, _w, labels, teacher = _setup(6)
+    biased = torch.nn.Linear(C, V)  # the fused kernel has no bias: the chunked path runs instead
+    with torch.no_grad():
+        out = logit_losses(h, biased, labels, teacher, "forward_kl", 2.0, 8)
+        logits = biased(h)
+    ce_ref = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    kd_ref = (kd_loss(logits, teacher, "forward_kl", 2.0) * (labels != -100)).sum()
+    torch.testing.assert_close(out["ce_sum"], ce_ref)
+    torch.testing.assert_close(out["kd_sum"], kd_ref)
+    with pytest.raises(ValueError, match="distill.kd.impl"):
+        logit_losses(h, biased, labels, teacher, "forward_kl", 2.0, 8, impl="fast")
+
+
+def test_fused_kd_does_not_import_the_losses_module():
+    # issue 14 item 6: pipeline.fused_kd and pipeline.losses share pipeline.kd_targets, one direction only
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pipeline.kd_targets
+
+    code = "import sys, pipeline.fused_kd; assert 'pipeline.losses' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    source = Path(pipeline.kd_targets.__file__).read_text()
+    assert "import pipeline" not in source and "from pipeline" not in source

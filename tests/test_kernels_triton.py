@@ -113,6 +113,37 @@ def test_wkv_triton_bf16_inputs():
 
 
 @interpreted_only
+@pytest.mark.parametrize("case", [("time_first", 20.0), ("time_decay", 200.0)])
+def test_wkv_triton_extreme_parameters(case):
+    # issue 14 (d): the stable time_first gradient and the clamped decay rate, as in the C kernel
+    gen = torch.Generator().manual_seed(3)
+    td, tf = torch.randn(4, generator=gen) * 0.5, torch.randn(4, generator=gen) * 0.5
+    (tf if case[0] == "time_first" else td)[::2] = case[1]
+    k, v = torch.randn(1, 6, 4, generator=gen) * 2, torch.randn(1, 6, 4, generator=gen)
+    grads = []
+    for fn in (wkv_reference, wkv_triton):
+        inputs = [x.clone().requires_grad_() for x in (td, tf, k, v)]
+        grads.append(_grads([fn(*inputs)[0]], inputs))
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all()
+        for group in (slice(0, None, 2), slice(1, None, 2)):
+            scale = a[..., group].abs().max().clamp_min(1e-30)
+            assert float((a[..., group] - b[..., group]).abs().max() / scale) < 1e-4
+
+
+@interpreted_only
+def test_lif_triton_bf16_membrane_stays_fp32():
+    torch.manual_seed(1)
+    x = (torch.randn(1, 12, 9) * 1.5 + 0.6).bfloat16()
+    spikes, v = lif_scan_triton(x)
+    v_t, steps = None, []
+    for t in range(x.shape[1]):
+        s_t, v_t = lif_scan_triton(x[:, t : t + 1], v_t)
+        steps.append(s_t)
+    assert v.dtype == torch.float32 and torch.equal(v_t, v) and torch.equal(torch.cat(steps, 1), spikes)
+
+
+@interpreted_only
 @pytest.mark.parametrize("shape", [(1, 1, 1, 4), (1, 2, 21, 8)])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_sfsa_triton_matches_reference(shape, per_head):

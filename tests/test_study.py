@@ -118,7 +118,7 @@ def test_study_refuses_an_unknown_arm_and_an_empty_folder(tmp_path):
 
 BASE = """\
 run: {{seed: 0, runs_dir: {runs}}}
-data: {{sources: [{corpus}], seq_len: 16, val_fraction: 0.1}}
+data: {{sources: [{corpus}], seq_len: 16, val_fraction: 0.1, split_seed: 0}}
 teacher: {{spec: {teacher}, dtype: fp32}}
 student: {{preset: tiny, config: {{n_layer: 1, d_model: 16, n_head: 2}}}}
 teacher_cache: {{enabled: false, k: 4, value_dtype: fp32, batch_size: 4, dir: {cache}}}
@@ -127,51 +127,132 @@ distill:
   train: {{steps: 4, batch_size: 2, eval_every: 2, eval_batches: 1, checkpoint_every: 2, log_every: 1}}
   weights: {{sta: 0.0, hta: 1.0}}
   kd: {{chunk_size: 8}}
-evaluate: {{texts: [persuasion], max_text_bytes: 300, context_length: 32, energy: true, teacher: true,
+evaluate: {{texts: [persuasion, hamlet], max_text_bytes: 300, context_length: 32, energy: true, teacher: true,
            sample_tokens: 2}}
 """
 
 
-@pytest.mark.slow
-def test_study_runs_every_arm_reports_and_resumes(tmp_path, tiny_teacher_dir):
-    from pipeline.cli import main
-
+def _tiny_study(tmp_path, teacher) -> tuple[Path, Path, Path]:
+    """A study folder over the tiny teacher: a_ann (one run), c_kd with seeds 0 and 1, h_kd_half = c_kd at half
+    the steps (inherits the seeds); returns (folder, runs dir, shared cache dir)."""
     text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
             "in want of a wife. ") * 30
     (tmp_path / "corpus.txt").write_text(text)
     folder, runs, cache = tmp_path / "study", tmp_path / "runs", tmp_path / "shared_cache"
     folder.mkdir()
-    (folder / "_base.yaml").write_text(BASE.format(runs=runs, corpus=tmp_path / "corpus.txt",
-                                                   teacher=tiny_teacher_dir, cache=cache))
+    (folder / "_base.yaml").write_text(BASE.format(runs=runs, corpus=tmp_path / "corpus.txt", teacher=teacher,
+                                                   cache=cache))
     (folder / "a_ann.yaml").write_text("base: _base.yaml\nrun: {name: a_ann}\nstudent: {arch: llama}\n")
     (folder / "c_kd.yaml").write_text("base: _base.yaml\nrun: {name: c_kd}\nteacher_cache: {enabled: true}\n"
-                                      "distill: {weights: {sta: 0.5, hta: 0.5}}\n")
+                                      "distill: {weights: {sta: 0.5, hta: 0.5}}\nstudy: {seeds: [0, 1]}\n")
     (folder / "h_kd_half.yaml").write_text("base: c_kd.yaml\nrun: {name: h_kd_half}\ndistill: {train: {steps: 2}}\n")
+    return folder, runs, cache
 
-    assert main(["study", str(folder), "--out", str(tmp_path / "report")]) == 0
-    board = json.loads((tmp_path / "report" / "leaderboard.json").read_text())
+
+@pytest.mark.slow
+def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teacher_dir):
+    from pipeline.cli import main
+
+    folder, runs, cache = _tiny_study(tmp_path, tiny_teacher_dir)
+    report = tmp_path / "report"
+    assert main(["study", str(folder), "--out", str(report)]) == 0
+    board = json.loads((report / "leaderboard.json").read_text())
     students = {r["run"]: r for r in board["rows"] if r["role"] == "student"}
-    assert set(students) == {"a_ann", "c_kd", "h_kd_half"}
+    assert set(students) == {"a_ann", "c_kd-s0", "c_kd-s1", "h_kd_half-s0", "h_kd_half-s1"}
     assert [r["role"] for r in board["rows"]].count("teacher") == 1
     assert students["a_ann"]["label"].startswith("llama") and students["a_ann"]["mean_firing_rate"] is None
-    assert students["c_kd"]["module_firing_rate"] is not None
+    assert students["c_kd-s0"]["module_firing_rate"] is not None
     for run, row in students.items():
         t = row["train"]
-        assert t["tokens"] == (4 if run != "h_kd_half" else 2) * 2 * 15  # steps x rows x next-token targets
+        assert t["tokens"] == (2 if run.startswith("h_") else 4) * 2 * 15  # steps x rows x next-token targets
         assert t["tokens_per_s"] > 0 and t["wall_seconds"] > 0 and t["curve"]
         assert row["ratio_to_teacher"] is not None and row["mean_bits_per_byte"] > 0
-    # runs that differ only in their budget are one series of the token-efficiency plot
-    assert students["c_kd"]["train"]["series"] == students["h_kd_half"]["train"]["series"]
-    assert students["a_ann"]["train"]["series"] != students["c_kd"]["train"]["series"]
-    # the teacher cache was built once, in the shared folder, by the first KD arm
-    built = [json.loads((runs / r / "teacher_cache" / "done.json").read_text())["metrics"]["shards_written"]
-             for r in ("c_kd", "h_kd_half")]
-    assert built[0] >= 1 and built[1] == 0 and (cache / "manifest.json").is_file()
+    # the seeds really differ (run.seed reached the runs), and seeds and budgets share one series
+    assert students["c_kd-s0"]["bits_per_byte"] != students["c_kd-s1"]["bits_per_byte"]
+    series = {run: row["train"]["series"] for run, row in students.items()}
+    assert len({series[r] for r in series if r != "a_ann"}) == 1 and series["a_ann"] != series["c_kd-s0"]
+    # the teacher cache was built once, in the shared folder, by the first KD run
+    built = {r: json.loads((runs / r / "teacher_cache" / "done.json").read_text())["metrics"]["shards_written"]
+             for r in students if r != "a_ann"}
+    assert built.pop("c_kd-s0") >= 1 and set(built.values()) == {0} and (cache / "manifest.json").is_file()
+
+    summary = json.loads((report / "summary.json").read_text())
+    assert [(r["arm"], r["seed"], r["kind"], r["budget"]) for r in summary] == [
+        ("a_ann", None, "ann_ce", 1.0), ("c_kd", 0, "snn_distill", 1.0), ("c_kd", 1, "snn_distill", 1.0),
+        ("h_kd_half", 0, "snn_distill", 0.5), ("h_kd_half", 1, "snn_distill", 0.5)]
+    for rec in summary:
+        run = rec["arm"] if rec["seed"] is None else f"{rec['arm']}-s{rec['seed']}"
+        assert set(rec) == {"arm", "kind", "budget", "seed", "train_tokens", "bpb_persuasion", "bpb_hamlet",
+                            "train_tokens_per_s"}
+        assert rec["train_tokens"] == students[run]["train"]["tokens"]
+        assert rec["bpb_persuasion"] == students[run]["bits_per_byte"]["persuasion"] and rec["bpb_hamlet"] > 0
+    study_md = (report / "study.md").read_text()
+    assert "| c_kd | snn_distill | 1.00 | 0,1 |" in study_md and "Goals" in study_md
     for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
-        assert (tmp_path / "report" / name).stat().st_size > 0
-    md = (tmp_path / "report" / "leaderboard.md").read_text()
-    assert "train tokens/s" in md and "| a_ann | student |" in md
+        assert (report / name).stat().st_size > 0
 
     done = {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students}
-    assert main(["study", str(folder), "--out", str(tmp_path / "report")]) == 0  # resumable: all skipped
+    assert main(["study", str(folder), "--out", str(report)]) == 0  # resumable: all skipped
     assert {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students} == done
+
+
+@pytest.mark.slow
+def test_study_jobs_build_the_shared_cache_once_then_train_in_parallel(tmp_path, tiny_teacher_dir):
+    from pipeline.cli import main
+
+    folder, runs, cache = _tiny_study(tmp_path, tiny_teacher_dir)
+    (folder / "a_ann.yaml").unlink()
+    assert main(["study", str(folder), "--out", str(tmp_path / "report"), "--jobs", "2"]) == 0
+    names = ["c_kd-s0", "c_kd-s1", "h_kd_half-s0", "h_kd_half-s1"]
+    built = {r: json.loads((runs / r / "teacher_cache" / "done.json").read_text())["metrics"]["shards_written"]
+             for r in names}
+    *others, builder = sorted(built.values())
+    assert builder >= 1 and others == [0, 0, 0] and (cache / "manifest.json").is_file()
+    for r in names:
+        assert json.loads((runs / r / "evaluate" / "done.json").read_text())["stage"] == "evaluate"
+        assert "evaluate" in (runs / r / "study.log").read_text()
+    assert len(json.loads((tmp_path / "report" / "summary.json").read_text())) == 4
+
+
+def _record(arm, seed, kind, tokens, pers, ham=3.0, series="s"):
+    return {"arm": arm, "run": f"{arm}-s{seed}", "kind": kind, "seed": seed, "train_tokens": tokens,
+            "bpb_persuasion": pers, "bpb_hamlet": ham, "train_tokens_per_s": 100.0, "energy_pj": 2e6,
+            "mean_firing_rate": 0.2, "curve": [[tokens, pers]], "series": series, "budget": None}
+
+
+def test_study_statistics_and_goals_from_hand_computed_values():
+    from eval.study_report import arm_stats, goals, goals_markdown
+
+    records = [_record("ce", s, "snn_ce", 1000, v, series="ce") for s, v in enumerate([2.40, 2.42, 2.44])]
+    records += [_record("kd", s, "snn_distill", 1000, v, series="kd") for s, v in enumerate([2.30, 2.31, 2.32])]
+    records += [_record("kd_q", s, "snn_distill", 250, v, series="kd") for s, v in enumerate([2.45, 2.46, 2.47])]
+    for r in records:
+        r["budget"] = r["train_tokens"] / 1000
+    stats = {s["arm"]: s for s in arm_stats(records)}
+    assert stats["ce"]["bpb_persuasion"] == pytest.approx(2.42)
+    assert stats["ce"]["bpb_persuasion_std"] == pytest.approx(0.02)  # sample std of 2.40, 2.42, 2.44
+    assert stats["kd"]["bpb_persuasion_std"] == pytest.approx(0.01)
+    a = goals(list(stats.values()))
+    noise = ((0.02**2 + 0.01**2) / 2) ** 0.5
+    assert a["best_arm"] == "kd" and a["gain"] == pytest.approx(0.11) and a["noise_std"] == pytest.approx(noise)
+    assert a["i"] is True and a["gain_in_sigmas"] == pytest.approx(0.11 / noise)
+    assert a["quarter_arm"] == "kd_q" and a["ii"] is False  # 2.46 at 1/4 vs CE's 2.42 at the full budget
+    assert "(i)" in goals_markdown(a) and "not met" in goals_markdown(a)
+    # a gain inside the noise is not met; one seed per arm cannot answer (i)
+    for r in records:
+        if r["arm"] == "kd":
+            r["bpb_persuasion"] += 0.09
+    assert goals(arm_stats(records))["i"] is False
+    single = [r for r in records if r["seed"] == 0]
+    assert goals(arm_stats(single))["i"] is None or goals(arm_stats(single))["noise_std"] is None
+
+
+def test_run_kind_from_the_resolved_config():
+    from eval.study_report import run_kind
+
+    ce = {"student": {"arch": "spikegpt"}, "align": {"enabled": False}, "distill": {"weights": {"sta": 0.0}}}
+    assert run_kind(ce) == "snn_ce"
+    assert run_kind({**ce, "student": {"arch": "llama"}}) == "ann_ce"
+    assert run_kind({**ce, "distill": {"weights": {"sta": 0.3, "hta": 0.3}}}) == "snn_distill"
+    assert run_kind({**ce, "align": {"enabled": True}}) == "snn_distill"
+    assert run_kind({**ce, "student": {"arch": "spikegpt", "init_from_teacher": True}}) == "snn_distill"

@@ -66,10 +66,15 @@ class StageSpec:
     training: bool = False
 
 
+def split_seed(r: Recipe) -> int:
+    """The seed of the train/validation split: data.split_seed, else run.seed."""
+    return r.run.seed if r.data.split_seed is None else r.data.split_seed
+
+
 def _prepare_sections(r: Recipe) -> dict[str, Any]:
     # the tokenizer is the teacher's, and the split is seeded: nothing else changes the dataset
     return {"data": r.data, "teacher.spec": r.teacher.spec,
-            "teacher.trust_remote_code": r.teacher.trust_remote_code, "run.seed": r.run.seed}
+            "teacher.trust_remote_code": r.teacher.trust_remote_code, "split_seed": split_seed(r)}
 
 
 def _cache_sections(r: Recipe) -> dict[str, Any]:

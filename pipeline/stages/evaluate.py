@@ -1,9 +1,13 @@
 """Stage evaluate: score the exported student (and its teacher) and write results.json.
 
-Bits/byte on each of `evaluate.texts` (the first `max_text_bytes` of each), lm-eval tasks when listed, the
-energy report, a greedy sample. The teacher's bits/byte are cached under $SPIKEDISTILL_CACHE (default
-~/.cache/spikedistill) keyed by teacher fingerprint, text and context, so reruns only score the student.
-Output: {"results": results.json}; the exported model card is rewritten with the metrics.
+Bits/byte on each of `evaluate.texts` (the first `max_text_bytes` of each) under one protocol for student and
+teacher (windows of `evaluate.context_length` tokens, stride half of it, each window led by the prefix token:
+eval/scoring.py), plus the student's streamed figure as an extra column; lm-eval tasks when listed (rolling
+documents under one windows protocol for both); the energy report (compute only, memory-inclusive, the
+quantised matched ANN); a greedy sample. The teacher's bits/byte and energy entry are cached under
+$SPIKEDISTILL_CACHE (default ~/.cache/spikedistill) keyed by teacher fingerprint, text, protocol and context,
+so reruns only score the student. Output: {"results": results.json}; the exported model card is rewritten
+with the metrics.
 """
 
 from __future__ import annotations
@@ -35,8 +39,29 @@ def load_texts(recipe: Recipe) -> dict[str, str]:
             for name in recipe.evaluate.texts}
 
 
+SCORE_CACHE_VERSION = 2  # 2: one windows protocol with a BOS-led window (bits/byte), graph-counted energy
+
+
+def _cached(key: dict, compute, log, what: str) -> dict:
+    """A JSON result from the teacher score cache, or compute it and store it atomically."""
+    path = score_cache_dir() / f"{stable_hash(key | {'version': SCORE_CACHE_VERSION})}.json"
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text())
+            log.info("teacher %s: cached (%s)", what, path)
+            return value
+        except ValueError:
+            path.unlink()  # a corrupt entry is recomputed
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    return value
+
+
 def _teacher_scores(recipe: Recipe, texts: dict[str, str], log) -> tuple[dict[str, dict], Any]:
-    """Teacher bits/byte per text (cached) and the loaded teacher."""
+    """Teacher bits/byte per text (cached; the same windows protocol as the student) and the loaded teacher."""
     from eval.bpb import evaluate_bpb
     from teachers import load_teacher
 
@@ -45,19 +70,37 @@ def _teacher_scores(recipe: Recipe, texts: dict[str, str], log) -> tuple[dict[st
                            trust_remote_code=recipe.teacher.trust_remote_code)
     scores = {}
     for name, text in texts.items():
-        key = stable_hash({"teacher": teacher.fingerprint, "dtype": recipe.teacher.dtype,
-                           "text": hashlib.sha256(text.encode("utf-8")).hexdigest(), "context": e.context_length})
-        path = score_cache_dir() / f"{key}.json"
-        if path.is_file():
-            scores[name] = json.loads(path.read_text())
-            log.info("teacher bits/byte on %s: cached (%s)", name, path)
-            continue
-        scores[name] = evaluate_bpb(teacher.model, teacher.tokenizer, text, e.context_length, e.batch_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(scores[name]))
-        tmp.replace(path)
+        key = {"teacher": teacher.fingerprint, "dtype": recipe.teacher.dtype,
+               "text": hashlib.sha256(text.encode("utf-8")).hexdigest(), "context": e.context_length,
+               "stride": bpb_stride(e.context_length)}
+        scores[name] = _cached(
+            key,
+            lambda text=text: evaluate_bpb(teacher.model, teacher.tokenizer, text, e.context_length, e.batch_size,
+                                           stride=bpb_stride(e.context_length)),
+            log, f"bits/byte on {name}",
+        )
     return scores, teacher
+
+
+def bpb_stride(context_length: int) -> int:
+    """The stride of the bits/byte windows: half the context, so every scored token after the first window
+    sees at least half a window of text."""
+    return max(1, context_length // 2)
+
+
+def _student_scores(model, tokenizer, texts: dict[str, str], e) -> dict[str, dict]:
+    """Student bits/byte per text in the table's windows protocol, with its streamed figure under "stream"."""
+    from eval.bpb import evaluate_bpb
+    from eval.models import can_stream
+
+    scores = {}
+    for name, text in texts.items():
+        row = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, stride=bpb_stride(e.context_length))
+        if can_stream(model, row["tokens"] + 1):
+            stream = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, protocol="stream")
+            row["stream"] = {k: stream[k] for k in ("bits_per_byte", "nll_sum", "tokens", "protocol")}
+        scores[name] = row
+    return scores
 
 
 def _sample(model, tokenizer, prompt: str, n_tokens: int) -> str:
@@ -80,11 +123,14 @@ def _firing_rate(model, tokenizer, text: str, context_length: int) -> float:
     return sum(rates.values()) / max(len(rates), 1)
 
 
-def _energy(model, tokenizer, text: str, context_length: int, teacher) -> tuple[dict, str]:
-    from eval.energy import energy_report, format_energy_table
+def _energy(model, tokenizer, text: str, context_length: int, teacher, log) -> tuple[dict, str]:
+    from eval.energy import energy_report, format_energy_table, teacher_energy
 
-    report = energy_report(model, context_length, tokenizer=tokenizer, text=text,
-                           teacher_config=teacher.config if teacher is not None else None)
+    entry = None
+    if teacher is not None:
+        key = {"teacher": teacher.fingerprint, "energy_context": context_length}
+        entry = _cached(key, lambda: teacher_energy(teacher.model, context_length), log, "energy")
+    report = energy_report(model, context_length, tokenizer=tokenizer, text=text, teacher_entry=entry)
     return report, format_energy_table(report)
 
 
@@ -94,6 +140,8 @@ def headline(results: dict) -> dict[str, float]:
     student, teacher = results["student"], results.get("teacher") or {}
     for name, row in student["bpb"].items():
         out[f"bpb_{name}"] = row["bits_per_byte"]
+        if "stream" in row:
+            out[f"bpb_stream_{name}"] = row["stream"]["bits_per_byte"]
         if name in teacher.get("bpb", {}):
             out[f"teacher_bpb_{name}"] = teacher["bpb"][name]["bits_per_byte"]
     energy = student.get("energy") or {}
@@ -108,7 +156,6 @@ def run(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import students  # noqa: F401  (registers spikegpt with AutoModelForCausalLM)
-    from eval.bpb import evaluate_bpb
     from eval.leaderboard import collect_results, model_card_row, model_info
 
     r, e = ctx.recipe, ctx.recipe.evaluate
@@ -116,26 +163,35 @@ def run(ctx: StageContext) -> StageResult:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = load_texts(r)
-    bpb = {n: evaluate_bpb(model, tokenizer, t, e.context_length, e.batch_size) for n, t in texts.items()}
+    bpb = _student_scores(model, tokenizer, texts, e)
     teacher_bpb, teacher = _teacher_scores(r, texts, ctx.log) if e.teacher else (None, None)
     first_text = next(iter(texts.values()))
-    report, energy_text = _energy(model, tokenizer, first_text, e.context_length, teacher) if e.energy else (None, "")
+    report, energy_text = (
+        _energy(model, tokenizer, first_text, e.context_length, teacher, ctx.log) if e.energy else (None, "")
+    )
     task_rows: dict = {}
+    lm_eval_protocol = None
     if e.tasks:
         from eval.harness import evaluate_tasks
 
-        task_rows = evaluate_tasks(model_dir, list(e.tasks), ctx.stage_dir / "lm_eval", limit=e.limit,
+        tasks_out = evaluate_tasks(model_dir, list(e.tasks), ctx.stage_dir / "lm_eval", limit=e.limit,
                                    batch_size=e.batch_size,
                                    teacher_spec=r.teacher.spec if e.teacher else None,
-                                   teacher_cache_dir=score_cache_dir())["models"]
+                                   teacher_cache_dir=score_cache_dir())
+        task_rows, lm_eval_protocol = tasks_out["models"], tasks_out["protocol"]
     sample = {"prompt": e.sample_prompt, "text": _sample(model, tokenizer, e.sample_prompt, e.sample_tokens)}
     results = collect_results(r.run.name, model_dir, bpb, task_rows.get("student"), report,
                               r.teacher.spec if e.teacher else None, teacher_bpb, task_rows.get("teacher"),
                               model_info(model), sample)
     if hasattr(model, "spike_rates"):  # every spiking module's rate, also where no Linear reads spikes
         results["student"]["module_firing_rate"] = _firing_rate(model, tokenizer, first_text, e.context_length)
+    from eval.scoring import Protocol
+
     results["settings"] = {"context_length": e.context_length, "max_text_bytes": e.max_text_bytes,
-                           "teacher_fingerprint": getattr(teacher, "fingerprint", None)}
+                           "teacher_fingerprint": getattr(teacher, "fingerprint", None),
+                           "bpb_protocol": Protocol("windows", e.context_length,
+                                                    bpb_stride(e.context_length)).as_dict(),
+                           "lm_eval_protocol": lm_eval_protocol}
     out = ctx.stage_dir / "results.json"
     out.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     table = model_card_row(results)
@@ -146,10 +202,9 @@ def run(ctx: StageContext) -> StageResult:
         table += f"\nfiring rate (mean over spiking modules): {metrics['firing_rate']:.4f}\n"
     write_model_card(Path(model_dir), r, ctx.upstream["export"]["metrics"].get("parameters", 0), metrics,
                      extra="\n" + table + "\n")
-    if energy_text:  # the per-layer table goes to a file; the console gets its totals
+    if energy_text:  # the per-layer table goes to a file; the console gets the totals and the three figures
         (ctx.stage_dir / "energy.md").write_text(energy_text, encoding="utf-8")
-        totals = [line for line in energy_text.splitlines() if line.strip() and not line.startswith("|")]
-        print("\n" + "\n".join(totals))
+        print("\n" + energy_text[energy_text.index("Totals per token"):].strip())
     print("\n" + table)
     print(f"\nsample: {e.sample_prompt}{sample['text']}\n")
     return StageResult(outputs={"results": str(out)}, metrics=metrics)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.stages import StageContext, StageResult
+from pipeline.stages import StageContext, StageResult, split_seed
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, dtype: str = "bf16"):
@@ -43,7 +43,7 @@ def run(ctx: StageContext) -> StageResult:
     if out.exists():  # a killed earlier attempt: start over, nothing partial is reused
         shutil.rmtree(out)
     stats = prepare_corpus(list(r.data.sources), tokenizer, out, seq_len=r.data.seq_len,
-                           val_fraction=r.data.val_fraction, seed=r.run.seed, separator=r.data.separator,
+                           val_fraction=r.data.val_fraction, seed=split_seed(r), separator=r.data.separator,
                            text_field=r.data.text_field, max_tokens=r.data.max_train_tokens)
     ctx.log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float))))
     return StageResult(outputs={"dataset": str(out), "tokenizer": str(tok_dir)}, metrics=dict(stats))

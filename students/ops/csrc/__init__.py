@@ -36,6 +36,7 @@ _SIGNATURES = {
     "sfsa_threshold": [_P] * 2 + [_I64] * 4 + [_I],
     "sfsa_threshold_backward": [_P] * 4 + [_I64] * 4 + [_I, _F, _I],
     "kd_dense_rows": [_P] * 3 + [_I64] * 2 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
+    "kd_sparse_rows": [_P] * 5 + [_I64] * 3 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
 }
 _RETURNS = {"event_linear": (_I, [_P] * 5 + [_I64] * 3 + [_I, _I, _D, _I])}
 

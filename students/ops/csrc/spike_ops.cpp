@@ -245,7 +245,9 @@ void wkv_backward(const float* w, const float* u, const float* k, const float* v
           const float pw = p + w[c0 + j];
           max_pair(pw, kt, b1, b2);
           g_v[o + j] = gyd * a2 + ga[j] * b2;
-          const float gu_t = gyd * (vt - yt) * a2;
+          // vt - yt = a1 (vt den - num) / dq, written so: with a large time_first, e^{u + k} dominates, yt -> vt
+          // and the difference vt - yt would cancel (98% error at u = 20)
+          const float gu_t = gyd * a2 * a1 * (vt * den - num) / dq;
           float gk = gu_t + (ga[j] * vt + gb[j]) * b2;
           gu[j] += gu_t;
           gw[j] += (ga[j] * num + gb[j] * den) * b1;
@@ -322,40 +324,59 @@ void sfsa_threshold_backward(float* g_attn, const float* scores, const float* th
 
 namespace {
 
+// The KD rows below are compiled with -ffast-math, which assumes finite values: -inf is never used as a mask.
+constexpr float kMasked = -1e30f;     // a logit whose exp is 0 at any temperature; stands in for a removed token
+constexpr double kTailFloor = 1e-10;  // pipeline.kd_targets.TAIL_FLOOR
+
+// es = exp(d / tau) and ez = exp(d) for a shifted logit d <= 0, with one exp when tau is 1 or 2 (TAU = 1, 2;
+// TAU = 0: any tau, two exps). Squaring es doubles its relative rounding error (about 2 ulp), nothing more.
+template <int TAU>
+inline void tempered_exp(float d, float inv_tau, float& es, float& ez) {
+  es = std::exp(d * inv_tau);
+  ez = TAU == 1 ? es : (TAU == 2 ? es * es : std::exp(d));
+}
+
+// log(e^x + e^y) without overflow or log(0): both terms may underflow at small tau.
+inline float log_add_exp(float x, float y) { return std::max(x, y) + std::log1p(std::exp(-std::fabs(x - y))); }
+
+inline float row_max(const float* zr, int64_t V) {
+  float m = zr[0];
+  for (int64_t j = 1; j < V; ++j) m = std::max(m, zr[j]);
+  return m;
+}
+
 // One row of kd_dense_rows (below); KIND and the presence of a teacher are compile-time so the loops vectorise.
+// Every log-probability is formed from a logit shifted by its row maximum, (z - max) / tau - log(sum), never as
+// z / tau - logsumexp(z / tau): at small tau the latter loses |z| / tau * eps to cancellation.
 template <int KIND, bool TEACHER>
 void kd_row(float* zr, const float* tr, int64_t label, int64_t V, float tau, float beta, float g_kd, float g_ce,
             bool want_grad, float* kd_out, float* ce_out) {
   const float inv_tau = 1.0f / tau, lb = std::log(beta), l1b = std::log(1.0f - beta);
-  float mz = -INFINITY, mt = -INFINITY;
-  for (int64_t j = 0; j < V; ++j) mz = std::max(mz, zr[j]);
-  if (TEACHER)
-    for (int64_t j = 0; j < V; ++j) mt = std::max(mt, tr[j]);
+  const float mz = row_max(zr, V), mt = TEACHER ? row_max(tr, V) : 0.0f;
   float sz = 0.0f, ss = 0.0f, st = 0.0f;
-  const float ms = mz * inv_tau, mtt = mt * inv_tau;
 #pragma omp simd reduction(+ : sz, ss)
   for (int64_t j = 0; j < V; ++j) {
     sz += std::exp(zr[j] - mz);
-    ss += std::exp(zr[j] * inv_tau - ms);
+    ss += std::exp((zr[j] - mz) * inv_tau);
   }
   if (TEACHER) {
 #pragma omp simd reduction(+ : st)
-    for (int64_t j = 0; j < V; ++j) st += std::exp(tr[j] * inv_tau - mtt);
+    for (int64_t j = 0; j < V; ++j) st += std::exp((tr[j] - mt) * inv_tau);
   }
-  const float lse_z = mz + std::log(sz), lse_s = ms + std::log(ss), lse_t = mtt + std::log(st);
-  *ce_out = lse_z - zr[label];
+  const float log_sz = std::log(sz), log_ss = std::log(ss), log_st = std::log(st);
+  *ce_out = log_sz - (zr[label] - mz);
   float div = 0.0f, pg = 0.0f;
   if (TEACHER) {
 #pragma omp simd reduction(+ : div, pg)
     for (int64_t j = 0; j < V; ++j) {
-      const float lp = zr[j] * inv_tau - lse_s, lq = tr[j] * inv_tau - lse_t;
+      const float lp = (zr[j] - mz) * inv_tau - log_ss, lq = (tr[j] - mt) * inv_tau - log_st;
       const float p = std::exp(lp), q = std::exp(lq);
       if (KIND == 0) {
         div += q > 0.0f ? q * (lq - lp) : 0.0f;
       } else if (KIND == 1) {
         div += p > 0.0f ? p * (lp - lq) : 0.0f;
       } else {
-        const float lm = std::log(std::exp(lq + lb) + std::exp(lp + l1b));
+        const float lm = log_add_exp(lq + lb, lp + l1b);
         div += (q > 0.0f ? beta * q * (lq - lm) : 0.0f) + (p > 0.0f ? (1.0f - beta) * p * (lp - lm) : 0.0f);
         pg += p > 0.0f ? p * (1.0f - beta) * (lp - lm) : 0.0f;
       }
@@ -367,20 +388,139 @@ void kd_row(float* zr, const float* tr, int64_t label, int64_t V, float tau, flo
   const float ckd = g_kd * tau;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const float lp = zr[j] * inv_tau - lse_s, p = std::exp(lp);
+    const float lp = (zr[j] - mz) * inv_tau - log_ss, p = std::exp(lp);
     float dkd = 0.0f;
     if (TEACHER) {
-      const float lq = tr[j] * inv_tau - lse_t;
+      const float lq = (tr[j] - mt) * inv_tau - log_st;
       if (KIND == 0) {
         dkd = p - std::exp(lq);
       } else if (KIND == 1) {
         dkd = p > 0.0f ? p * (lp - lq - div) : 0.0f;
       } else {
-        const float lm = std::log(std::exp(lq + lb) + std::exp(lp + l1b));
+        const float lm = log_add_exp(lq + lb, lp + l1b);
         dkd = p > 0.0f ? p * ((1.0f - beta) * (lp - lm) - pg) : 0.0f;
       }
     }
-    zr[j] = ckd * dkd + g_ce * std::exp(zr[j] - lse_z);
+    zr[j] = ckd * dkd + g_ce * std::exp(zr[j] - mz - log_sz);
+  }
+  zr[label] -= g_ce;
+}
+
+// Divergence D between the student's and the teacher's bucket distributions (log-probabilities lP, lQ [K], in
+// double) and the per-bucket gradient coefficient c_b with dD/ds_j = p_j c_b(j) for every token j of bucket b
+// (s = z / tau). Forward KL: c_b = 1 - Q_b / P_b, returned as lQ_b - lP_b in c (the caller keeps it in log
+// form for the tail); reverse KL: c_b = lP_b - lQ_b - D; JSD: c_b = G_b - sum P G, G = (1 - beta)(lP - lM).
+template <int KIND>
+double bucket_divergence(const double* lP, const double* lQ, int64_t K, double beta, double* c) {
+  double div = 0.0;
+  if (KIND == 0) {
+    for (int64_t b = 0; b < K; ++b) {
+      const double q = std::exp(lQ[b]);
+      div += q > 0.0 ? q * (lQ[b] - lP[b]) : 0.0;
+      c[b] = lQ[b] - lP[b];
+    }
+  } else if (KIND == 1) {
+    for (int64_t b = 0; b < K; ++b) {
+      const double p = std::exp(lP[b]);
+      div += p > 0.0 ? p * (lP[b] - lQ[b]) : 0.0;
+    }
+    for (int64_t b = 0; b < K; ++b) c[b] = lP[b] - lQ[b] - div;
+  } else {
+    const double lb = std::log(beta), l1b = std::log(1.0 - beta);
+    double pg = 0.0;
+    for (int64_t b = 0; b < K; ++b) {
+      const double p = std::exp(lP[b]), q = std::exp(lQ[b]);
+      const double x = lQ[b] + lb, y = lP[b] + l1b, lm = std::max(x, y) + std::log1p(std::exp(-std::fabs(x - y)));
+      c[b] = (1.0 - beta) * (lP[b] - lm);
+      div += (q > 0.0 ? beta * q * (lQ[b] - lm) : 0.0) + (p > 0.0 ? p * c[b] : 0.0);
+      pg += p > 0.0 ? p * c[b] : 0.0;
+    }
+    for (int64_t b = 0; b < K; ++b) c[b] -= pg;
+  }
+  return div;
+}
+
+// One row of kd_sparse_rows (below). Buckets: the k stored ids, then (when k < V) the tail = every other token.
+// One pass over the row after its maximum: the tempered and the plain exp-sums of the tail (the k ids set to
+// kMasked for the pass and restored after: k writes, no copy of the row); the k ids are added back from their
+// saved logits, so the tail mass is a direct sum, never 1 - sum(top-k). A second pass writes the gradient.
+// work: 4 (k + 1) doubles and k floats of scratch.
+template <int KIND, int TAU>
+void kd_sparse_row(float* zr, const int64_t* ids, const float* logprobs, float tail_mass, int64_t label, int64_t V,
+                   int64_t k, float tau, float beta, float g_kd, float g_ce, bool want_grad, float* kd_out,
+                   float* ce_out, double* work, float* zid) {
+  const float inv_tau = 1.0f / tau;
+  const bool has_tail = k < V;
+  const int64_t K = has_tail ? k + 1 : k;
+  double *lP = work, *lQ = work + (k + 1), *c = work + 2 * (k + 1), *ez_id = work + 3 * (k + 1);
+  const float mz = row_max(zr, V), z_label = zr[label];
+  for (int64_t i = 0; i < k; ++i) zid[i] = zr[ids[i]];
+  for (int64_t i = 0; i < k; ++i) zr[ids[i]] = kMasked;
+  float sz_tail = 0.0f, ss_tail = 0.0f;
+#pragma omp simd reduction(+ : sz_tail, ss_tail)
+  for (int64_t j = 0; j < V; ++j) {
+    float es, ez;
+    tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
+    ss_tail += es;
+    sz_tail += ez;
+  }
+  for (int64_t i = 0; i < k; ++i) zr[ids[i]] = zid[i];
+  double ss = has_tail ? ss_tail : 0.0, sz = has_tail ? sz_tail : 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    lP[i] = (static_cast<double>(zid[i]) - mz) * inv_tau;
+    ez_id[i] = std::exp(static_cast<double>(zid[i]) - mz);
+    ss += std::exp(lP[i]);
+    sz += ez_id[i];
+  }
+  const double log_ss = std::log(ss), log_sz = std::log(sz);
+  *ce_out = static_cast<float>(log_sz - (static_cast<double>(z_label) - mz));
+  for (int64_t i = 0; i < k; ++i) lP[i] -= log_ss;
+  // teacher: log-probabilities / tau over the k ids and the tail pseudo-token, renormalised over the buckets
+  double mq = -1e300;
+  for (int64_t i = 0; i < k; ++i) mq = std::max(mq, lQ[i] = static_cast<double>(logprobs[i]) * inv_tau);
+  if (has_tail) {
+    // ss_tail == 0 (all the student's mass on the k ids): log P_tail is -inf; a finite stand-in far below any
+    // real log-probability keeps exp() at exactly 0 under -ffast-math
+    lP[k] = ss_tail > 0.0f ? std::log(static_cast<double>(ss_tail)) - log_ss : -1e300;
+    mq = std::max(mq, lQ[k] = std::log(std::max(static_cast<double>(tail_mass), kTailFloor)) * inv_tau);
+  }
+  double sq = 0.0;
+  for (int64_t b = 0; b < K; ++b) sq += std::exp(lQ[b] - mq);
+  const double lse_q = mq + std::log(sq);
+  for (int64_t b = 0; b < K; ++b) lQ[b] -= lse_q;
+  const double div = bucket_divergence<KIND>(lP, lQ, K, beta, c);
+  *kd_out = static_cast<float>(static_cast<double>(tau) * tau * div);
+  if (!want_grad) return;
+  // d(tau^2 D)/dz_j = tau p_j c_b(j) (forward KL: tau (p_j - p_j Q_b / P_b)), plus g_ce (softmax_j - [j = label])
+  const double ckd = static_cast<double>(g_kd) * tau;
+  const float cs = static_cast<float>(g_ce / sz);
+  if (has_tail && KIND == 0 && c[k] > 60.0) {
+    // forward KL with P_tail < e^-60 Q_tail: Q/P would overflow a float, so p_j Q / P = exp(log p_j + lQ - lP)
+    const float dt = static_cast<float>(c[k] - log_ss), ck = static_cast<float>(ckd);
+    const float log_ss_f = static_cast<float>(log_ss);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const float d = (zr[j] - mz) * inv_tau;
+      float es, ez;
+      tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
+      zr[j] = ck * (std::exp(d - log_ss_f) - std::exp(d + dt)) + cs * ez;
+    }
+  } else {
+    const double a = !has_tail ? 0.0 : (KIND == 0 ? -std::expm1(c[k]) : c[k]);
+    const float cp = static_cast<float>(ckd * a / ss);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      float es, ez;
+      tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
+      zr[j] = cp * es + cs * ez;
+    }
+  }
+  // the k ids: overwrite the tail formula, then add each bucket's KD term (a repeated id gets both)
+  for (int64_t i = 0; i < k; ++i) zr[ids[i]] = static_cast<float>(g_ce * ez_id[i] / sz);
+  for (int64_t i = 0; i < k; ++i) {
+    const double p = std::exp(lP[i]);
+    const double d = KIND == 0 ? p - std::exp(lQ[i]) : p * c[i];
+    zr[ids[i]] += static_cast<float>(ckd * d);
   }
   zr[label] -= g_ce;
 }
@@ -391,8 +531,9 @@ extern "C" {
 
 // Dense-teacher KD + CE for rows of logits, one row per OpenMP task, four passes over a row held in cache.
 // z [n, V] student logits (overwritten with d loss / d z when want_grad), t [n, V] teacher logits (null: CE only),
-// labels [n] (-100: row ignored). kind 0 = forward KL, 1 = reverse KL, 2 = JSD(beta), all tau^2-scaled as in
-// pipeline.losses.kd_loss; loss = g_kd * sum kd + g_ce * sum ce. Writes kd_rows [n], ce_rows [n].
+// labels [n] (-100: row ignored, its loss and gradient 0). kind 0 = forward KL, 1 = reverse KL, 2 = JSD(beta),
+// all tau^2-scaled as in pipeline.losses.kd_loss; loss = g_kd * sum kd + g_ce * sum ce. Writes kd_rows [n],
+// ce_rows [n].
 void kd_dense_rows(float* z, const float* t, const int64_t* labels, int64_t n, int64_t V, int kind, float tau,
                    float beta, float g_kd, float g_ce, int want_grad, float* kd_rows, float* ce_rows, int nthreads) {
   using Fn = void (*)(float*, const float*, int64_t, int64_t, float, float, float, float, bool, float*, float*);
@@ -408,6 +549,38 @@ void kd_dense_rows(float* z, const float* t, const int64_t* labels, int64_t n, i
       continue;
     }
     row(zr, t ? t + r * V : nullptr, labels[r], V, tau, beta, g_kd, g_ce, want_grad != 0, kd_rows + r, ce_rows + r);
+  }
+}
+
+// Sparse top-k KD + CE for rows of logits (pipeline.losses.kd_loss's bucket semantics: the k stored ids plus one
+// tail bucket when k < V). z [n, V] (overwritten with d loss / d z when want_grad); ids [n, k] int64;
+// logprobs [n, k] teacher log-softmax at temperature 1; tail_mass [n]; labels [n] (-100: row ignored).
+// kind, tau, beta, g_kd, g_ce as in kd_dense_rows. Writes kd_rows [n], ce_rows [n].
+void kd_sparse_rows(float* z, const int64_t* ids, const float* logprobs, const float* tail_mass,
+                    const int64_t* labels, int64_t n, int64_t V, int64_t k, int kind, float tau, float beta,
+                    float g_kd, float g_ce, int want_grad, float* kd_rows, float* ce_rows, int nthreads) {
+  using Fn = void (*)(float*, const int64_t*, const float*, float, int64_t, int64_t, int64_t, float, float, float,
+                      float, bool, float*, float*, double*, float*);
+  static const Fn table[9] = {kd_sparse_row<0, 0>, kd_sparse_row<1, 0>, kd_sparse_row<2, 0>,
+                              kd_sparse_row<0, 1>, kd_sparse_row<1, 1>, kd_sparse_row<2, 1>,
+                              kd_sparse_row<0, 2>, kd_sparse_row<1, 2>, kd_sparse_row<2, 2>};
+  const int tau_kind = tau == 1.0f ? 1 : (tau == 2.0f ? 2 : 0);
+  const Fn row = table[3 * tau_kind + kind];
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<double> work(static_cast<size_t>(4 * (k + 1)));
+    std::vector<float> zid(static_cast<size_t>(k + 1));
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < n; ++r) {
+      float* zr = z + r * V;
+      if (labels[r] == -100) {
+        kd_rows[r] = ce_rows[r] = 0.0f;
+        if (want_grad) std::memset(zr, 0, sizeof(float) * V);
+        continue;
+      }
+      row(zr, ids + r * k, logprobs + r * k, tail_mass[r], labels[r], V, k, tau, beta, g_kd, g_ce, want_grad != 0,
+          kd_rows + r, ce_rows + r, work.data(), zid.data());
+    }
   }
 }
 

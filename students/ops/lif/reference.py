@@ -24,18 +24,20 @@ def lif_scan_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [B, S, *N] input current over S time steps; v0: [B, *N] membrane before step 0 (zeros if None).
 
-    Returns (spikes [B, S, *N] in {0, 1}, membrane after the last step [B, *N]).
+    Returns (spikes [B, S, *N] in {0, 1}, in x's dtype; membrane after the last step [B, *N], fp32).
+    The membrane is charged in fp32 whatever x's dtype, and handed back in fp32: a bf16 membrane rounded at
+    every call would make a sequence fed in pieces (streaming, chunked scoring) fire differently from one pass.
     """
     if reset not in ("hard", "soft"):
         raise ValueError(f"reset must be 'hard' or 'soft', got {reset!r}")
     beta = 1.0 - 1.0 / tau
     gain = 1.0 / tau if decay_input else 1.0
-    v = torch.zeros_like(x[:, 0]) if v0 is None else v0.to(x.dtype)
+    v = torch.zeros_like(x[:, 0], dtype=torch.float32) if v0 is None else v0.float()
     out = []
-    for x_t in x.unbind(1):  # unbind, not x[:, t]: indexing makes the backward O(S^2)
+    for x_t in x.float().unbind(1):  # unbind, not x[:, t]: indexing makes the backward O(S^2)
         h = beta * v + gain * x_t
         s = spike(h - v_threshold, surrogate, alpha)
         s_reset = s.detach() if detach_reset else s
         v = h * (1.0 - s_reset) if reset == "hard" else h - s_reset * v_threshold
         out.append(s)
-    return torch.stack(out, 1), v
+    return torch.stack(out, 1).to(x.dtype), v

@@ -86,7 +86,7 @@ class _LifScanTriton(torch.autograd.Function):
         ctx.save_for_backward(xf, v0f)
         ctx.opts, ctx.x_shape, ctx.x_dtype = opts, x.shape, x.dtype
         ctx.v0_dtype = None if v0 is None else v0.dtype
-        return spikes.to(x.dtype).view(x.shape), v_last.to(x.dtype).view(x.shape[:1] + x.shape[2:])
+        return spikes.to(x.dtype).view(x.shape), v_last.view(x.shape[:1] + x.shape[2:])  # membrane stays fp32
 
     @staticmethod
     def backward(ctx, g_spikes, g_vlast):
@@ -125,7 +125,7 @@ def lif_scan_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `lif_scan_reference`: x [B, S, *N], v0 [B, *N] -> (spikes [B, S, *N], v_last [B, *N]).
 
-    fp32 arithmetic whatever x's dtype (bf16 allowed); outputs in x's dtype.
+    fp32 arithmetic whatever x's dtype (bf16 allowed); spikes in x's dtype, the membrane v_last in fp32.
     """
     if reset not in ("hard", "soft"):
         raise ValueError(f"reset must be 'hard' or 'soft', got {reset!r}")

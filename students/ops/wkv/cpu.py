@@ -6,6 +6,7 @@ small per-thread buffer and runs the scaled adjoint recurrence backwards (see sp
 import torch
 
 from ..csrc import library, ptr, threads
+from .reference import MAX_DECAY_EXP, decay_rate
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -18,7 +19,7 @@ class _Wkv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, time_decay, time_first, k, v, num0, den0, p0):
         B, L, C = k.shape
-        w = -torch.exp(time_decay.float()).contiguous()
+        w = decay_rate(time_decay).contiguous()
         u, kf, vf = _f32(time_first), _f32(k), _f32(v)
         num0, den0, p0 = _f32(num0), _f32(den0), _f32(p0)
         y = torch.empty(B, L, C, dtype=torch.float32)
@@ -29,6 +30,7 @@ class _Wkv(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(w, u, kf, vf, num0, den0, p0)
         ctx.dtypes = (time_decay.dtype, time_first.dtype, k.dtype, v.dtype)
+        ctx.decay_clamped = time_decay.detach() > MAX_DECAY_EXP  # where the clamp passes no gradient
         return y.to(k.dtype), num1, den1, p1
 
     @staticmethod
@@ -47,8 +49,8 @@ class _Wkv(torch.autograd.Function):
             *(ptr(g) for g in g_state), B, L, C, threads(),
         )  # fmt: skip
         td_dtype, tf_dtype, k_dtype, v_dtype = ctx.dtypes
-        # w = -exp(time_decay), so d/d time_decay = d/dw * w
-        g_td = (g_w.sum(0) * w).to(td_dtype)
+        # w = -exp(time_decay), so d/d time_decay = d/dw * w (0 where decay_rate clamped time_decay)
+        g_td = (g_w.sum(0) * w).masked_fill(ctx.decay_clamped, 0.0).to(td_dtype)
         return (g_td, g_u.sum(0).to(tf_dtype), g_k.to(k_dtype), g_v.to(v_dtype), *g_state)
 
 

@@ -6,6 +6,16 @@ State (num, den, max_exp), each [B, C] fp32: num and den are scaled by e^{-max_e
 import torch
 
 NEG_INF = -1e38  # the empty state's max exponent; finite so that p + w stays finite
+# exp(time_decay) is taken at most at this exponent: exp(88) = 1.65e38 is the last power of e below fp32's
+# largest float. Beyond it exp() overflows, w = -inf, and the backward multiplies a zero decay factor by
+# dw/d(time_decay) = -inf (NaN). The clamp changes no value: a decay of e^-(e^88) per step is exactly 0 in fp32
+# and float64 alike, and so is the true gradient through it.
+MAX_DECAY_EXP = 88.0
+
+
+def decay_rate(time_decay: torch.Tensor) -> torch.Tensor:
+    """w = -exp(time_decay) [C] in fp32, finite for any time_decay (see MAX_DECAY_EXP)."""
+    return -torch.exp(time_decay.float().clamp(max=MAX_DECAY_EXP))
 
 
 def wkv_initial_state(batch: int, channels: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,7 +36,7 @@ def wkv_reference(
     Returns (y [B, L, C] in k's dtype, new state). Accumulates in fp32.
     """
     dtype = k.dtype
-    w = -torch.exp(time_decay.float())
+    w = decay_rate(time_decay)
     u = time_first.float()
     num, den, p = wkv_initial_state(k.shape[0], k.shape[2], k.device) if state is None else state
     ys = []

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import MAX_DECAY_EXP, decay_rate
+
 BLOCK = 64
 NEG_INF = -1e38
 
@@ -112,7 +114,8 @@ def _wkv_bwd(w_ptr, u_ptr, k_ptr, v_ptr, num0_ptr, den0_ptr, p0_ptr, gy_ptr, gnu
         b1 = tl.exp(pw - q)
         b2 = tl.exp(kt - q)
         tl.store(gv_ptr + off, gyd * a2 + ga * b2, mask=mask)
-        gu_t = gyd * (vt - yt) * a2
+        # vt - yt = a1 (vt den - num) / dq: no cancellation when e^{u + k} dominates (large time_first)
+        gu_t = gyd * a2 * a1 * (vt * den - num) / dq
         gk = gu_t + (ga * vt + gb) * b2
         gu += gu_t
         gw += (ga * num + gb * den) * b1
@@ -139,7 +142,7 @@ class _WkvTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, time_decay, time_first, k, v, num0, den0, p0):
         B, L, C = k.shape
-        w = -torch.exp(time_decay.float()).contiguous()
+        w = decay_rate(time_decay).contiguous()
         u, kc, vc = _f32(time_first), k.contiguous(), v.contiguous()
         num0, den0, p0 = _f32(num0), _f32(den0), _f32(p0)
         y = torch.empty(B, L, C, device=k.device, dtype=torch.float32)
@@ -151,6 +154,7 @@ class _WkvTriton(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(w, u, kc, vc, num0, den0, p0)
         ctx.dtypes = (time_decay.dtype, time_first.dtype, k.dtype, v.dtype)
+        ctx.decay_clamped = time_decay.detach() > MAX_DECAY_EXP  # where the clamp passes no gradient
         return y.to(k.dtype), num1, den1, p1
 
     @staticmethod
@@ -174,7 +178,8 @@ class _WkvTriton(torch.autograd.Function):
             HAS_STATE=has_state, HAS_GSTATE=has_g, BLOCK=BLOCK,
         )  # fmt: skip
         td_dtype, tf_dtype, k_dtype, v_dtype = ctx.dtypes
-        g_td = (g_w.sum(0) * w).to(td_dtype)  # w = -exp(time_decay)
+        # w = -exp(time_decay), so d/d time_decay = d/dw * w (0 where decay_rate clamped time_decay)
+        g_td = (g_w.sum(0) * w).masked_fill(ctx.decay_clamped, 0.0).to(td_dtype)
         return (g_td, g_u.sum(0).to(tf_dtype), g_k.to(k_dtype), g_v.to(v_dtype), *g_state)
 
 
