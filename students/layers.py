@@ -11,7 +11,18 @@ import torch
 from torch import nn
 
 from .config import SpikeGPTConfig
-from .ops import lif_scan, relu_square_lif, sfsa, sfsa_linear, sigmoid_gate_lif, spike, token_shift_lif, wkv
+from .ops import (
+    EventWeight,
+    event_linear,
+    lif_scan,
+    relu_square_lif,
+    sfsa,
+    sfsa_linear,
+    sigmoid_gate_lif,
+    spike,
+    token_shift_lif,
+    wkv,
+)
 from .state import SpikeGPTState
 
 
@@ -38,7 +49,10 @@ def _mean_over_steps(maps: torch.Tensor, steps: int) -> torch.Tensor:
 
 class SpikeLinear(nn.Linear):
     """nn.Linear that records what it reads: `binary_input` says whether its input is a {0,1} spike tensor in
-    this configuration; `input_rate` is the mean of its input over the last forward (the firing rate if binary)."""
+    this configuration; `input_rate` is the mean of its input over the last forward (the firing rate if binary).
+
+    A binary-input layer runs through `ops.event_linear`, which at inference (no gradient) on CPU sums only the
+    weight columns of the active spikes where that is faster than the dense matmul (SPIKEDISTILL_SPARSE)."""
 
     track_rate = True  # the model switches this off per instance during decode steps (keeps them lean)
 
@@ -46,11 +60,14 @@ class SpikeLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.binary_input = binary_input
         self._rate: torch.Tensor | None = None
+        self._event_weight = EventWeight()  # W^T for the event path, built on its first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
         if self.track_rate:
             self._rate = x.detach().mean()
+        if self.binary_input:
+            return event_linear(x, self.weight, self.bias, self._event_weight)
         return super().forward(x)
 
     @property

@@ -1,5 +1,5 @@
-"""Build-once loader for the fused CPU kernels in spike_ops.cpp and fused_ops.cpp (plain C ABI, called through
-ctypes; both are linked into one library).
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp and sparse_ops.cpp (plain C ABI,
+called through ctypes; all are linked into one library).
 
 The library has no torch headers, so g++ builds it in about a second. It is cached per source hash and CPU
 model under $SPIKEDISTILL_CACHE/cpu_kernels (default ~/.cache/spikedistill/cpu_kernels); a file lock keeps
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp")]
+from ..threads import tick
+
+SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp")]
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
-_P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_P, _I64, _F, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "lif_forward": [_P] * 4 + [_I64] * 3 + [_F] * 3 + [_I, _I],
     "lif_backward": [_P] * 6 + [_I64] * 3 + [_F] * 3 + [_I, _I, _I, _F, _I],
@@ -46,7 +48,10 @@ _SIGNATURES = {
     "shift_lif_forward": [_P] * 6 + [_I64] * 5 + [_F] * 3 + [_I] * 3,
     "shift_lif_backward": [_P] * 10 + [_I64] * 5 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
 }
-_RETURNS = {"spike_tile": (_I64, [])}  # functions that return a value: (restype, argtypes)
+_RETURNS = {  # functions that return a value: (restype, argtypes)
+    "spike_tile": (_I64, []),
+    "event_linear": (_I, [_P] * 5 + [_I64] * 3 + [_I, _I, _D, _I]),
+}
 
 
 def cache_dir() -> Path:
@@ -126,5 +131,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 
 def threads() -> int:
-    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both."""
+    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both; first lets
+    the thread governor re-decide that count when one is on (students/ops/threads.py)."""
+    tick()
     return torch.get_num_threads()
