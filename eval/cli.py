@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     quiet_logs()
+    from students.ops.threads import configure_threads
+
+    try:
+        configure_threads()  # OMP_NUM_THREADS, else the allowed cores, adapted to other processes' load
+    except ValueError as exc:  # a bad OMP_NUM_THREADS
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except EvalError as exc:

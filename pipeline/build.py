@@ -59,11 +59,14 @@ def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = 
 def load_stage_teacher(recipe: Any, accelerator: Any, attn_maps: bool):
     """The frozen teacher in the recipe's dtype on the accelerator's device, whole on every rank."""
     from pipeline.stages.teacher_cache import teacher_dtype
+    from students.ops.threads import watch
     from teachers import load_teacher
 
     with _unpartitioned(accelerator):
-        return load_teacher(recipe.teacher.spec, dtype=teacher_dtype(recipe.teacher.dtype), attn_maps=attn_maps,
-                            device=accelerator.device, trust_remote_code=recipe.teacher.trust_remote_code)
+        teacher = load_teacher(recipe.teacher.spec, dtype=teacher_dtype(recipe.teacher.dtype), attn_maps=attn_maps,
+                               device=accelerator.device, trust_remote_code=recipe.teacher.trust_remote_code)
+    watch(teacher.model)  # the thread governor re-decides between teacher forwards too
+    return teacher
 
 
 @contextmanager

@@ -290,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("unrecognized arguments: " + " ".join(extra))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     _quiet_third_party()
+    from students.ops.threads import configure_threads
+
+    try:
+        configure_threads()  # OMP_NUM_THREADS, else the allowed cores, adapted to other processes' load
+    except ValueError as exc:
+        print(f"spikedistill: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
     except _project_errors() as exc:

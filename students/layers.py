@@ -11,7 +11,18 @@ import torch
 from torch import nn
 
 from .config import SpikeGPTConfig
-from .ops import lif_scan, sfsa, sfsa_linear, spike, wkv
+from .ops import (
+    EventWeight,
+    event_linear,
+    lif_scan,
+    relu_square_lif,
+    sfsa,
+    sfsa_linear,
+    sigmoid_gate_lif,
+    spike,
+    token_shift_lif,
+    wkv,
+)
 from .state import SpikeGPTState
 
 
@@ -38,7 +49,10 @@ def _mean_over_steps(maps: torch.Tensor, steps: int) -> torch.Tensor:
 
 class SpikeLinear(nn.Linear):
     """nn.Linear that records what it reads: `binary_input` says whether its input is a {0,1} spike tensor in
-    this configuration; `input_rate` is the mean of its input over the last forward (the firing rate if binary)."""
+    this configuration; `input_rate` is the mean of its input over the last forward (the firing rate if binary).
+
+    A binary-input layer runs through `ops.event_linear`, which at inference (no gradient) on CPU sums only the
+    weight columns of the active spikes where that is faster than the dense matmul (SPIKEDISTILL_SPARSE)."""
 
     track_rate = True  # the model switches this off per instance during decode steps (keeps them lean)
 
@@ -46,11 +60,14 @@ class SpikeLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.binary_input = binary_input
         self._rate: torch.Tensor | None = None
+        self._event_weight = EventWeight()  # W^T for the event path, built on its first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
         if self.track_rate:
             self._rate = x.detach().mean()
+        if self.binary_input:
+            return event_linear(x, self.weight, self.bias, self._event_weight)
         return super().forward(x)
 
     @property
@@ -80,8 +97,21 @@ class LIF(nn.Module):
 
     def forward(self, x: torch.Tensor, state: SpikeGPTState | None) -> torch.Tensor:
         """x [B, L*T, N] input current -> spikes [B, L*T, N] in {0, 1}."""
-        v0 = state.get(self.state_key) if state is not None else None
-        spikes, v_last = lif_scan(x, v0, **self.kwargs)
+        spikes, v_last = lif_scan(x, self.membrane(state), **self.kwargs)
+        return self.emit(spikes, v_last, state)
+
+    def fed_by(self, op, *inputs, state: SpikeGPTState | None) -> torch.Tensor:
+        """Spikes of these neurons fed by a fused producer: op(*inputs, v0, lif) -> (spikes, v_last), one of the
+        `students.ops` fused-LIF functions (e.g. sigmoid_gate_lif: the current is sigmoid(r) * y)."""
+        spikes, v_last = op(*inputs, self.membrane(state), self.kwargs)
+        return self.emit(spikes, v_last, state)
+
+    def membrane(self, state: SpikeGPTState | None) -> torch.Tensor | None:
+        """The membrane [B, N] carried in `state` (None: a fresh start at zero)."""
+        return state.get(self.state_key) if state is not None else None
+
+    def emit(self, spikes: torch.Tensor, v_last: torch.Tensor, state: SpikeGPTState | None) -> torch.Tensor:
+        """Store the final membrane in `state`, record the firing rate; returns spikes."""
         if state is not None:
             state.set(self.state_key, v_last)
         if self.track_rate:
@@ -105,15 +135,23 @@ class TokenShift(nn.Module):
         self.owner, self.layer_id = owner, layer_id
         self.state_key = ""
 
-    def forward(self, x: torch.Tensor, state: SpikeGPTState | None) -> torch.Tensor:
-        """x [B', L, C] (mixer layout) -> mixed branches concatenated [B', L, branches*C]."""
+    def forward(self, x: torch.Tensor, state: SpikeGPTState | None, steps: int = 1, neuron: LIF | None = None):
+        """x [B, L*T, C] (steps layout) -> mixed branches concatenated [B, L*T, branches*C], or their spikes
+        through `neuron` (a LIF of width branches*C) in the same fused pass. Each token pairs with the previous
+        token at the same step t."""
         prev = state.get(self.state_key) if state is not None else None
-        first = torch.zeros_like(x[:, :1]) if prev is None else prev.unsqueeze(1)
-        x_prev = torch.cat([first, x[:, :-1]], 1)
+        v0 = neuron.membrane(state) if neuron is not None else None
+        out, v_last, last = token_shift_lif(x, self.mix, prev, v0, steps, neuron.kwargs if neuron else None)
         if state is not None:
-            state.set(self.state_key, x[:, -1])
-        diff = x - x_prev
-        return torch.cat([x_prev + mu * diff for mu in self.mix], -1)
+            state.set(self.state_key, last)
+        return neuron.emit(out, v_last, state) if neuron is not None else out
+
+
+def _gate(r: torch.Tensor, y: torch.Tensor, neuron: LIF | None, state: SpikeGPTState | None) -> torch.Tensor:
+    """sigmoid(r) * y, through `neuron` in the same fused pass when there is one. r, y [B, L*T, C]."""
+    if neuron is None:
+        return sigmoid_gate_lif(r, y)[0]
+    return neuron.fed_by(sigmoid_gate_lif, r, y, state=state)
 
 
 class SpikingRWKV(nn.Module):
@@ -139,18 +177,13 @@ class SpikingRWKV(nn.Module):
 
     def forward(self, h, state, steps, want_attn):
         """h [B, L*T, C] (LayerNorm output) -> (out [B, L*T, C], implied attention [B, H, L, L] or None)."""
-        mixed = to_steps(self.shift(to_mixer(h, steps), state), steps)
-        if self.in_neuron is not None:
-            mixed = self.in_neuron(mixed, state)
-        xk, xv, xr = mixed.chunk(3, -1)
+        xk, xv, xr = self.shift(h, state, steps, self.in_neuron).chunk(3, -1)
         k, v = to_mixer(self.key(xk), steps), to_mixer(self.value(xv), steps)
         prev = state.get(self.state_key) if state is not None else None
         y, new_state = wkv(self.time_decay, self.time_first, k, v, prev)
         if state is not None:
             state.set(self.state_key, new_state)
-        gated = torch.sigmoid(self.receptance(xr)) * to_steps(y, steps)
-        if self.out_neuron is not None:
-            gated = self.out_neuron(gated, state)
+        gated = _gate(self.receptance(xr), to_steps(y, steps), self.out_neuron, state)
         attn = _mean_over_steps(self.implied_attention(k), steps) if want_attn else None
         return self.output(gated), attn
 
@@ -281,16 +314,14 @@ class SpikingFFN(nn.Module):
         self.hidden_neuron = LIF(config, hidden) if sd else None
         self.value = SpikeLinear(hidden, c, binary_input=sd)
 
-    def forward(self, h: torch.Tensor, state: SpikeGPTState | None, steps: int) -> torch.Tensor:
-        """h [B, L*T, C] (LayerNorm output) -> [B, L*T, C]."""
-        mixed = to_steps(self.shift(to_mixer(h, steps), state), steps)
-        if self.in_neuron is not None:
-            mixed = self.in_neuron(mixed, state)
-        xk, xr = mixed.chunk(2, -1)
-        hidden = torch.relu(self.key(xk)).square()
+    def forward(self, h: torch.Tensor, state: SpikeGPTState | None, steps: int, neuron: LIF | None = None):
+        """h [B, L*T, C] (LayerNorm output) -> [B, L*T, C], or its spikes through `neuron` (fused with the gate)."""
+        xk, xr = self.shift(h, state, steps, self.in_neuron).chunk(2, -1)
         if self.hidden_neuron is not None:
-            hidden = self.hidden_neuron(hidden, state)
-        return torch.sigmoid(self.receptance(xr)) * self.value(hidden)
+            hidden = self.hidden_neuron.fed_by(relu_square_lif, self.key(xk), state=state)
+        else:
+            hidden = relu_square_lif(self.key(xk))[0]
+        return _gate(self.receptance(xr), self.value(hidden), neuron, state)
 
 
 class SpikeGPTBlock(nn.Module):
@@ -314,5 +345,5 @@ class SpikeGPTBlock(nn.Module):
         """x [B, L*T, C] -> (x [B, L*T, C], attention map or None)."""
         mixed, attn = self.mixer(self.ln1(x), state, steps, want_attn)
         x = x + self.mixer_neuron(mixed, state)
-        x = x + self.ffn_neuron(self.ffn(self.ln2(x), state, steps), state)
+        x = x + self.ffn(self.ln2(x), state, steps, neuron=self.ffn_neuron)
         return x, attn

@@ -36,8 +36,16 @@ def test_triton_kernels_under_the_interpreter():
 
 if INTERPRETED:
     from students.ops._dispatch import select_backend
+    from students.ops.fused_lif import (
+        sigmoid_gate_lif,
+        sigmoid_gate_lif_reference,
+        token_shift_lif,
+        token_shift_lif_reference,
+    )
     from students.ops.lif import lif_scan_reference
     from students.ops.lif.triton import lif_scan_triton
+    from students.ops.linear_ce import linear_cross_entropy_reference
+    from students.ops.linear_ce.triton import linear_cross_entropy_triton
     from students.ops.sfsa import sfsa_reference
     from students.ops.sfsa.triton import sfsa_triton
     from students.ops.wkv import wkv_reference
@@ -164,3 +172,34 @@ def test_dispatch_picks_triton_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
         assert select_backend(torch.randn(2)) == "reference"
+
+
+@interpreted_only
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n,c,v,chunk", [(1, 1, 1, 4), (13, 8, 37, 5)])
+def test_linear_ce_triton_matches_reference(reduction, n, c, v, chunk):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=gen).requires_grad_()
+    w = torch.randn(v, c, generator=gen).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[2:3] = -100
+    ref = linear_cross_entropy_reference(x, w, labels, reduction)
+    fast = linear_cross_entropy_triton(x, w, labels, reduction, chunk_size=chunk)
+    _close([ref], [fast])
+    _close(torch.autograd.grad(ref * 1.7, (x, w)), torch.autograd.grad(fast * 1.7, (x, w)))
+
+
+@interpreted_only
+def test_fused_lif_composes_the_triton_lif(monkeypatch):
+    # No fused Triton kernel: on the Triton backend the producer runs in PyTorch and the LIF in the Triton kernel.
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "triton")
+    gen = torch.Generator().manual_seed(1)
+    lif = {"tau": 2.0, "v_threshold": 1.0}
+    r, y = torch.randn(2, 5, 6, generator=gen).requires_grad_(), (torch.randn(2, 5, 6, generator=gen) + 1)
+    ref, fast = sigmoid_gate_lif_reference(r, y, None, lif), sigmoid_gate_lif(r, y, None, lif)
+    assert torch.equal(ref[0], fast[0])
+    _close(_grads(ref, (r,)), _grads(fast, (r,)))
+    h, mix = torch.randn(1, 4, 3, generator=gen).requires_grad_(), torch.rand(2, 3, generator=gen)
+    ref, fast = token_shift_lif_reference(h, mix, None, None, 2, lif), token_shift_lif(h, mix, None, None, 2, lif)
+    assert torch.equal(ref[0], fast[0])
+    _close(_grads(ref, (h,)), _grads(fast, (h,)))

@@ -352,7 +352,7 @@ def _is_list(kind) -> bool:
     return typing.get_origin(kind) is list
 
 
-LIST_KEYS = [k for k, kind in _keys(Recipe) if _is_list(kind)]
+LIST_KEYS = {k: typing.get_args(kind)[0] for k, kind in _keys(Recipe) if _is_list(kind)}
 
 
 def test_every_list_key_is_found():
@@ -364,7 +364,7 @@ def test_a_single_item_for_a_list_key_is_a_one_element_list(key, capsys):
     from pipeline.errors import ConfigError
     from pipeline.recipe import load_recipe
 
-    item = "0.5" if key.endswith("betas") else "persuasion"
+    item = {float: "0.5", int: "3"}.get(LIST_KEYS[key], "persuasion")
     try:
         recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [f"{key}={item}"])
     except ConfigError as exc:  # betas needs two numbers: a value error, not an internal one
@@ -373,7 +373,7 @@ def test_a_single_item_for_a_list_key_is_a_one_element_list(key, capsys):
         node = recipe
         for part in key.split("."):
             node = getattr(node, part)
-        assert node == [item]
+        assert node == [LIST_KEYS[key](item)]
     for bad in ("a,b", "{a: 1}"):
         err = fails(capsys, ["run", str(ROOT / "recipes" / "demo.yaml"), f"{key}={bad}"])
         assert f"{key}: a list" in err and f"write {key}=[a,b]" in err and "AnyNode" not in err

@@ -28,8 +28,11 @@ def run(ctx: StageContext) -> StageResult:
     from teachers.cache import build_teacher_cache
 
     r = ctx.recipe
+    from students.ops.threads import watch
+
     teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
                            trust_remote_code=r.teacher.trust_remote_code)
+    watch(teacher.model)  # the thread governor re-decides between batches
     out = Path(r.teacher_cache.dir).expanduser() if r.teacher_cache.dir else ctx.stage_dir / "cache"
     stats = build_teacher_cache(teacher, ctx.upstream["prepare"]["outputs"]["dataset"], out,
                                 k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size, split="train",

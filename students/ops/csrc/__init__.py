@@ -1,4 +1,5 @@
-"""Build-once loader for the fused CPU kernels in spike_ops.cpp (plain C ABI, called through ctypes).
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp and sparse_ops.cpp (plain C ABI,
+called through ctypes; all are linked into one library).
 
 The library has no torch headers, so g++ builds it in about a second. It is cached per source hash and CPU
 model under $SPIKEDISTILL_CACHE/cpu_kernels (default ~/.cache/spikedistill/cpu_kernels); a file lock keeps
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("spike_ops.cpp")
+from ..threads import tick
+
+SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp")]
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
-_P, _I64, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_P, _I64, _F, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "lif_forward": [_P] * 4 + [_I64] * 3 + [_F] * 3 + [_I, _I],
     "lif_backward": [_P] * 6 + [_I64] * 3 + [_F] * 3 + [_I, _I, _I, _F, _I],
@@ -34,6 +37,20 @@ _SIGNATURES = {
     "sfsa_threshold_backward": [_P] * 4 + [_I64] * 4 + [_I, _F, _I],
     "kd_dense_rows": [_P] * 3 + [_I64] * 2 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
     "kd_sparse_rows": [_P] * 5 + [_I64] * 3 + [_I] + [_F] * 4 + [_I, _P, _P, _I],
+    # fused_ops.cpp: students/ops/linear_ce and students/ops/fused_lif
+    "pack_tiles": [_P, _I64, _I64, _P, _I64, _I],
+    "unpack_tiles": [_P, _I64, _I64, _P, _I64, _I],
+    "spike_logits": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I],
+    "spike_weight_grad": [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I, _I],
+    "ce_rows": [_P, _I64, _P, _I64, _I64, _F, _I, _P, _I],
+    "pointwise_lif_forward": [_I] + [_P] * 5 + [_I64] * 3 + [_F] * 3 + [_I] * 3,
+    "pointwise_lif_backward": [_I] + [_P] * 8 + [_I64] * 3 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
+    "shift_lif_forward": [_P] * 6 + [_I64] * 5 + [_F] * 3 + [_I] * 3,
+    "shift_lif_backward": [_P] * 10 + [_I64] * 5 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
+}
+_RETURNS = {  # functions that return a value: (restype, argtypes)
+    "spike_tile": (_I64, []),
+    "event_linear": (_I, [_P] * 5 + [_I64] * 3 + [_I, _I, _D, _I]),
 }
 
 
@@ -62,14 +79,15 @@ def _build(target: Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        obj = tmp[:-3] + ".o"
+        objs = [f"{tmp[:-3]}_{i}.o" for i in range(len(SOURCES))]
         cxx = os.environ.get("CXX", "g++")
         try:
-            for cmd in ([cxx, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj], [cxx, *LINK_FLAGS, obj, "-o", tmp]):
+            compiles = [[cxx, *COMPILE_FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objs)]
+            for cmd in [*compiles, [cxx, *LINK_FLAGS, *objs, "-o", tmp]]:
                 subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
             os.replace(tmp, target)
         finally:
-            for path in (tmp, obj):
+            for path in (tmp, *objs):
                 if os.path.exists(path):
                     os.unlink(path)
 
@@ -78,7 +96,8 @@ def _build(target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
-    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
+    sources = b"".join(src.read_bytes() for src in SOURCES)
+    key = hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
     target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
     try:
         if not target.exists():
@@ -87,7 +106,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(
-            f"students/ops/csrc: could not build {SOURCE.name} ({str(detail).strip()[:200]}); the spike ops fall "
+            f"students/ops/csrc: could not build {', '.join(src.name for src in SOURCES)} "
+            f"({str(detail).strip()[:200]}); the spike ops fall "
             "back to the slow reference. Install g++ with OpenMP or set SPIKEDISTILL_KERNELS=reference.",
             RuntimeWarning,
             stacklevel=2,
@@ -96,6 +116,9 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    for name, (restype, argtypes) in _RETURNS.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -108,5 +131,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 
 def threads() -> int:
-    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both."""
+    """OpenMP threads per call: torch's intra-op thread count, so torch.set_num_threads governs both; first lets
+    the thread governor re-decide that count when one is on (students/ops/threads.py)."""
+    tick()
     return torch.get_num_threads()
