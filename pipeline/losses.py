@@ -210,7 +210,9 @@ def head_mix_matrix(n_student: int, n_teacher: int) -> torch.Tensor:
 
 
 def lif_rate(x: torch.Tensor, time_steps: int, lif: dict[str, Any]) -> torch.Tensor:
-    """Feed x [..., N] as a constant current into a LIF for `time_steps` steps; mean spikes -> [..., N]."""
+    """Feed x [..., N] as a constant current into a LIF (students.ops.lif_scan with the keyword arguments `lif`)
+    for `time_steps` steps from rest; mean spikes -> [..., N], in {0, 1/T, ..., 1}. Differentiable through the
+    neuron's surrogate gradient."""
     from students.ops import lif_scan
 
     flat = x.reshape(1, 1, -1).float().expand(1, time_steps, -1)
@@ -226,34 +228,95 @@ def lif_kwargs(config: Any) -> dict[str, Any]:
             "surrogate": config.surrogate, "alpha": config.surrogate_alpha}
 
 
+# A hair above threshold, so that float rounding cannot keep an entry equal to the row's scale from firing.
+_AT_THRESHOLD = 1.0 + 1e-5
+
+
+def rate_code(x: torch.Tensor, scale: torch.Tensor, time_steps: int, lif: dict[str, Any]) -> torch.Tensor:
+    """Rate code of each row of x [..., N] in the student's own neuron -> rates [..., N] in {0, 1/T, ..., 1}.
+
+    Each row is divided by its scale [..., 1] and fed as a constant current for `time_steps` steps
+    (`lif_rate`), amplified so that an entry equal to the scale drives the LIF to threshold in one step
+    (current x / scale * v_threshold / g, g = 1/tau with input decay, else 1). With SpikeGPT's LIF (tau 2, hard
+    reset) an entry at f times the scale fires at every step for f >= 1, at rate 1/2 for 2/3 <= f < 1 (T >= 2),
+    and never for f < 1/2; entries <= 0 never fire; rows whose scale is <= 0 give zeros. Because the neuron is
+    the student's own (its tau, threshold, reset and input decay), every target is a rate its spikes can take.
+    Differentiable through the neuron's surrogate gradient where x (or scale) requires grad.
+    """
+    gain = 1.0 / lif["tau"] if lif.get("decay_input", True) else 1.0
+    ok = scale > 0
+    drive = x / torch.where(ok, scale, torch.ones_like(scale)) * (lif["v_threshold"] / gain * _AT_THRESHOLD)
+    return lif_rate(torch.where(ok, drive, torch.zeros_like(drive)), time_steps, lif)
+
+
+def attention_rate_code(maps: torch.Tensor, time_steps: int, lif: dict[str, Any]) -> torch.Tensor:
+    """Rate code of causal attention maps [..., L_q, K] (query i sees keys 0..i): the scale of row i is its
+    uniform share, row sum / (i + 1), so a key that gets at least its uniform share of the attention fires at
+    every step (`rate_code`). On SmolLM2-135M this leaves ~4 firing keys per row at T = 1 (the attention sink
+    at key 0 and ~3 others) and ~6-8 at T = 4."""
+    n_causal = torch.arange(1, maps.shape[-2] + 1, device=maps.device, dtype=maps.dtype).clamp_max(maps.shape[-1])
+    return rate_code(maps, maps.sum(-1, keepdim=True) / n_causal[:, None], time_steps, lif)
+
+
+def feature_rate_code(h: torch.Tensor, time_steps: int, lif: dict[str, Any]) -> torch.Tensor:
+    """Rate code of features [..., C]: the scale of each token is its root mean square over channels, so a
+    channel at +1 rms or more fires at every step (`rate_code`); ~5% of LayerNorm'd SmolLM2-135M features fire
+    at T = 1, ~14% at T = 4."""
+    return rate_code(h, h.pow(2).mean(-1, keepdim=True).sqrt(), time_steps, lif)
+
+
+def row_distribution(maps: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """Attention maps [..., K] divided by their row sums (rows sum to 1; an all-zero row stays zero).
+
+    The sum is floored at 1/T, the smallest non-zero row sum of a T-step spike map, so a silent row of the
+    student's map gets a bounded gradient instead of one of order 1/eps.
+    """
+    return maps / maps.sum(-1, keepdim=True).clamp_min(1.0 / time_steps)
+
+
 class SpADLoss(nn.Module):
-    """Spike-aware alignment terms (BiSpikCLM SpAD) with their learned projections, as per-token SUMS.
+    """Spike-aware alignment terms (BiSpikCLM SpAD, arXiv 2605.13859) with their learned projections, as
+    per-token SUMS.
 
     EA   MSE(P(E_S), E_T): P a linear map of the student's embedding output (averaged over T steps).
-    SAA  per mapped layer: MSE(A_S, M A_T) + MSE(A_S, rate(M A_T)), averaged over layers. A_S [B, H_s, L, L]
-         is the student's map averaged over its T steps (a spike rate for sfsa); M [H_s, H_t] maps teacher
-         heads onto student heads: "mean" = fixed mean-pool groups (head_mix_matrix), "learned" = a free
-         mix per layer initialised to it. rate(.) feeds the map as constant current into the student's own
-         LIF for T steps and averages the spikes. Note: with SpikeGPT's LIF (tau 2, threshold 1, input
-         decay) a current <= 1 never fires, so the rate target of a softmax map is 0 (it rewards sparsity).
-    SFA  per mapped layer: MSE(LN(MLP(h_S)), h_T) + MSE(rate(LN(MLP(h_S))), rate(h_T)), averaged over layers;
-         the student side of the rate term goes through the same LIF with its surrogate gradient.
-         sfa_target_norm=True compares against LN(h_T) (no affine) instead: raw residual streams carry
-         massive activations (SmolLM2-135M: SFA ~4e3 per token against EA ~0.2), which drown the other terms.
-    Every MSE is a mean over the feature axes of each token, summed over the first n_pos positions.
-    Only terms with a weight > 0 get parameters (DDP needs every parameter to receive a gradient).
+    SAA  per mapped layer, averaged over layers: (1 - g) MSE(A_S, M A_T) + g MSE(D(A_S), D(R(M A_T))),
+         g = rate_mix (0.5). A_S [B, H_s, L, L] is the student's map averaged over its T steps (a spike rate for
+         sfsa); M [H_s, H_t] maps teacher heads onto student heads: "mean" = fixed mean-pool groups
+         (head_mix_matrix), "learned" = a free mix per layer initialised to it. R(.) = attention_rate_code:
+         each row of the mapped teacher map, rescaled so that a key's uniform share reaches the threshold, is
+         fed into the student's own LIF for T steps; D(.) divides each row by its sum (`row_distribution`), so
+         the rate term compares where each query's attention goes, not how much of it there is.
+    SFA  per mapped layer, averaged over layers: (1 - g) MSE(z, h_T) + g MSE(R(z), R(h_T)) with z = LN(MLP(h_S))
+         and R(.) = feature_rate_code (each token rescaled by its rms, then the student's LIF for T steps); the
+         student side goes through the same neuron with its surrogate gradient, and neither side depends on the
+         raw scale of its features. sfa_target_norm=True compares against LN(h_T) (no affine) instead of h_T:
+         raw residual streams carry massive activations (SmolLM2-135M: SFA ~4e3 per token against EA ~0.2),
+         which drown the other terms.
+    Source: the 50/50 mix of direct and rate terms, rate codes of rescaled rows and the row-normalised map
+    comparison follow SpikLLM's reimplementation of SpAD (github JoeLu20051115/SpikLLM,
+    bispikclm/distill/spad.py). It rescales each row by its maximum and uses its own soft-reset neuron; here
+    the neuron is the student's, and the scale is a typical entry (uniform share, rms) because on SmolLM2-135M
+    the row maximum is the attention sink at key 0 in every row, and one massive channel of the features, so
+    a max-scaled code is a one-hot on them (measured: 1.0 firing key per row, 0.2% of channels, at T = 1).
+    Every MSE is a mean over the feature axes (heads and keys for maps) of each token, summed over the first
+    n_pos positions. Only terms with a weight > 0 get parameters (DDP needs every parameter to get a gradient).
+    `lif` are the student's lif_scan keyword arguments (`lif_kwargs(config)`); time_steps its T.
     """
 
     def __init__(self, *, student_dim: int, teacher_dim: int, layer_map: list[int], student_heads: int,
                  teacher_heads: int, weights: dict[str, float], head_mapping: str = "mean",
-                 lif: dict[str, Any] | None = None, time_steps: int = 1, sfa_target_norm: bool = False):
+                 lif: dict[str, Any] | None = None, time_steps: int = 1, sfa_target_norm: bool = False,
+                 rate_mix: float = 0.5):
         super().__init__()
         self.sfa_target_norm = sfa_target_norm
         if head_mapping not in ("mean", "learned"):
             raise ValueError(f"align.head_mapping must be 'mean' or 'learned', got {head_mapping!r}")
+        if not 0.0 <= rate_mix <= 1.0:
+            raise ValueError(f"SpAD rate_mix must be in [0, 1], got {rate_mix}")
         self.layer_map = list(layer_map)
         self.weights = {k: float(weights.get(k, 0.0)) for k in ("ea", "saa", "sfa")}
-        self.head_mapping, self.lif, self.time_steps = head_mapping, dict(lif or {}), time_steps
+        self.head_mapping, self.time_steps, self.rate_mix = head_mapping, time_steps, rate_mix
+        self.lif = {"tau": 2.0, "v_threshold": 1.0, "reset": "hard", "decay_input": True, **(lif or {})}
         if self.weights["ea"] > 0:
             self.ea_proj = nn.Linear(student_dim, teacher_dim)
         if self.weights["saa"] > 0:
@@ -296,20 +359,30 @@ class SpADLoss(nn.Module):
                              for i in range(len(self.layer_map))) / len(self.layer_map)
         return out
 
+    def saa_target(self, i: int, teacher_out: Any, n_pos: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mapped teacher map M A_T, its rate code) for student layer i, each [B, H_s, n_pos, n_keys]."""
+        a_t = teacher_out.attentions[self.layer_map[i]][:, :, :n_pos, :n_keys].float()
+        mapped = torch.einsum("st,btqk->bsqk", self._mix(i).to(a_t.dtype), a_t)
+        return mapped, attention_rate_code(mapped, self.time_steps, self.lif)
+
     def _saa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
         a_s = student_out.attentions[i][:, :, :n_pos].float()
-        a_t = teacher_out.attentions[self.layer_map[i]][:, :, :n_pos, : a_s.shape[-1]].float()
-        mapped = torch.einsum("st,btqk->bsqk", self._mix(i).to(a_t.dtype), a_t)
-        rate = lif_rate(mapped, self.time_steps, self.lif)
-        return _map_mse(a_s, mapped) + _map_mse(a_s, rate)
+        mapped, rates = self.saa_target(i, teacher_out, n_pos, a_s.shape[-1])
+        steps = self.time_steps
+        rate = _map_mse(row_distribution(a_s, steps), row_distribution(rates, steps))
+        return (1.0 - self.rate_mix) * _map_mse(a_s, mapped) + self.rate_mix * rate
+
+    def sfa_target(self, i: int, teacher_out: Any, n_pos: int) -> torch.Tensor:
+        """The teacher state student layer i is aligned to, [B, n_pos, C_t] (LayerNorm'd if sfa_target_norm)."""
+        h_t = teacher_out.hidden_states[self.layer_map[i]][:, :n_pos].float()
+        return F.layer_norm(h_t, h_t.shape[-1:]) if self.sfa_target_norm else h_t
 
     def _sfa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
         z = self.sfa_proj[i](student_out.hidden_states[i + 1][:, :n_pos].float())
-        h_t = teacher_out.hidden_states[self.layer_map[i]][:, :n_pos].float()
-        if self.sfa_target_norm:
-            h_t = F.layer_norm(h_t, h_t.shape[-1:])
-        rates = _token_mse(lif_rate(z, self.time_steps, self.lif), lif_rate(h_t, self.time_steps, self.lif))
-        return _token_mse(z, h_t) + rates
+        h_t = self.sfa_target(i, teacher_out, n_pos)
+        steps = self.time_steps
+        rates = _token_mse(feature_rate_code(z, steps, self.lif), feature_rate_code(h_t, steps, self.lif))
+        return (1.0 - self.rate_mix) * _token_mse(z, h_t) + self.rate_mix * rates
 
 
 def _token_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -31,17 +31,15 @@ class SpikeGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """HF init hook (runs per module; skips weights loaded from a checkpoint)."""
+        """HF init hook (runs per module; skips weights loaded from a checkpoint). See `_linear_init_std`."""
         if isinstance(module, SpikeLinear):
-            is_head = module is getattr(self, "lm_head", None)
-            init.normal_(module.weight, mean=0.0, std=_linear_init_std(module, self.config, is_head))
+            init.normal_(module.weight, mean=0.0, std=_linear_init_std(self, module))
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            # In spike-driven mode every LayerNorm feeds LIF neurons: a gain of 2 * threshold makes them fire
-            # ~15% of the time at init instead of ~1% (a near-silent network learns very slowly).
-            gain = 2.0 * self.config.lif_threshold if self.config.spike_driven else 1.0
-            init.constant_(module.weight, gain)
+            # In spike-driven mode every LayerNorm but ln0 feeds LIF neurons: its gain is their input current
+            # (ln0, which feeds the residual stream, gets the same gain for simplicity).
+            init.constant_(module.weight, lif_current(self.config) if self.config.spike_driven else 1.0)
             init.zeros_(module.bias)
         elif isinstance(module, SpikingRWKV):
             _init_decay(module, self.config)
@@ -55,13 +53,82 @@ class SpikeGPTPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-def _linear_init_std(module: SpikeLinear, config: SpikeGPTConfig, is_head: bool) -> float:
-    """Std of a SpikeLinear's initial weights: LeCun for the head (logits of std <= 1); 2 * threshold / sqrt(in)
-    elsewhere, so that the currents reaching LIF neurons are of the threshold's order and neurons fire at init
-    (measured on the toy repeat task: learns faster than LeCun, which leaves most neurons silent)."""
-    if is_head:
-        return 1.0 / math.sqrt(module.in_features)
-    return 2.0 * config.lif_threshold / math.sqrt(module.in_features)
+# Initialisation: every LIF fires at init (a silent neuron passes nothing forward and gets no gradient through
+# the Linear it feeds). Each Linear's std is chosen so that its output has a target std given the rms of what
+# it reads, assuming the spikes it reads fire at INIT_SPIKE_RATE. The constants are measured at init on held-out
+# English text (tests/test_student_model.py::test_every_neuron_fires_at_init_and_every_block_counts).
+INIT_SPIKE_RATE = 0.15
+# rms of sigmoid(r) for r ~ N(0, 1), and of the WKV's decay-weighted average of v relative to v itself
+_GATE_RMS, _WKV_RMS = 0.54, 0.67
+# rms of relu(z)^2 for z ~ N(0, 1): sqrt(E[z^4] / 2)
+_RELU2_RMS = math.sqrt(1.5)
+# sfsa / sfsa_linear: Q and K get a weaker current than other LIFs (they fire ~2-4% at init), so that the
+# attention's integer counts (A V, or (Q K^T) V) stay of order one over a few hundred keys instead of growing
+# past every threshold; V fires like any other LIF. The current shrinks slowly with the head width D (the
+# number of Q K^T coincidences grows with D): x (32 / D)^(1/8).
+_QK_CURRENT = 0.475
+# sd=False sfsa: rms of the counts W_o reads (A V or (Q K^T) V), measured at 256 tokens
+_COUNT_RMS = 1.0
+
+
+def membrane_gain(config: SpikeGPTConfig, steps: int) -> float:
+    """Membrane of a LIF at rest after `steps` steps of unit input current (no spike): c (1 - beta^n) / (1 - beta)
+    with beta = 1 - 1/tau and c = 1/tau (decay_input) or 1. SpikeGPT's LIF (tau 2): 0.5 after one step."""
+    beta = 1.0 - 1.0 / config.lif_tau
+    c = 1.0 / config.lif_tau if config.lif_decay_input else 1.0
+    return c * (1.0 - beta**steps) / (1.0 - beta)
+
+
+def lif_current(config: SpikeGPTConfig) -> float:
+    """Std of the input current each LIF gets at init: threshold / (g_1^(3/4) g_T^(1/4)), g_n = membrane_gain(n).
+
+    At T = 1 this is threshold / g_1 (2 for SpikeGPT's LIF: one std reaches the threshold in one step), and the
+    neurons fire ~10-20% of the time on text. With T > 1 steps per token a LIF integrates the same input T times,
+    so the current is lowered a quarter of the way (on a log scale) towards threshold / g_T; the full correction
+    over-shoots through the cascade of layers, since at T = 1 the membrane already integrates across tokens.
+    """
+    g_1, g_t = membrane_gain(config, 1), membrane_gain(config, config.time_steps)
+    return config.lif_threshold / (g_1**0.75 * g_t**0.25)
+
+
+def _linear_init_std(model: nn.Module, linear: SpikeLinear) -> float:
+    """Std of a SpikeLinear's initial weights: target output std / (sqrt(in_features) * rms of its input).
+
+    The head is LeCun (logits of std <= 1). Every Linear that feeds a LIF (directly, or through the sigmoid
+    gate, the WKV average, or relu^2) targets `lif_current` at that LIF; srwkv's key and receptance, and the
+    key of the sd=False FFN, target unit std (the WKV weights and the sigmoid gates work at that scale).
+    """
+    config = model.config
+    owner, name = next((m, n) for m in model.modules() for n, c in m.named_children() if c is linear)
+    if owner is model:
+        return 1.0 / math.sqrt(linear.in_features)
+    sd, current = config.spike_driven, lif_current(config)
+    spikes = math.sqrt(INIT_SPIKE_RATE)
+    floats = 1.0  # a LayerNorm output of gain 1 (sd=False)
+    if isinstance(owner, SpikingRWKV):
+        wkv_out = _GATE_RMS * _WKV_RMS  # rms of sigmoid(r) * wkv for v of unit std
+        rms_and_std = {
+            "key": (spikes if sd else floats, 1.0),
+            "receptance": (spikes if sd else floats, 1.0),
+            "value": (spikes, current / wkv_out) if sd else (floats, 1.0),
+            "output": (spikes, current) if sd else (wkv_out, current),
+        }
+    elif isinstance(owner, SpikingSelfAttention):
+        qk_current = _QK_CURRENT * current * (32 / config.head_dim) ** 0.125
+        rms_and_std = {
+            "query": (spikes if sd else floats, qk_current),
+            "key": (spikes if sd else floats, qk_current),
+            "value": (spikes if sd else floats, current),
+            "output": (spikes, current) if sd else (_COUNT_RMS, current),
+        }
+    else:  # SpikingFFN: sigmoid(W_r x) * W_v(relu(W_k x)^2)
+        rms_and_std = {
+            "key": (spikes, math.sqrt(current / _RELU2_RMS)) if sd else (floats, 1.0),
+            "receptance": (spikes if sd else floats, 1.0),
+            "value": (spikes, current / _GATE_RMS) if sd else (_RELU2_RMS, current / _GATE_RMS),
+        }
+    rms, std = rms_and_std[name]
+    return std / (math.sqrt(linear.in_features) * rms)
 
 
 def _shift_curves(module: TokenShift, config: SpikeGPTConfig) -> torch.Tensor:

@@ -93,7 +93,8 @@ def test_no_cache_without_use_cache():
 def test_generate_is_greedy_over_full_forwards(mixer):
     model, prompt = make(mixer), ids(6)[:1]
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        # eos_token_id=None: the loop below does not stop at the config's eos (id 0), so generate must not either
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
         expected = prompt
         for _ in range(5):  # independent: recompute the whole sequence each step, no state
             nxt = model(expected).logits[:, -1].argmax(-1, keepdim=True)

@@ -141,7 +141,7 @@ def test_what_the_docs_say_about_a_recipe_is_what_it_does(where, recipe_name, te
     assert _check(recipe_name, text) == [], f"{where} about {recipe_name}"
 
 
-@pytest.mark.parametrize("claim", ["4 x 256 student", "200k tokens", "all six stages", "every stage",
+@pytest.mark.parametrize("claim", ["4 x 256 student", "300k tokens", "all six stages", "every stage",
                                    "prepare -> teacher_cache -> align -> distill -> export -> evaluate",
                                    "16 align and 80 distill steps", "first 10 kB", "T = 2", "sfsa student",
                                    "13.9M parameters", "teacher cache"])

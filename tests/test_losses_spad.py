@@ -5,11 +5,40 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.losses import DistillObjective, SpADLoss, head_mix_matrix, lif_rate
+from pipeline.losses import (
+    DistillObjective,
+    SpADLoss,
+    attention_rate_code,
+    feature_rate_code,
+    head_mix_matrix,
+    lif_kwargs,
+    lif_rate,
+    rate_code,
+    row_distribution,
+)
+from students import SpikeGPTConfig
 
-SPIKEGPT_LIF = {"tau": 2.0, "v_threshold": 1.0, "reset": "hard", "decay_input": True}
-# a neuron that fires when the current reaches 0.5 in one step (no input decay): easy to compute by hand
-EAGER_LIF = {"tau": 2.0, "v_threshold": 0.5, "reset": "hard", "decay_input": False}
+# The pipeline's real neuron: the student's own LIF (SpikeGPT's tau 2, threshold 1, hard reset, input decay),
+# run by students.ops.lif_scan, exactly as build_spad configures SpADLoss.
+STUDENT_LIF = lif_kwargs(SpikeGPTConfig())
+
+
+def hand_lif_rate(current: float, steps: int) -> float:
+    """SpikeGPT's LIF by hand: H = V + (X - V) / 2, spike when H >= 1, then V = 0 (else V = H)."""
+    v, spikes = 0.0, 0
+    for _ in range(steps):
+        h = v + (current - v) / 2
+        v, spikes = (0.0, spikes + 1) if h >= 1.0 else (h, spikes)
+    return spikes / steps
+
+
+def hand_feature_rate_code(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Each row divided by its rms; an entry equal to the rms reaches the threshold in one step (current 2)."""
+    rows = []
+    for row in x.reshape(-1, x.shape[-1]).tolist():
+        rms = (sum(v * v for v in row) / len(row)) ** 0.5
+        rows.append([hand_lif_rate(2.0 * (1 + 1e-5) * v / rms, steps) for v in row])
+    return torch.tensor(rows).reshape(x.shape)
 
 
 def test_head_mix_matrix_mean_pools_groups_or_copies():
@@ -22,12 +51,37 @@ def test_head_mix_matrix_mean_pools_groups_or_copies():
 def test_lif_rate_of_a_constant_current_by_hand():
     x = torch.tensor([0.6, 1.5, 3.0])
     # H_t = V/2 + x/2; 0.6 never reaches 1; 1.5: 0.75, 1.125 (fire), 0.75, 1.125 (fire); 3.0 fires every step
-    torch.testing.assert_close(lif_rate(x, 4, SPIKEGPT_LIF), torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(lif_rate(x, 4, STUDENT_LIF), torch.tensor([0.0, 0.5, 1.0]))
+    assert [hand_lif_rate(v, 4) for v in x.tolist()] == [0.0, 0.5, 1.0]
 
 
-def _spad(weights, layer_map=(0,), hs=1, ht=2, lif=EAGER_LIF, **kw):
+def test_rate_code_reaches_every_rate_a_t_step_neuron_can_take():
+    # f = x / scale; current 2 f: f >= 1 fires every step; 2/3 <= f < 1 fires at steps 2 and 4; f = 0.6
+    # reaches 0.6, 0.9, 1.05 (fire), 0.6: once in 4 steps; f < 1/2 never; negative never.
+    x = torch.tensor([[2.0, 1.0, 0.7, 0.6, 0.4, -1.0]])
+    want = torch.tensor([[1.0, 1.0, 0.5, 0.25, 0.0, 0.0]])
+    torch.testing.assert_close(rate_code(x, torch.tensor([[1.0]]), 4, STUDENT_LIF), want)
+    assert want.tolist()[0] == [hand_lif_rate(2.0 * v, 4) for v in x.tolist()[0]]
+    torch.testing.assert_close(rate_code(x, torch.tensor([[0.0]]), 4, STUDENT_LIF), torch.zeros_like(x))
+    at_one_step = rate_code(x, torch.tensor([[1.0]]), 1, STUDENT_LIF)  # T = 1: fires iff f >= 1
+    torch.testing.assert_close(at_one_step, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_attention_rate_code_fires_on_keys_above_their_uniform_share():
+    maps = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.5, 0.3, 0.2]])  # causal rows, each sums to 1
+    # row 2: uniform share 1/3 -> f = 1.5, 0.9, 0.6 -> rates 1, 1/2, 1/4 at T = 4; row 1: f = 0.6, 1.4
+    want = torch.tensor([[1.0, 0.0, 0.0], [0.25, 1.0, 0.0], [1.0, 0.5, 0.25]])
+    torch.testing.assert_close(attention_rate_code(maps, 4, STUDENT_LIF), want)
+
+
+def test_row_distribution_floors_the_sum_at_one_step():
+    maps = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(row_distribution(maps, 2), torch.tensor([[0.5, 0.5, 0], [1.0, 0, 0], [0, 0, 0]]))
+
+
+def _spad(weights, layer_map=(0,), hs=1, ht=2, lif=STUDENT_LIF, time_steps=1, **kw):
     return SpADLoss(student_dim=2, teacher_dim=2, layer_map=list(layer_map), student_heads=hs, teacher_heads=ht,
-                    weights=weights, lif=lif, time_steps=1, **kw)
+                    weights=weights, lif=lif, time_steps=time_steps, **kw)
 
 
 def test_ea_is_projected_mse_summed_over_the_first_n_positions():
@@ -42,15 +96,19 @@ def test_ea_is_projected_mse_summed_over_the_first_n_positions():
     assert set(out) == {"ea"} and out["ea"].item() == pytest.approx(3.0)
 
 
-def test_saa_direct_and_rate_terms_by_hand():
+def test_saa_mixes_direct_and_rate_terms_by_hand():
     spad = _spad({"saa": 1.0})
     a_s = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])                  # [B=1, H_s=1, L=2, L=2]
     a_t = torch.tensor([[[[1.0, 0.0], [0.2, 0.8]], [[1.0, 0.0], [0.6, 0.4]]]])  # H_t = 2
     out = spad(SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=2)
-    # mapped teacher = mean of its 2 heads: [[1, 0], [0.4, 0.6]]; rate (fires at >= 0.5): [[1, 0], [0, 1]]
+    # mapped teacher = mean of its 2 heads: [[1, 0], [0.4, 0.6]]; uniform shares 1 and 1/2, so f = [1, 0] and
+    # [0.8, 1.2]: at T = 1 only f >= 1 fires -> rate code [[1, 0], [0, 1]] (rows already distributions)
     direct = (0 + 0) / 2 + (0.1**2 + 0.1**2) / 2
     rate = (0 + 0) / 2 + (0.5**2 + 0.5**2) / 2
-    assert out["saa"].item() == pytest.approx(direct + rate)
+    assert out["saa"].item() == pytest.approx(0.5 * direct + 0.5 * rate)
+    only_rate = _spad({"saa": 1.0}, rate_mix=1.0)(SimpleNamespace(attentions=(a_s,)),
+                                                   SimpleNamespace(attentions=(a_t,)), n_pos=2)
+    assert only_rate["saa"].item() == pytest.approx(rate)
 
 
 def test_saa_learned_head_mix_is_a_parameter_initialised_to_the_mean():
@@ -59,16 +117,18 @@ def test_saa_learned_head_mix_is_a_parameter_initialised_to_the_mean():
     torch.testing.assert_close(spad.head_mix[1].data, head_mix_matrix(1, 2))
 
 
-def test_sfa_uses_the_layer_map_and_the_rate_term():
-    spad = _spad({"sfa": 1.0}, layer_map=(1, 0))
-    h_s = [torch.randn(1, 3, 2) for _ in range(3)]                      # embedding + 2 student layers
-    h_t = [torch.randn(1, 3, 2) for _ in range(2)]
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sfa_uses_the_layer_map_and_the_rate_term(steps):
+    spad = _spad({"sfa": 1.0}, layer_map=(1, 0), time_steps=steps)
+    gen = torch.Generator().manual_seed(0)
+    h_s = [torch.randn(1, 3, 2, generator=gen) for _ in range(3)]      # embedding + 2 student layers
+    h_t = [torch.randn(1, 3, 2, generator=gen) for _ in range(2)]
     out = spad(SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), n_pos=3)
     want = 0.0
     for i, t in enumerate((1, 0)):  # student layer i (hidden_states[i + 1]) -> teacher layer t
-        z = spad.sfa_proj[i](h_s[i + 1])
-        want += ((z - h_t[t]) ** 2).mean(-1).sum() + \
-            ((lif_rate(z, 1, EAGER_LIF) - lif_rate(h_t[t], 1, EAGER_LIF)) ** 2).mean(-1).sum()
+        z = spad.sfa_proj[i](h_s[i + 1]).detach()
+        rates = hand_feature_rate_code(z, steps) - hand_feature_rate_code(h_t[t], steps)
+        want += 0.5 * ((z - h_t[t]) ** 2).mean(-1).sum() + 0.5 * (rates**2).mean(-1).sum()
     assert out["sfa"].item() == pytest.approx(want.item() / 2, rel=1e-6)
 
 
@@ -76,8 +136,9 @@ def test_sfa_target_norm_compares_against_the_normalised_teacher_state():
     spad = _spad({"sfa": 1.0}, sfa_target_norm=True)
     h_s, h_t = [torch.randn(1, 2, 2) for _ in range(2)], [100.0 * torch.randn(1, 2, 2)]
     out = spad(SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), n_pos=2)
-    z, t = spad.sfa_proj[0](h_s[1]), torch.nn.functional.layer_norm(h_t[0], (2,))
-    want = ((z - t) ** 2).mean(-1).sum() + ((lif_rate(z, 1, EAGER_LIF) - lif_rate(t, 1, EAGER_LIF)) ** 2).mean(-1).sum()
+    z, t = spad.sfa_proj[0](h_s[1]).detach(), torch.nn.functional.layer_norm(h_t[0], (2,))
+    rates = hand_feature_rate_code(z, 1) - hand_feature_rate_code(t, 1)
+    want = 0.5 * ((z - t) ** 2).mean(-1).sum() + 0.5 * (rates**2).mean(-1).sum()
     assert out["sfa"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -90,7 +151,7 @@ def test_only_weighted_terms_get_parameters():
 
 @pytest.fixture(scope="module")
 def objective(tiny_teacher_dir):
-    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+    from students import SpikeGPTForCausalLM
     from teachers import layer_map, load_teacher
 
     teacher = load_teacher(str(tiny_teacher_dir), attn_maps=True)
@@ -100,7 +161,7 @@ def objective(tiny_teacher_dir):
     student = SpikeGPTForCausalLM(cfg)
     weights = {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3}
     spad = SpADLoss(student_dim=16, teacher_dim=teacher.hidden_size, layer_map=layer_map(2, teacher.num_layers),
-                    student_heads=2, teacher_heads=teacher.num_heads, weights=weights, lif=SPIKEGPT_LIF)
+                    student_heads=2, teacher_heads=teacher.num_heads, weights=weights, lif=lif_kwargs(cfg))
     return DistillObjective(student, weights, teacher=teacher, spad=spad, kd={"temperature": 2.0, "chunk_size": 5})
 
 
@@ -124,3 +185,78 @@ def test_objective_gradients_reach_student_and_projections(objective):
     for name in ("spad.ea_proj.weight", "spad.sfa_proj.0.0.weight", "student.emb.weight", "student.lm_head.weight"):
         grad = dict(objective.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all(), name
+
+
+# ---------------------------------------------------------------------- the rate terms on the bundled teacher
+@pytest.fixture(scope="module")
+def smollm2_outputs():
+    """The bundled SmolLM2-135M on 65 tokens of held-out Persuasion: (token ids [1, 65], teacher outputs)."""
+    from teachers import load_teacher
+    from teachers.data import bundled_corpus, read_text
+
+    teacher = load_teacher("smollm2-135m", attn_maps=True)
+    text = read_text(bundled_corpus()["persuasion"])[5000:9000]
+    ids = teacher.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :65]
+    with torch.no_grad():
+        return teacher, ids, teacher(ids, logits=False, hidden_states=True)
+
+
+def _rate_only_spad(teacher, cfg, term):
+    from teachers import layer_map
+
+    return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size,
+                    layer_map=layer_map(cfg.n_layer, teacher.num_layers), student_heads=cfg.n_head,
+                    teacher_heads=teacher.num_heads, weights={term: 1.0}, lif=lif_kwargs(cfg),
+                    time_steps=cfg.time_steps, sfa_target_norm=True, rate_mix=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_rate_targets_of_the_bundled_teacher_are_not_all_zero(smollm2_outputs, steps):
+    teacher, _, t_out = smollm2_outputs
+    cfg = SpikeGPTConfig.from_preset("tiny", vocab_size=teacher.vocab_size, time_steps=steps)
+    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=[4, 14, 29],
+                    student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights={"saa": 1.0, "sfa": 1.0},
+                    lif=lif_kwargs(cfg), time_steps=steps, sfa_target_norm=True)
+    for i in range(3):
+        _, rates = spad.saa_target(i, t_out, 64, 65)
+        beyond_sink = (rates[..., 1:] > 0).float().sum(-1).mean()  # keys other than the attention sink (key 0)
+        assert (rates.sum(-1) > 0).all() and beyond_sink > 0.2, (i, float(beyond_sink))
+        features = feature_rate_code(spad.sfa_target(i, t_out, 64), steps, spad.lif)
+        assert 0.01 < float((features > 0).float().mean()) < 0.5
+        assert set(rates.unique().tolist()) <= {k / steps for k in range(steps + 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("term", ["saa", "sfa"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_one_step_on_the_rate_term_alone_moves_the_student_toward_the_targets(smollm2_outputs, term, steps):
+    """rate_mix=1 leaves only the rate term; one Adam step lowers it and raises the overlap between the
+    student's rates (the sfsa map's spike rates, or the rate code of its projected features) and the targets."""
+    from students import SpikeGPTForCausalLM
+
+    teacher, ids, t_out = smollm2_outputs
+    torch.manual_seed(0)
+    cfg = SpikeGPTConfig.from_preset("tiny", vocab_size=teacher.vocab_size, token_mixer="sfsa", time_steps=steps)
+    student = SpikeGPTForCausalLM(cfg)
+    spad = _rate_only_spad(teacher, cfg, term)
+    opt = torch.optim.Adam([*student.parameters(), *spad.parameters()], lr=1e-2)
+
+    def loss_and_overlap():
+        out = student(ids, output_hidden_states=True, output_attentions=True, skip_logits=True)
+        loss = spad(out, t_out, 64)[term]
+        if term == "saa":
+            ours = row_distribution(out.attentions[0][:, :, :64].float(), steps)
+            target = row_distribution(spad.saa_target(0, t_out, 64, 65)[1], steps)
+        else:
+            ours = feature_rate_code(spad.sfa_proj[0](out.hidden_states[1][:, :64].float()), steps, spad.lif)
+            target = feature_rate_code(spad.sfa_target(0, t_out, 64), steps, spad.lif)
+        return loss, float((ours.detach() * target).sum())
+
+    before, overlap_before = loss_and_overlap()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after, overlap_after = loss_and_overlap()
+    assert after < 0.97 * before and overlap_after > overlap_before, (float(before), float(after))

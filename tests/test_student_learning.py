@@ -17,12 +17,15 @@ def repeat_batch(generator: torch.Generator, batch: int = 16) -> tuple[torch.Ten
     return ids, labels
 
 
-def train_repeat(steps: int = 300, **overrides) -> float:
-    """Mean loss of the last 20 Adam steps on the repeat task (fixed seeds, one thread)."""
+def train_repeat(steps: int = 300, lr: float = 3e-2, **overrides) -> float:
+    """Mean loss of the last 20 Adam steps on the repeat task (fixed seeds, one thread).
+
+    lr 3e-2: at init every neuron already fires ~15% of the time on random features, which training has to
+    overwrite; at 1e-2 the spike-driven srwkv student learns this task far slower (1.37 against 0.51 nats)."""
     torch.manual_seed(0)
     cfg = SpikeGPTConfig.from_preset("tiny", vocab_size=VOCAB, d_model=32, **overrides)
     model = SpikeGPTForCausalLM(cfg).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen, losses = torch.Generator().manual_seed(0), []
     for _ in range(steps):
         ids, labels = repeat_batch(gen)

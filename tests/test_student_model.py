@@ -6,8 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from students import SpikeGPTConfig, SpikeGPTForCausalLM, SpikeGPTState, SpikeLinear, StudentError, state_of
-from students.layers import LIF, SpikingRWKV
+from students import (
+    SpikeGPTConfig,
+    SpikeGPTForCausalLM,
+    SpikeGPTState,
+    SpikeLinear,
+    StudentError,
+    layers,
+    state_of,
+)
+from students.layers import LIF, SpikingRWKV, SpikingSelfAttention
 
 VOCAB = 32
 MIXERS = ["srwkv", "sfsa", "sfsa_linear", ["sfsa", "srwkv"]]
@@ -25,18 +33,23 @@ def ids_for(batch=2, length=10, seed=1) -> torch.Tensor:
 
 
 class SpikeRecorder:
-    """Collects every LIF's output spikes [B, S, N] over calls, concatenated along the step axis."""
+    """Collects every LIF's output spikes [B, S, N] over calls, concatenated along the step axis.
+
+    It wraps each LIF's `emit`, which every path goes through: the LIF's own forward and the fused producers
+    (token shift, sigmoid gate, relu^2) that feed it."""
 
     def __init__(self, model):
         self.spikes: dict[str, list[torch.Tensor]] = {}
-        self.handles = [
-            m.register_forward_hook(lambda mod, args, out, name=name: self.spikes.setdefault(name, []).append(out))
-            for name, m in model.named_modules() if isinstance(m, LIF)
-        ]
+        self.lifs = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+        for name, m in self.lifs:
+            def emit(spikes, v_last, state, name=name, real=m.emit):
+                self.spikes.setdefault(name, []).append(spikes)
+                return real(spikes, v_last, state)
+            m.emit = emit
 
     def joined(self) -> dict[str, torch.Tensor]:
-        for h in self.handles:
-            h.remove()
+        for _, m in self.lifs:
+            del m.emit
         return {k: torch.cat(v, 1) for k, v in self.spikes.items()}
 
 
@@ -96,39 +109,130 @@ def test_surrogate_gradients_reach_every_parameter(spike_driven):
         assert p.grad.abs().sum() > 0, name
 
 
+# ------------------------------------------------------------------------------ streaming == parallel
+# The recurrent invariant is checked on >= 256 tokens of students whose every LIF fires (asserted), comparing
+# every LIF's spikes, the logits and the final recurrent state, so that dropping any piece of state between
+# calls fails (the mutant tests below keep that true).
+STREAM_LENGTH = 260
+
+
+def assert_states_equal(got: SpikeGPTState, want: SpikeGPTState) -> None:
+    """Every entry (LIF membranes, token-shift inputs, WKV, K/V spikes, linear state) to fp32 tolerance."""
+    assert got.seen_tokens == want.seen_tokens and got.tensors.keys() == want.tensors.keys()
+    for key, value in want.tensors.items():
+        for g, w in zip(*((v,) if torch.is_tensor(v) else v for v in (got.tensors[key], value)), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"state {key}: {m}")
+
+
+def assert_streaming_equals_parallel(model, ids: torch.Tensor, cuts: list[int]) -> None:
+    """Run ids [B, L] in one call, then in the chunks between `cuts` through the state: same spikes of every
+    LIF, same logits, same final state. Also asserts every LIF fires (else the comparison could be vacuous)."""
+    with torch.no_grad():
+        rec = SpikeRecorder(model)
+        full = model(ids, use_cache=True)
+        parallel = rec.joined()
+        rates = model.spike_rates()
+        rec, state, logits = SpikeRecorder(model), None, []
+        for a, b in zip([0, *cuts], [*cuts, ids.shape[1]]):
+            out = model(ids[:, a:b], cache=state, use_cache=True)
+            state = state_of(out)
+            logits.append(out.logits)
+        streamed = rec.joined()
+    silent = [name for name in parallel if rates[name] < 0.02]
+    assert not silent, f"these LIFs fire < 2% of the time, so the test would not see their state: {silent}"
+    assert parallel.keys() == streamed.keys() == {n for n, m in model.named_modules() if isinstance(m, LIF)}
+    for name in parallel:
+        assert torch.equal(parallel[name], streamed[name]), f"spikes of {name} differ"
+    torch.testing.assert_close(torch.cat(logits, 1), full.logits, rtol=1e-4, atol=1e-4)
+    assert_states_equal(state, state_of(full))
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("mixer", MIXERS, ids=mixer_id)
 def test_recurrent_equals_parallel(mixer, steps):
+    """Token by token through the state for 40 tokens, then the rest of STREAM_LENGTH in one chunk."""
     model = make(mixer, steps=steps)
-    ids = ids_for(length=9)
-    with torch.no_grad():
-        rec = SpikeRecorder(model)
-        full = model(ids)
-        parallel = rec.joined()
-        rec, state, logits = SpikeRecorder(model), None, []
-        for t in range(ids.shape[1]):
-            out = model(ids[:, t : t + 1], cache=state, use_cache=True)
-            state = state_of(out)
-            logits.append(out.logits)
-        recurrent = rec.joined()
-    assert isinstance(state, SpikeGPTState) and state.get_seq_length() == ids.shape[1]
-    assert parallel.keys() == recurrent.keys()
-    for name in parallel:
-        assert torch.equal(parallel[name], recurrent[name]), f"spikes of {name} differ"
-    torch.testing.assert_close(torch.cat(logits, 1), full.logits, rtol=1e-4, atol=1e-4)
+    assert_streaming_equals_parallel(model, ids_for(length=STREAM_LENGTH), list(range(1, 41)))
 
 
+@pytest.mark.parametrize("spike_driven", [True, False])
 @pytest.mark.parametrize("mixer", MIXERS, ids=mixer_id)
-def test_chunked_continuation_equals_full(mixer):
-    model = make(mixer, steps=2)
-    ids = ids_for(length=11)
+def test_chunked_continuation_equals_full(mixer, spike_driven):
+    model = make(mixer, steps=2, spike_driven=spike_driven)
+    assert_streaming_equals_parallel(model, ids_for(length=STREAM_LENGTH), [97, 98, 181])
+
+
+def _drop_wkv_state(monkeypatch):
+    real = layers.wkv
+    monkeypatch.setattr(layers, "wkv", lambda w, u, k, v, state=None: real(w, u, k, v, None))
+
+
+def _drop_kv_cache(monkeypatch):
+    real = SpikingSelfAttention._spiking_attention
+    monkeypatch.setattr(SpikingSelfAttention, "_spiking_attention", lambda self, q, k, v, cache: real(self, q, k, v, None))
+
+
+def _drop_linear_state(monkeypatch):
+    real = layers.sfsa_linear
+    monkeypatch.setattr(layers, "sfsa_linear", lambda q, k, v, state=None: real(q, k, v, None))
+
+
+def _reset_membranes(monkeypatch):
+    monkeypatch.setattr(LIF, "membrane", lambda self, state: None)  # every LIF starts each call from rest
+
+
+@pytest.mark.parametrize(("mutant", "mixer", "steps"), [
+    (_drop_wkv_state, "srwkv", 1), (_drop_wkv_state, ["sfsa", "srwkv"], 2),
+    (_drop_kv_cache, "sfsa", 1), (_drop_kv_cache, ["sfsa", "srwkv"], 2),
+    (_drop_linear_state, "sfsa_linear", 1),
+    (_reset_membranes, "srwkv", 1), (_reset_membranes, "sfsa", 2), (_reset_membranes, "sfsa_linear", 1),
+], ids=lambda p: p.__name__.strip("_") if callable(p) else mixer_id(p) if isinstance(p, (list, str)) else f"T{p}")
+def test_streaming_tests_fail_when_state_is_dropped(monkeypatch, mutant, mixer, steps):
+    """Mutants of the recurrent state: each must make the streaming comparison above fail."""
+    model = make(mixer, steps=steps)
+    mutant(monkeypatch)
+    with pytest.raises(AssertionError) as failure:
+        assert_streaming_equals_parallel(model, ids_for(length=STREAM_LENGTH), [97, 98, 181])
+    assert "fire < 2%" not in str(failure.value)  # it failed on the comparison, not on a silent neuron
+
+
+# ----------------------------------------------------------------------------- alive at initialisation
+@pytest.fixture(scope="module")
+def english_ids() -> torch.Tensor:
+    """[2, 256] tokens of held-out English (Persuasion) in the bundled teacher's tokenizer (tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from teachers.data import bundled_corpus, read_text
+    from teachers.loading import _alias_gguf, cache_root, convert_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(_alias_gguf("smollm2-135m", cache_root()), cache_root()))
+    text = read_text(bundled_corpus()["persuasion"])[5000:20000]
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :512].view(2, 256)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "sfsa_linear"])
+@pytest.mark.parametrize("spike_driven", [True, False])
+def test_every_neuron_fires_at_init_and_every_block_counts(english_ids, spike_driven, mixer, steps):
+    """The demo-size student at init, on real text: every LIF fires 5-30% of the time (measured: 6-28%
+    across these 18 modes), and removing any one block changes the logits."""
+    torch.manual_seed(0)
+    cfg = SpikeGPTConfig.from_preset("demo", vocab_size=49152, token_mixer=mixer, time_steps=steps,
+                                     spike_driven=spike_driven)
+    model = SpikeGPTForCausalLM(cfg).eval()
     with torch.no_grad():
-        full = model(ids)
-        first = model(ids[:, :4], use_cache=True)
-        second = model(ids[:, 4:9], cache=state_of(first), use_cache=True)
-        third = model(ids[:, 9:], cache=state_of(second), use_cache=True)
-    torch.testing.assert_close(torch.cat([first.logits, second.logits, third.logits], 1), full.logits,
-                               rtol=1e-4, atol=1e-4)
+        logits = model(english_ids, logits_to_keep=16).logits
+        rates = {name: rate for name, rate in model.spike_rates().items() if name != "emb"}
+        lifs = {name for name, m in model.named_modules() if isinstance(m, LIF)}
+        assert lifs <= rates.keys()
+        outside = {name: round(rate, 3) for name, rate in rates.items() if name in lifs and not 0.05 <= rate <= 0.30}
+        assert not outside, f"LIFs outside 5-30% at init: {outside}"
+        blocks = model.blocks
+        for i in range(cfg.n_layer):
+            model.blocks = torch.nn.ModuleList(b for j, b in enumerate(blocks) if j != i)
+            without = model(english_ids, logits_to_keep=16).logits
+            assert (without - logits).abs().max() > 1e-3, f"removing block {i} leaves the logits unchanged"
+        model.blocks = blocks
 
 
 @pytest.mark.parametrize("mixer", [["sfsa", "srwkv"], "sfsa_linear"], ids=mixer_id)

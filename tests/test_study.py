@@ -44,8 +44,8 @@ def test_the_ann_arch_refuses_spiking_only_settings():
 
 
 def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objective():
+    from pipeline.build import build_student
     from pipeline.losses import DistillObjective
-    from pipeline.stages.align import build_student
     from students import SpikeGPTForCausalLM
     from teachers.cache import topk_targets
 

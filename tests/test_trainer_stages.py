@@ -101,7 +101,7 @@ def test_distill_from_the_teacher_cache_without_align(tmp_path, tiny_teacher_dir
 
 @pytest.mark.parametrize("normed", [True, False])
 def test_align_sfa_target_norm_reaches_the_loss(tiny_teacher_dir, normed):
-    from pipeline.stages.align import build_spad, build_student
+    from pipeline.build import build_spad, build_student
     from teachers import load_teacher
 
     recipe = _recipe(tiny_teacher_dir)

@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.losses import DistillObjective
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.align import (
+from pipeline.build import (
     build_spad,
     build_student,
     datasets,
@@ -27,6 +25,8 @@ from pipeline.stages.align import (
     save_outputs,
     train_objective,
 )
+from pipeline.losses import DistillObjective
+from pipeline.stages import StageContext, StageResult
 
 
 class CachedRows(Dataset):
@@ -76,7 +76,7 @@ def _student(ctx: StageContext, teacher) -> Any:
         path = ctx.upstream["align"]["outputs"]["student"]
         ctx.log.info("distill: starting from align's student %s", path)
         return SpikeGPTForCausalLM.from_pretrained(path)
-    return build_student(ctx.recipe, teacher.vocab_size)
+    return build_student(ctx.recipe, teacher.vocab_size, teacher, ctx.log)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
+    from pipeline.build import load_stage_teacher
     from pipeline.losses import DistillObjective
     from pipeline.runner import make_accelerator
     from pipeline.schema import OptimConfig, Recipe, TrainConfig
-    from pipeline.stages.align import load_stage_teacher
     from pipeline.trainer import Trainer
     from students import SpikeGPTConfig, SpikeGPTForCausalLM
 
