@@ -75,10 +75,13 @@ eval: venv
 leaderboard: venv
 	$(VENV)/bin/spikedistill leaderboard $(RUNS)
 
-# The results study (docs/results/README.md): every recipes/study/*.yaml arm in turn (resumable: rerun to continue),
-# then the table, JSON and plots in docs/results. About an hour on a 2-core CPU; run it alone on the machine.
+# The results study (docs/results/README.md): every recipes/study/*.yaml arm and seed (resumable: rerun to
+# continue), then the table, summary.json and plots in docs/results. STUDY_JOBS runs train side by side, the cores
+# split between them (2 x 1 thread beat 1 x 2 threads by ~13% on a 2-core CPU). Its time is in
+# docs/results/README.md; run it alone on the machine.
+STUDY_JOBS ?= 2
 study: venv
-	$(VENV)/bin/spikedistill study recipes/study --out docs/results $(OVERRIDES)
+	$(VENV)/bin/spikedistill study recipes/study --out docs/results --jobs $(STUDY_JOBS) $(OVERRIDES)
 
 # Benchmarks print ratios measured side by side in one run (see bench/README.md); they assert nothing.
 bench: venv

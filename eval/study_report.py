@@ -59,10 +59,10 @@ def _run_config(runs_dir: Path, run: str) -> dict:
 
 
 def summary_records(rows: list[dict], runs: list[StudyRun], runs_dir: str | Path) -> list[dict]:
-    """One summary.json record per study run that has a student row (see the module docstring)."""
+    """One summary.json record per study run that has a student row (see the module docstring), by arm and seed."""
     by_run = {r["run"]: r for r in rows if r["role"] == "student"}
     records = []
-    for sr in runs:
+    for sr in sorted(runs, key=lambda r: (r.arm, -1 if r.seed is None else r.seed)):
         row = by_run.get(sr.run)
         if row is None:
             continue

@@ -1,16 +1,18 @@
 """A study: every recipe of a folder run (per seed), then one report over their run directories.
 
 `spikedistill study recipes/study --out docs/results` runs each `recipes/study/*.yaml` (files starting with
-"_" are shared bases, not arms) in its own `spikedistill run` process, in name order. An arm whose recipe
-sets `study.seeds: [0, 1, 2]` runs once per seed, as run.name=<name>-s<seed> with run.seed=<seed>. Then it
+"_" are shared bases, not arms) in its own `spikedistill run` process. An arm whose recipe sets
+`study.seeds: [0, 1, 2]` runs once per seed, as run.name=<name>-s<seed> with run.seed=<seed>; runs go seed by
+seed (every arm's first seed, in name order, then every arm's second, ...), single-run arms first. Then it
 writes the leaderboard of those runs (table, JSON, plots) and the study report (eval.study_report:
 summary.json with one record per run, study.md with mean +- std per arm and the goals answered, learning
 curves and token efficiency with error bands) into --out.
 
 Every run is an ordinary resumable run: rerunning the command skips finished stages and resumes an
 interrupted one from its last checkpoint, so an interrupted study continues where it stopped. With
---jobs N, N runs train at once, each with cores/N threads, after every shared teacher cache has been built
-(one run at a time), so no two runs build the same cache.
+--jobs N, N runs go at once, each with cores/N threads; each shared teacher cache is built once, first in the
+queue, and the runs that read it wait for it while runs without one take the other slots, so no two runs build
+the same cache and no core idles while it is built.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 from eval.study_report import StudyRun
@@ -62,6 +65,9 @@ def study_runs(recipes: list[Path], overrides: list[str] | None = None) -> tuple
     if len(dirs) != 1:
         raise ConfigError(f"run.runs_dir: the arms of a study must share one runs directory, got "
                           f"{', '.join(sorted(map(str, dirs)))}; set it in the shared base recipe")
+    # seed-major: every arm's first seed before any arm's second (stable within a seed), so a study cut short
+    # has each arm at the same number of seeds
+    runs.sort(key=lambda item: -1 if item[1].seed is None else item[1].seed)
     names = [r.run for _, r, _ in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -70,16 +76,62 @@ def study_runs(recipes: list[Path], overrides: list[str] | None = None) -> tuple
     return dirs.pop(), runs
 
 
-def _shared_cache_runs(runs: list[tuple[Path, StudyRun, list[str]]], overrides: list[str]) -> list:
-    """The first run of each distinct shared teacher cache folder (teacher_cache.dir) that a run uses."""
+def _cache_of(path: Path, extra: list[str], overrides: list[str]) -> str | None:
+    """The shared teacher cache folder (teacher_cache.dir, resolved) that a run reads, or None."""
     from pipeline.recipe import load_recipe
 
+    recipe = load_recipe(path, [*overrides, *extra])
+    if recipe.teacher_cache.enabled and recipe.teacher_cache.dir:
+        return str(Path(recipe.teacher_cache.dir).resolve())
+    return None
+
+
+def _shared_cache_runs(runs: list[tuple[Path, StudyRun, list[str]]], overrides: list[str]) -> dict:
+    """{shared teacher cache folder: the first run that uses it}, in run order."""
     first = {}
     for path, run, extra in runs:
-        recipe = load_recipe(path, [*overrides, *extra])
-        if recipe.teacher_cache.enabled and recipe.teacher_cache.dir:
-            first.setdefault(str(Path(recipe.teacher_cache.dir).resolve()), (path, run, extra))
-    return list(first.values())
+        cache = _cache_of(path, extra, overrides)
+        if cache is not None:
+            first.setdefault(cache, (path, run, extra))
+    return first
+
+
+def _schedule(tasks: list[tuple[str, set[str], Callable[[], None]]], jobs: int) -> None:
+    """Runs (name, needs, work) tasks on `jobs` threads: each worker takes the first pending task whose `needs`
+    (names of other tasks) have all finished, so a task that waits never holds a slot that another could use.
+    After a failure no new task starts; the first error is raised once the running ones end."""
+    pending, done, errors = list(tasks), set(), []
+    cond = threading.Condition()
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while True:
+                    if errors or not pending:
+                        return
+                    ready = next((t for t in pending if t[1] <= done), None)
+                    if ready is not None:
+                        pending.remove(ready)
+                        break
+                    cond.wait()
+            try:
+                ready[2]()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other workers stop
+                with cond:
+                    errors.append(exc)
+                    cond.notify_all()
+                return
+            with cond:
+                done.add(ready[0])
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _run_one(path: Path, run: StudyRun, extra: list[str], overrides: list[str], env: dict, log: Path | None,
@@ -127,19 +179,23 @@ def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[
                 print(f"\n=== study run {i}/{total}: {run.run} ({path}) ===", flush=True)
                 print(f"=== {run.run}: {_run_one(path, run, extra, overrides, env, None):.0f} s ===", flush=True)
         else:
-            for path, run, extra in _shared_cache_runs(runs, overrides):
-                print(f"=== building the shared teacher cache with {run.run} ===", flush=True)
-                _run_one(path, run, extra, overrides, env, runs_dir / run.run / "study.log",
-                         stages="prepare,teacher_cache")
+            def work(path, run, extra, stages=None):
+                def go():
+                    what = "building its shared teacher cache" if stages else "started"
+                    print(f"=== {run.run}: {what} ({runs_dir / run.run / 'study.log'}) ===", flush=True)
+                    seconds = _run_one(path, run, extra, overrides, env, runs_dir / run.run / "study.log", stages)
+                    print(f"=== {run.run}: {'cache built' if stages else 'done'} in {seconds:.0f} s ===", flush=True)
+                return go
 
-            def one(item):
-                path, run, extra = item
-                print(f"=== {run.run}: started ({runs_dir / run.run / 'study.log'}) ===", flush=True)
-                seconds = _run_one(path, run, extra, overrides, env, runs_dir / run.run / "study.log")
-                print(f"=== {run.run}: done in {seconds:.0f} s ===", flush=True)
-
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                list(pool.map(one, runs))  # re-raises the first failure
+            # each shared teacher cache is built once, first in the queue; a run that reads it waits for it
+            # while runs without a teacher cache take the other slots
+            caches = _shared_cache_runs(runs, overrides)
+            tasks = [(f"cache:{cache}", set(), work(*first, stages="prepare,teacher_cache"))
+                     for cache, first in caches.items()]
+            for path, run, extra in runs:
+                cache = _cache_of(path, extra, overrides)
+                tasks.append((run.run, {f"cache:{cache}"} if cache else set(), work(path, run, extra)))
+            _schedule(tasks, jobs)
     out = Path(out_dir or runs_dir / "leaderboard")
     board = build_leaderboard(runs_dir, out, only={run.run for _, run, _ in runs})
     board["files"].update(write_study_report(board["rows"], [run for _, run, _ in runs], runs_dir, out))

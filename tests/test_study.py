@@ -78,32 +78,46 @@ def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objecti
     assert torch.isfinite(kd["kd"]) and kd["kd"] > 0
 
 
-def test_shipped_study_arms_share_size_seed_data_and_budget():
-    from pipeline.study import runs_dir_of, study_recipes
+def test_shipped_study_arms_share_size_data_budget_and_seeds():
+    """The shipped study: one student size and dataset, a full budget >= 4 x the old one (589,824 tokens), 3 seeds
+    for every arm but the matched ANN, and the 1/4 and 1/2 series of CE-only and of the inherit+KD arm."""
+    from pipeline.study import study_recipes, study_runs
 
     arms = study_recipes(STUDY)
-    assert [p.stem for p in arms][:4] == ["a_ann_ce", "b_snn_ce", "c_snn_kd", "d_snn_spad"]
-    assert runs_dir_of(arms) == Path("runs/study")
-    budget = {}
-    for path in arms:
-        r = load_recipe(path)
-        assert (r.run.seed, r.student.preset, r.data.seq_len, r.data.max_train_tokens) == (0, "demo", 128, 150000)
-        steps = r.distill.train.steps * r.distill.train.batch_size
+    runs_dir, runs = study_runs(arms)
+    assert runs_dir == Path("runs/study")
+    recipes = {p.stem: load_recipe(p) for p in arms}
+    tokens = {}
+    for stem, r in recipes.items():
+        assert (r.student.preset, r.data.seq_len, r.data.max_train_tokens, r.data.split_seed) == ("demo", 128, 620000, 0)
+        assert r.teacher_cache.dir == "runs/study/_teacher_cache" and r.evaluate.teacher and r.evaluate.energy
+        rows = r.distill.train.steps * r.distill.train.batch_size
         if r.align.enabled:
-            steps += r.align.train.steps * r.align.train.batch_size
-        budget[path.stem] = steps * r.data.seq_len
-        assert r.evaluate.tasks and r.evaluate.teacher and r.evaluate.energy
-    full = budget.pop("b_snn_ce")
-    assert budget.pop("h1_spad_quarter") == full // 4 and budget.pop("h2_spad_half") == full // 2
-    assert set(budget.values()) == {full}
-    kinds = {p.stem: load_recipe(p) for p in arms}
-    assert kinds["a_ann_ce"].student.arch == "llama"
-    assert kinds["b_snn_ce"].distill.weights.sta == 0 and not kinds["b_snn_ce"].align.enabled
-    assert kinds["c_snn_kd"].distill.weights.sta > 0 and not kinds["c_snn_kd"].align.enabled
-    assert kinds["d_snn_spad"].align.enabled and kinds["d_snn_spad"].student.config == {}
-    assert kinds["e1_sfsa_spad"].student.config == {"token_mixer": "sfsa"}
-    assert kinds["f_t2_spad"].student.config == {"time_steps": 2}
-    assert kinds["g_spike_driven_off_spad"].student.config == {"spike_driven": False}
+            rows += r.align.train.steps * r.align.train.batch_size
+        tokens[stem] = rows * r.data.seq_len
+    full = tokens["b_snn_ce"]
+    assert full >= 4 * 144 * 8 * 128
+    # a fraction of a pass over the training split: 620k tokens / 128 - 2% held out = 4,746 rows
+    assert full // 128 <= 4746
+    for series in ("b_snn_ce", "f_inherit_kd"):
+        assert tokens.pop(f"{series}_quarter") == full // 4 and tokens.pop(f"{series}_half") == full // 2
+    assert set(tokens.values()) == {full}
+    seeds = {}
+    for _, run, _ in runs:
+        seeds.setdefault(run.arm, []).append(run.seed)
+    assert seeds.pop("a_ann_ce") == [0] and all(s == [0, 1, 2] for s in seeds.values())
+    # seed-major order: every arm's first seed runs before any arm's second, so a study cut short stays balanced
+    order = [run.seed for _, run, _ in runs]
+    assert order == sorted(order)
+    r = recipes
+    assert r["a_ann_ce"].student.arch == "llama"
+    assert r["b_snn_ce"].distill.weights.sta == 0 and not r["b_snn_ce"].align.enabled
+    assert not r["b_snn_ce"].student.init_from_teacher and not r["b_snn_ce"].teacher_cache.enabled
+    assert r["c_snn_kd"].distill.weights.sta > 0 and not r["c_snn_kd"].align.enabled
+    assert r["d_snn_spad"].align.enabled and r["d_snn_spad"].distill.weights.sta > 0
+    assert r["e_inherit_ce"].student.init_from_teacher and r["e_inherit_ce"].distill.weights.sta == 0
+    assert r["f_inherit_kd"].student.init_from_teacher and r["f_inherit_kd"].distill.weights.sta > 0
+    assert all(x.student.config == {} for x in r.values())
 
 
 def test_study_refuses_an_unknown_arm_and_an_empty_folder(tmp_path):
@@ -212,6 +226,36 @@ def test_study_jobs_build_the_shared_cache_once_then_train_in_parallel(tmp_path,
         assert json.loads((runs / r / "evaluate" / "done.json").read_text())["stage"] == "evaluate"
         assert "evaluate" in (runs / r / "study.log").read_text()
     assert len(json.loads((tmp_path / "report" / "summary.json").read_text())) == 4
+
+
+def test_schedule_gives_a_waiting_runs_slot_to_a_run_that_can_go():
+    """Two slots, a cache build that needs 'y' to be running before it finishes, 'x' that reads the cache queued
+    before 'y': a scheduler that parks 'x' in the second slot would deadlock (the build times out)."""
+    import threading
+
+    from pipeline.study import _schedule
+
+    events, y_started = [], threading.Event()
+
+    def build():
+        events.append("build")
+        assert y_started.wait(timeout=20), "y never started: x held the second slot while waiting for the cache"
+        events.append("built")
+
+    def y():
+        events.append("y")
+        y_started.set()
+
+    _schedule([("cache", set(), build), ("x", {"cache"}, lambda: events.append("x")), ("y", set(), y)], jobs=2)
+    assert events.index("y") < events.index("built") < events.index("x")
+
+    def boom():
+        raise RuntimeError("run failed")
+
+    ran = []
+    with pytest.raises(RuntimeError, match="run failed"):
+        _schedule([("a", set(), boom), ("b", {"a"}, lambda: ran.append("b"))], jobs=2)
+    assert ran == []  # what needs a failed task never starts
 
 
 def _record(arm, seed, kind, tokens, pers, ham=3.0, series="s"):
