@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
     model, tok = load_any(args.model_dir)
     print(args.prompt, end="", flush=True)
     generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                  on_text=lambda piece: print(piece, end="", flush=True))
+                  on_text=lambda piece: print(piece, end="", flush=True), repetition_penalty=args.repetition_penalty)
     print()
     return 0
 
@@ -181,6 +181,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int_range(0), default=0, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0,
                    help="sample within the smallest set of tokens of probability >= p (1 = all)")
+    p.add_argument("--repetition-penalty", type=float_range(0, lo_open=True), default=1.0,
+                   help="> 1 discourages tokens already in the prompt or the text (e.g. 1.3; 1 = off, the default)")
     p.add_argument("--seed", type=int_range(0, 2**63 - 1), help="makes a sample reproducible")
     p.set_defaults(func=cmd_generate)
 

@@ -57,12 +57,20 @@ class StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def sampling_kwargs(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> dict:
-    """`generate` keyword arguments for our CLI's convention: temperature 0 = greedy, top_k 0 / top_p 1 = off."""
+def sampling_kwargs(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0) -> dict:
+    """`generate` keyword arguments for our CLI's convention: temperature 0 = greedy, top_k 0 / top_p 1 = off.
+
+    repetition_penalty > 1 divides the positive logits (multiplies the negative ones) of every token already in
+    the prompt or the continuation, greedy or sampled (CTRL, Keskar et al. 2019, arXiv 1909.05858); 1 = off.
+    Raises ValueError for a penalty <= 0."""
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    penalty = {"repetition_penalty": repetition_penalty if repetition_penalty != 1.0 else None}
     if temperature <= 0:
-        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None, **penalty}
     return {"do_sample": True, "temperature": temperature, "top_k": top_k or None,
-            "top_p": top_p if top_p < 1.0 else None}
+            "top_p": top_p if top_p < 1.0 else None, **penalty}
 
 
 @torch.no_grad()
@@ -77,11 +85,13 @@ def generate_text(
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     stop: Callable[[str], bool] | None = None,
+    repetition_penalty: float = 1.0,
 ) -> str:
     """The continuation of `prompt` (text, or token ids) as text, from `model.generate`.
 
-    Greedy when temperature <= 0, else sampling with top_k (0 = off) and top_p (1 = off); `seed` makes a sample
-    reproducible without touching the global RNG. Stops at the tokenizer's EOS (not included), after
+    Greedy when temperature <= 0, else sampling with top_k (0 = off) and top_p (1 = off); repetition_penalty > 1
+    discourages tokens already seen (see sampling_kwargs); `seed` makes a sample reproducible without touching
+    the global RNG. Stops at the tokenizer's EOS (not included), after
     max_new_tokens, or once `stop(text so far)` is true. `on_text(piece)` receives the text as it is produced.
     Raises EvalError for an empty prompt.
     """
@@ -93,7 +103,7 @@ def generate_text(
     eos = tokenizer.eos_token_id
     kwargs = {"max_new_tokens": max_new_tokens, "attention_mask": torch.ones_like(input_ids),
               "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-              else eos, **sampling_kwargs(temperature, top_k, top_p)}
+              else eos, **sampling_kwargs(temperature, top_k, top_p, repetition_penalty)}
     if on_text is not None:
         kwargs["streamer"] = TextPieces(tokenizer, on_text, eos)
     if stop is not None:

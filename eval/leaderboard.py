@@ -81,7 +81,8 @@ def collect_results(
     """Assemble a run's results.json dict (see eval/README.md).
 
     bpb: {text name: evaluate_bpb dict}; tasks: {task: {metric: value}} (harness.summarize output);
-    energy: energy_report dict (with its teacher part when measured); sample: {"prompt", "text"}.
+    energy: energy_report dict (with its teacher part when measured); sample: {"prompt", "text"} (+ "decoding":
+    the evaluate stage's temperature, top_k, top_p, repetition_penalty and seed).
     """
     teacher = None
     if teacher_name:

@@ -155,6 +155,12 @@ class EvaluateConfig:
     energy: bool = True
     sample_prompt: str = "It is a truth universally acknowledged"
     sample_tokens: int = 40
+    # how the sample is decoded (eval.generate): temperature 0 = greedy; top_k 0 / top_p 1 = off; a repetition
+    # penalty > 1 keeps a small student out of loops like ", and the, and the"; sampling is seeded by run.seed
+    sample_temperature: float = 0.0
+    sample_top_k: int = 0
+    sample_top_p: float = 1.0
+    sample_repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -293,6 +299,11 @@ def check_values(recipe: Recipe) -> None:
     _need(e.max_text_bytes is None or e.max_text_bytes > 0, "evaluate.max_text_bytes", "> 0 or null",
           e.max_text_bytes)
     _need(e.sample_tokens >= 0, "evaluate.sample_tokens", ">= 0", e.sample_tokens)
+    _need(e.sample_temperature >= 0, "evaluate.sample_temperature", ">= 0 (0 = greedy)", e.sample_temperature)
+    _need(e.sample_top_k >= 0, "evaluate.sample_top_k", ">= 0 (0 = off)", e.sample_top_k)
+    _need(0 < e.sample_top_p <= 1, "evaluate.sample_top_p", "in (0, 1] (1 = off)", e.sample_top_p)
+    _need(e.sample_repetition_penalty > 0, "evaluate.sample_repetition_penalty", "> 0 (1 = off)",
+          e.sample_repetition_penalty)
 
 
 def section_names() -> list[str]:

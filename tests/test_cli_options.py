@@ -27,6 +27,7 @@ CASES = [
     ("generate", ["M", "--prompt", "hi"], "--temperature", ["-0.5", "nan", "inf"], "0"),
     ("generate", ["M", "--prompt", "hi"], "--top-k", ["-1", "2.5"], "0"),
     ("generate", ["M", "--prompt", "hi"], "--top-p", ["0", "1.5", "-0.1"], "1"),
+    ("generate", ["M", "--prompt", "hi"], "--repetition-penalty", ["0", "-1", "x"], "1.3"),
     ("generate", ["M", "--prompt", "hi"], "--seed", ["-3", str(2**63)], "0"),
     ("energy", ["M"], "--context", ["0"], "1"),
     ("energy", ["M"], "--e-ac", ["0", "-0.9"], "1e-3"),

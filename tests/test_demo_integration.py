@@ -22,6 +22,7 @@ TINY = [
     "distill.train.steps=2", "distill.train.batch_size=2", "distill.train.eval_every=2",
     "distill.train.eval_batches=1", "distill.train.checkpoint_every=1", "distill.train.log_every=1",
     "evaluate.max_text_bytes=800", "evaluate.context_length=128", "evaluate.sample_tokens=4",
+    "evaluate.sample_temperature=0.8", "evaluate.sample_top_k=40", "evaluate.sample_repetition_penalty=1.3",
 ]
 
 
@@ -50,12 +51,23 @@ def test_demo_recipe_runs_every_stage(tmp_path, capsys):
     energy = results["student"]["energy"]
     assert 0.0 <= energy["mean_firing_rate"] <= 1.0 and 0 < energy["ratio_to_teacher"] < 1
     assert results["sample"]["prompt"] == "It is a truth universally acknowledged"
+    # the sample is decoded as the recipe says, seeded by run.seed, and reproducible from what results.json records
+    decoding = results["sample"]["decoding"]
+    assert decoding == {"temperature": 0.8, "top_k": 40, "top_p": 1.0, "repetition_penalty": 1.3, "seed": 0}
 
     model_dir = run_dir / "export" / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert type(model).__name__ == "SpikeGPTForCausalLM" and model.config.n_layer == 1
     assert not any("proj" in name and "spad" in name for name, _ in model.named_parameters())
     assert (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
+    from transformers import AutoTokenizer
+
+    from eval.generate import generate_text
+
+    again = generate_text(model, AutoTokenizer.from_pretrained(model_dir), results["sample"]["prompt"], 4,
+                          decoding["temperature"], decoding["top_k"], decoding["top_p"], decoding["seed"],
+                          repetition_penalty=decoding["repetition_penalty"])
+    assert again == results["sample"]["text"]
     card = (model_dir / "README.md").read_text()
     assert "bpb persuasion" in card and "| teacher |" in card and "smollm2-135m" in card
 

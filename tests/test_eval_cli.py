@@ -32,7 +32,7 @@ def test_register_adds_subcommands():
     register(parser.add_subparsers(dest="command"))
     for argv in (
         ["eval", "M", "--tasks", "a,b", "--teacher", "T", "--limit", "3"],
-        ["generate", "M", "--prompt", "p", "--top-p", "0.9", "--seed", "1"],
+        ["generate", "M", "--prompt", "p", "--top-p", "0.9", "--seed", "1", "--repetition-penalty", "1.3"],
         ["energy", "M", "--teacher", "T", "--context", "64", "--json", "f.json"],
         ["leaderboard", "runs"],
         ["bpb", "M", "hamlet"],
@@ -86,6 +86,36 @@ def test_sampling_seed_top_k_top_p(student, tiny_tokenizer):
         out = student.generate(ids, max_new_tokens=1, **sampling_kwargs(1.0, top_k=2))
         picks.add(int(out[0, -1]))
     assert picks == top2
+
+
+def _greedy_with_repetition_penalty(model, ids: list[int], n: int, penalty: float) -> list[int]:
+    """Greedy by full recompute, with CTRL's repetition penalty done by hand: each token already in the sequence
+    has its logit divided by `penalty` when positive, multiplied by it when negative. Stops at EOS (id 0)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].double()
+            for t in set(seq):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            token = int(logits.argmax())
+            if token == 0:
+                break
+            seq.append(token)
+    return seq[len(ids):]
+
+
+def test_repetition_penalty_matches_a_hand_penalised_greedy_loop(student, tiny_tokenizer):
+    prompt = "It is a truth"
+    ids = tiny_tokenizer.encode(prompt)
+    plain = generate_text(student, tiny_tokenizer, prompt, 16)
+    for penalty in (1.5, 4.0):
+        want = tiny_tokenizer.decode(_greedy_with_repetition_penalty(student, ids, 16, penalty),
+                                     skip_special_tokens=True)
+        assert generate_text(student, tiny_tokenizer, prompt, 16, repetition_penalty=penalty) == want
+    assert want != plain  # the penalty changes this continuation, so the comparison above can fail
+    assert generate_text(student, tiny_tokenizer, prompt, 16, repetition_penalty=1.0) == plain
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sampling_kwargs(repetition_penalty=0.0)
 
 
 def test_generate_command_prints_prompt_and_continuation(student_dir, capsys):

@@ -103,13 +103,19 @@ def _student_scores(model, tokenizer, texts: dict[str, str], e) -> dict[str, dic
     return scores
 
 
-def _sample(model, tokenizer, prompt: str, n_tokens: int) -> str:
-    import torch
+def _sample(model, tokenizer, e, seed: int) -> dict | None:
+    """The generated sample and how it was decoded (evaluate.sample_*; sampling seeded by run.seed); None when
+    evaluate.sample_tokens is 0."""
+    from eval.generate import generate_text
 
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if e.sample_tokens == 0:
+        return None
+    settings = {"temperature": e.sample_temperature, "top_k": e.sample_top_k, "top_p": e.sample_top_p,
+                "repetition_penalty": e.sample_repetition_penalty,
+                "seed": seed if e.sample_temperature > 0 else None}
+    text = generate_text(model, tokenizer, e.sample_prompt, e.sample_tokens, e.sample_temperature, e.sample_top_k,
+                         e.sample_top_p, settings["seed"], repetition_penalty=e.sample_repetition_penalty)
+    return {"prompt": e.sample_prompt, "text": text, "decoding": settings}
 
 
 def _firing_rate(model, tokenizer, text: str, context_length: int) -> float:
@@ -179,7 +185,7 @@ def run(ctx: StageContext) -> StageResult:
                                    teacher_spec=r.teacher.spec if e.teacher else None,
                                    teacher_cache_dir=score_cache_dir())
         task_rows, lm_eval_protocol = tasks_out["models"], tasks_out["protocol"]
-    sample = {"prompt": e.sample_prompt, "text": _sample(model, tokenizer, e.sample_prompt, e.sample_tokens)}
+    sample = _sample(model, tokenizer, e, r.run.seed)
     results = collect_results(r.run.name, model_dir, bpb, task_rows.get("student"), report,
                               r.teacher.spec if e.teacher else None, teacher_bpb, task_rows.get("teacher"),
                               model_info(model), sample)
@@ -206,5 +212,10 @@ def run(ctx: StageContext) -> StageResult:
         (ctx.stage_dir / "energy.md").write_text(energy_text, encoding="utf-8")
         print("\n" + energy_text[energy_text.index("Totals per token"):].strip())
     print("\n" + table)
-    print(f"\nsample: {e.sample_prompt}{sample['text']}\n")
+    if sample is not None:
+        how = sample["decoding"]
+        mode = "greedy" if how["temperature"] == 0 else f"temperature {how['temperature']}, seed {how['seed']}"
+        if how["repetition_penalty"] != 1.0:
+            mode += f", repetition penalty {how['repetition_penalty']}"
+        print(f"\nsample: {e.sample_prompt}{sample['text']}\n({mode})\n")
     return StageResult(outputs={"results": str(out)}, metrics=metrics)
