@@ -161,21 +161,22 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
 def study_markdown(stats: list[dict], answer: dict) -> str:
     """The per-arm table (mean ± sample std over seeds) and the goals' answers, as markdown."""
     lines = [
-        ("| arm | kind | budget | seeds | train tokens | bpb Persuasion | bpb Hamlet | train tok/s | energy/token (nJ) "
+        ("| arm | kind | budget | seeds | train tokens | bpb Persuasion | bpb Hamlet | train tok/s | energy/token (µJ) "
         "| firing rate |"),
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         seeds = ",".join("-" if x is None else str(x) for x in s["seeds"])
-        energy = None if s["energy_pj"] is None else s["energy_pj"] / 1e3
-        energy_std = None if s["energy_pj_std"] is None else s["energy_pj_std"] / 1e3
+        energy = None if s["energy_pj"] is None else s["energy_pj"] / 1e6
+        energy_std = None if s["energy_pj_std"] is None else s["energy_pj_std"] / 1e6
         lines.append(
             f"| {s['arm']} | {s['kind']} | {s['budget']:.2f} | {seeds} | {s['train_tokens']:,.0f} | "
             f"{_pm(s['bpb_persuasion'], s['bpb_persuasion_std'])} | {_pm(s['bpb_hamlet'], s['bpb_hamlet_std'])} | "
             f"{_pm(s['train_tokens_per_s'], s['train_tokens_per_s_std'], '{:.0f}')} | "
-            f"{_pm(energy, energy_std, '{:,.0f}')} | {_pm(s['mean_firing_rate'], s['mean_firing_rate_std'])} |")
+            f"{_pm(energy, energy_std, '{:,.2f}')} | {_pm(s['mean_firing_rate'], s['mean_firing_rate_std'])} |")
     lines += ["", ("mean ± sample standard deviation over the arm's seeds (no ± with one seed); bits/byte on the "
-              "held-out texts under the evaluate stage's shared windowed protocol."), ""]
+              "held-out texts under the evaluate stage's shared windowed protocol; energy/token: compute only, "
+              "from the measured firing rates (eval/README.md)."), ""]
     lines.append(goals_markdown(answer))
     return "\n".join(lines) + "\n"
 

@@ -282,6 +282,10 @@ def test_study_statistics_and_goals_from_hand_computed_values():
     assert a["i"] is True and a["gain_in_sigmas"] == pytest.approx(0.11 / noise)
     assert a["quarter_arm"] == "kd_q" and a["ii"] is False  # 2.46 at 1/4 vs CE's 2.42 at the full budget
     assert "(i)" in goals_markdown(a) and "not met" in goals_markdown(a)
+    from eval.study_report import study_markdown
+
+    table = study_markdown(list(stats.values()), a)  # 2e6 pJ = 2.00 µJ, 2.42 ± 0.02 over seeds 0,1,2
+    assert "| ce | snn_ce | 1.00 | 0,1,2 | 1,000 | 2.420 ± 0.020 | 3.000 ± 0.000 | 100 ± 0 | 2.00 ± 0.00 |" in table
     # a gain inside the noise is not met; one seed per arm cannot answer (i)
     for r in records:
         if r["arm"] == "kd":
