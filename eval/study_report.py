@@ -76,6 +76,7 @@ def summary_records(rows: list[dict], runs: list[StudyRun], runs_dir: str | Path
             **{f"bpb_{t}": row["bits_per_byte"].get(t) for t in TEXTS},
             "train_tokens_per_s": train.get("tokens_per_s"),
             "energy_pj": row.get("energy_pj"),
+            "memory_inclusive_pj": row.get("memory_inclusive_pj"),
             "mean_firing_rate": row.get("mean_firing_rate"),
             "curve": train.get("curve") or [],
             "series": train.get("series") or sr.arm,
@@ -104,7 +105,7 @@ def arm_stats(records: list[dict]) -> list[dict]:
                 "series": members[0]["series"],
                 "seeds": [m["seed"] for m in members], "n": len(members)}
         for key in ("train_tokens", "bpb_persuasion", "bpb_hamlet", "train_tokens_per_s", "energy_pj",
-                    "mean_firing_rate"):
+                    "memory_inclusive_pj", "mean_firing_rate"):
             stat[key], stat[f"{key}_std"] = _mean_std([m[key] for m in members])
         stat["bpb_mean"], stat["bpb_mean_std"] = _mean_std(
             [statistics.fmean([m[f"bpb_{t}"] for t in TEXTS]) for m in members
@@ -158,25 +159,39 @@ def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
     return fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std))
 
 
-def study_markdown(stats: list[dict], answer: dict) -> str:
-    """The per-arm table (mean ± sample std over seeds) and the goals' answers, as markdown."""
+def _uj(s: dict, key: str) -> str:
+    """An energy figure of an arm (pJ mean and std) in µJ."""
+    mean, std = s.get(key), s.get(f"{key}_std")
+    return _pm(None if mean is None else mean / 1e6, None if std is None else std / 1e6, "{:,.2f}")
+
+
+def study_markdown(stats: list[dict], answer: dict, references: list[dict] | None = None,
+                   protocol: str | None = None) -> str:
+    """The per-arm table (mean ± sample std over seeds), energy-only reference rows (leaderboard rows of the
+    teacher and the quantised matched ANN: `references`) and the goals' answers, as markdown."""
     lines = [
-        ("| arm | kind | budget | seeds | train tokens | bpb Persuasion | bpb Hamlet | train tok/s | energy/token (µJ) "
-        "| firing rate |"),
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ("| arm | kind | budget | seeds | train tokens | bpb Persuasion | bpb Hamlet | train tok/s "
+         "| energy/token compute (µJ) | memory-incl. (µJ) | firing rate |"),
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         seeds = ",".join("-" if x is None else str(x) for x in s["seeds"])
-        energy = None if s["energy_pj"] is None else s["energy_pj"] / 1e6
-        energy_std = None if s["energy_pj_std"] is None else s["energy_pj_std"] / 1e6
         lines.append(
             f"| {s['arm']} | {s['kind']} | {s['budget']:.2f} | {seeds} | {s['train_tokens']:,.0f} | "
             f"{_pm(s['bpb_persuasion'], s['bpb_persuasion_std'])} | {_pm(s['bpb_hamlet'], s['bpb_hamlet_std'])} | "
             f"{_pm(s['train_tokens_per_s'], s['train_tokens_per_s_std'], '{:.0f}')} | "
-            f"{_pm(energy, energy_std, '{:,.2f}')} | {_pm(s['mean_firing_rate'], s['mean_firing_rate_std'])} |")
-    lines += ["", ("mean ± sample standard deviation over the arm's seeds (no ± with one seed); bits/byte on the "
-              "held-out texts under the evaluate stage's shared windowed protocol; energy/token: compute only, "
-              "from the measured firing rates (eval/README.md)."), ""]
+            f"{_uj(s, 'energy_pj')} | {_uj(s, 'memory_inclusive_pj')} | "
+            f"{_pm(s['mean_firing_rate'], s['mean_firing_rate_std'])} |")
+    for r in references or []:
+        bpb = r.get("bits_per_byte") or {}
+        lines.append(
+            f"| {r['label']} ({r['role']}) | | | | | {_pm(bpb.get('persuasion'), None)} | "
+            f"{_pm(bpb.get('hamlet'), None)} | | {_uj(r, 'energy_pj')} | {_uj(r, 'memory_inclusive_pj')} | |")
+    lines += ["", ("mean ± sample standard deviation over the arm's seeds (no ± with one seed). Bits/byte: the "
+              "held-out texts, student and teacher under one protocol"
+              + (f" ({protocol})" if protocol else "") + ". Energy per token from the measured firing rates "
+              "(eval/README.md): compute only, and memory-inclusive (weights, activations and state moved per "
+              "token); the quantised matched-ANN rows are energy only."), ""]
     lines.append(goals_markdown(answer))
     return "\n".join(lines) + "\n"
 
@@ -271,7 +286,10 @@ def write_study_report(rows: list[dict], runs: list[StudyRun], runs_dir, out_dir
              "learning_curves": out / "learning_curves.png", "token_efficiency": out / "token_efficiency.png"}
     keys = ("arm", "kind", "budget", "seed", "train_tokens", "bpb_persuasion", "bpb_hamlet", "train_tokens_per_s")
     files["summary"].write_text(json.dumps([{k: r[k] for k in keys} for r in records], indent=1) + "\n")
-    files["study"].write_text("# Study results (written by `make study`)\n\n" + study_markdown(stats, answer))
+    references = [r for r in rows if r["role"] != "student"]
+    protocol = next((r.get("bpb_protocol") for r in rows if r.get("bpb_protocol")), None)
+    files["study"].write_text("# Study results (written by `make study`)\n\n"
+                              + study_markdown(stats, answer, references, protocol))
     plot_learning_bands(records, files["learning_curves"])
     plot_token_efficiency_bands(records, files["token_efficiency"])
     return {k: str(v) for k, v in files.items()}

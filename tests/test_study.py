@@ -202,6 +202,8 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
         assert rec["bpb_persuasion"] == students[run]["bits_per_byte"]["persuasion"] and rec["bpb_hamlet"] > 0
     study_md = (report / "study.md").read_text()
     assert "| c_kd | snn_distill | 1.00 | 0,1 |" in study_md and "Goals" in study_md
+    # energy-only reference rows: the teacher once, the student's quantised matched ANN (int8, ternary)
+    assert study_md.count("(teacher) |") == 1 and study_md.count("(quantised ANN) |") == 2
     for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
         assert (report / name).stat().st_size > 0
 
@@ -261,6 +263,7 @@ def test_schedule_gives_a_waiting_runs_slot_to_a_run_that_can_go():
 def _record(arm, seed, kind, tokens, pers, ham=3.0, series="s"):
     return {"arm": arm, "run": f"{arm}-s{seed}", "kind": kind, "seed": seed, "train_tokens": tokens,
             "bpb_persuasion": pers, "bpb_hamlet": ham, "train_tokens_per_s": 100.0, "energy_pj": 2e6,
+            "memory_inclusive_pj": 5e6,
             "mean_firing_rate": 0.2, "curve": [[tokens, pers]], "series": series, "budget": None}
 
 
@@ -284,8 +287,13 @@ def test_study_statistics_and_goals_from_hand_computed_values():
     assert "(i)" in goals_markdown(a) and "not met" in goals_markdown(a)
     from eval.study_report import study_markdown
 
-    table = study_markdown(list(stats.values()), a)  # 2e6 pJ = 2.00 µJ, 2.42 ± 0.02 over seeds 0,1,2
-    assert "| ce | snn_ce | 1.00 | 0,1,2 | 1,000 | 2.420 ± 0.020 | 3.000 ± 0.000 | 100 ± 0 | 2.00 ± 0.00 |" in table
+    # 2e6 pJ = 2.00 µJ, 5e6 pJ = 5.00 µJ, 2.42 ± 0.02 over seeds 0,1,2
+    teacher = {"label": "T", "role": "teacher", "bits_per_byte": {"persuasion": 1.2, "hamlet": 1.5},
+               "energy_pj": 6.6e8, "memory_inclusive_pj": 9e10}
+    table = study_markdown(list(stats.values()), a, [teacher], "window 512")
+    assert ("| ce | snn_ce | 1.00 | 0,1,2 | 1,000 | 2.420 ± 0.020 | 3.000 ± 0.000 | 100 ± 0 | 2.00 ± 0.00 | "
+            "5.00 ± 0.00 | 0.200 ± 0.000 |") in table
+    assert "| T (teacher) | | | | | 1.200 | 1.500 | | 660.00 | 90,000.00 | |" in table and "(window 512)" in table
     # a gain inside the noise is not met; one seed per arm cannot answer (i)
     for r in records:
         if r["arm"] == "kd":
