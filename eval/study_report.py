@@ -128,7 +128,9 @@ def goals(stats: list[dict], text: str = "persuasion") -> dict:
         standard deviations of seed noise (the pooled seed std of the two arms);
     (ii) the best distillation arm's series (the arms that differ from it only in budget) at 1/4 of the budget
         matches or beats CE-only at the full budget.
-    "Best" = lowest mean bits/byte among snn_distill arms at budget 1. Missing arms answer None.
+    "Best" = lowest mean bits/byte among snn_distill arms at budget 1. When the best arm has no 1/4-budget
+    series, (ii) is answered for the best-ranked distillation arm that has one (named in "quarter_arm").
+    Missing arms answer None.
     """
     key = f"bpb_{text}"
     full = [s for s in stats if s["budget"] is not None and s["budget"] >= 0.99 and s[key] is not None]
@@ -144,11 +146,14 @@ def goals(stats: list[dict], text: str = "persuasion") -> dict:
     out["gain"], out["noise_std"] = gain, noise
     out["gain_in_sigmas"] = gain / noise if noise else None
     out["i"] = bool(noise and gain > SIGMAS * noise)
-    quarter = [s for s in stats if s["budget"] is not None and abs(s["budget"] - 0.25) < 0.05
-               and s["series"] == best["series"] and s[key] is not None]
+    quarters = [s for s in stats if s["budget"] is not None and abs(s["budget"] - 0.25) < 0.05
+                and s[key] is not None]
+    quarter = next(([q for q in quarters if q["series"] == arm["series"]] for arm in distill
+                    if any(q["series"] == arm["series"] for q in quarters)), [])
     if quarter:
         q = quarter[0]
         out["quarter_arm"], out["quarter_bpb"], out["ce_full_bpb"] = q["arm"], q[key], ce[key]
+        out["quarter_of_best"] = q["series"] == best["series"]
         out["ii"] = q[key] <= ce[key]
     return out
 
@@ -209,8 +214,10 @@ def goals_markdown(a: dict) -> str:
     if a["ii"] is None:
         text.append("- (ii) no 1/4-budget run of the best arm: not answered.")
     else:
+        which = "" if a.get("quarter_of_best", True) else (
+            f" ({a['best_arm']} has no 1/4-budget run; answered for the best distillation arm that has one)")
         text.append(f"- (ii) {a['quarter_arm']} at 1/4 of the tokens {a['quarter_bpb']:.3f} vs CE-only at the full "
-                    f"budget {a['ce_full_bpb']:.3f}: **{'met' if a['ii'] else 'not met'}**.")
+                    f"budget {a['ce_full_bpb']:.3f}: **{'met' if a['ii'] else 'not met'}**{which}.")
     return "\n".join(text)
 
 

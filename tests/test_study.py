@@ -294,6 +294,13 @@ def test_study_statistics_and_goals_from_hand_computed_values():
     assert ("| ce | snn_ce | 1.00 | 0,1,2 | 1,000 | 2.420 ± 0.020 | 3.000 ± 0.000 | 100 ± 0 | 2.00 ± 0.00 | "
             "5.00 ± 0.00 | 0.200 ± 0.000 |") in table
     assert "| T (teacher) | | | | | 1.200 | 1.500 | | 660.00 | 90,000.00 | |" in table and "(window 512)" in table
+    # a better distillation arm without a 1/4-budget series: (ii) falls back to the best arm that has one
+    extra = [_record("inh", s, "snn_distill", 1000, v, series="inh") for s, v in enumerate([2.20, 2.21, 2.22])]
+    for r in extra:
+        r["budget"] = 1.0
+    b = goals(arm_stats(records + extra))
+    assert b["best_arm"] == "inh" and b["quarter_arm"] == "kd_q" and b["quarter_of_best"] is False
+    assert "inh has no 1/4-budget run" in goals_markdown(b)
     # a gain inside the noise is not met; one seed per arm cannot answer (i)
     for r in records:
         if r["arm"] == "kd":
