@@ -5,11 +5,14 @@ same per-token losses (`pipeline.losses.kd_loss` semantics, tau^2 scaled, sparse
 plus one tail bucket), the same sums. Instead of autograd through log_softmax and the divergences it uses a
 custom autograd Function: the forward computes the sums chunk by chunk and keeps only the head input and
 weight; the backward recomputes each chunk's logits and writes the closed-form gradient
-    d(tau^2 D)/dz_j = tau * p_j * r_{b(j)}   (p the tempered student, b(j) the bucket of token j)
+    dense:  d(tau^2 D)/dz_j = tau * p_j * r_j                  (p the tempered student softmax)
+    sparse: d(tau^2 D)/dz_j = tau * e_b(j) * p1_j / P1_b(j)     (p1 the student softmax at temperature 1, P1_b its
+            mass in bucket b(j) of token j, e_b = dD/du_b for the tempered bucket logits u; the tail's share
+            p1_j / P1_tail, an id's 1)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
 A callable teacher is called once per chunk in the forward and once more in the backward. On CPU each chunk's
 rows go through the C row kernels (students/ops/csrc/spike_ops.cpp: kd_dense_rows, and kd_sparse_rows for
-cached top-k targets, which sums the tail bucket in the same pass as CE and the tempered softmax); elsewhere
+cached top-k targets, which sums the tail bucket in the same pass as CE's softmax); elsewhere
 (CUDA, SPIKEDISTILL_KERNELS=reference) the same maths run as torch ops.
 
 With `loss_weights=(w_kd, w_ce)` (the caller promises to backpropagate w_kd * kd_sum + w_ce * ce_sum times
@@ -251,43 +254,51 @@ def _chunk_cpu(lib, z, labels, target, opts, want_grad, g_kd, g_ce):
 
 
 def _kd_rows(z, target, opts, want_grad):
-    """Per-row divergence D [n] of the tempered student logits z [n, V] from the target, and d D / d (z / tau)."""
-    log_p = torch.log_softmax(z / opts.tau, dim=1)
+    """Per-row divergence D [n] of the student logits z [n, V] from the target at temperature tau, and
+    d D / d (z / tau)."""
     if isinstance(target, tuple):
-        ids, logprobs, tail = target
-        log_pb, log_qb, has_tail = _sparse_buckets(log_p, ids, logprobs, tail, opts.tau)
-    else:
-        log_pb, log_qb, has_tail, ids = log_p, torch.log_softmax(target / opts.tau, dim=1), False, None
-    div, coef = _bucket_divergence(log_pb, log_qb, opts.kind, opts.beta, want_grad)
+        return _sparse_kd_rows(z, target, opts, want_grad)
+    log_p = torch.log_softmax(z / opts.tau, dim=1)
+    div, coef = _bucket_divergence(log_p, torch.log_softmax(target / opts.tau, dim=1), opts.kind, opts.beta,
+                                   want_grad)
     if not want_grad:
         return div, None
-    # per-token gradient from per-bucket coefficients: dD/ds_j = p_j r_b(j), or for forward KL
-    # p_j - exp(log p_j + log Q_b - log P_b) (no division by a tiny bucket mass)
-    per_token = coef if ids is None else _expand(coef, ids, z.shape[1], has_tail)
+    # per-token gradient dD/ds_j = p_j r_j, or for forward KL p_j - exp(log p_j + log q_j - log p_j)
     p = log_p.exp()
     if opts.kind == "forward_kl":
         # no p > 0 mask here: where p underflows to 0 the gradient is -q, which may be far from 0
-        return div, p - (log_p + per_token).exp()
-    return div, (p * per_token).where(p > 0, 0.0)
+        return div, p - (log_p + coef).exp()
+    return div, (p * coef).where(p > 0, 0.0)
 
 
-def _sparse_buckets(log_p, ids, logprobs, tail, tau):
-    """Student and teacher log-probabilities on the k ids (+ one tail bucket when k < V) -> [n, k(+1)] each."""
-    log_p_ids = log_p.gather(1, ids)
-    log_q = logprobs / tau
-    if ids.shape[1] >= log_p.shape[1]:
-        return log_p_ids, torch.log_softmax(log_q, dim=1), False
-    log_p_tail = torch.logsumexp(log_p.scatter(1, ids, float("-inf")), dim=1, keepdim=True)
-    log_tail = tail.clamp_min(TAIL_FLOOR).log().unsqueeze(1) / tau
-    log_q = torch.log_softmax(torch.cat([log_q, log_tail], dim=1), dim=1)
-    return torch.cat([log_p_ids, log_p_tail], dim=1), log_q, True
-
-
-def _expand(coef, ids, vocab, has_tail):
-    """Per-bucket values [n, k(+1)] -> per-token [n, V]: the tail value everywhere, then the k ids."""
+def _sparse_kd_rows(z, target, opts, want_grad):
+    """_kd_rows for sparse targets (ids, logprobs, tail): pipeline.losses._sparse_buckets' semantics, the bucket
+    distributions at temperature 1 tempered as buckets. With u = a / tau the tempered student bucket logits
+    (a_b = log of the student's temperature-1 mass in bucket b), dD/du_b = e_b (P_b - Q_b for forward KL, P_b c_b
+    otherwise, summing to 0), so d D / d (z_j / tau) = e_b(j) softmax(z)_j / P1_b(j)."""
+    ids, logprobs, tail = target
+    log_p1 = torch.log_softmax(z, dim=1)
+    a_ids = log_p1.gather(1, ids)
+    has_tail = ids.shape[1] < z.shape[1]
+    log_q = logprobs
+    if has_tail:
+        a_tail = torch.logsumexp(log_p1.scatter(1, ids, float("-inf")), dim=1, keepdim=True)
+        a_ids = torch.cat([a_ids, a_tail], dim=1)
+        log_q = torch.cat([logprobs, tail.clamp_min(TAIL_FLOOR).log().unsqueeze(1)], dim=1)
+    log_pb = torch.log_softmax(a_ids / opts.tau, dim=1)
+    log_qb = torch.log_softmax(log_q / opts.tau, dim=1)
+    div, coef = _bucket_divergence(log_pb, log_qb, opts.kind, opts.beta, want_grad)
+    if not want_grad:
+        return div, None
+    e = log_pb.exp() - log_qb.exp() if opts.kind == "forward_kl" else log_pb.exp() * coef
     k = ids.shape[1]
-    fill = coef[:, k:].expand(-1, vocab) if has_tail else coef.new_zeros(1, 1).expand(coef.shape[0], vocab)
-    return fill.clone().scatter_(1, ids, coef[:, :k])
+    if has_tail:
+        # tail tokens: e_tail * softmax_j / P1_tail; 0 where the tail holds no mass at all
+        share = (log_p1 - a_ids[:, k:]).exp().nan_to_num(0.0)
+        grad = e[:, k:] * share
+    else:
+        grad = torch.zeros_like(z)
+    return div, grad.scatter_(1, ids, 0.0).scatter_add_(1, ids, e[:, :k])
 
 
 def _weighted(terms, log_w):

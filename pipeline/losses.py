@@ -50,22 +50,33 @@ def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float
 def _sparse_buckets(
     student_logits: torch.Tensor, target: Any, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map student and teacher onto the k stored ids plus one tail bucket -> (log_p, log_q), each [N, k(+1)]."""
+    """Map student and teacher onto the k stored ids plus one tail bucket -> (log_p, log_q), each [N, k(+1)].
+
+    The temperature acts on the bucket distributions, the same way on both sides: the student's bucket
+    log-probabilities at temperature 1, a, give log_p = log_softmax(a / tau); the teacher's stored log-probs and
+    log tail mass give log_q = log_softmax(log q / tau). (Tempering the student's tokens before bucketing would
+    compare a tail summed over ~V tempered tokens with the teacher's tail tempered as one token, which at
+    tau = 2 drives the student's tail logits down and costs it bits/byte.) With k = V or tau = 1 this is the
+    dense tempered KD.
+    """
     ids = target.ids.long()
-    # shifted by the row maximum first: at small tau, s = z / tau is large and lse(tail) - lse(all) of two large
-    # numbers would lose the tail's log-probability to cancellation when the tail holds nearly all the mass
-    s = _shifted(student_logits.float()) / temperature
+    # in float64 (this is the reference path): at small tau the bucket log-probabilities are multiplied by
+    # 1 / tau, and float32 rounding of a ~ -20 would reach the gradients (7e-5 relative at tau 0.05). Shifted
+    # by the row maximum first, so that lse(tail) - lse(all) of two large numbers cannot lose the tail's
+    # log-probability to cancellation when the tail holds nearly all the mass
+    s = _shifted(student_logits.double())
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    log_p_ids = s.gather(-1, ids) - lse
-    t = target.logprobs.float() / temperature
+    a_ids = s.gather(-1, ids) - lse
+    t = target.logprobs.double()
     if ids.shape[-1] >= s.shape[-1]:
         # k = V: the complement is empty, so there is no tail bucket (any tail_mass is rounding residue).
-        return log_p_ids, torch.log_softmax(t, dim=-1)
+        return torch.log_softmax(a_ids / temperature, dim=-1), torch.log_softmax(t / temperature, dim=-1)
     # Student tail: logsumexp over the complement of the k ids, computed directly (no 1 - sum cancellation).
-    log_p_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
-    log_tail = target.tail_mass.float().clamp_min(TAIL_FLOOR).log().unsqueeze(-1) / temperature
-    log_q = torch.log_softmax(torch.cat([t, log_tail], dim=-1), dim=-1)
-    return torch.cat([log_p_ids, log_p_tail], dim=-1), log_q
+    a_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
+    log_tail = target.tail_mass.double().clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
+    log_p = torch.log_softmax(torch.cat([a_ids, a_tail], dim=-1) / temperature, dim=-1)
+    log_q = torch.log_softmax(torch.cat([t, log_tail], dim=-1) / temperature, dim=-1)
+    return log_p, log_q
 
 
 def _shifted(logits: torch.Tensor) -> torch.Tensor:
@@ -86,12 +97,12 @@ def kd_loss(
     (teachers.cache.SparseTargets: ids [N, k], logprobs [N, k] = teacher log-softmax at temperature 1,
     tail_mass [N] = 1 - sum exp(logprobs)).
 
-    Sparse semantics: the teacher distribution has k + 1 buckets, the k stored tokens and one tail bucket
-    holding tail_mass; it is tempered like logits (log-probabilities / tau, the tail as one pseudo-token of
-    log-probability log(tail_mass)) and renormalised over the k + 1 buckets. The student's tempered
-    distribution is mapped onto the same buckets: its probabilities at the k ids, and all the rest of its
-    mass in the tail bucket (a logsumexp over the complement, computed stably). With k = V there is no
-    complement and no tail bucket, and the loss equals the dense one.
+    Sparse semantics: both distributions are taken onto k + 1 buckets at temperature 1, the k stored tokens
+    and one tail bucket (the teacher's tail_mass; the student's mass outside the k ids, a logsumexp over the
+    complement, computed stably), then each bucket distribution is tempered (log-probabilities / tau,
+    renormalised over the buckets). Student and teacher are treated alike, so the loss is 0 when the student
+    equals the teacher, at any tau. With k = V there is no complement and no tail bucket, and the loss equals
+    the dense one; at tau = 1 it is the KL of the bucketed distributions.
     """
     if kind not in KD_KINDS:
         raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r} (set distill.kd.kind)")
@@ -102,7 +113,7 @@ def kd_loss(
     else:
         log_p = torch.log_softmax(_shifted(student_logits.float()) / temperature, dim=-1)
         log_q = torch.log_softmax(_shifted(target.float()) / temperature, dim=-1)
-    return temperature**2 * _divergence(log_p, log_q, kind, beta)
+    return (temperature**2 * _divergence(log_p, log_q, kind, beta)).float()
 
 
 def _teacher_chunk(teacher: Any, rows: slice) -> Any:

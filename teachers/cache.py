@@ -13,7 +13,8 @@ Each shard is written to a temp name and renamed, so a shard file is always whol
 the first missing shard. A shard whose checksum or shape is wrong raises CacheError when read.
 
 Sparse-target semantics (agreed with pipeline.losses.kd_loss): the teacher distribution is the k stored
-tokens plus one tail bucket holding tail_mass; the student is mapped onto the same k + 1 buckets.
+tokens plus one tail bucket holding tail_mass; the student's temperature-1 distribution is mapped onto the same
+k + 1 buckets, and the temperature then acts on both bucket distributions alike.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """With k = vocab size the KD loss from the cache equals the one from the online teacher (issue 3).
 
 Uses pipeline.losses.kd_loss, whose sparse targets are k stored tokens + one tail bucket, with the student
-mapped onto the same buckets.
+mapped onto the same buckets (at temperature 1, then both tempered as buckets).
 """
 
 import pytest

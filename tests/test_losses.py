@@ -87,10 +87,11 @@ def test_sparse_tail_bucket_matches_hand_computation(kind):
         ids = target.ids[row].tolist()
         lps = target.logprobs[row].tolist()
         tail = float(target.tail_mass[row])
-        # teacher: k tokens + one pseudo-token, each log-prob divided by tau, renormalised
+        # both sides bucketed at temperature 1 (the k tokens + the tail), then each bucket log-prob divided by
+        # tau and renormalised
         q = _softmax(lps + [math.log(tail)], tau)
-        ps = _softmax(s, tau)
-        p = [ps[i] for i in ids] + [sum(ps[i] for i in range(4) if i not in ids)]
+        p1 = _softmax(s, 1.0)
+        p = _softmax([math.log(p1[i]) for i in ids] + [math.log(sum(p1[i] for i in range(4) if i not in ids))], tau)
         if kind == "forward_kl":
             d = _kl(q, p)
         elif kind == "reverse_kl":

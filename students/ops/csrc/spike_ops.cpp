@@ -328,14 +328,6 @@ namespace {
 constexpr float kMasked = -1e30f;     // a logit whose exp is 0 at any temperature; stands in for a removed token
 constexpr double kTailFloor = 1e-10;  // pipeline.kd_targets.TAIL_FLOOR
 
-// es = exp(d / tau) and ez = exp(d) for a shifted logit d <= 0, with one exp when tau is 1 or 2 (TAU = 1, 2;
-// TAU = 0: any tau, two exps). Squaring es doubles its relative rounding error (about 2 ulp), nothing more.
-template <int TAU>
-inline void tempered_exp(float d, float inv_tau, float& es, float& ez) {
-  es = std::exp(d * inv_tau);
-  ez = TAU == 1 ? es : (TAU == 2 ? es * es : std::exp(d));
-}
-
 // log(e^x + e^y) without overflow or log(0): both terms may underflow at small tau.
 inline float log_add_exp(float x, float y) { return std::max(x, y) + std::log1p(std::exp(-std::fabs(x - y))); }
 
@@ -441,49 +433,50 @@ double bucket_divergence(const double* lP, const double* lQ, int64_t K, double b
 }
 
 // One row of kd_sparse_rows (below). Buckets: the k stored ids, then (when k < V) the tail = every other token.
-// One pass over the row after its maximum: the tempered and the plain exp-sums of the tail (the k ids set to
-// kMasked for the pass and restored after: k writes, no copy of the row); the k ids are added back from their
-// saved logits, so the tail mass is a direct sum, never 1 - sum(top-k). A second pass writes the gradient.
-// work: 4 (k + 1) doubles and k floats of scratch.
-template <int KIND, int TAU>
+// The temperature acts on the bucket distributions, for student and teacher alike (pipeline.losses'
+// _sparse_buckets): the student's bucket log-probabilities at temperature 1, a_b, become lP = log_softmax(a / tau),
+// the teacher's stored log-probabilities and log tail mass become lQ = log_softmax(log q / tau). Tempering
+// tokens instead would compare the student's tempered tail (a sum over ~V tokens) with the teacher's tail
+// tempered as if it were one token. One pass over the row after its maximum gives the tail's exp-sum (the k ids
+// set to kMasked for the pass and restored after: k writes, no copy of the row; the tail mass is a direct sum,
+// never 1 - sum(top-k)); a second pass writes the gradient. work: 4 (k + 1) doubles and k floats of scratch.
+template <int KIND>
 void kd_sparse_row(float* zr, const int64_t* ids, const float* logprobs, float tail_mass, int64_t label, int64_t V,
                    int64_t k, float tau, float beta, float g_kd, float g_ce, bool want_grad, float* kd_out,
                    float* ce_out, double* work, float* zid) {
-  const float inv_tau = 1.0f / tau;
+  const double inv_tau = 1.0 / static_cast<double>(tau);
   const bool has_tail = k < V;
   const int64_t K = has_tail ? k + 1 : k;
   double *lP = work, *lQ = work + (k + 1), *c = work + 2 * (k + 1), *ez_id = work + 3 * (k + 1);
   const float mz = row_max(zr, V), z_label = zr[label];
   for (int64_t i = 0; i < k; ++i) zid[i] = zr[ids[i]];
   for (int64_t i = 0; i < k; ++i) zr[ids[i]] = kMasked;
-  float sz_tail = 0.0f, ss_tail = 0.0f;
-#pragma omp simd reduction(+ : sz_tail, ss_tail)
-  for (int64_t j = 0; j < V; ++j) {
-    float es, ez;
-    tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
-    ss_tail += es;
-    sz_tail += ez;
-  }
+  float sz_tail = 0.0f;
+#pragma omp simd reduction(+ : sz_tail)
+  for (int64_t j = 0; j < V; ++j) sz_tail += std::exp(zr[j] - mz);
   for (int64_t i = 0; i < k; ++i) zr[ids[i]] = zid[i];
-  double ss = has_tail ? ss_tail : 0.0, sz = has_tail ? sz_tail : 0.0;
+  double sz = has_tail ? sz_tail : 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    lP[i] = (static_cast<double>(zid[i]) - mz) * inv_tau;
     ez_id[i] = std::exp(static_cast<double>(zid[i]) - mz);
-    ss += std::exp(lP[i]);
     sz += ez_id[i];
   }
-  const double log_ss = std::log(ss), log_sz = std::log(sz);
+  const double log_sz = std::log(sz);
   *ce_out = static_cast<float>(log_sz - (static_cast<double>(z_label) - mz));
-  for (int64_t i = 0; i < k; ++i) lP[i] -= log_ss;
-  // teacher: log-probabilities / tau over the k ids and the tail pseudo-token, renormalised over the buckets
+  // student: bucket log-probabilities at temperature 1 (a_b), divided by tau, renormalised over the buckets.
+  // sz_tail == 0 (all the mass on the k ids): log P_tail is -inf; a finite stand-in far below any real
+  // log-probability keeps exp() at exactly 0 under -ffast-math
+  double mp = -1e300;
+  for (int64_t i = 0; i < k; ++i) mp = std::max(mp, lP[i] = (static_cast<double>(zid[i]) - mz - log_sz) * inv_tau);
+  if (has_tail) mp = std::max(mp, lP[k] = sz_tail > 0.0f ? (std::log(static_cast<double>(sz_tail)) - log_sz) * inv_tau
+                                                           : -1e300);
+  double sp = 0.0;
+  for (int64_t b = 0; b < K; ++b) sp += std::exp(lP[b] - mp);
+  const double lse_p = mp + std::log(sp);
+  for (int64_t b = 0; b < K; ++b) lP[b] -= lse_p;
+  // teacher: log-probabilities / tau over the k ids and the tail bucket, renormalised over the buckets
   double mq = -1e300;
   for (int64_t i = 0; i < k; ++i) mq = std::max(mq, lQ[i] = static_cast<double>(logprobs[i]) * inv_tau);
-  if (has_tail) {
-    // ss_tail == 0 (all the student's mass on the k ids): log P_tail is -inf; a finite stand-in far below any
-    // real log-probability keeps exp() at exactly 0 under -ffast-math
-    lP[k] = ss_tail > 0.0f ? std::log(static_cast<double>(ss_tail)) - log_ss : -1e300;
-    mq = std::max(mq, lQ[k] = std::log(std::max(static_cast<double>(tail_mass), kTailFloor)) * inv_tau);
-  }
+  if (has_tail) mq = std::max(mq, lQ[k] = std::log(std::max(static_cast<double>(tail_mass), kTailFloor)) * inv_tau);
   double sq = 0.0;
   for (int64_t b = 0; b < K; ++b) sq += std::exp(lQ[b] - mq);
   const double lse_q = mq + std::log(sq);
@@ -491,37 +484,21 @@ void kd_sparse_row(float* zr, const int64_t* ids, const float* logprobs, float t
   const double div = bucket_divergence<KIND>(lP, lQ, K, beta, c);
   *kd_out = static_cast<float>(static_cast<double>(tau) * tau * div);
   if (!want_grad) return;
-  // d(tau^2 D)/dz_j = tau p_j c_b(j) (forward KL: tau (p_j - p_j Q_b / P_b)), plus g_ce (softmax_j - [j = label])
+  // e_b = dD/du_b for the tempered bucket logits u = a / tau: P_b - Q_b (forward KL), P_b c_b (reverse KL, JSD);
+  // a_b = log(sum of exp z over bucket b) - lse(z), so d(tau^2 D)/dz_j = tau e_b(j) softmax_j / P1_b(j) (the
+  // -softmax_j sum_b e_b part is 0: sum_b e_b = 0 for every kind); for an id bucket softmax_j / P1_b = 1
+  for (int64_t b = 0; b < K; ++b) {
+    const double p = std::exp(lP[b]);
+    c[b] = KIND == 0 ? p - std::exp(lQ[b]) : p * c[b];
+  }
   const double ckd = static_cast<double>(g_kd) * tau;
   const float cs = static_cast<float>(g_ce / sz);
-  if (has_tail && KIND == 0 && c[k] > 60.0) {
-    // forward KL with P_tail < e^-60 Q_tail: Q/P would overflow a float, so p_j Q / P = exp(log p_j + lQ - lP)
-    const float dt = static_cast<float>(c[k] - log_ss), ck = static_cast<float>(ckd);
-    const float log_ss_f = static_cast<float>(log_ss);
+  const float ct = has_tail && sz_tail > 0.0f ? static_cast<float>(ckd * c[k] / sz_tail) : 0.0f;
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      const float d = (zr[j] - mz) * inv_tau;
-      float es, ez;
-      tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
-      zr[j] = ck * (std::exp(d - log_ss_f) - std::exp(d + dt)) + cs * ez;
-    }
-  } else {
-    const double a = !has_tail ? 0.0 : (KIND == 0 ? -std::expm1(c[k]) : c[k]);
-    const float cp = static_cast<float>(ckd * a / ss);
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      float es, ez;
-      tempered_exp<TAU>(zr[j] - mz, inv_tau, es, ez);
-      zr[j] = cp * es + cs * ez;
-    }
-  }
+  for (int64_t j = 0; j < V; ++j) zr[j] = (ct + cs) * std::exp(zr[j] - mz);
   // the k ids: overwrite the tail formula, then add each bucket's KD term (a repeated id gets both)
   for (int64_t i = 0; i < k; ++i) zr[ids[i]] = static_cast<float>(g_ce * ez_id[i] / sz);
-  for (int64_t i = 0; i < k; ++i) {
-    const double p = std::exp(lP[i]);
-    const double d = KIND == 0 ? p - std::exp(lQ[i]) : p * c[i];
-    zr[ids[i]] += static_cast<float>(ckd * d);
-  }
+  for (int64_t i = 0; i < k; ++i) zr[ids[i]] += static_cast<float>(ckd * c[i]);
   zr[label] -= g_ce;
 }
 
@@ -553,7 +530,7 @@ void kd_dense_rows(float* z, const float* t, const int64_t* labels, int64_t n, i
 }
 
 // Sparse top-k KD + CE for rows of logits (pipeline.losses.kd_loss's bucket semantics: the k stored ids plus one
-// tail bucket when k < V). z [n, V] (overwritten with d loss / d z when want_grad); ids [n, k] int64;
+// tail bucket when k < V, tempered as buckets). z [n, V] (overwritten with d loss / d z when want_grad); ids [n, k] int64;
 // logprobs [n, k] teacher log-softmax at temperature 1; tail_mass [n]; labels [n] (-100: row ignored).
 // kind, tau, beta, g_kd, g_ce as in kd_dense_rows. Writes kd_rows [n], ce_rows [n].
 void kd_sparse_rows(float* z, const int64_t* ids, const float* logprobs, const float* tail_mass,
@@ -561,11 +538,8 @@ void kd_sparse_rows(float* z, const int64_t* ids, const float* logprobs, const f
                     float g_kd, float g_ce, int want_grad, float* kd_rows, float* ce_rows, int nthreads) {
   using Fn = void (*)(float*, const int64_t*, const float*, float, int64_t, int64_t, int64_t, float, float, float,
                       float, bool, float*, float*, double*, float*);
-  static const Fn table[9] = {kd_sparse_row<0, 0>, kd_sparse_row<1, 0>, kd_sparse_row<2, 0>,
-                              kd_sparse_row<0, 1>, kd_sparse_row<1, 1>, kd_sparse_row<2, 1>,
-                              kd_sparse_row<0, 2>, kd_sparse_row<1, 2>, kd_sparse_row<2, 2>};
-  const int tau_kind = tau == 1.0f ? 1 : (tau == 2.0f ? 2 : 0);
-  const Fn row = table[3 * tau_kind + kind];
+  static const Fn table[3] = {kd_sparse_row<0>, kd_sparse_row<1>, kd_sparse_row<2>};
+  const Fn row = table[kind];
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<double> work(static_cast<size_t>(4 * (k + 1)));
