@@ -145,7 +145,7 @@ def goals(stats: list[dict], text: str = "persuasion") -> dict:
     noise = _pooled_std(ce[f"{key}_std"], best[f"{key}_std"])
     out["gain"], out["noise_std"] = gain, noise
     out["gain_in_sigmas"] = gain / noise if noise else None
-    out["i"] = bool(noise and gain > SIGMAS * noise)
+    out["i"] = None if noise is None else bool(noise and gain > SIGMAS * noise)  # None: < 2 seeds in an arm
     quarters = [s for s in stats if s["budget"] is not None and abs(s["budget"] - 0.25) < 0.05
                 and s[key] is not None]
     quarter = next(([q for q in quarters if q["series"] == arm["series"]] for arm in distill
@@ -203,14 +203,19 @@ def study_markdown(stats: list[dict], answer: dict, references: list[dict] | Non
 
 def goals_markdown(a: dict) -> str:
     """The answers to goals (i) and (ii) in words, with their numbers."""
-    if a["i"] is None:
+    if a["ce_arm"] is None or a["best_arm"] is None:
         return (f"Goals: not answerable from these runs (CE-only arm: {a['ce_arm']}, best distillation arm: "
-                f"{a['best_arm']}; goal (i) needs both at the full budget with >= 2 seeds each).")
-    sig = "" if a.get("gain_in_sigmas") is None else f" = {a['gain_in_sigmas']:.1f} sigma"
+                f"{a['best_arm']}; both are needed at the full budget).")
     text = [(f"Goals, on {a['text'].capitalize()} bits/byte (best distillation arm: {a['best_arm']}; CE-only: "
-            f"{a['ce_arm']}):"),
-            (f"- (i) gain over CE-only at equal tokens {a['gain']:+.3f} bits/byte, seed noise (pooled std) "
-            f"{a['noise_std']:.3f}{sig}: **{'met' if a['i'] else 'not met'}** (needs > {a['sigmas']:.0f} sigma).")]
+            f"{a['ce_arm']}):")]
+    if a["i"] is None:
+        text.append(f"- (i) gain over CE-only at equal tokens {a['gain']:+.3f} bits/byte; seed noise unknown (an arm "
+                    "has one seed; >= 2 each are needed): not answered.")
+    else:
+        sig = "" if a.get("gain_in_sigmas") is None else f" = {a['gain_in_sigmas']:.1f} sigma"
+        text.append(f"- (i) gain over CE-only at equal tokens {a['gain']:+.3f} bits/byte, seed noise (pooled std) "
+                    f"{a['noise_std']:.3f}{sig}: **{'met' if a['i'] else 'not met'}** (needs > {a['sigmas']:.0f} "
+                    "sigma).")
     if a["ii"] is None:
         text.append("- (ii) no 1/4-budget run of the best arm: not answered.")
     else:

@@ -307,7 +307,9 @@ def test_study_statistics_and_goals_from_hand_computed_values():
             r["bpb_persuasion"] += 0.09
     assert goals(arm_stats(records))["i"] is False
     single = [r for r in records if r["seed"] == 0]
-    assert goals(arm_stats(single))["i"] is None or goals(arm_stats(single))["noise_std"] is None
+    one = goals(arm_stats(single))
+    assert one["i"] is None and one["noise_std"] is None and one["ii"] is not None
+    assert "(i)" in goals_markdown(one) and "not answered" in goals_markdown(one) and "(ii)" in goals_markdown(one)
 
 
 def test_run_kind_from_the_resolved_config():
