@@ -450,7 +450,8 @@ def _dedup_teachers(rows: list[dict]) -> list[dict]:
 
 def build_leaderboard(runs_dir, out_dir, only: set[str] | None = None) -> dict:
     """Aggregate all runs (or only the run directory names in `only`) into out_dir/{leaderboard.md,
-    leaderboard.json, bpb_vs_energy.png, task_accuracy.png, learning_curves.png, token_efficiency.png};
+    leaderboard.json, bpb_vs_energy.png, task_accuracy.png (when a run scored a task), learning_curves.png,
+    token_efficiency.png};
     returns {"rows": [...], "files": {...}}.
 
     Student rows also carry their run's training cost and validation curve (`training_info`)."""
@@ -476,7 +477,10 @@ def build_leaderboard(runs_dir, out_dir, only: set[str] | None = None) -> dict:
     files["markdown"].write_text("# spikedistill leaderboard\n\n" + markdown_table(rows))
     files["json"].write_text(json.dumps({"schema": SCHEMA, "rows": rows}, indent=2))
     plot_bpb_vs_energy(rows, files["bpb_vs_energy"])
-    plot_task_accuracy([r for r in rows if r["role"] != QUANTISED_ROLE], files["task_accuracy"])
+    if any(r["acc"] for r in rows):
+        plot_task_accuracy([r for r in rows if r["role"] != QUANTISED_ROLE], files["task_accuracy"])
+    else:  # no run scored a task: no empty chart, and none left over from an earlier report
+        files.pop("task_accuracy").unlink(missing_ok=True)
     plot_learning_curves(rows, files["learning_curves"])
     plot_token_efficiency(rows, files["token_efficiency"])
     return {"rows": rows, "files": {k: str(v) for k, v in files.items()}}

@@ -206,6 +206,7 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
     assert study_md.count("(teacher) |") == 1 and study_md.count("(quantised ANN) |") == 2
     for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
         assert (report / name).stat().st_size > 0
+    assert not (report / "task_accuracy.png").exists()  # no run scored a task: no empty chart
 
     done = {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students}
     assert main(["study", str(folder), "--out", str(report)]) == 0  # resumable: all skipped
