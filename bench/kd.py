@@ -93,7 +93,7 @@ def bench_runs(args) -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_kd_"))
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "_teacher_cache" / "manifest.json").exists():  # build the shared cache once, untimed
-        proc, cmd = _launch("kd", "fused", "_cache_build", args, workdir, stages="prepare,teacher_cache")
+        proc, cmd = _launch("kd", "fused", "cache-build", args, workdir, stages="prepare,teacher_cache")
         if proc.wait() != 0:
             raise SystemExit(f"bench/kd.py: {' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
     how = ("both runs of a pair at the same time, so they share whatever load the machine has"

@@ -248,7 +248,7 @@ def _check_choices(recipe: Recipe) -> None:
 def check_values(recipe: Recipe) -> None:
     """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
     _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
-          "a folder name of letters, digits, '.', '_' or '-'", recipe.run.name)
+          "a folder name of letters, digits, '.', '_' or '-' that starts with a letter or digit", recipe.run.name)
     _need(recipe.run.seed >= 0, "run.seed", ">= 0", recipe.run.seed)
     _need(bool(recipe.run.runs_dir), "run.runs_dir", "a non-empty path", recipe.run.runs_dir)
     seeds = list(recipe.study.seeds)
