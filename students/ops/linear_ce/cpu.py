@@ -16,8 +16,8 @@ import os
 import torch
 
 from ..csrc import library, threads
-from ._autograd import wanted, with_grads
-from .reference import IGNORE_INDEX, check_args
+from ._autograd import fused_loss
+from .reference import IGNORE_INDEX
 
 # Above this firing rate the dense BLAS matmuls win (bench/train_step.py --sweep-rate measures the crossing).
 SPARSE_MAX_RATE = 0.3
@@ -27,17 +27,7 @@ def linear_cross_entropy_cpu(
     x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", chunk_size: int = 256
 ) -> torch.Tensor:
     """Same contract as `linear_cross_entropy_reference`; x [N, C], weight [V, C], labels [N] -> scalar fp32."""
-    check_args(x, weight, labels, reduction)
-    if chunk_size < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    want_x, want_w = wanted(x, weight)
-    with torch.no_grad():
-        loss, g_x, g_w = _fused(x.detach(), weight.detach(), labels, reduction, chunk_size, want_x, want_w)
-    if not (want_x or want_w):
-        return loss
-    g_x = None if g_x is None else g_x.to(x.dtype)
-    g_w = None if g_w is None else g_w.to(weight.dtype)
-    return with_grads(loss, x, weight, g_x, g_w)
+    return fused_loss(_fused, x, weight, labels, reduction, chunk_size)
 
 
 def uses_sparse(x: torch.Tensor) -> bool:
