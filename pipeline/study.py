@@ -86,16 +86,6 @@ def _cache_of(path: Path, extra: list[str], overrides: list[str]) -> str | None:
     return None
 
 
-def _shared_cache_runs(runs: list[tuple[Path, StudyRun, list[str]]], overrides: list[str]) -> dict:
-    """{shared teacher cache folder: the first run that uses it}, in run order."""
-    first = {}
-    for path, run, extra in runs:
-        cache = _cache_of(path, extra, overrides)
-        if cache is not None:
-            first.setdefault(cache, (path, run, extra))
-    return first
-
-
 def _schedule(tasks: list[tuple[str, set[str], Callable[[], None]]], jobs: int) -> None:
     """Runs (name, needs, work) tasks on `jobs` threads: each worker takes the first pending task whose `needs`
     (names of other tasks) have all finished, so a task that waits never holds a slot that another could use.
@@ -187,14 +177,17 @@ def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[
                     print(f"=== {run.run}: {'cache built' if stages else 'done'} in {seconds:.0f} s ===", flush=True)
                 return go
 
-            # each shared teacher cache is built once, first in the queue; a run that reads it waits for it
-            # while runs without a teacher cache take the other slots
-            caches = _shared_cache_runs(runs, overrides)
-            tasks = [(f"cache:{cache}", set(), work(*first, stages="prepare,teacher_cache"))
-                     for cache, first in caches.items()]
-            for path, run, extra in runs:
-                cache = _cache_of(path, extra, overrides)
-                tasks.append((run.run, {f"cache:{cache}"} if cache else set(), work(path, run, extra)))
+            # each shared teacher cache is built once, by the first run that reads it, first in the queue; a run
+            # that reads it waits for it while runs without a teacher cache take the other slots
+            caches = [_cache_of(path, extra, overrides) for path, _, extra in runs]
+            first = {}
+            for item, cache in zip(runs, caches):
+                if cache is not None:
+                    first.setdefault(cache, item)
+            tasks = [(f"cache:{cache}", set(), work(*item, stages="prepare,teacher_cache"))
+                     for cache, item in first.items()]
+            tasks += [(run.run, {f"cache:{cache}"} if cache else set(), work(path, run, extra))
+                      for (path, run, extra), cache in zip(runs, caches)]
             _schedule(tasks, jobs)
     out = Path(out_dir or runs_dir / "leaderboard")
     board = build_leaderboard(runs_dir, out, only={run.run for _, run, _ in runs})
