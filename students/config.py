@@ -55,7 +55,7 @@ class SpikeGPTConfig(PretrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 0  # generation stops at any of them
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):

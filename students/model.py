@@ -15,7 +15,7 @@ from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
 from .ops import spike
-from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, one_cache
+from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, one_cache, state_of
 from .state import SpikeGPTState
 
 
@@ -256,6 +256,13 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise StudentError("attention_mask has padding: the student is recurrent; pass unpadded sequences")
+        rows = state.batch_size if state is not None else -1
+        if rows > 0 and rows != input_ids.shape[0]:
+            raise StudentError(
+                f"the recurrent state holds {rows} rows but input_ids has {input_ids.shape[0]}: pass the state of "
+                "these rows (state.batch_select_indices(rows) keeps some, state.batch_repeat_interleave(n) "
+                "repeats each)"
+            )
         limit = self.config.max_position
         seen = state.seen_tokens if state is not None else 0
         if limit and seen + input_ids.shape[1] > limit:
@@ -331,6 +338,43 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             if kwargs.get(key) is not None:
                 inputs[key] = kwargs[key]
         return inputs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """GenerationMixin hook that repeats each input row expand_size times (num_beams, num_return_sequences):
+        a state passed in by the caller, one row per input row, is repeated with them (in place)."""
+        state = one_cache(model_kwargs.get("cache"), model_kwargs.get("past_key_values"))
+        if expand_size > 1 and state is not None and input_ids is not None and state.batch_size == len(input_ids):
+            state.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
+    def generate(self, *args, **kwargs):
+        """transformers' `GenerationMixin.generate`, unchanged but for the recurrent state after beam search.
+
+        Beam search leaves the state holding its running beams, not the returned sequences (one per input row,
+        or num_return_sequences per row, picked among the beams that finished); so the state it returns with
+        return_dict_in_generate=True, and a state passed in as `cache`, are refilled from the returned
+        sequences (one parallel forward over sequences[:, :-1]): continuing them equals the parallel forward on
+        the whole text. A row that finished early is padded with pad_token_id, and its state reads that padding
+        as the row does. Returns what `generate` returns.
+        """
+        out = super().generate(*args, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        states = (one_cache(kwargs.get("cache"), kwargs.get("past_key_values")), state_of(out))
+        for state in {id(s): s for s in states if isinstance(s, SpikeGPTState) and s.holds_beams}.values():
+            self._refill(state, sequences)
+        return out
+
+    @torch.no_grad()
+    def _refill(self, state: SpikeGPTState, sequences: torch.LongTensor) -> None:
+        """Make `state` the state after sequences[:, :-1] [B, L-1] (the last token is not fed yet, as after any
+        `generate`), from one parallel forward; firing rates are not recorded."""
+        state.reset()
+        if sequences.shape[1] > 1:
+            with self.rates_paused():
+                self(sequences[:, :-1], use_cache=True, skip_logits=True, **cache_kwargs(state))
 
     @contextmanager
     def _optimize_model_for_decode(self):

@@ -29,6 +29,7 @@ class SpikeGPTState(Cache):
         super().__init__(layers=[])
         self.tensors: dict[str, object] = {}
         self.seen_tokens = 0
+        self.holds_beams = False  # set by reorder_cache: the rows are beam search's running beams
 
     def get(self, key: str):
         """The entry of module `key`, or None before its first forward."""
@@ -56,10 +57,14 @@ class SpikeGPTState(Cache):
         """Forget everything: the next forward starts from zero state."""
         self.tensors.clear()
         self.seen_tokens = 0
+        self.holds_beams = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row b of the new state is row beam_idx[b] of the old one. beam_idx [B] (in place)."""
+        """Beam search: row b of the new state is row beam_idx[b] of the old one. beam_idx [B] (in place).
+
+        Marks the state `holds_beams`: the model's `generate` then refills it from the sequences it returns."""
         self._map_rows(len(beam_idx), lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
+        self.holds_beams = True
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each batch row `repeats` times in place (B -> B * repeats)."""

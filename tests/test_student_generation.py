@@ -129,6 +129,60 @@ def test_beam_search_reorders_the_state(mixer, steps):
     assert not torch.equal(expected, greedy_loop(model, prompt, 6))  # beam search made a difference here
 
 
+@pytest.mark.parametrize("mixer, steps, seeds", [("srwkv", 1, range(12)), ("sfsa", 1, range(3)),
+                                                  ("sfsa_linear", 2, range(3))], ids=str)
+def test_continuing_from_a_beam_search_state_equals_the_parallel_forward(mixer, steps, seeds):
+    """The issue's case: after generate(num_beams=3, return_dict_in_generate=True), 4 greedy tokens continued
+    from the returned state equal a loop over the parallel forward on the whole text (on today's main, srwkv
+    read the 3-row state with a 1-row input and went wrong in 5 of these 12 seeds; sfsa and sfsa_linear
+    raised internal errors)."""
+    for seed in seeds:
+        model = make(mixer, steps, seed=seed, lif_threshold=0.3)
+        out = model.generate(prompt_ids(length=4, seed=seed), max_new_tokens=5, num_beams=3, do_sample=False,
+                             return_dict_in_generate=True)
+        state = state_of(out)
+        assert state.batch_size == 1 and state.get_seq_length() == out.sequences.shape[1] - 1
+        more = model.generate(out.sequences, max_new_tokens=4, **cache_kwargs(state))
+        assert torch.equal(more, greedy_loop(model, out.sequences, 4)), seed
+
+
+def test_a_state_passed_to_beam_search_is_the_state_of_the_returned_sequence():
+    model = make("srwkv", lif_threshold=0.3)
+    first = model.generate(prompt_ids(length=4, seed=3), max_new_tokens=2, return_dict_in_generate=True)
+    state = state_of(first)
+    beams = model.generate(first.sequences, max_new_tokens=4, num_beams=3, **cache_kwargs(state))
+    assert torch.equal(beams, model.generate(first.sequences, max_new_tokens=4, num_beams=3))  # from scratch
+    more = model.generate(beams, max_new_tokens=3, **cache_kwargs(state))
+    assert torch.equal(more, greedy_loop(model, beams, 3))
+
+
+@pytest.mark.parametrize("mode", [{"num_beams": 3}, {"do_sample": True}], ids=["beams", "sampling"])
+def test_num_return_sequences_from_a_one_row_state(mode):
+    """A one-row state is repeated with its input row (today: "shape '[3, -1]' is invalid"); the 3 returned
+    sequences equal those generated without a state, and each continues like the parallel forward."""
+    model = make("srwkv", lif_threshold=0.3, spike_driven=False)
+    first = model.generate(prompt_ids(length=4, seed=3), max_new_tokens=2, return_dict_in_generate=True)
+    kwargs = {"max_new_tokens": 3, "num_return_sequences": 3, "return_dict_in_generate": True, **mode}
+    torch.manual_seed(5)
+    out = model.generate(first.sequences, **kwargs, **cache_kwargs(state_of(first)))
+    torch.manual_seed(5)
+    fresh = model.generate(first.sequences, **kwargs)
+    assert out.sequences.shape[0] == 3 and torch.equal(out.sequences, fresh.sequences)
+    assert state_of(out).batch_size == 3
+    more = model.generate(out.sequences, max_new_tokens=2, **cache_kwargs(state_of(out)))
+    assert torch.equal(more, greedy_loop(model, out.sequences, 2))
+
+
+@pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "sfsa_linear"])
+def test_a_state_of_other_rows_is_refused(mixer):
+    """A 1-row input with a 3-row state: one StudentError, never logits (srwkv broadcast it silently)."""
+    model = make(mixer)
+    with torch.no_grad():
+        state = state_of(model(prompt_ids(batch=3), use_cache=True))
+        with pytest.raises(StudentError, match="holds 3 rows but input_ids has 1"):
+            model(prompt_ids(batch=1), use_cache=True, **cache_kwargs(state))
+
+
 def test_reorder_cache_moves_whole_rows():
     state = SpikeGPTState()
     batch, steps = 3, 2
