@@ -199,7 +199,9 @@ class SpikeGPTLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, per gen_kwargs) continuation cut at the first stop string or max_gen_toks."""
+        """Greedy (or sampled, per gen_kwargs) continuation cut at the first `until` string, the first stop token
+        (the model's eos_token_id list: an exported student's EOS and document separator; see
+        eval.generate.stop_token_ids) or max_gen_toks, with or without `until`."""
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = req.args
@@ -209,8 +211,8 @@ class SpikeGPTLM(TemplateLM):
         return out
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:
-        until = gen_kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
-        until = [until] if isinstance(until, str) else list(until)
+        until = gen_kwargs.pop("until", None) or []  # stop tokens end generation in generate_text, until or not
+        until = [until] if isinstance(until, str) else [s for s in until if s]
         max_new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
         ids = self.tok_encode(context)
@@ -226,7 +228,7 @@ class SpikeGPTLM(TemplateLM):
             temperature=temperature,
             top_k=int(gen_kwargs.get("top_k", 0) or 0),
             top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-            stop=lambda so_far: any(s in so_far for s in until),
+            stop=(lambda so_far: any(s in so_far for s in until)) if until else None,
         )
         return _cut_at_stops(text, until)
 

@@ -94,3 +94,39 @@ def tiny_teacher_dir(tmp_path_factory):
 
 def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def chain_export(tmp_path_factory):
+    """The smallest case of a student that must stop where a document ends: (exported folder, tokenizer, ids).
+
+    The student (eval.testing.chain_student) chooses, after the prompt "Once", " a", the separator
+    <|endoftext|>, " b", " c" (then " c" forever); its data is prepared with eval.testing.chat_tokenizer (EOS
+    <|im_end|> = 2, separator <|endoftext|> = 0, as the bundled teacher's), and the export stage writes the
+    folder. ids: {"Once", " a", " b", " c", "sep", "eos"} -> token id.
+    """
+    import logging
+
+    from eval.testing import CHAT_TRAIN_TEXT, chain_student, chat_tokenizer
+    from pipeline.recipe import load_recipe
+    from pipeline.stages import StageContext, export
+    from teachers.data import prepare_corpus
+
+    tmp = tmp_path_factory.mktemp("chain")
+    tok = chat_tokenizer()
+    ids = {w: tok.encode(w) for w in ("Once", " a", " b", " c")}
+    assert all(len(v) == 1 for v in ids.values()), ids
+    ids = {w: v[0] for w, v in ids.items()} | {"sep": tok.convert_tokens_to_ids(EOT), "eos": tok.eos_token_id}
+    assert (ids["sep"], ids["eos"]) == (0, 2)
+    chain = {ids["Once"]: ids[" a"], ids[" a"]: ids["sep"], ids["sep"]: ids[" b"], ids[" b"]: ids[" c"],
+             ids[" c"]: ids[" c"]}
+    chain_student(len(tok), chain).save_pretrained(tmp / "student")
+    tok.save_pretrained(tmp / "tokenizer")
+    (tmp / "corpus.txt").write_text(CHAT_TRAIN_TEXT)
+    prepare_corpus([tmp / "corpus.txt"], tok, tmp / "dataset", seq_len=8, val_fraction=0.0)
+    upstream = {"distill": {"outputs": {"student": str(tmp / "student")}, "metrics": {}},
+                "prepare": {"outputs": {"tokenizer": str(tmp / "tokenizer"), "dataset": str(tmp / "dataset")}}}
+    ctx = StageContext(recipe=load_recipe(None), run_dir=tmp, stage_dir=tmp / "export", upstream=upstream,
+                       accelerator=None, is_main=True, log=logging.getLogger("chain_export"))
+    folder = export.run(ctx).outputs["model"]
+    return folder, tok, ids

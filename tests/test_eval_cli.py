@@ -153,6 +153,50 @@ def test_generate_command_streams_tokens_as_they_are_produced(student_dir, monke
     assert len(pieces_before_last) >= 3, events
 
 
+def test_every_generation_path_stops_at_the_training_separator(chain_export, capsys):
+    """The issue's smallest case (" a", the separator, " b", " c"): `generate_text`, `spikedistill generate`,
+    the evaluate stage's sample and lm-eval's generate_until, with or without `until`, all return " a" (on
+    today's main they passed the tokenizer's EOS alone and returned " a b c")."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.instance import Instance
+    from transformers import AutoModelForCausalLM
+
+    from eval.harness import SpikeGPTLM
+    from pipeline.stages.evaluate import _sample
+
+    folder, tok, _ = chain_export
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    want = " a"
+    assert generate_text(model, tok, "Once", 4) == want
+    assert main(["generate", folder, "--prompt", "Once", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == "Once" + want + "\n"
+    e = SimpleNamespace(sample_tokens=4, sample_prompt="Once", sample_temperature=0.0, sample_top_k=0,
+                        sample_top_p=1.0, sample_repetition_penalty=1.0)
+    assert _sample(model, tok, e, seed=0)["text"] == want
+    lm = SpikeGPTLM(model, tokenizer=tok, max_length=32)
+    for gen_kwargs in ({"max_gen_toks": 4}, {"max_gen_toks": 4, "until": ["never"]}):
+        req = Instance(request_type="generate_until", doc={}, arguments=("Once", gen_kwargs), idx=0)
+        assert lm.generate_until([req], disable_tqdm=True) == [want], gen_kwargs
+
+
+def test_text_cut_inside_a_character_is_printed_as_returned(tmp_path, capsys):
+    """New tokens [" a", byte 0xE2] (a character cut off by max_new_tokens): the pieces, the printed text and
+    the returned text are the same " a\ufffd" (on today's main the held-back byte was never printed)."""
+    from eval.testing import chain_student, chat_tokenizer
+
+    tok = chat_tokenizer()
+    once, a, cut = tok.encode("Once")[0], tok.encode(" a")[0], tok.convert_tokens_to_ids("\u00e2")  # byte 0xE2
+    model = chain_student(len(tok), {once: a, a: cut})
+    want = tok.decode([a, cut])
+    assert want == " a\ufffd"
+    pieces: list[str] = []
+    assert generate_text(model, tok, "Once", 2, on_text=pieces.append) == want and "".join(pieces) == want
+    assert main(["generate", str(save_model_dir(model, tok, tmp_path / "m")), "--prompt", "Once",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out == "Once" + want + "\n"
+
+
 def test_energy_and_bpb_commands(student_dir, tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "energy.json"
     assert (

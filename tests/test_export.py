@@ -213,3 +213,40 @@ def test_export_errors_are_one_line(tmp_path, tiny_tokenizer, capsys):
         lines = re.findall(r"spikedistill: error: [^\r\n]*", err)
         assert len(lines) == 1 and text in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_exported_stop_set_holds_the_eos_and_the_training_separator(chain_export):
+    """The issue's smallest case: after the prompt the student chooses " a", the separator, " b", " c";
+    the export lists the tokenizer's EOS and the separator of the prepared data ([2, 0], as for the bundled
+    teacher's tokenizer), so transformers' own generate stops at the separator (on today's main: eos 2 only,
+    and generate ran on to " b c")."""
+    from transformers import AutoModelForCausalLM
+
+    import students  # noqa: F401  (registers spikegpt)
+
+    folder, _, ids = chain_export
+    want = [ids["eos"], ids["sep"]]
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((Path(folder) / name).read_text())["eos_token_id"] == want, name
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = model.generate(torch.tensor([[ids["Once"]]]), max_new_tokens=4, do_sample=False)
+    assert out[0].tolist() == [ids["Once"], ids[" a"], ids["sep"]]
+
+
+def test_the_separator_comes_from_the_prepared_data_not_a_fixed_id(tmp_path):
+    """A recipe's own data.separator (here <|im_start|>, id 1) is the one exported; a meta.json whose id the
+    tokenizer holds for another token is refused in one line."""
+    from eval.testing import CHAT_TRAIN_TEXT, chat_tokenizer
+    from pipeline.errors import StageError
+    from pipeline.stages.export import separator_stop
+    from teachers.data import prepare_corpus
+
+    tok = chat_tokenizer()
+    (tmp_path / "corpus.txt").write_text(CHAT_TRAIN_TEXT)
+    prepare_corpus([tmp_path / "corpus.txt"], tok, tmp_path / "data", seq_len=8, val_fraction=0.0,
+                   separator="<|im_start|>")
+    assert separator_stop(tmp_path / "data", tok) == [tok.convert_tokens_to_ids("<|im_start|>")] == [1]
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta | {"separator_id": 5}))
+    with pytest.raises(StageError, match="is id 5 there but not in the exported tokenizer"):
+        separator_stop(tmp_path / "data", tok)

@@ -1,5 +1,8 @@
 """Stage export (and `spikedistill export`): the student alone, as a folder anyone with transformers can load.
 
+Its generation stops at the tokenizer's EOS and at the document separator the student was trained on (the
+prepared data's meta.json): config.json and generation_config.json list both in eos_token_id.
+
 The folder holds config.json (with `auto_map`), the modeling code generated from the `students` package's own
 sources (students/remote_code.py: plain-PyTorch reference ops, spikedistill's fused kernels when it is
 installed), model.safetensors, the tokenizer and a model card (README.md) with the metrics and the recipe:
@@ -11,9 +14,11 @@ non-spiking baseline (student.arch) is a stock transformers model and gets no re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import StageError
@@ -132,12 +137,14 @@ def write_model_card(model_dir: Path, recipe: Recipe | None, n_params: int, metr
     tmp.replace(Path(model_dir) / "README.md")
 
 
-def save_student(model, tokenizer, out: str | Path, card: str) -> Path:
+def save_student(model, tokenizer, out: str | Path, card: str, stop_ids: Sequence[int] = ()) -> Path:
     """Write the self-contained folder `out`: weights (safetensors), config.json (+ auto_map and remote code for
     a spiking student), generation_config.json, the tokenizer (None: none) and README.md = card.
 
-    The tokenizer's bos/eos/pad ids become the config's, so `generate` stops at the tokenizer's EOS. The folder
-    is built beside `out` and renamed into place, so a failure never leaves a half-written `out`.
+    The tokenizer's bos/pad ids become the config's; its EOS followed by `stop_ids` (the document separator the
+    student was trained on, see separator_stop) becomes eos_token_id, one id or a list (e.g. [2, 0] for the
+    bundled teacher's tokenizer), so `generate` stops at the end of a chat turn and at the end of a document.
+    The folder is built beside `out` and renamed into place, so a failure never leaves a half-written `out`.
     """
     from students.remote_code import write_remote_code
 
@@ -146,8 +153,12 @@ def save_student(model, tokenizer, out: str | Path, card: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     spiking = getattr(model.config, "model_type", "") == "spikegpt"
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id") if tokenizer is not None else ():
-        value = getattr(tokenizer, key, None)
+    ids = {}
+    if tokenizer is not None:
+        ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        stops = list(dict.fromkeys(int(t) for t in (ids["eos_token_id"], *stop_ids) if t is not None))
+        ids["eos_token_id"] = stops[0] if len(stops) == 1 else stops or None
+    for key, value in ids.items():
         if value is not None:
             setattr(model.config, key, value)
             setattr(model.generation_config, key, value)
@@ -165,6 +176,37 @@ def save_student(model, tokenizer, out: str | Path, card: str) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def separator_stop(dataset_dir: str | Path, tokenizer) -> list[int]:
+    """[the id of the document separator] of a prepared dataset (its meta.json's separator and separator_id:
+    the token that ends every training document), checked against the tokenizer being exported.
+
+    Raises StageError when meta.json is unreadable or the tokenizer holds that token at another id."""
+    meta_path = Path(dataset_dir) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        separator, sep_id = meta["separator"], int(meta["separator_id"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(f"{meta_path}: no readable separator and separator_id ({type(exc).__name__}); rerun "
+                         "the prepare stage") from exc
+    if tokenizer.convert_ids_to_tokens(sep_id) != separator:
+        raise StageError(f"{meta_path}: the separator {separator!r} is id {sep_id} there but not in the exported "
+                         "tokenizer; export with the tokenizer the data was prepared with")
+    return [sep_id]
+
+
+def _run_separator(run: Path, tokenizer) -> list[int]:
+    """separator_stop of a run's prepared data, or [] when its prepare stage left none."""
+    from pipeline.runner import read_done
+
+    dataset = ((read_done(run / "prepare") or {}).get("outputs") or {}).get("dataset")
+    return separator_stop(dataset, tokenizer) if dataset and (Path(dataset) / "meta.json").is_file() else []
+
+
+def _listed(value) -> list[int]:
+    """An eos_token_id (None, one id or a list) as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def run_of(model_dir: Path) -> Path | None:
@@ -196,7 +238,9 @@ def export_folder(model_dir: str | Path, out: str | Path, dtype: str | None = No
 
     The tokenizer comes from `tokenizer` (a folder or hub id) or the model folder. The card keeps the recipe and
     metrics of the run the folder was exported from (`<run>/export/model`), else the folder's own README.md
-    text is kept below a new header. Raises StageError when the folder is not a model or has no tokenizer.
+    text is kept below a new header. The stop ids are the tokenizer's EOS, the run's document separator (for a
+    run's folder) and, with the folder's own tokenizer, the ids the folder already stops at. Raises StageError
+    when the folder is not a model or has no tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,15 +263,17 @@ def export_folder(model_dir: str | Path, out: str | Path, dtype: str | None = No
         model = model.to(teacher_dtype(dtype))
     n_params = sum(p.numel() for p in model.parameters())
     run = run_of(model_dir)
+    stops = [] if tokenizer else _listed(model.generation_config.eos_token_id)
     if run is not None:
         card = model_card(load_recipe(run / "config.yaml"), model.config, n_params,
                           {"parameters": n_params, **_run_metrics(run)})
+        stops += _run_separator(run, tok)
     else:
         old = model_dir / "README.md"
         origin = (f"Exported from `{model_dir}`, whose model card said:\n\n" + _card_body(old.read_text("utf-8"))
                   if old.is_file() else None)
         card = model_card(None, model.config, n_params, {"parameters": n_params}, origin=origin)
-    return save_student(model, tok, out, card)
+    return save_student(model, tok, out, card, stop_ids=stops)
 
 
 def import_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer: str | None = None,
@@ -263,8 +309,10 @@ def run(ctx: StageContext) -> StageResult:
     distill = ctx.upstream["distill"]
     model = AutoModelForCausalLM.from_pretrained(distill["outputs"]["student"])
     model = model.to(teacher_dtype(r.export.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(ctx.upstream["prepare"]["outputs"]["tokenizer"])
+    prepared = ctx.upstream["prepare"]["outputs"]
+    tokenizer = AutoTokenizer.from_pretrained(prepared["tokenizer"])
     n_params = sum(p.numel() for p in model.parameters())
     metrics = {"parameters": n_params, **distill.get("metrics", {})}
-    out = save_student(model, tokenizer, ctx.stage_dir / "model", model_card(r, model.config, n_params, metrics))
+    out = save_student(model, tokenizer, ctx.stage_dir / "model", model_card(r, model.config, n_params, metrics),
+                       stop_ids=separator_stop(prepared["dataset"], tokenizer))
     return StageResult(outputs={"model": str(out)}, metrics={"parameters": n_params})
