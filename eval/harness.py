@@ -12,6 +12,7 @@ its BOS (else EOS) as the conditioning token of a rolling document or an empty c
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -129,12 +130,14 @@ class SpikeGPTLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """Ids of `string`: by default with the tokenizer's own special tokens (one BOS for a BOS-adding
-        tokenizer), none when the string already starts with the prefix token's text."""
-        if add_special_tokens is None:
-            prefix = self.tokenizer.decode([self.prefix_token_id])
-            add_special_tokens = not (prefix and string.startswith(prefix))
-        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+        """Ids of `string`, its text read literally (text that spells a special token, e.g. "<|endoftext|>",
+        stays text): by default with the tokenizer's own special tokens (one BOS for a BOS-adding tokenizer); a
+        string that starts with the prefix token's text gets that token once and nothing added."""
+        prefix = self.tokenizer.decode([self.prefix_token_id])
+        if add_special_tokens is None and prefix and string.startswith(prefix):
+            return [self.prefix_token_id] + encode_document(self.tokenizer, string[len(prefix):])
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False,
+                                     split_special_tokens=True)
 
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
@@ -285,11 +288,14 @@ def task_manager_for(tasks: list[str]):
 class WindowedHFLM(HFLM):
     """lm-eval's `hf` model whose loglikelihood_rolling uses this project's windows protocol (every window led
     by the prefix token, so a BOS-adding tokenizer gets exactly one BOS per window; windows of max_length
-    tokens, stride rolling_stride, default max_length // 2). Loglikelihood and generation are lm-eval's own."""
+    tokens, stride rolling_stride, default max_length // 2). Loglikelihood and generation are lm-eval's own,
+    on a copy of the tokenizer that reads text literally (split_special_tokens), as `spikegpt` does."""
 
     def __init__(self, *args, rolling_stride: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rolling_stride = rolling_stride
+        self.tokenizer = copy.deepcopy(self.tokenizer)
+        self.tokenizer.split_special_tokens = True
 
     def rolling_protocol(self, n_tokens: int = 0) -> Protocol:
         stride = min(self.rolling_stride, self.max_length) if self.rolling_stride else None

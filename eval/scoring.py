@@ -1,7 +1,8 @@
 """Token-level scoring shared by the lm-eval adapter and the bits-per-byte evaluator.
 
 A document is its tokens without special tokens, t_1..t_N, scored after one prefix token p (the tokenizer's
-BOS, else its EOS, as lm-eval conditions documents), so a tokenizer that adds BOS itself gets exactly one.
+BOS, else its EOS, as lm-eval conditions documents), so a tokenizer that adds BOS itself gets exactly one. Its
+text is encoded literally (`encode_document`): text that spells a special token is scored as the text it is.
 Three ways to score a long document:
 - windows (`Protocol("windows", W, S)`, the protocol of every student-vs-teacher table): model inputs of at
   most W tokens, each starting with p, then up to W-1 document tokens (scoring up to W: the last input token
@@ -70,8 +71,10 @@ class Protocol:
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` without any special token the tokenizer would add: the caller adds the one prefix."""
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of `text` without any special token the tokenizer would add (the caller adds the one prefix),
+    the text read literally: text that spells a special token ("<|endoftext|>") stays text, so no special id
+    is scored that the text does not hold."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
 def adds_bos(tokenizer) -> bool:

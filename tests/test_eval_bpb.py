@@ -102,6 +102,19 @@ def test_windows_protocol_by_hand_bos_tokenizer():
     assert n_doubled == len(doc) + 1 and doubled != pytest.approx(res["nll_sum"], rel=1e-3)
 
 
+def test_text_that_spells_a_special_token_is_scored_as_text(student, tiny_tokenizer):
+    """The issue's document: bits/byte scores the literal tokens of "<|endoftext|>" typed in the text (here
+    also the tokenizer's BOS/EOS), not the separator id it spells, in both protocols (on today's main the text
+    was scored with id 0 in it)."""
+    text = "The clerk typed <|endoftext|> into the form."
+    doc = tiny_tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert 0 not in doc and tiny_tokenizer.decode(doc) == text  # literal: no separator, decodes back whole
+    want = -_logp_sum(student, [0] + doc[:-1], doc)  # one forward after the prefix token (id 0, the BOS here)
+    for protocol in ("windows", "stream"):
+        res = evaluate_bpb(student, tiny_tokenizer, text, context_length=64, protocol=protocol)
+        assert res["tokens"] == len(doc) and res["nll_sum"] == pytest.approx(want, rel=1e-5), protocol
+
+
 def test_windows_inputs_start_with_bos(monkeypatch):
     """The model's inputs themselves: each window's first id is BOS, and BOS appears nowhere else."""
     tok = bos_tokenizer()

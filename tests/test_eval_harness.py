@@ -313,6 +313,35 @@ def test_bos_generation_prompt(tokenizer_case):
     assert prompt == ([tok.bos_token_id] if adds else []) + body
 
 
+CLERK = "The clerk typed <|endoftext|> into the form."
+
+
+def test_text_that_spells_a_special_token_is_scored_as_text(tokenizer_case):
+    """The issue's document, with both tokenizers: `spikegpt` (rolling and loglikelihood, on a student) and
+    `WindowedHFLM` (on a Llama) score the literal tokens of "<|endoftext|>" typed in the text, never the
+    separator id, and a generation prompt holds the same literal tokens (on today's main id 0 was scored)."""
+    tok, adds = tokenizer_case
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    doc = tok(CLERK, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert sep not in doc and tok.decode(doc) == CLERK  # the literal tokens: no separator, the text back whole
+    context, continuation = "The clerk typed", CLERK[len("The clerk typed"):]
+    whole = tok(CLERK, add_special_tokens=False, split_special_tokens=True).input_ids
+    n_cont = len(whole) - len(tok(context, add_special_tokens=False).input_ids)
+    lead = [tok.bos_token_id] if adds else []
+    student, llama = tiny_student(len(tok), seed=2), tiny_llama(len(tok), seed=2)
+    lms = [(student, SpikeGPTLM(student, tokenizer=tok, max_length=64)),
+           (llama, WindowedHFLM(pretrained=llama, tokenizer=tok, max_length=64, batch_size=1))]
+    for model, lm in lms:
+        (rolling,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (CLERK,))], disable_tqdm=True)
+        assert rolling == pytest.approx(_manual_logprob(model, [tok.bos_token_id] + doc, len(doc))[0], rel=1e-5)
+        ((lp, _),) = lm.loglikelihood([_req("loglikelihood", (context, continuation))], disable_tqdm=True)
+        assert lp == pytest.approx(_manual_logprob(model, lead + whole, n_cont)[0], abs=1e-4)
+    seen = _input_recorder(student)
+    lms[0][1].generate_until([_req("generate_until", (CLERK, {"until": ["<never>"], "max_gen_toks": 1}))],
+                             disable_tqdm=True)
+    assert seen[0][0].tolist() == lead + doc
+
+
 def test_evaluate_tasks_teacher_beside_student(student_dir, tiny_teacher_dir, tmp_path):
     out = evaluate_tasks(
         student_dir,
