@@ -5,7 +5,9 @@ Sources (list of strings or paths):
   "bundled:NAME"         one bundled text by name (see bundled_corpus())
   a .txt / .txt.xz file  one document (any other suffix is read as plain text too)
   a .jsonl / .json file  one document per record, read from `text_field` (through `datasets`)
-  a .parquet / .arrow    one document per row, read from `text_field` (through `datasets`)
+  a .parquet / .arrow    one document per row, read from `text_field` (through `datasets`); .arrow is Arrow IPC in
+                         either format: the file format (Feather v2, `pyarrow.feather.write_feather`) or the
+                         stream format (`datasets`' own files)
   a save_to_disk folder  a `datasets` Dataset saved with `save_to_disk` (state.json + *.arrow): one document
                          per row of `text_field`; a saved DatasetDict gives its "train" split
   a directory            every file above at its top level, sorted by name (subfolders are not read;
@@ -19,6 +21,9 @@ A model directory or the prepare stage's own output named as a source is an erro
 
 Text policy: files must be UTF-8. Bytes that are not (or NUL bytes, i.e. binary content) are an error naming
 the file and the byte offset, never silently replaced: convert the file first (e.g. `iconv -f latin1 -t utf-8`).
+A JSON string escape of an unpaired UTF-16 surrogate ("\\ud83d" alone) is valid JSON but no text: an error
+naming the file, the line and the escape. Document text is tokenized literally: text that spells a special
+token ("<|endoftext|>") stays text, so every document ends in exactly one separator.
 
 Output directory: train.bin and val.bin (row-major [n_seqs, seq_len], uint16 when the vocabulary fits, else
 uint32) and meta.json. It is written in a temp directory renamed into place, so an interrupted run leaves
@@ -33,6 +38,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -249,7 +255,11 @@ def _first_record_fields(path: Path) -> list[str] | None:
             if suffix == ".parquet":
                 return list(pq.read_schema(path).names)
             with pa.memory_map(str(path)) as mm:
-                return list(pa.ipc.open_stream(mm).schema.names)
+                # Arrow IPC has two formats: the file format (Feather v2, `pyarrow.feather.write_feather`)
+                # starts with the magic bytes ARROW1; the stream format (`datasets`' own files) does not
+                reader = pa.ipc.open_file if mm.read(6) == b"ARROW1" else pa.ipc.open_stream
+                mm.seek(0)
+                return list(reader(mm).schema.names)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{path}: not a readable {suffix[1:]} file ({type(exc).__name__}); check the "
                             "file") from exc
@@ -306,10 +316,38 @@ def _table_documents(path: Path, builder: str, text_field: str, tmp: Path) -> It
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(tmp / "hf"))
     except Exception as exc:  # datasets wraps parse/encoding errors in several types
-        raise DataError(f"{path}: cannot be read as {builder} ({type(exc).__name__}); check it is valid "
-                        f"UTF-8 {builder} with one record per line/row") from exc
+        surrogate = _unpaired_surrogate(path) if builder == "json" else None
+        if surrogate:
+            raise DataError(f"{path}: {surrogate}, which is valid JSON but no text a tokenizer reads; write the "
+                            "whole pair (e.g. \\ud83d\\ude00) or remove it") from exc
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: cannot be read as {builder} ({type(cause).__name__}: {first}); check it is "
+                        f"valid UTF-8 {builder} with one record per line/row") from exc
     _check_field(path, list(ds.column_names), text_field)
     yield from _nonempty(ds[text_field], path)
+
+
+_JSON_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)")  # one backslash escape of a JSON string
+
+
+def _unpaired_surrogate(path: Path) -> str | None:
+    """Where the first unpaired UTF-16 surrogate escape of a JSON / JSONL file is ("line 2 holds an unpaired
+    UTF-16 surrogate \\ud83d (column 14)"), or None. A high surrogate (\\ud800-\\udbff) pairs only with a low
+    one (\\udc00-\\udfff) written right after it; JSON allows either alone, UTF-8 text does not."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            escapes = [m for m in _JSON_ESCAPE.finditer(line) if m.group(1)]
+            paired: set[int] = set()
+            for i, m in enumerate(escapes):
+                code = int(m.group(1), 16)
+                after = escapes[i + 1] if i + 1 < len(escapes) else None
+                if 0xD800 <= code < 0xDC00 and after and after.start() == m.end() \
+                        and 0xDC00 <= int(after.group(1), 16) < 0xE000:
+                    paired.add(i + 1)
+                elif 0xD800 <= code < 0xE000 and i not in paired:
+                    return f"line {number} holds an unpaired UTF-16 surrogate {m.group(0)} (column {m.start() + 1})"
+    return None
 
 
 def _hub_documents(name: str, text_field: str, tmp: Path) -> Iterator[str]:
@@ -351,8 +389,10 @@ def separator_id(tokenizer, separator: str | None) -> tuple[str, int]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    """Token ids of one document; long texts are cut at line ends into ~64 KB pieces so the fast
-    tokenizer can batch them (tokens differ from whole-text encoding only at those few line breaks)."""
+    """Token ids of one document, its text read literally: text that spells a special token ("<|endoftext|>")
+    stays text (split_special_tokens), so the separator appended after it is the document's only one. Long
+    texts are cut at line ends into ~64 KB pieces so the fast tokenizer can batch them (tokens differ from
+    whole-text encoding only at those few line breaks)."""
     pieces, start, step = [], 0, 1 << 16
     while start < len(text):
         end = text.find("\n", start + step)
@@ -360,7 +400,7 @@ def _encode(tokenizer, text: str) -> list[int]:
         pieces.append(text[start:end])
         start = end
     ids: list[int] = []
-    for enc in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
+    for enc in tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
         ids.extend(enc)
     return ids
 

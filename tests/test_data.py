@@ -105,7 +105,7 @@ def test_uint32_when_the_vocabulary_is_large(two_texts, tmp_path):
         def __len__(self):
             return 70_001
 
-        def __call__(self, texts, add_special_tokens=False):
+        def __call__(self, texts, add_special_tokens=False, split_special_tokens=False):
             return {"input_ids": [[66_000 + ord(ch) for ch in t] for t in texts]}
 
     meta = prepare_corpus(two_texts[:1], BigVocab(), tmp_path / "big", seq_len=32, val_fraction=0.0)
@@ -200,3 +200,66 @@ def test_rows_start_with_the_tokenizers_own_prefix(two_texts, tiny_tokenizer, tm
     assert plain["row_prefix"] == [] and forced["row_prefix"] == [0]
     off = prepare_corpus(two_texts, gemma_like, tmp_path / "o", seq_len=16, val_fraction=0.0, bos=False)
     assert off["row_prefix"] == [] and off["data_hash"] == plain["data_hash"]
+
+
+CLERK = "The clerk typed <|endoftext|> into the form, and the form accepted it."
+
+
+def _packed_stream(out) -> list[int]:
+    """Every token of a prepared dataset with val_fraction=0, in order (train.bin rows, no row prefix here)."""
+    ds = TokenDataset(out)
+    return [t for i in range(len(ds)) for t in ds[i].tolist()]
+
+
+def test_text_that_spells_the_separator_stays_one_document(tiny_tokenizer, tmp_path):
+    """The issue's document: "<|endoftext|>" typed in the text is text, so the document keeps exactly one
+    separator, at its end, and decodes back whole (on today's main it was cut in two)."""
+    docs = [CLERK, "A second document.", "Filler that the last incomplete row may cut."]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    sep = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    prepare_corpus([tmp_path / "docs.jsonl"], tiny_tokenizer, tmp_path / "out", seq_len=2, val_fraction=0.0)
+    stream = _packed_stream(tmp_path / "out")
+    ends = [i for i, t in enumerate(stream) if t == sep]
+    assert len(ends) >= 2 and len(ends) <= len(docs)  # the last separator may fall in the dropped row
+    starts = [0] + [e + 1 for e in ends]
+    for doc, start, end in zip(docs, starts, ends):
+        assert tiny_tokenizer.decode(stream[start:end]) == doc
+
+
+def test_feather_v2_and_stream_arrow_files(tiny_tokenizer, tmp_path):
+    """Both Arrow IPC formats: the file format written by pyarrow.feather.write_feather (refused on today's
+    main as "not a readable arrow file") and the stream format."""
+    import pyarrow as pa
+    from pyarrow import feather
+
+    from teachers.data import check_sources
+
+    table = pa.table({"text": [DOC_A, DOC_B], "n": [1, 2]})
+    feather.write_feather(table, tmp_path / "file.arrow")
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    assert (tmp_path / "file.arrow").read_bytes()[:6] == b"ARROW1"  # the IPC file format's magic
+    for name in ("file.arrow", "stream.arrow"):
+        check_sources([tmp_path / name])
+        with pytest.raises(DataError, match="no field 'body' \\(fields: text, n\\)"):
+            check_sources([tmp_path / name], text_field="body")
+        meta = prepare_corpus([tmp_path / name], tiny_tokenizer, tmp_path / name.replace(".", "_"), seq_len=16)
+        assert meta["documents"] == 2 and meta["tokens"]["total"] == len(_stream(tiny_tokenizer, DOC_A, DOC_B))
+
+
+# columns counted by hand: {"text": "bad \ud83d  -> the backslash is character 15; {"text": "\ude00 -> 11
+@pytest.mark.parametrize("escaped, column", [('"bad \\ud83d here"', 15), ('"\\ude00 then \\ud83d\\ude00"', 11)])
+def test_jsonl_with_an_unpaired_surrogate_names_the_line(escaped, column, tiny_tokenizer, tmp_path):
+    """Valid UTF-8 and valid JSON, yet no text: one line naming the file, the line and the escape, the
+    reader's error kept as the cause (on today's main: "check it is valid UTF-8 json", no line)."""
+    src = tmp_path / "notes.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "fine \\ud83d\\ude00 pair and \\\\ud83d escaped"}\n'
+                   f'{{"text": {escaped}}}\n')
+    assert json.loads(src.read_text().splitlines()[2])["text"]  # valid JSON
+    with pytest.raises(DataError) as exc:
+        prepare_corpus([src], tiny_tokenizer, tmp_path / "out", seq_len=4)
+    lone = escaped[escaped.index("\\u") : escaped.index("\\u") + 6]
+    msg = str(exc.value)
+    assert f"notes.jsonl: line 3 holds an unpaired UTF-16 surrogate {lone} (column {column})" in msg
+    assert "\n" not in msg and exc.value.__cause__ is not None
