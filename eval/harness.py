@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: it skips them once the registry has any)
@@ -46,10 +47,14 @@ class SpikeGPTLM(TemplateLM):
 
     pretrained: a model directory or an already-loaded model (then pass `tokenizer`). max_length: the
     context for batched scoring and generation (default: the config's max positions, else 1024).
-    rolling: how loglikelihood_rolling scores a document: "stream" (default; one pass through the recurrent
-    state in max_length chunks, so any length works) or "windows" (the protocol of eval/scoring.py with
-    windows of max_length tokens and stride rolling_stride, default max_length // 2: what `evaluate_tasks`
-    uses for student and teacher alike). A model that cannot stream a document is scored in windows.
+    batch_size: an int, or lm-eval's "auto" / "auto:N" (see `batch_size_of`); max_batch_size caps "auto"
+    (default 64, as lm-eval's `hf`). dtype: fp32 / bf16 / fp16 / any torch dtype name, or "auto" (the saved
+    dtype, as with `hf`).
+    rolling: how loglikelihood_rolling scores a document: "windows" (default: the protocol of eval/scoring.py
+    with windows of max_length tokens and stride rolling_stride, default max_length // 2; the default of
+    `spikedistill bpb --context max_length` and of `evaluate_tasks`, so the same student and text give the same
+    bits/byte through either) or "stream" (one pass through the recurrent state in max_length chunks, every
+    token conditioned on the whole document; a model that cannot stream a document is scored in windows).
     """
 
     def __init__(
@@ -61,15 +66,15 @@ class SpikeGPTLM(TemplateLM):
         device: str | None = None,
         dtype: str | None = None,
         max_batch_size: int | None = None,
-        rolling: str = "stream",
+        rolling: str = "windows",
         rolling_stride: int | None = None,
         **unknown,
     ):
         super().__init__()
         if unknown:
             raise EvalError(
-                f"spikegpt: unknown model_args {sorted(unknown)}; valid: pretrained, batch_size, max_length, "
-                "device, dtype, rolling, rolling_stride"
+                f"spikegpt: unknown model_args {sorted(unknown)}; valid: pretrained, batch_size, max_batch_size, "
+                "max_length, device, dtype, rolling, rolling_stride"
             )
         if rolling not in ("stream", "windows"):
             raise EvalError(f"spikegpt: rolling={rolling!r}; use rolling=stream or rolling=windows")
@@ -84,10 +89,15 @@ class SpikeGPTLM(TemplateLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         self.model.to(self._device)
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else self._config_max_length()
+        self.batch_size_per_gpu = batch_size_of(batch_size, max_batch_size, self._device, self._probe)
         self.rolling = rolling
         self.rolling_stride = int(rolling_stride) if rolling_stride else None
+
+    @torch.no_grad()
+    def _probe(self, batch_size: int) -> None:
+        """One forward of the largest input a request gives: [batch_size, max_length] tokens, every logit."""
+        self.model(torch.zeros(batch_size, self.max_length, dtype=torch.long, device=self._device))
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
@@ -236,10 +246,62 @@ class SpikeGPTLM(TemplateLM):
         return _cut_at_stops(text, until)
 
 
+DEFAULT_MAX_BATCH_SIZE = 64  # lm-eval's hf: where "auto" starts on a GPU
+CPU_AUTO_BATCH_SIZE = 8
+
+
+def batch_size_of(batch_size: int | str, max_batch_size: int | None, device: torch.device,
+                  probe: Callable[[int], None]) -> int:
+    """The batch size for lm-eval's spellings, as its `hf` model reads them: an int (or its digits), "auto" or
+    "auto:N".
+
+    "auto" on a GPU: the largest size that runs `probe(size)` (a forward of max_length tokens per row) without
+    running out of memory, from max_batch_size (default 64) down by x0.9 per failure (accelerate's
+    find_executable_batch_size, as `hf`), 1 if none does. On a CPU there is no out-of-memory error to back off
+    from (an allocation past the RAM gets the process killed), so "auto" is a fixed 8, or max_batch_size if
+    smaller. "auto:N" (`hf` detects again N times as the requests shorten) is "auto" detected once, at
+    max_length tokens, the longest input any request gives, so the size holds for every batch.
+    Raises EvalError for anything else.
+    """
+    text = str(batch_size).strip()
+    head, _, every = text.partition(":")
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if head != "auto" or (every and not _positive_number(every)):
+        raise EvalError(f"spikegpt: batch_size={batch_size!r}; use a positive integer, auto or auto:N")
+    start = int(max_batch_size) if max_batch_size else DEFAULT_MAX_BATCH_SIZE
+    if device.type != "cuda":
+        return min(CPU_AUTO_BATCH_SIZE, start)
+    from accelerate.utils import find_executable_batch_size
+
+    def largest(size: int) -> int:
+        probe(size)
+        return size
+
+    try:
+        return find_executable_batch_size(largest, starting_batch_size=start)()
+    except RuntimeError as exc:
+        if "No executable batch size found" not in str(exc):
+            raise
+        return 1
+    finally:
+        torch.cuda.empty_cache()
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def _torch_dtype(name: str | None):
-    """ "bf16" / "bfloat16" / "fp32" / ... -> torch dtype (None keeps the saved dtype)."""
+    """ "bf16" / "bfloat16" / "fp32" / ... -> torch dtype; "auto" -> "auto" (the saved dtype, as lm-eval's hf);
+    None keeps the loader's default."""
     if not name:
         return None
+    if name == "auto":
+        return "auto"
     aliases = {
         "bf16": "bfloat16",
         "fp16": "float16",
@@ -249,7 +311,7 @@ def _torch_dtype(name: str | None):
     }
     dtype = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dtype, torch.dtype):
-        raise EvalError(f"spikegpt: dtype={name!r} is not a torch dtype; use fp32, bf16 or fp16")
+        raise EvalError(f"spikegpt: dtype={name!r} is not a torch dtype; use fp32, bf16, fp16 or auto")
     return dtype
 
 

@@ -387,3 +387,43 @@ def test_model_args_are_checked(student_dir):
         f"pretrained={student_dir},batch_size=5,dtype=bf16", {"batch_size": 1, "device": "cuda"}
     )
     assert lm.batch_size_per_gpu == 5 and next(lm.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spelled, cap, want", [("auto", None, 8), ("auto:4", None, 8), ("auto", 3, 3),
+                                                ("16", None, 16), (2, None, 2)])
+def test_lm_eval_batch_size_spellings_on_cpu(student_dir, spelled, cap, want):
+    """`--batch_size auto` and `auto:4` (a traceback on today's main) and `dtype=auto`, as lm-eval's hf takes
+    them; on a CPU "auto" is the documented fixed 8, capped by max_batch_size."""
+    lm = SpikeGPTLM.create_from_arg_string(f"pretrained={student_dir},dtype=auto",
+                                           {"batch_size": spelled, "max_batch_size": cap, "device": "cpu"})
+    assert lm.batch_size_per_gpu == want and next(lm.model.parameters()).dtype == torch.float32
+
+
+def test_dtype_auto_keeps_the_saved_dtype(student, tiny_tokenizer, tmp_path):
+    folder = save_model_dir(tiny_student(len(tiny_tokenizer), seed=1).to(torch.bfloat16), tiny_tokenizer, tmp_path)
+    assert next(SpikeGPTLM(str(folder), dtype="auto").model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_batch_size_on_a_gpu_backs_off_like_hf():
+    """On a GPU "auto" starts at max_batch_size (64) and multiplies by 0.9 after each out-of-memory probe
+    (hand count, int(x * 0.9): 64 57 51 45 40 36 32 28 25 22 19), as lm-eval's hf does through accelerate."""
+    from eval import EvalError
+    from eval.harness import batch_size_of
+
+    tried = []
+
+    def probe(limit):
+        def run(size):
+            tried.append(size)
+            if size > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run
+
+    cuda = torch.device("cuda")
+    assert batch_size_of("auto", None, cuda, probe(20)) == 19
+    assert tried == [64, 57, 51, 45, 40, 36, 32, 28, 25, 22, 19]
+    assert batch_size_of("auto:4", 16, cuda, probe(20)) == 16
+    assert batch_size_of("auto", None, cuda, probe(0)) == 1
+    for bad in ("auto:x", "0", "big", "-3"):
+        with pytest.raises(EvalError, match="use a positive integer, auto or auto:N"):
+            batch_size_of(bad, None, cuda, probe(20))
