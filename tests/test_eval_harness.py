@@ -95,7 +95,7 @@ def test_rolling_equals_full_sequence_loss(mixer, tiny_tokenizer):
         else {"token_mixer": mixer}
     )
     student = tiny_student(len(tiny_tokenizer), seed=1, **kw)
-    lm = SpikeGPTLM(student, tokenizer=tiny_tokenizer, max_length=32)
+    lm = SpikeGPTLM(student, tokenizer=tiny_tokenizer, max_length=32, rolling="stream")
     tokens = lm.tok_encode(TEXT)
     assert len(tokens) > 4 * lm.max_length  # many chunks of the streaming pass
     (rolled,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (TEXT,))], disable_tqdm=True)
