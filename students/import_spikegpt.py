@@ -26,6 +26,15 @@ recorded in a checkpoint: src/model.py binarises the embedding (the default here
 without it. SpikeGPT's dropout (0.03, training only) has no counterpart. Not supported, and reported as an
 unknown key: the "RWKV-ffnPre" variant (`blocks.0.ffnPre.*`) and RWKV_HEAD_QK_DIM > 0 (`head_q`, `head_k`,
 `copy_mask`).
+
+Compatibility: the conversion matches `src/model.py` (the GPT the checkpoints were trained with). SpikeGPT's
+RNN runner `src/model_run.py` (behind its `run.py`) disagrees with `model.py` in two places, so a released
+checkpoint (e.g. the 216M model) generates different text in `run.py` than in `model.py` and here:
+  - it binarises the embedding only when vocab_size == 77 (the 216M model, vocabulary 50,277, reads a float
+    embedding there); binary_embedding=False reproduces that part;
+  - it rescales every RWKV_RESCALE_LAYER = 6 layers: block i's att.output and ffn.value weights are divided by
+    2^(i // 6), so the current into both LIFs of blocks 6-11 is halved (12-17 quartered), and the residual
+    stream is halved after every sixth block. Nothing here does that rescaling.
 """
 from __future__ import annotations
 
