@@ -257,9 +257,9 @@ def batch_size_of(batch_size: int | str, max_batch_size: int | None, device: tor
 
     "auto" on a GPU: the largest size that runs `probe(size)` (a forward of max_length tokens per row) without
     running out of memory, from max_batch_size (default 64) down by x0.9 per failure (accelerate's
-    find_executable_batch_size, as `hf`), 1 if none does. On a CPU there is no out-of-memory error to back off
-    from (an allocation past the RAM gets the process killed), so "auto" is a fixed 8, or max_batch_size if
-    smaller. "auto:N" (`hf` detects again N times as the requests shorten) is "auto" detected once, at
+    find_executable_batch_size, as `hf`), 1 if none does. On a CPU there is no reliable out-of-memory error to back
+    off from (with Linux's overcommit the allocation succeeds and the kernel kills the process later), so "auto"
+    is a fixed 8, or max_batch_size if smaller. "auto:N" (`hf` detects again N times as the requests shorten) is "auto" detected once, at
     max_length tokens, the longest input any request gives, so the size holds for every batch.
     Raises EvalError for anything else.
     """
