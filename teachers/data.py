@@ -535,6 +535,8 @@ def prepare_corpus(
         meta = _write_split(streams, prefix, tokenizer, tmp, seq_len, val_fraction, seed, names, views)
         meta.update(corpus.stats, separator=sep, separator_id=sep_id, text_field=text_field, max_tokens=max_tokens,
                     bytes_per_token=corpus.stats["bytes"] / max(corpus.stats["text_tokens"], 1))
+        if vocab is not None:
+            meta["tokens_per_teacher_token"] = corpus.stats["text_tokens"] / max(corpus.stats["teacher_text_tokens"], 1)
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it private

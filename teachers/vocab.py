@@ -342,18 +342,14 @@ class VocabMap:
         student = json.loads(student_tokenizer.backend_tokenizer.to_str())
         model = student_tokenizer.backend_tokenizer.model
         student_added = {a["content"]: a["id"] for a in student["added_tokens"]}
-        student_vocab = {**student["model"]["vocab"], **student_added}
         by_id = {i: s for s, i in teacher["model"]["vocab"].items()}
         by_id.update({a["id"]: a["content"] for a in teacher["added_tokens"]})
         pieces = []
         for tid in range(len(teacher_tokenizer)):
             symbol = by_id.get(tid)
             pieces.append(() if symbol is None else _pieces(symbol, student_added, model, tid))
-        teacher_of = {s: i for i, s in by_id.items()}
-        ids = torch.full((len(student_tokenizer),), -1, dtype=torch.long)
-        for symbol, sid in student_vocab.items():
-            ids[sid] = teacher_of.get(symbol, -1)
-        return cls(str(spec), tuple(pieces), ids, teacher_tokenizer, student_tokenizer)
+        return cls(str(spec), tuple(pieces), teacher_ids(teacher_tokenizer, student_tokenizer), teacher_tokenizer,
+                   student_tokenizer)
 
     def piece_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids LongTensor [teacher_size, P] padded with -1, lengths LongTensor [teacher_size]); P = the most
@@ -367,6 +363,16 @@ class VocabMap:
     def decompose(self, teacher_ids: Sequence[int]) -> list[int]:
         """The student ids of a teacher token sequence: the concatenation of the tokens' pieces."""
         return [s for t in teacher_ids for s in self.pieces[t]]
+
+
+def teacher_ids(teacher_tokenizer, student_tokenizer) -> torch.Tensor:
+    """LongTensor [len(student_tokenizer)]: the teacher id of every student token, found by its symbol string
+    in the teacher's vocabulary; -1 for bytes the teacher lacks (see the module docstring)."""
+    teacher = teacher_tokenizer.get_vocab()
+    ids = torch.full((len(student_tokenizer),), -1, dtype=torch.long)
+    for symbol, sid in student_tokenizer.get_vocab().items():
+        ids[sid] = teacher.get(symbol, -1)
+    return ids
 
 
 def _pieces(symbol: str, student_added: dict[str, int], model, tid: int) -> tuple[int, ...]:
