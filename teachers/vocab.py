@@ -158,23 +158,28 @@ def missing_bytes(teacher_tokenizer) -> list[int]:
 def size_range(teacher_tokenizer) -> tuple[int, int]:
     """(smallest N, teacher's size): subset:N needs smallest <= N < teacher's size; smallest = added tokens +
     256 byte symbols (the size of `bytes`)."""
-    spec = _teacher_json(teacher_tokenizer)
-    added = {a["content"] for a in spec["added_tokens"]}
-    return len(added | set(byte_symbols())), len(teacher_tokenizer)
+    return _size_range(_teacher_json(teacher_tokenizer), len(teacher_tokenizer))
+
+
+def _size_range(teacher: dict, teacher_size: int) -> tuple[int, int]:
+    return len({a["content"] for a in teacher["added_tokens"]} | set(byte_symbols())), teacher_size
 
 
 def check_size(teacher_tokenizer, spec: str | VocabSpec) -> VocabSpec:
     """Parse `spec` and check it fits this teacher: its tokenizer is byte-level BPE (unless spec is teacher)
     and, for subset:N, smallest <= N < teacher's size (size_range). Raises TeacherError (one line)."""
     spec = parse_vocab(spec)
-    if spec.is_teacher:
-        return spec
-    smallest, teacher_size = size_range(teacher_tokenizer)
+    if not spec.is_teacher:
+        _check_size(_teacher_json(teacher_tokenizer), len(teacher_tokenizer), spec)
+    return spec
+
+
+def _check_size(teacher: dict, teacher_size: int, spec: VocabSpec) -> None:
+    smallest, _ = _size_range(teacher, teacher_size)
     if spec.kind == "subset" and not smallest <= spec.size < teacher_size:
         raise TeacherError(f"{KEY}=subset:{spec.size}: N must be >= {smallest} (the teacher's added tokens and "
                            f"256 byte symbols; that size is {KEY}=bytes) and < {teacher_size} (the teacher's "
                            f"size; that is {KEY}=teacher)")
-    return spec
 
 
 def _kept_merges(merges: list[tuple[str, str]], entries: dict[str, None], size: int | None):
@@ -222,11 +227,17 @@ def _remap_processor(node, new_id: dict[str, int]):
 
 
 def student_json(teacher_tokenizer, spec: str | VocabSpec) -> dict:
-    """The student's tokenizer.json (a dict) for a non-teacher spec: see the module docstring."""
-    spec = check_size(teacher_tokenizer, spec)
+    """The student's tokenizer.json (a dict) for spec subset:N or bytes: see the module docstring. Raises
+    TeacherError (one line) for an unsupported teacher tokenizer or an N outside its range."""
+    spec = parse_vocab(spec)
     if spec.is_teacher:
         raise TeacherError(f"{KEY}=teacher needs no derived tokenizer; use the teacher's own")
     teacher = _teacher_json(teacher_tokenizer)
+    _check_size(teacher, len(teacher_tokenizer), spec)
+    return _student_json(teacher, spec)
+
+
+def _student_json(teacher: dict, spec: VocabSpec) -> dict:
     model = teacher["model"]
     entries = dict.fromkeys(a["content"] for a in teacher["added_tokens"])
     entries.update(dict.fromkeys(byte_symbols()))
@@ -258,18 +269,19 @@ def student_tokenizer(teacher_tokenizer, spec: str | VocabSpec, cache_dir: str |
     unsupported teacher tokenizer."""
     from transformers import AutoTokenizer
 
-    spec = check_size(teacher_tokenizer, spec)
+    spec = parse_vocab(spec)
     if spec.is_teacher:
         return teacher_tokenizer
+    teacher = _teacher_json(teacher_tokenizer)
+    _check_size(teacher, len(teacher_tokenizer), spec)
     dest = _cache_dir(teacher_tokenizer, spec, cache_dir)
     if not (dest / _MARK).is_file():
-        _write_cached(teacher_tokenizer, spec, dest)
+        _write_cached(teacher_tokenizer, _student_json(teacher, spec), spec, dest)
     return AutoTokenizer.from_pretrained(dest)
 
 
-def _write_cached(teacher_tokenizer, spec: VocabSpec, dest: Path) -> None:
-    """Build the derived tokenizer folder in a temp dir beside `dest` and rename it into place."""
-    body = student_json(teacher_tokenizer, spec)
+def _write_cached(teacher_tokenizer, body: dict, spec: VocabSpec, dest: Path) -> None:
+    """Write the derived tokenizer folder (tokenizer.json = body) in a temp dir beside `dest`, rename it there."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
