@@ -146,3 +146,13 @@ def test_bpb_generate_and_leaderboard_read_the_subset_student(subset_run, capsys
     assert capsys.readouterr().out.startswith("It is")
     assert main(["leaderboard", str(subset_run.parent)]) == 0
     assert "subset" in capsys.readouterr().out
+
+
+def test_the_matched_llama_baseline_takes_the_derived_vocabulary(recipe, tmp_path):
+    from transformers import AutoConfig
+
+    run_dir = tmp_path / "llama"
+    assert main(["run", str(recipe), "--run-dir", str(run_dir), "--stages", "prepare,distill", "student.arch=llama",
+                 "student.init_from_teacher=false"]) == 0
+    config = AutoConfig.from_pretrained(run_dir / "distill" / "student")
+    assert config.model_type == "llama" and config.vocab_size == 290
