@@ -47,7 +47,10 @@ def _split_tasks(values: list[str]) -> list[str]:
 def cmd_eval(args) -> int:
     from eval.harness import evaluate_tasks
     from eval.leaderboard import default_eval_dir, write_task_results
+    from eval.models import model_type_of
 
+    if Path(args.model_dir).exists():
+        model_type_of(args.model_dir)  # a run folder or a non-model: one line naming the model to pass instead
     out_dir = Path(args.output) if args.output else default_eval_dir(args.model_dir)
     print(f"results go to {out_dir} (not the model folder)", flush=True)
     out = evaluate_tasks(

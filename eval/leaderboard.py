@@ -788,7 +788,8 @@ def _text_label(rows: list[dict], texts: list[str]) -> str:
 
 
 def plot_bpb_vs_energy(rows: list[dict], path) -> None:
-    """Scatter: bits/byte (lower is better) against compute energy per token (log scale).
+    """Scatter: bits/byte (lower is better) against compute energy per byte of held-out text (log scale; per
+    token when a plotted model lacks its tokens per byte), so models with different vocabularies compare.
 
     Every point's bits/byte is the mean over the same texts (`common_texts`: the texts all plotted runs
     were scored on, with the same byte counts); the texts are named on the plot, and runs left out for
@@ -797,16 +798,18 @@ def plot_bpb_vs_energy(rows: list[dict], path) -> None:
     fig, ax = _axes((6.4, 4.8))
     candidates = [r for r in rows if r["energy_pj"] and r["bits_per_byte"]]
     texts, pts, left_out = common_texts(candidates)
+    per_byte = bool(pts) and all(r.get("compute_pj_per_byte") for r in pts)
     for r in pts:
+        x = (r["compute_pj_per_byte"] if per_byte else r["energy_pj"]) / 1e3
         y = sum(r["bits_per_byte"][t] for t in texts) / len(texts)
         marker, color = ("s", "tab:red") if r["role"] == "teacher" else ("o", "tab:blue")
-        ax.scatter(r["energy_pj"] / 1e3, y, marker=marker, color=color)
-        ax.annotate(_label(r), (r["energy_pj"] / 1e3, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(x, y, marker=marker, color=color)
+        ax.annotate(_label(r), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if not pts:
         ax.text(0.5, 0.5, "no run has both bits/byte and energy", ha="center", transform=ax.transAxes)
     else:
         ax.set_xscale("log")
-    ax.set_xlabel("compute energy per token (nJ, log; memory traffic not counted)")
+    ax.set_xlabel(f"compute energy per {'byte' if per_byte else 'token'} (nJ, log; memory traffic not counted)")
     ax.set_ylabel("bits per byte (mean over the texts named above)")
     ax.set_title(f"Students (o) and teachers (s)\nbits/byte on the same texts for every point: "
                  f"{_text_label(pts, texts) or 'none'}", fontsize=9)

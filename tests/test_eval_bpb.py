@@ -266,3 +266,14 @@ def test_score_interval_brackets_the_score_and_blocks_cover_the_text(student, ti
     nll, sizes = block_sums(per_token.numpy(), token_byte_ends(tiny_tokenizer, text, tokens), res["bytes"], 64)
     assert nll.sum() == pytest.approx(res["nll_sum"], rel=1e-6) and sizes.sum() == res["bytes"]
     assert "interval" not in evaluate_bpb(student, tiny_tokenizer, text, context_length=16)
+
+
+def test_bytes_and_blocks_do_not_depend_on_the_tokenizer(student, tiny_tokenizer):
+    """Two vocabularies (the tiny teacher's and a 300-token BPE that adds BOS) on one text: a different number of
+    tokens, the same UTF-8 byte count and the same blocks, so bits/byte and its interval compare across them."""
+    tok = bos_tokenizer()
+    text = (TEXT + "\n") * 3
+    a = evaluate_bpb(student, tiny_tokenizer, text, context_length=16, block_bytes=128)
+    b = evaluate_bpb(tiny_llama(len(tok), seed=1), tok, text, context_length=16, block_bytes=128)
+    assert a["tokens"] != b["tokens"] and a["bytes"] == b["bytes"] == len(text.encode("utf-8"))
+    assert a["interval"]["blocks"] == b["interval"]["blocks"] == math.ceil(a["bytes"] / 128)
