@@ -110,9 +110,10 @@ def evaluate_bpb(
 
 def token_byte_ends(tokenizer, text: str, tokens: list[int]) -> list[int] | None:
     """The UTF-8 byte offset just past each token of `text` (its last byte + 1), from the tokenizer's
-    character offsets; None when it has none (a slow tokenizer) or they belong to other token ids."""
+    character offsets of the text read literally (special-token spellings stay text); None when it has none (a
+    slow tokenizer) or they belong to other token ids than `tokens`."""
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         return None
     if list(enc["input_ids"]) != list(tokens):
