@@ -5,6 +5,11 @@ perplexity = exp(NLL / words) with words = len(re.split(r"\\s+", text)) (lm-eval
 scored as one document after one prefix token (the tokenizer's BOS, else EOS), under a named protocol
 (eval/scoring.py): windows of W tokens with stride S, each led by the prefix (student and teacher alike, the
 protocol of every table), or one streamed pass (the recurrent student, an extra column).
+
+An interval beside a score (`block_bytes`): a percentile bootstrap over consecutive blocks of the text's
+bytes (every token's NLL goes to the block holding its last byte), so the blocks are the same for every
+model and tokenizer, student and teacher alike; it measures how much the score would move on other text of
+the same kind, not run-to-run noise.
 """
 
 from __future__ import annotations
@@ -14,9 +19,19 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from eval import EvalError
 from eval.models import can_stream, prefix_token_id, window_length
-from eval.scoring import Protocol, encode_document, protocol_nll
+from eval.scoring import Protocol, encode_document, protocol_token_nll
+
+# The interval beside a held-out score: blocks of 4 KiB, longer than a 512-token scoring window's context at
+# the teacher's ~4.4 bytes/token, so most of what a block's tokens are conditioned on lies inside it; 100 kB
+# of text gives ~24 blocks. 2,000 resamples, seeded: the same scores always give the same interval.
+BOOTSTRAP_BLOCK_BYTES = 4096
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_LEVEL = 0.95
 
 
 def count_words(text: str) -> int:
@@ -26,8 +41,9 @@ def count_words(text: str) -> int:
 
 def document_nll(
     model, tokenizer, text: str, protocol: Protocol, batch_size: int = 1, progress: bool | str = False
-) -> tuple[float, int, Protocol]:
-    """(total NLL in nats, number of scored tokens, the protocol used) of `text` as one document.
+) -> tuple[float, torch.Tensor, list[int], Protocol]:
+    """(total NLL in nats, per-token NLL [N] float64, the N scored token ids, the protocol used) of `text`
+    as one document.
 
     "windows": see eval/scoring.py; the window is capped by a student's max_position when its config sets one.
     "stream": the student's recurrent pass in chunks of `protocol.window` tokens; a model that cannot stream
@@ -44,7 +60,8 @@ def document_nll(
         window = window_length(model, protocol.window)
         if window != protocol.window:
             protocol = Protocol("windows", window, min(protocol.step, window))
-    return protocol_nll(model, tokens, prefix, protocol, batch_size, progress), len(tokens), protocol
+    total, per_token = protocol_token_nll(model, tokens, prefix, protocol, batch_size, progress)
+    return total, per_token, tokens, protocol
 
 
 def evaluate_bpb(
@@ -56,31 +73,90 @@ def evaluate_bpb(
     progress: bool | str = False,
     stride: int | None = None,
     protocol: str = "windows",
+    block_bytes: int | None = None,
 ) -> dict:
     """Bits/byte, byte and word perplexity of `text` under one protocol.
 
     context_length: the window W (windows) or the chunk size (stream); stride: the windows' stride S (default
-    W // 2); protocol: "windows" (any model; every table's protocol) or "stream" (the student only).
+    W // 2); protocol: "windows" (any model; every table's protocol) or "stream" (the student only);
+    block_bytes: add "interval", a 95% percentile bootstrap of bits/byte over blocks of that many bytes
+    (`bootstrap_interval`; None when the text has fewer than 2 blocks or the tokenizer gives no offsets).
     Returns {"bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "words", "nll_sum",
-    "protocol": {"kind", "window", "stride", "text"}} (nll_sum in nats). Raises EvalError on an empty text or
-    a bad protocol.
+    "protocol": {"kind", "window", "stride", "text"}} (nll_sum in nats), plus "interval" when asked. Raises
+    EvalError on an empty text or a bad protocol.
     """
     if not text:
         raise EvalError("evaluate_bpb: the text is empty; pass a non-empty text or file")
-    nll, n_tokens, used = document_nll(
+    nll, per_token, tokens, used = document_nll(
         model, tokenizer, text, Protocol(protocol, context_length, stride), batch_size, progress
     )
     n_bytes, n_words = len(text.encode("utf-8")), count_words(text)
-    return {
+    out = {
         "bits_per_byte": nll / n_bytes / math.log(2),
         "byte_perplexity": math.exp(nll / n_bytes),
         "word_perplexity": math.exp(nll / n_words),
-        "tokens": n_tokens,
+        "tokens": len(tokens),
         "bytes": n_bytes,
         "words": n_words,
         "nll_sum": nll,
         "protocol": used.as_dict(),
     }
+    if block_bytes:
+        ends = token_byte_ends(tokenizer, text, tokens)
+        out["interval"] = None if ends is None else bootstrap_interval(
+            *block_sums(per_token.numpy(), ends, n_bytes, block_bytes), block_bytes=block_bytes)
+    return out
+
+
+def token_byte_ends(tokenizer, text: str, tokens: list[int]) -> list[int] | None:
+    """The UTF-8 byte offset just past each token of `text` (its last byte + 1), from the tokenizer's
+    character offsets of the text read literally (special-token spellings stay text); None when it has none (a
+    slow tokenizer) or they belong to other token ids than `tokens`."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    if list(enc["input_ids"]) != list(tokens):
+        return None
+    cum = [0]
+    for ch in text:
+        cum.append(cum[-1] + len(ch.encode("utf-8")))
+    return [cum[end] for _, end in enc["offset_mapping"]]
+
+
+def block_sums(token_nll, byte_ends, n_bytes: int, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL per block [K], bytes per block [K]) for K = ceil(n_bytes / block_bytes) consecutive blocks of the
+    text's bytes (the last one shorter): each token's NLL goes to the block holding its last byte."""
+    if block_bytes < 1 or n_bytes < 1:
+        raise EvalError(f"block_sums: need block_bytes >= 1 and a non-empty text, got {block_bytes}, {n_bytes}")
+    n_blocks = -(-n_bytes // block_bytes)
+    where = np.clip((np.asarray(byte_ends, dtype=np.int64) - 1) // block_bytes, 0, n_blocks - 1)
+    nll = np.bincount(where, weights=np.asarray(token_nll, dtype=np.float64), minlength=n_blocks)
+    sizes = np.full(n_blocks, float(block_bytes))
+    sizes[-1] = n_bytes - block_bytes * (n_blocks - 1)
+    return nll, sizes
+
+
+def bootstrap_interval(block_nll, block_sizes, block_bytes: int | None = None,
+                       replicates: int = BOOTSTRAP_REPLICATES, level: float = BOOTSTRAP_LEVEL,
+                       seed: int = 0) -> dict | None:
+    """Percentile bootstrap (Efron & Tibshirani 1993, ch. 13) of bits/byte = sum NLL / (ln 2 * sum bytes)
+    over K blocks drawn with replacement, K at a time, `replicates` times (numpy, seeded).
+
+    block_nll, block_sizes: [K] nats and bytes per block (`block_sums`). Returns {"low", "high",
+    "half_width", "level", "blocks", "block_bytes", "replicates", "method"} (bits/byte), or None for K < 2.
+    """
+    nll, sizes = np.asarray(block_nll, dtype=np.float64), np.asarray(block_sizes, dtype=np.float64)
+    if len(nll) < 2:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(nll), size=(replicates, len(nll)))
+    stats = nll[draws].sum(axis=1) / sizes[draws].sum(axis=1) / math.log(2)
+    tail = 50 * (1 - level)
+    low, high = (float(x) for x in np.percentile(stats, [tail, 100 - tail]))
+    return {"low": low, "high": high, "half_width": (high - low) / 2, "level": level, "blocks": len(nll),
+            "block_bytes": block_bytes, "replicates": replicates,
+            "method": f"percentile bootstrap over {len(nll)} blocks of {block_bytes or 'given'} bytes, "
+                      f"{replicates} resamples, seed {seed}"}
 
 
 def cut_text(text: str, max_bytes: int | None) -> str:

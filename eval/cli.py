@@ -46,12 +46,20 @@ def _split_tasks(values: list[str]) -> list[str]:
 
 def cmd_eval(args) -> int:
     from eval.harness import evaluate_tasks
+    from eval.leaderboard import default_eval_dir, write_task_results
+    from eval.models import model_type_of
 
+    if Path(args.model_dir).exists():
+        model_type_of(args.model_dir)  # a run folder or a non-model: one line naming the model to pass instead
+    out_dir = Path(args.output) if args.output else default_eval_dir(args.model_dir)
+    print(f"results go to {out_dir} (not the model folder)", flush=True)
     out = evaluate_tasks(
-        args.model_dir, _split_tasks(args.tasks), args.output, args.limit, args.batch_size, args.teacher
+        args.model_dir, _split_tasks(args.tasks), out_dir, args.limit, args.batch_size, args.teacher
     )
+    path = write_task_results(out_dir, args.model_dir, out, args.teacher)
     print(out["markdown"])
-    print(f"wrote {', '.join(out['files'].values())}")
+    print(f"wrote {', '.join([*out['files'].values(), str(path)])}")
+    print(f"`spikedistill leaderboard {out_dir.resolve().parent.parent}` shows them in run {out_dir.resolve().parent.name}")
     return 0
 
 
@@ -90,26 +98,37 @@ def cmd_generate(args) -> int:
 
 
 def _teacher_model(spec: str):
-    """The teacher (a model directory or a teacher spec) with its weights: its energy comes from a real forward."""
+    """(model, tokenizer) of the teacher (a model directory or a teacher spec) with its weights: its energy
+    comes from a real forward, its tokens per byte from its own tokenizer."""
     path = Path(spec)
     if path.is_dir():
         from eval.models import load_model_dir
 
-        return load_model_dir(path)[0]
+        return load_model_dir(path)
     from teachers import load_teacher
 
-    return load_teacher(spec).model.eval()
+    teacher = load_teacher(spec)
+    return teacher.model.eval(), teacher.tokenizer
 
 
 def cmd_energy(args) -> int:
     from eval.bpb import read_eval_text
-    from eval.energy import energy_report, format_energy_table, write_energy_json
+    from eval.energy import (
+        check_context,
+        energy_report,
+        format_energy_table,
+        text_tokens_per_byte,
+        write_energy_json,
+    )
     from eval.models import load_model_dir
 
+    check_context(args.context)  # before any model loads
+    text = read_eval_text(args.text)
     model, tok = load_model_dir(args.model_dir)
-    teacher = _teacher_model(args.teacher) if args.teacher else None
+    teacher, teacher_tok = _teacher_model(args.teacher) if args.teacher else (None, None)
     report = energy_report(
-        model, args.context, tok, read_eval_text(args.text), teacher, args.e_ac, args.e_mac
+        model, args.context, tok, text, teacher, args.e_ac, args.e_mac,
+        teacher_tokens_per_byte=text_tokens_per_byte(teacher_tok, text) if teacher_tok is not None else None,
     )
     print(format_energy_table(report))
     if args.json:
@@ -142,7 +161,8 @@ def register(subparsers) -> None:
         help="lm-eval task or group names, space or comma separated (local: spikedistill_offline, "
         "spikedistill_mc, spikedistill_ppl_persuasion, ...; online: bispikclm_zeroshot8)",
     )
-    p.add_argument("--output", help="where to write results (default: the model directory)")
+    p.add_argument("--output", help="where to write results (default: <run>/eval for a run's exported model, "
+                   "else runs/<model folder name>/eval; never the model folder)")
     p.add_argument("--teacher", help="teacher spec scored with lm-eval's hf model beside the student")
     p.add_argument("--limit", type=int_range(1), help="score only the first N documents of each task")
     p.add_argument("--batch-size", type=int_range(1), default=8)
@@ -191,8 +211,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("model_dir")
     p.add_argument("--teacher", help="teacher spec or model directory (counted from one real forward, all MAC)")
-    p.add_argument("--context", type=int_range(1), default=512)
-    p.add_argument("--text", default="persuasion", help="held-out text to measure firing rates on")
+    p.add_argument("--context", type=int_range(1), default=512,
+                   help="tokens of context the energy is counted at (longer than eval.energy.MAX_CONTEXT is refused)")
+    p.add_argument("--text", default="persuasion",
+                   help="held-out text to measure firing rates and tokens per byte on (the whole text)")
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--e-ac", type=float_range(0, lo_open=True), default=0.9,
                    help="pJ per accumulate (45 nm: 0.9)")

@@ -35,6 +35,9 @@ access 1.3-2.6 nJ (we take 1.3 nJ, the low end, which favours the models that re
 The break-even firing rate is where the student's energy, with every spike operand firing at that rate,
 equals the quantised ANN's; against such a baseline a spiking layer wins only at low firing (arXiv
 2409.08290 finds roughly 6%).
+Per byte: every figure per token x the tokens per UTF-8 byte of the held-out text under that model's own
+tokenizer (the matched ANN shares the student's vocabulary and tokenizer), so models with different
+vocabularies compare on the same text.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ E_TERNARY_MAC_PJ = 0.1  # a weight in {-1, 0, 1}: one 32-bit add or subtract
 SRAM_PJ_PER_64BIT = ((8 * 1024, 10.0), (32 * 1024, 20.0), (1024 * 1024, 100.0))
 DRAM_PJ_PER_64BIT = 1300.0
 RATE_PROBE_ROWS = 4
+# the longest reporting context: the rate probe runs the model over up to RATE_PROBE_ROWS x context tokens
+# and the matched ANN and the teacher are counted from one real forward at the context (attention grows as
+# its square), so a longer one runs for many minutes and may not fit in memory
+MAX_CONTEXT = 16384
 CAVEAT = (
     "Compute-only figures ignore memory traffic, which dominates real hardware; the memory-inclusive figures "
     "price it with the stated model (45 nm, Horowitz 2014; weights beyond 1 MB in DRAM), an estimate, not a "
@@ -323,6 +330,46 @@ def break_even_rate(at_zero: float, at_one: float, target: float) -> float | Non
 
 
 @torch.no_grad()
+def check_context(context_length: int) -> None:
+    """Raise EvalError unless 1 <= context_length <= MAX_CONTEXT (see MAX_CONTEXT)."""
+    if not 1 <= context_length <= MAX_CONTEXT:
+        raise EvalError(
+            f"energy: context {context_length} is outside 1..{MAX_CONTEXT:,} (longer contexts are counted from "
+            "real forwards whose attention grows as the square of the context: many minutes, or out of memory); "
+            "lower --context")
+
+
+def text_tokens_per_byte(tokenizer, text: str) -> float:
+    """Tokens per UTF-8 byte of `text` under `tokenizer` (no special tokens, as bits/byte scores it)."""
+    from eval.scoring import encode_document
+
+    n_bytes = len(text.encode("utf-8"))
+    if not n_bytes:
+        raise EvalError("energy: the text for tokens per byte is empty; pass held-out text (e.g. --text persuasion)")
+    return len(encode_document(tokenizer, text)) / n_bytes
+
+
+def per_byte(report: dict, tokens_per_byte: float | None, teacher_tokens_per_byte: float | None = None) -> dict | None:
+    """The report's figures per UTF-8 byte: each per-token figure x the tokens per byte of the held-out text
+    under that model's own tokenizer (the quantised matched ANN: the student's). None without tokens_per_byte.
+    Returns {"tokens_per_byte", "compute_pj", "memory_inclusive_pj", "quantised": {name: {"compute_pj",
+    "memory_inclusive_pj"}}, "teacher": {"tokens_per_byte", "compute_pj", "memory_inclusive_pj"} | None}."""
+    if tokens_per_byte is None:
+        return None
+
+    def scaled(f: dict, tpb: float) -> dict:
+        return {"compute_pj": f["compute_pj"] * tpb, "memory_inclusive_pj": f["memory_inclusive_pj"] * tpb}
+
+    teacher = report.get("teacher")
+    return {
+        "tokens_per_byte": tokens_per_byte,
+        **scaled(report["figures"], tokens_per_byte),
+        "quantised": {name: scaled(q, tokens_per_byte) for name, q in (report.get("quantised") or {}).items()},
+        "teacher": ({"tokens_per_byte": teacher_tokens_per_byte, **scaled(teacher, teacher_tokens_per_byte)}
+                    if teacher and teacher_tokens_per_byte is not None else None),
+    }
+
+
 def measure_rates(model, tokenizer, text: str, context_length: int) -> int:
     """Run up to RATE_PROBE_ROWS windows of `text` ([B, context_length]) through the model so its op counts
     carry measured firing rates; returns the number of tokens seen."""
@@ -358,6 +405,8 @@ def energy_report(
     e_mac: float = E_MAC_PJ,
     quantised: bool = True,
     teacher_entry: dict | None = None,
+    tokens_per_byte: float | None = None,
+    teacher_tokens_per_byte: float | None = None,
 ) -> dict:
     """Per-layer and per-token energy of `model` at `context_length`: three figures side by side.
 
@@ -371,11 +420,14 @@ def energy_report(
     head_share_compute, head_share_memory_inclusive}), quantised ({int8, ternary}: the same figures of the
     matched ANN, or None), break_even ({int8, ternary}: {compute, memory_inclusive} firing rates, spiking
     students only), teacher (its totals and figures, or None), ratio ({energy,ops,memory_inclusive}
-    _student_over_teacher), ratio_to_teacher (compute energy ratio or None), memory_model, caveat.
-    Raises EvalError for context_length < 1 or an empty probe text.
+    _student_over_teacher), ratio_to_teacher (compute energy ratio or None), per_byte (`per_byte`: every
+    figure per UTF-8 byte; tokens_per_byte defaults to that of `text` under `tokenizer`, the teacher's needs
+    teacher_tokens_per_byte; None without either), memory_model, caveat.
+    Raises EvalError for a context outside 1..MAX_CONTEXT or an empty probe text.
     """
-    if context_length < 1:
-        raise EvalError(f"energy: context_length must be >= 1, got {context_length} (fix --context)")
+    check_context(context_length)
+    if tokens_per_byte is None and text and tokenizer is not None:
+        tokens_per_byte = text_tokens_per_byte(tokenizer, text)
     spiking = hasattr(model, "op_counts")
     state = student_state(model) if spiking else None  # before the rate probe: its forward would overwrite rates
     probe_tokens = measure_rates(model, tokenizer, text, context_length) if text and tokenizer else 0
@@ -432,6 +484,7 @@ def energy_report(
             "memory_inclusive_student_over_teacher": figures["memory_inclusive_pj"] / t_fig["memory_inclusive_pj"],
         }
         report["ratio_to_teacher"] = report["ratio"]["energy_student_over_teacher"]
+    report["per_byte"] = per_byte(report, tokens_per_byte, teacher_tokens_per_byte)
     return report
 
 
@@ -469,25 +522,32 @@ def _rate_text(r: float | None) -> str:
 
 
 def figures_table(report: dict) -> str:
-    """Markdown: the three figures (compute only, memory-inclusive, quantised ANN) with the head's share."""
+    """Markdown: the three figures (compute only, memory-inclusive, quantised ANN) per token and per byte
+    (with the tokens per byte they use), with the head's share."""
     lines = [
-        "| model | compute only (nJ/token) | memory-inclusive (nJ/token) | head share (compute / memory-incl.) |",
-        "|---|---:|---:|---:|",
+        ("| model | compute only (nJ/token) | memory-inclusive (nJ/token) | tokens/byte | compute only (nJ/byte) "
+         "| memory-inclusive (nJ/byte) | head share (compute / memory-incl.) |"),
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    pb = report.get("per_byte") or {}
 
-    def line(label, f):
-        lines.append(
-            f"| {label} | {f['compute_pj'] / 1e3:,.2f} | {f['memory_inclusive_pj'] / 1e3:,.1f} | "
-            f"{f['head_share_compute']:.0%} / {f['head_share_memory_inclusive']:.0%} |"
-        )
+    def line(label, f, b):
+        cells = [label, f"{f['compute_pj'] / 1e3:,.2f}", f"{f['memory_inclusive_pj'] / 1e3:,.1f}"]
+        cells += ["", "", ""] if not b else [f"{b.get('tokens_per_byte', pb['tokens_per_byte']):.4f}",
+                                             f"{b['compute_pj'] / 1e3:,.2f}", f"{b['memory_inclusive_pj'] / 1e3:,.1f}"]
+        cells.append(f"{f['head_share_compute']:.0%} / {f['head_share_memory_inclusive']:.0%}")
+        lines.append("| " + " | ".join(cells) + " |")
 
     rate = report["totals"].get("mean_firing_rate")
-    line("this model" + (f" (firing rate {rate:.3f})" if rate is not None else " (fp32)"), report["figures"])
+    line("this model" + (f" (firing rate {rate:.3f})" if rate is not None else " (fp32)"), report["figures"], pb)
     for name, q in (report.get("quantised") or {}).items():
-        line(f"quantised ANN, {name} ({q['model']})", q)
+        line(f"quantised ANN, {name} ({q['model']})", q, (pb.get("quantised") or {}).get(name))
     if report.get("teacher"):
-        line(f"teacher ({report['teacher']['model_type']}, fp32)", report["teacher"])
+        line(f"teacher ({report['teacher']['model_type']}, fp32)", report["teacher"], pb.get("teacher"))
     out = "\n".join(lines) + "\n"
+    if pb:
+        out += ("\nPer byte = per token x tokens per UTF-8 byte of the held-out text under the model's own "
+                "tokenizer (the quantised ANN shares the student's).\n")
     for name, be in (report.get("break_even") or {}).items():
         out += (
             f"\nBreak-even firing rate against the {name} ANN (the student wins below it): compute only "

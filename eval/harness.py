@@ -474,7 +474,8 @@ def evaluate_tasks(
     max_length: int = DEFAULT_TASK_CONTEXT,
     rolling_stride: int | None = None,
 ) -> dict:
-    """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir.
+    """Score a model (and optionally a teacher) on lm-eval tasks; write JSON + markdown into output_dir
+    (default `eval.leaderboard.default_eval_dir(model_dir)`, never the model folder).
 
     Both models score rolling documents (bits/byte, perplexity tasks) under one protocol: windows of
     max_length tokens, stride rolling_stride (default max_length // 2), each led by the prefix token; the
@@ -493,7 +494,11 @@ def evaluate_tasks(
         raise EvalError("no tasks given; pass --tasks (e.g. spikedistill_offline) or set evaluate.tasks")
     if Path(model_dir).exists():
         model_type_of(model_dir)  # fail fast, before lm-eval indexes tasks, if it is not a model directory
-    out_dir = Path(output_dir or model_dir)
+    if output_dir is None:
+        from eval.leaderboard import default_eval_dir
+
+        output_dir = default_eval_dir(model_dir)
+    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manager = task_manager_for(tasks)
     specs = {"student": str(model_dir)} | ({"teacher": teacher_spec} if teacher_spec else {})

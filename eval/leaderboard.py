@@ -15,6 +15,9 @@ from eval import EvalError
 
 SCHEMA = "spikedistill.results/1"
 RESULTS_FILE = Path("evaluate") / "results.json"
+# what `spikedistill eval` writes into a run directory (default_eval_dir): lm-eval task scores only, merged
+# into that run's row
+EVAL_RESULTS_FILE = Path("eval") / "results.json"
 
 
 def _model_entry(
@@ -122,20 +125,21 @@ def evaluate_model(
     sample_prompt: str | None = None,
     sample_tokens: int = 40,
 ) -> dict:
-    """Everything the evaluate stage reports: bpb per text (windows of context_length, stride half of it, for
-    student and teacher; the student's streamed pass under "stream"), lm-eval tasks, energy (three figures), a
-    sample; student and (when teacher_spec) teacher. Writes output_dir/results.json (+ lm-eval files) and
-    returns the dict."""
-    from eval.bpb import evaluate_bpb
+    """Everything the evaluate stage reports: bpb per text (windows of context_length, stride half of it, with
+    the bootstrap interval, for student and teacher; the student's streamed pass under "stream"), lm-eval tasks, energy (three figures,
+    per token and per byte), a sample; student and (when teacher_spec) teacher. Writes output_dir/results.json
+    (+ lm-eval files; default `default_eval_dir(model_dir)`, never the model folder) and returns the dict."""
+    from eval.bpb import BOOTSTRAP_BLOCK_BYTES, evaluate_bpb
     from eval.energy import energy_report
     from eval.generate import generate_text
     from eval.harness import evaluate_tasks
     from eval.models import can_stream, load_any, load_model_dir
 
-    out_dir = Path(output_dir or model_dir)
+    out_dir = Path(output_dir or default_eval_dir(model_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_dir(model_dir)
-    bpb = {name: evaluate_bpb(model, tok, text, context_length, batch_size) for name, text in texts.items()}
+    bpb = {name: evaluate_bpb(model, tok, text, context_length, batch_size, block_bytes=BOOTSTRAP_BLOCK_BYTES)
+           for name, text in texts.items()}
     for name, text in texts.items():
         if can_stream(model, bpb[name]["tokens"] + 1):
             stream = evaluate_bpb(model, tok, text, context_length, batch_size, protocol="stream")
@@ -143,7 +147,8 @@ def evaluate_model(
     teacher = load_any(teacher_spec) if teacher_spec else None
     t_bpb = (
         {
-            name: evaluate_bpb(teacher[0], teacher[1], text, context_length, batch_size)
+            name: evaluate_bpb(teacher[0], teacher[1], text, context_length, batch_size,
+                               block_bytes=BOOTSTRAP_BLOCK_BYTES)
             for name, text in texts.items()
         }
         if teacher
@@ -153,7 +158,9 @@ def evaluate_model(
     task_rows = tasks_out.get("models", {})
     probe = next(iter(texts.values()), None)
     report = (
-        energy_report(model, context_length, tok, probe, teacher[0] if teacher else None)
+        energy_report(model, context_length, tok, probe, teacher[0] if teacher else None,
+                      tokens_per_byte=tokens_per_byte(bpb),
+                      teacher_tokens_per_byte=tokens_per_byte(t_bpb) if t_bpb else None)
         if energy
         else None
     )
@@ -183,14 +190,41 @@ def evaluate_model(
 
 
 def model_info(model) -> dict:
-    """Size and shape facts shown on the leaderboard (parameters, mixer, time steps)."""
+    """Size and shape facts shown on the leaderboard: parameters (and their split: the input embedding, the LM
+    head where it is not tied to the embedding, the body = everything else), vocabulary size, mixer, time
+    steps."""
     cfg = model.config
     return {
         "model_type": getattr(cfg, "model_type", ""),
-        "params": sum(p.numel() for p in model.parameters()),
+        **param_split(model),
+        "vocab_size": getattr(cfg, "vocab_size", None),
         "token_mixer": getattr(cfg, "token_mixer", None),
         "time_steps": getattr(cfg, "time_steps", None),
     }
+
+
+def param_split(model) -> dict:
+    """{"params", "params_embedding", "params_head", "params_body"}: every parameter once (tied ones counted
+    in the embedding), so the three parts add up to params."""
+    emb = {id(p): p.numel() for p in model.get_input_embeddings().parameters()}
+    out_emb = model.get_output_embeddings()
+    head = {id(p): p.numel() for p in (out_emb.parameters() if out_emb is not None else []) if id(p) not in emb}
+    total = sum(p.numel() for p in model.parameters())
+    n_emb, n_head = sum(emb.values()), sum(head.values())
+    return {"params": total, "params_embedding": n_emb, "params_head": n_head, "params_body": total - n_emb - n_head}
+
+
+def tokens_per_byte(bpb: dict | None) -> float | None:
+    """Tokens per UTF-8 byte of the held-out texts a model was scored on, under its own tokenizer, pooled:
+    sum of tokens / sum of bytes over its bits/byte entries ({text: evaluate_bpb dict}); None without any."""
+    entries = [v for v in (bpb or {}).values() if v.get("tokens") and v.get("bytes")]
+    if not entries:
+        return None
+    return sum(v["tokens"] for v in entries) / sum(v["bytes"] for v in entries)
+
+
+def _times(value: float | None, factor: float | None) -> float | None:
+    return None if value is None or factor is None else value * factor
 
 
 # ---------------------------------------------------------------- rows and tables
@@ -217,11 +251,14 @@ def _short_label(entry: dict, run: str, role: str) -> str:
 
 
 def entry_row(entry: dict, run: str, role: str) -> dict:
-    """A flat leaderboard row from a student/teacher entry of results.json."""
+    """A flat leaderboard row from a student/teacher entry of results.json. Energy per byte = energy per token
+    x `tokens_per_byte` of the texts this model was scored on, under its own tokenizer."""
     accs = {t: m.get("acc") for t, m in entry["tasks"].items() if m.get("acc") is not None}
     task_bpb = {t: m["bits_per_byte"] for t, m in entry["tasks"].items() if m.get("bits_per_byte") is not None}
     energy = entry.get("energy") or {}
     protocols = [v["protocol"]["text"] for v in entry["bpb"].values() if isinstance(v.get("protocol"), dict)]
+    info = entry.get("info") or {}
+    tpb = tokens_per_byte(entry["bpb"])
     return {
         "model": entry["name"],
         "label": _short_label(entry, run, role),
@@ -233,7 +270,9 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
         "bpb_bytes": {t: v.get("bytes") for t, v in entry["bpb"].items()},  # UTF-8 bytes scored per text
         "mean_bits_per_byte": _mean(v["bits_per_byte"] for v in entry["bpb"].values()),
         "lm_eval_bits_per_byte": task_bpb,
+        "bpb_interval": {t: v.get("interval") for t, v in entry["bpb"].items()},  # 95% bootstrap (eval/bpb.py)
         "acc": accs,
+        "acc_n": {t: entry["tasks"][t].get("sample_len") for t in accs},  # items scored per task
         "mean_acc": _mean(accs.values()),
         "energy_pj": energy.get("energy_pj"),
         "memory_inclusive_pj": energy.get("memory_inclusive_pj"),
@@ -244,7 +283,13 @@ def entry_row(entry: dict, run: str, role: str) -> dict:
         "ratio_to_teacher": energy.get("ratio_to_teacher"),
         "mean_firing_rate": energy.get("mean_firing_rate"),
         "module_firing_rate": entry.get("module_firing_rate"),
-        "params": entry.get("info", {}).get("params"),
+        "tokens_per_byte": tpb,
+        "compute_pj_per_byte": _times(energy.get("energy_pj"), tpb),
+        "memory_pj_per_byte": _times(energy.get("memory_inclusive_pj"), tpb),
+        "quantised_pj": {name: {k: q.get(k) for k in ("compute_pj", "memory_inclusive_pj")}
+                         for name, q in (energy.get("quantised") or {}).items()},
+        "vocab_size": info.get("vocab_size"),
+        **{k: info.get(k) for k in ("params", "params_embedding", "params_head", "params_body")},
         "train": None,  # filled from the run directory by build_leaderboard (students only)
     }
 
@@ -281,8 +326,10 @@ QUANTISED_ROLE = "quantised ANN"
 
 
 def quantised_rows(results: dict) -> list[dict]:
-    """Energy-only rows of the student's bit-matched quantised ANN (matched Llama, int8 and ternary)."""
+    """Energy-only rows of the student's bit-matched quantised ANN (matched Llama, int8 and ternary); per byte
+    with the student's tokens per byte (the matched ANN has the student's vocabulary)."""
     energy = results["student"].get("energy") or {}
+    tpb = tokens_per_byte(results["student"]["bpb"])
     rows = []
     for name, q in (energy.get("quantised") or {}).items():
         entry = {"name": f"{q.get('model') or 'matched ANN'} {name}", "info": {}, "bpb": {}, "tasks": {},
@@ -292,6 +339,9 @@ def quantised_rows(results: dict) -> list[dict]:
         row["label"] = entry["name"]
         teacher_pj = energy.get("teacher_energy_pj")
         row["ratio_to_teacher"] = q["compute_pj"] / teacher_pj if teacher_pj else None
+        row["tokens_per_byte"] = tpb
+        row["compute_pj_per_byte"] = _times(q["compute_pj"], tpb)
+        row["memory_pj_per_byte"] = _times(q["memory_inclusive_pj"], tpb)
         rows.append(row)
     return rows
 
@@ -312,6 +362,12 @@ def rows_of(results: dict) -> list[dict]:
 
 def _cell(v, fmt="{:.4f}") -> str:
     return "" if v is None else fmt.format(v)
+
+
+def _acc_cell(row: dict, task: str) -> str:
+    """A task accuracy with the number of items it was scored on ("0.360 (n=300)")."""
+    acc, n = row["acc"].get(task), (row.get("acc_n") or {}).get(task)
+    return _cell(acc, "{:.3f}") + ("" if acc is None or n is None else f" (n={n:,.0f})")
 
 
 def _rate(r: float | None) -> str:
@@ -344,22 +400,25 @@ def markdown_table(rows: list[dict]) -> str:
         + [f"bpb stream {t}" for t in streamed]
         + [f"bpb (lm-eval) {t.replace('spikedistill_', '')}" for t in ppl_tasks]
         + [f"acc {t.replace('spikedistill_', '')}" for t in tasks]
-        + ["mean acc", "energy/token compute (nJ)", "memory-incl. (nJ)", "head share (compute / mem.)",
-           "vs teacher", "firing rate"]
+        + ["mean acc", "energy/token compute (nJ)", "memory-incl. (nJ)", "tokens/byte", "energy/byte compute (nJ)",
+           "memory-incl./byte (nJ)", "head share (compute / mem.)", "vs teacher", "firing rate"]
         + (["firing rate (all neurons)"] if neurons else [])
         + (["break-even rate (compute / mem.)"] if breaks else [])
-        + (["train tokens", "train tokens/s", "wall (min)"] if trained else [])
+        + (["train tokens", "train tokens/s", "train bytes/s", "wall (min)"] if trained else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["label"], r["run"], r["role"]] + [_cell(r["bits_per_byte"].get(t)) for t in texts]
         cells += [_cell(r.get("bpb_stream", {}).get(t)) for t in streamed]
         cells += [_cell(r.get("lm_eval_bits_per_byte", {}).get(t)) for t in ppl_tasks]
-        cells += [_cell(r["acc"].get(t), "{:.3f}") for t in tasks] + [_cell(r["mean_acc"], "{:.3f}")]
+        cells += [_acc_cell(r, t) for t in tasks] + [_cell(r["mean_acc"], "{:.3f}")]
         shares = (r.get("head_share_compute"), r.get("head_share_memory_inclusive"))
         cells += [
-            _cell(None if r["energy_pj"] is None else r["energy_pj"] / 1e3, "{:,.2f}"),
-            _cell(None if r.get("memory_inclusive_pj") is None else r["memory_inclusive_pj"] / 1e3, "{:,.0f}"),
+            _cell(_times(r["energy_pj"], 1e-3), "{:,.2f}"),
+            _cell(_times(r.get("memory_inclusive_pj"), 1e-3), "{:,.0f}"),
+            _cell(r.get("tokens_per_byte")),
+            _cell(_times(r.get("compute_pj_per_byte"), 1e-3), "{:,.2f}"),
+            _cell(_times(r.get("memory_pj_per_byte"), 1e-3), "{:,.0f}"),
             "" if shares[0] is None else f"{shares[0]:.0%} / {shares[1]:.0%}",
             _cell(r["ratio_to_teacher"], "{:.3g}"),
             _cell(r["mean_firing_rate"]),
@@ -371,7 +430,7 @@ def markdown_table(rows: list[dict]) -> str:
         if trained:
             t = r.get("train") or {}
             cells += [_cell(t.get("tokens"), "{:,.0f}"), _cell(t.get("tokens_per_s"), "{:,.0f}"),
-                      _cell(None if t.get("wall_seconds") is None else t["wall_seconds"] / 60, "{:.1f}")]
+                      _cell(t.get("bytes_per_s"), "{:,.0f}"), _cell(_times(t.get("wall_seconds"), 1 / 60), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" + table_notes(rows)
 
@@ -399,6 +458,15 @@ def table_notes(rows: list[dict]) -> str:
             f"are the student's matched Llama with int8 ({E_INT8_MAC_PJ:g} pJ per MAC) or ternary "
             f"({E_TERNARY_MAC_PJ:g} pJ) weights; head share: the LM head's part of each figure."
         )
+    if any(r.get("tokens_per_byte") for r in rows):
+        notes.append("tokens/byte: tokens per UTF-8 byte of the held-out texts under the model's own tokenizer "
+                     "(sum of tokens / sum of bytes over the bpb texts); energy per byte = energy per token x "
+                     "tokens/byte (a quantised ANN row: its student's), so vocabularies compare on the same text.")
+    if any(r.get("acc_n") for r in rows):
+        notes.append("acc (n=N): the accuracy over the N items scored (lm-eval's sample count; `--limit` lowers it).")
+    if any((r.get("train") or {}).get("bytes_per_s") for r in rows):
+        notes.append("train bytes/s: training text bytes per second of training-step time = train tokens/s / the "
+                     "training data's tokens per byte (prepare's bytes_per_token, inverted).")
     if any(r.get("break_even") for r in rows):
         notes.append("break-even rate: the firing rate of every spike operand at which the student would cost "
                      "as much as the int8 / ternary ANN (compute only / memory-incl.); it wins below it, "
@@ -414,26 +482,77 @@ def model_card_row(results: dict) -> str:
 # ---------------------------------------------------------------- leaderboard
 
 
+def default_eval_dir(model_dir) -> Path:
+    """Where `spikedistill eval` (and `evaluate_model`) write when no output folder is given: never the model
+    folder, which is what a user shares. A pipeline run's exported model (<run>/export/model beside
+    <run>/config.yaml) -> <run>/eval; any other model (a folder or a teacher spec) -> runs/<its last path
+    part>/eval under the working directory. Either way `spikedistill leaderboard` of the runs folder shows it.
+    Raises EvalError when runs/<name> is a pipeline run (it has a config.yaml) of another model."""
+    path = Path(model_dir)
+    resolved = path.resolve()
+    if resolved.parent.name == "export" and (resolved.parent.parent / "config.yaml").is_file():
+        return resolved.parent.parent / "eval"
+    run = Path("runs") / (path.name or resolved.name)
+    if (run / "config.yaml").is_file():
+        raise EvalError(f"{run} is a pipeline run of another model, not {model_dir}; pass --output DIR")
+    return run / "eval"
+
+
+def write_task_results(out_dir, model_dir, tasks_out: dict, teacher_spec: str | None = None) -> Path:
+    """out_dir/results.json (this module's schema, lm-eval tasks only) from an `evaluate_tasks` result, with
+    the run named after out_dir's parent (<run>/eval -> <run>), so the leaderboard merges it into that run."""
+    models = tasks_out["models"]
+    results = collect_results(Path(out_dir).resolve().parent.name, str(model_dir), tasks=models.get("student"),
+                              teacher_name=teacher_spec, teacher_tasks=models.get("teacher"))
+    results["settings"] = {"lm_eval_protocol": tasks_out.get("protocol")}
+    path = Path(out_dir) / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
 def load_runs(runs_dir) -> list[dict]:
-    """Every runs_dir/<run>/evaluate/results.json, sorted by run name."""
+    """Every run's results under runs_dir (see _run_results), sorted by run name."""
     return [res for _, res in _run_results(runs_dir)]
 
 
 def _run_results(runs_dir) -> list[tuple[Path, dict]]:
-    """(run directory, parsed results.json) of every run under runs_dir, sorted by run name."""
+    """(run directory, results) of every run under runs_dir that has <run>/evaluate/results.json (the evaluate
+    stage) or <run>/eval/results.json (`spikedistill eval`), sorted by run name; with both, the second's task
+    scores are merged into the first (`_merged`)."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise EvalError(f"{runs_dir}: not a directory; pass the runs folder (e.g. runs/)")
-    found = sorted(root.glob(f"*/{RESULTS_FILE}"))
+    found = sorted({p.parent.parent for name in (RESULTS_FILE, EVAL_RESULTS_FILE) for p in root.glob(f"*/{name}")})
     if not found:
-        raise EvalError(f"{runs_dir}: no */{RESULTS_FILE} found; run the evaluate stage first")
-    out = []
-    for path in found:
-        try:
-            out.append((path.parent.parent, json.loads(path.read_text())))
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{path}: unreadable JSON ({exc.msg}); re-run that run's evaluate stage") from exc
-    return out
+        raise EvalError(f"{runs_dir}: no */{RESULTS_FILE} or */{EVAL_RESULTS_FILE} found; run the evaluate stage "
+                        "or `spikedistill eval` first")
+    return [(run_dir, _merged(run_dir)) for run_dir in found]
+
+
+def _read_results(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return normalize_results(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path}: unreadable JSON ({exc.msg}); re-run what wrote it") from exc
+
+
+def _merged(run_dir: Path) -> dict:
+    """The evaluate stage's results of a run with `spikedistill eval`'s task scores added (they replace the
+    stage's for a task both scored); the teacher's only when both name the same teacher."""
+    stage, extra = _read_results(run_dir / RESULTS_FILE), _read_results(run_dir / EVAL_RESULTS_FILE)
+    if stage is None or extra is None:
+        return stage or extra
+    stage["student"]["tasks"].update(extra["student"]["tasks"])
+    teacher = extra.get("teacher")
+    if teacher and stage.get("teacher") is None:
+        stage["teacher"] = teacher
+    elif teacher and stage["teacher"]["name"] == teacher["name"]:
+        stage["teacher"]["tasks"].update(teacher["tasks"])
+    settings = stage.setdefault("settings", {})
+    settings["lm_eval_protocol"] = (extra.get("settings") or {}).get("lm_eval_protocol") or settings.get("lm_eval_protocol")
+    return stage
 
 
 def _dedup_teachers(rows: list[dict]) -> list[dict]:
@@ -517,10 +636,13 @@ def series_key(config: dict) -> str:
 
 
 def training_info(run_dir) -> dict | None:
-    """Training tokens, tokens/s, seconds and the validation curve of a run directory (None without distill).
+    """Training tokens, tokens/s, bytes/s, seconds, the final validation bits/byte and the validation curve of a
+    run directory (None without distill).
 
-    From <run>/<stage>/done.json (stage seconds; the trainer's tokens_seen and train_seconds) and
-    <run>/distill/metrics.jsonl (val_bits_per_byte by tokens seen, align's tokens counted first).
+    From <run>/<stage>/done.json (stage seconds; the trainer's tokens_seen, train_seconds and final
+    val_bits_per_byte; prepare's bytes_per_token) and <run>/distill/metrics.jsonl (val_bits_per_byte by tokens
+    seen, align's tokens counted first). tokens_per_byte is the training data's (text tokens / UTF-8 bytes of
+    the documents prepare read, under the run's tokenizer); bytes_per_s = tokens_per_s / tokens_per_byte.
     wall_seconds sums every stage's own time, so a shared teacher cache counts only in the run that built it;
     a stage's time is its done.json `wall_seconds` (every attempt: a run interrupted and resumed counts
     each invocation), or `seconds` (the last attempt) in run directories written before that field.
@@ -546,11 +668,17 @@ def training_info(run_dir) -> dict | None:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         config = {}
+    tokens_per_s = tokens / train_seconds if tokens and train_seconds else None
+    bytes_per_token = float(done.get("prepare", {}).get("metrics", {}).get("bytes_per_token") or 0.0) or None
+    val_bpb = metrics["distill"].get("val_bits_per_byte")
     return {
         "tokens": tokens or None,
         "align_tokens": align_tokens,
         "train_seconds": train_seconds or None,
-        "tokens_per_s": tokens / train_seconds if tokens and train_seconds else None,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_byte": 1 / bytes_per_token if bytes_per_token else None,
+        "bytes_per_s": _times(tokens_per_s, bytes_per_token),
+        "val_bpb": val_bpb if val_bpb is not None else (curve[-1][1] if curve else None),
         "wall_seconds": sum(_stage_seconds(d) for d in done.values()),
         "stage_seconds": {name: _stage_seconds(d) for name, d in done.items()},
         "curve": curve,
@@ -660,7 +788,8 @@ def _text_label(rows: list[dict], texts: list[str]) -> str:
 
 
 def plot_bpb_vs_energy(rows: list[dict], path) -> None:
-    """Scatter: bits/byte (lower is better) against compute energy per token (log scale).
+    """Scatter: bits/byte (lower is better) against compute energy per byte of held-out text (log scale; per
+    token when a plotted model lacks its tokens per byte), so models with different vocabularies compare.
 
     Every point's bits/byte is the mean over the same texts (`common_texts`: the texts all plotted runs
     were scored on, with the same byte counts); the texts are named on the plot, and runs left out for
@@ -669,16 +798,18 @@ def plot_bpb_vs_energy(rows: list[dict], path) -> None:
     fig, ax = _axes((6.4, 4.8))
     candidates = [r for r in rows if r["energy_pj"] and r["bits_per_byte"]]
     texts, pts, left_out = common_texts(candidates)
+    per_byte = bool(pts) and all(r.get("compute_pj_per_byte") for r in pts)
     for r in pts:
+        x = (r["compute_pj_per_byte"] if per_byte else r["energy_pj"]) / 1e3
         y = sum(r["bits_per_byte"][t] for t in texts) / len(texts)
         marker, color = ("s", "tab:red") if r["role"] == "teacher" else ("o", "tab:blue")
-        ax.scatter(r["energy_pj"] / 1e3, y, marker=marker, color=color)
-        ax.annotate(_label(r), (r["energy_pj"] / 1e3, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(x, y, marker=marker, color=color)
+        ax.annotate(_label(r), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if not pts:
         ax.text(0.5, 0.5, "no run has both bits/byte and energy", ha="center", transform=ax.transAxes)
     else:
         ax.set_xscale("log")
-    ax.set_xlabel("compute energy per token (nJ, log; memory traffic not counted)")
+    ax.set_xlabel(f"compute energy per {'byte' if per_byte else 'token'} (nJ, log; memory traffic not counted)")
     ax.set_ylabel("bits per byte (mean over the texts named above)")
     ax.set_title(f"Students (o) and teachers (s)\nbits/byte on the same texts for every point: "
                  f"{_text_label(pts, texts) or 'none'}", fontsize=9)

@@ -135,6 +135,13 @@ def score_batch(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[f
     positions do not depend on padding that comes after them, so no attention mask is needed. The student
     applies its LM head to the continuation positions only (the head dominates at a 49k vocabulary).
     """
+    return [(float(lp.sum()), bool(gr.all())) for lp, gr in score_batch_tokens(model, pairs)]
+
+
+@torch.no_grad()
+def score_batch_tokens(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """As `score_batch`, per continuation token: [(log p [len(continuation)], greedy [len(continuation)])],
+    float32 and bool, on the model's device."""
     inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]
     width = max(len(x) for x in inputs)
     batch = torch.zeros(len(inputs), width, dtype=torch.long, device=_device(model))
@@ -150,8 +157,7 @@ def score_batch(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[f
     results = []
     for logits, (_, cont) in zip(row_logits, pairs):
         targets = torch.tensor(cont, dtype=torch.long, device=logits.device)
-        lp, gr = _target_logprobs(logits, targets)
-        results.append((float(lp.sum()), bool(gr.all())))
+        results.append(_target_logprobs(logits, targets))
     return results
 
 
@@ -173,14 +179,27 @@ def protocol_nll(
 ) -> float:
     """Total NLL (nats) of `tokens` (no special tokens) under `protocol`, after one `prefix` token (progress:
     a tqdm bar, a string names it)."""
+    return protocol_token_nll(model, tokens, prefix, protocol, batch_size, progress)[0]
+
+
+def protocol_token_nll(
+    model, tokens: list[int], prefix: int, protocol: Protocol, batch_size: int = 1, progress: bool | str = False
+) -> tuple[float, torch.Tensor]:
+    """(total NLL in nats, per-token NLL [len(tokens)] float64 on CPU) of `tokens` under `protocol`.
+
+    The total is summed window by window (windows) or in float64 (stream), as `protocol_nll` reports it; the
+    per-token NLLs are what a bootstrap over blocks of the text resamples (eval/bpb.py)."""
     if protocol.kind == "stream":
         logps, _ = stream_logprobs(model, [prefix] + tokens, chunk_size=protocol.window, progress=progress)
-        return -float(logps.double().sum())
+        nll = -logps.double()
+        return float(nll.sum()), nll
     pairs = protocol_windows(tokens, prefix, protocol.window, protocol.step)
-    total = 0.0
+    total, parts = 0.0, []
     for i in tqdm(range(0, len(pairs), batch_size), **_bar(progress, "windows")):
-        total -= sum(lp for lp, _ in score_batch(model, pairs[i : i + batch_size]))
-    return total
+        for lp, _ in score_batch_tokens(model, pairs[i : i + batch_size]):
+            total -= float(lp.sum())
+            parts.append(-lp.double().cpu())
+    return total, (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:

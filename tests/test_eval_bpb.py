@@ -248,3 +248,79 @@ def test_the_byte_count_is_the_same_under_every_student_vocabulary(tiny_tokenize
     row = evaluate_bpb(tiny_student(len(tokenizer), seed=2), tokenizer, text, context_length=64)
     assert row["bytes"] == len(text.encode("utf-8")) and row["tokens"] == len(tokens)
     assert row["bits_per_byte"] == pytest.approx(row["nll_sum"] / row["bytes"] / math.log(2))
+
+# ---------------------------------------------------------------- the bootstrap interval beside a score
+
+
+def test_block_sums_by_hand():
+    """10 bytes in blocks of 4 -> sizes 4, 4, 2; a token goes to the block of its last byte (end - 1)."""
+    from eval.bpb import block_sums
+
+    nll, sizes = block_sums([1.0, 2.0, 3.0, 4.0, 5.0], [2, 4, 5, 9, 10], n_bytes=10, block_bytes=4)
+    assert nll.tolist() == [3.0, 3.0, 9.0] and sizes.tolist() == [4.0, 4.0, 2.0]
+    with pytest.raises(EvalError, match="block_bytes >= 1"):
+        block_sums([1.0], [1], n_bytes=1, block_bytes=0)
+
+
+def test_bootstrap_interval_known_answers():
+    from eval.bpb import bootstrap_interval
+
+    ln2 = math.log(2)
+    same = bootstrap_interval([2.0, 2.0, 2.0], [4.0, 4.0, 4.0], block_bytes=4)
+    assert same["low"] == same["high"] == pytest.approx(0.5 / ln2) and same["half_width"] == 0.0
+    # two blocks: a resample is (1,1), (2,2) or one of each, so the statistic takes three values, 1/4 of the
+    # draws each end: the 2.5% and 97.5% points are the two single-block values, 0.5/ln2 and 1.5/ln2
+    two = bootstrap_interval([1.0, 6.0], [2.0, 4.0], block_bytes=4, replicates=2000)
+    assert two["low"] == pytest.approx(0.5 / ln2) and two["high"] == pytest.approx(1.5 / ln2)
+    assert two["half_width"] == pytest.approx(0.5 / ln2) and two["blocks"] == 2 and two["level"] == 0.95
+    # the middle half of the draws is one of each block: pooled bytes, (1 + 6) / (2 + 4), not the mean of the
+    # two blocks' bits/byte (1.0)
+    middle = bootstrap_interval([1.0, 6.0], [2.0, 4.0], level=0.4)
+    assert middle["low"] == middle["high"] == pytest.approx(7 / 6 / ln2)
+    assert bootstrap_interval([1.0], [4.0]) is None  # one block cannot be resampled
+    assert bootstrap_interval([1.0, 6.0], [2.0, 4.0]) == bootstrap_interval([1.0, 6.0], [2.0, 4.0])  # seeded
+
+
+def test_token_byte_ends(tiny_tokenizer):
+    """The byte just past each token: on ASCII text, the running length of the decoded tokens; on any text, the
+    last token ends at the last byte and every end falls on a character boundary."""
+    from eval.bpb import token_byte_ends
+
+    ascii_text = "To be, or not to be, that is the question."
+    ids = tiny_tokenizer.encode(ascii_text, add_special_tokens=False)
+    ends = token_byte_ends(tiny_tokenizer, ascii_text, ids)
+    running = [len(tiny_tokenizer.decode(ids[: i + 1]).encode()) for i in range(len(ids))]
+    assert ends == running and ends[-1] == len(ascii_text)
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    ends = token_byte_ends(tiny_tokenizer, TEXT, ids)
+    raw = TEXT.encode("utf-8")
+    assert len(ends) == len(ids) and ends[-1] == len(raw) and ends == sorted(ends)
+    for end in ends:
+        raw[:end].decode("utf-8")  # never inside a character
+    assert token_byte_ends(tiny_tokenizer, TEXT, ids[:-1]) is None  # offsets of other ids are not used
+
+
+def test_score_interval_brackets_the_score_and_blocks_cover_the_text(student, tiny_tokenizer):
+    from eval.bpb import block_sums, document_nll, token_byte_ends
+
+    text = (TEXT + "\n") * 6
+    res = evaluate_bpb(student, tiny_tokenizer, text, context_length=16, block_bytes=64)
+    interval = res["interval"]
+    assert interval["blocks"] == math.ceil(res["bytes"] / 64) and interval["block_bytes"] == 64
+    assert interval["low"] <= res["bits_per_byte"] <= interval["high"] and interval["half_width"] > 0
+    total, per_token, tokens, _ = document_nll(student, tiny_tokenizer, text, Protocol("windows", 16))
+    assert float(per_token.sum()) == pytest.approx(total, rel=1e-6) == pytest.approx(res["nll_sum"], rel=1e-9)
+    nll, sizes = block_sums(per_token.numpy(), token_byte_ends(tiny_tokenizer, text, tokens), res["bytes"], 64)
+    assert nll.sum() == pytest.approx(res["nll_sum"], rel=1e-6) and sizes.sum() == res["bytes"]
+    assert "interval" not in evaluate_bpb(student, tiny_tokenizer, text, context_length=16)
+
+
+def test_bytes_and_blocks_do_not_depend_on_the_tokenizer(student, tiny_tokenizer):
+    """Two vocabularies (the tiny teacher's and a 300-token BPE that adds BOS) on one text: a different number of
+    tokens, the same UTF-8 byte count and the same blocks, so bits/byte and its interval compare across them."""
+    tok = bos_tokenizer()
+    text = (TEXT + "\n") * 3
+    a = evaluate_bpb(student, tiny_tokenizer, text, context_length=16, block_bytes=128)
+    b = evaluate_bpb(tiny_llama(len(tok), seed=1), tok, text, context_length=16, block_bytes=128)
+    assert a["tokens"] != b["tokens"] and a["bytes"] == b["bytes"] == len(text.encode("utf-8"))
+    assert a["interval"]["blocks"] == b["interval"]["blocks"] == math.ceil(a["bytes"] / 128)

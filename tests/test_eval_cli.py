@@ -251,3 +251,50 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "no config.json" in err and str(tmp_path) in err
     assert main(["eval", str(tmp_path), "--tasks", "spikedistill_offline"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_energy_refuses_a_huge_context_in_one_line_before_loading(tmp_path, capsys):
+    """`energy --context 100000` used to run silently for minutes: now one line, exit 2, before any model loads
+    (the model folder here does not even exist)."""
+    assert main(["energy", str(tmp_path / "no_model"), "--context", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "context 100000 is outside 1..16,384" in err and "lower --context" in err
+
+
+def test_eval_writes_beside_the_run_not_into_the_model_and_the_leaderboard_shows_it(
+        student, tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """A run's exported model: results go to <run>/eval, the shared model folder gets no file, and the
+    leaderboard merges the task scores (with their item counts) into that run's row beside its evaluate
+    results. Any other model: runs/<its name>/eval under the working directory, a row of its own."""
+    from eval.leaderboard import build_leaderboard, collect_results
+
+    runs = tmp_path / "runs"
+    model = save_model_dir(student, tiny_tokenizer, runs / "r1" / "export" / "model")
+    (runs / "r1" / "config.yaml").write_text("run: {name: r1}\n")
+    (runs / "r1" / "evaluate").mkdir()
+    bpb = {"hamlet": {"bits_per_byte": 3.5, "tokens": 10, "bytes": 40}}
+    (runs / "r1" / "evaluate" / "results.json").write_text(json.dumps(collect_results("r1", str(model), bpb)))
+    before = sorted(p.name for p in model.iterdir())
+    task = ["--tasks", "spikedistill_hamlet_next_line", "--limit", "2"]
+    assert main(["eval", str(model), *task]) == 0
+    out = capsys.readouterr().out
+    assert f"results go to {runs.resolve() / 'r1' / 'eval'}" in out and "spikedistill leaderboard" in out
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written into the shared folder
+    assert (runs / "r1" / "eval" / "results.json").is_file() and (runs / "r1" / "eval" / "lm_eval_student.json").is_file()
+
+    other = save_model_dir(student, tiny_tokenizer, tmp_path / "elsewhere" / "mymodel")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(other), *task]) == 0
+    assert (runs / "mymodel" / "eval" / "results.json").is_file()
+    rows = {r["run"]: r for r in build_leaderboard(runs, tmp_path / "lb")["rows"] if r["role"] == "student"}
+    assert set(rows) == {"r1", "mymodel"}
+    assert rows["r1"]["bits_per_byte"] == {"hamlet": 3.5}  # the evaluate stage's figure, kept
+    assert rows["r1"]["acc_n"] == rows["mymodel"]["acc_n"] == {"spikedistill_hamlet_next_line": 2}
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert f"{rows['r1']['acc']['spikedistill_hamlet_next_line']:.3f} (n=2)" in md
+
+    (runs / "mymodel" / "config.yaml").write_text("run: {name: mymodel}\n")  # now a pipeline run of another model
+    capsys.readouterr()
+    assert main(["eval", str(other), *task]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pipeline run of another model" in err and "--output" in err

@@ -338,7 +338,7 @@ def test_table_and_json(tiny_tokenizer, tmp_path):
     assert "memory-inclusive (nJ/token)" in table and "head share" in table and "Break-even firing rate" in table
     write_energy_json(rep, tmp_path / "e.json")
     assert json.loads((tmp_path / "e.json").read_text())["totals"] == rep["totals"]
-    with pytest.raises(EvalError, match="context_length must be >= 1"):
+    with pytest.raises(EvalError, match=r"context 0 is outside 1\.\.16,384"):
         energy_report(model, 0)
 
 
@@ -356,3 +356,26 @@ def test_energy_cli_on_a_gpt2_directory(tiny_tokenizer, tmp_path):
     student = save_model_dir(tiny_student(len(tiny_tokenizer), seed=3), tiny_tokenizer, tmp_path / "student")
     assert main(["energy", str(student), "--teacher", str(gpt2), "--context", str(N), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["teacher"]["ops_by_kind"]["matmul"] == 380_928
+
+
+def test_energy_per_byte_by_hand(tiny_tokenizer):
+    """Per byte = per token x tokens per UTF-8 byte of the text under the model's own tokenizer; the teacher's
+    with its own tokens per byte (given), the quantised matched ANN's with the student's (same vocabulary)."""
+    model = tiny_student(len(tiny_tokenizer), seed=3)
+    rep = energy_report(model, 16, tiny_tokenizer, TEXT, teacher_config=tiny_llama(len(tiny_tokenizer)),
+                        teacher_tokens_per_byte=0.5)
+    tokens = len(tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    tpb = tokens / len(TEXT.encode("utf-8"))
+    pb = rep["per_byte"]
+    assert pb["tokens_per_byte"] == pytest.approx(tpb)
+    assert pb["compute_pj"] == pytest.approx(rep["figures"]["compute_pj"] * tpb)
+    assert pb["memory_inclusive_pj"] == pytest.approx(rep["figures"]["memory_inclusive_pj"] * tpb)
+    assert pb["quantised"]["ternary"]["compute_pj"] == pytest.approx(rep["quantised"]["ternary"]["compute_pj"] * tpb)
+    assert pb["teacher"]["compute_pj"] == pytest.approx(rep["teacher"]["compute_pj"] * 0.5)
+    assert pb["teacher"]["tokens_per_byte"] == 0.5
+    table = format_energy_table(rep)
+    assert "compute only (nJ/byte)" in table and f"| {tpb:.4f} | {pb['compute_pj'] / 1e3:,.2f} |" in table
+    # given tokens per byte (the evaluate stage's, over every held-out text) win over the probe text's
+    given = energy_report(model, 16, tiny_tokenizer, TEXT, quantised=False, tokens_per_byte=0.25)
+    assert given["per_byte"]["compute_pj"] == pytest.approx(given["figures"]["compute_pj"] * 0.25)
+    assert energy_report(model, 16, quantised=False)["per_byte"] is None  # no text, no per byte

@@ -139,9 +139,46 @@ def test_one_bpb_protocol_named_in_results_and_tables(runs_dir, tmp_path):
 
 
 def test_errors_name_the_path(tmp_path):
-    with pytest.raises(EvalError, match="no \\*/evaluate/results.json found"):
+    with pytest.raises(EvalError, match=r"no \*/evaluate/results.json or \*/eval/results.json found"):
         build_leaderboard(tmp_path, tmp_path / "lb")
     (tmp_path / "r" / "evaluate").mkdir(parents=True)
     (tmp_path / "r" / "evaluate" / "results.json").write_text("{not json")
     with pytest.raises(EvalError, match="results.json: unreadable JSON"):
         load_runs(tmp_path)
+
+
+def _energy(compute_pj: float, memory_pj: float, ternary: tuple[float, float]) -> dict:
+    """An energy_report-shaped dict with only what the leaderboard reads."""
+    figures = {"compute_pj": compute_pj, "memory_inclusive_pj": memory_pj, "head_share_compute": 0.5,
+               "head_share_memory_inclusive": 0.5}
+    q = {"model": "llama 1.00M", "compute_pj": ternary[0], "memory_inclusive_pj": ternary[1],
+         "head_share_compute": 0.5, "head_share_memory_inclusive": 0.5}
+    return {"context_length": 512, "totals": {"sops": 1.0, "macs": 1.0, "energy_pj": compute_pj,
+                                              "mean_firing_rate": 0.2},
+            "figures": figures, "quantised": {"ternary": q}, "break_even": None,
+            "teacher": {"energy_pj": 9e8, "compute_pj": 9e8, "memory_inclusive_pj": 2e10, "macs": 1.0,
+                        "head_share_compute": 0.1, "head_share_memory_inclusive": 0.1}}
+
+
+def test_energy_per_byte_uses_each_models_own_tokens_per_byte(tmp_path):
+    """Student 30 + 20 tokens over 100 + 100 bytes -> 0.25 tokens/byte; the teacher's tokenizer 10 + 10 -> 0.1:
+    per byte = per token x its own tokens/byte (the quantised ANN: the student's), by hand."""
+    from eval.leaderboard import collect_results, markdown_table, rows_of
+
+    student_bpb = {"persuasion": {"bits_per_byte": 2.0, "tokens": 30, "bytes": 100},
+                   "hamlet": {"bits_per_byte": 3.0, "tokens": 20, "bytes": 100}}
+    teacher_bpb = {t: {"bits_per_byte": 1.0, "tokens": 10, "bytes": 100} for t in student_bpb}
+    res = collect_results("r", "m", student_bpb, energy=_energy(2e6, 1e9, (1e6, 3e8)), teacher_name="T",
+                          teacher_bpb=teacher_bpb, model_info={"params": 10, "vocab_size": 256})
+    rows = {r["role"]: r for r in rows_of(res)}
+    s, t, q = rows["student"], rows["teacher"], rows["quantised ANN"]
+    assert s["tokens_per_byte"] == 0.25 and t["tokens_per_byte"] == 0.1 and q["tokens_per_byte"] == 0.25
+    assert (s["compute_pj_per_byte"], s["memory_pj_per_byte"]) == (0.25 * 2e6, 0.25 * 1e9)
+    assert (t["compute_pj_per_byte"], t["memory_pj_per_byte"]) == (0.1 * 9e8, 0.1 * 2e10)
+    assert (q["compute_pj_per_byte"], q["memory_pj_per_byte"]) == (0.25 * 1e6, 0.25 * 3e8)
+    assert s["quantised_pj"] == {"ternary": {"compute_pj": 1e6, "memory_inclusive_pj": 3e8}}
+    assert s["vocab_size"] == 256
+    md = markdown_table(list(rows.values()))
+    # student: 2,000 nJ/token, 0.25 tokens/byte, 500 nJ/byte compute, 250,000,000 pJ = 250,000 nJ/byte memory
+    assert "| 2,000.00 | 1,000,000 | 0.2500 | 500.00 | 250,000 |" in md
+    assert "tokens/byte: tokens per UTF-8 byte" in md

@@ -5,6 +5,7 @@ shipped recipes/study arms (one budget, one seed, one size)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,13 @@ def test_shipped_study_arms_share_size_data_budget_and_seeds():
     assert r["e_inherit_ce"].student.init_from_teacher and r["e_inherit_ce"].distill.weights.sta == 0
     assert r["f_inherit_kd"].student.init_from_teacher and r["f_inherit_kd"].distill.weights.sta > 0
     assert all(x.student.config == {} for x in r.values())
+    # held-out scores over at least 100 kB of each text (both texts are longer), the same cut for every arm
+    from eval.bpb import cut_text, read_eval_text
+
+    assert len({(x.evaluate.max_text_bytes, tuple(x.evaluate.texts)) for x in r.values()}) == 1
+    e = r["b_snn_ce"].evaluate
+    for name in e.texts:
+        assert len(cut_text(read_eval_text(name), e.max_text_bytes).encode()) >= 100_000
 
 
 def test_study_refuses_an_unknown_arm_and_an_empty_folder(tmp_path):
@@ -165,6 +173,7 @@ def _tiny_study(tmp_path, teacher) -> tuple[Path, Path, Path]:
 
 @pytest.mark.slow
 def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teacher_dir):
+    from eval.study_report import SUMMARY_KEYS
     from pipeline.cli import main
 
     folder, runs, cache = _tiny_study(tmp_path, tiny_teacher_dir)
@@ -196,12 +205,13 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
         ("h_kd_half", 0, "snn_distill", 0.5), ("h_kd_half", 1, "snn_distill", 0.5)]
     for rec in summary:
         run = rec["arm"] if rec["seed"] is None else f"{rec['arm']}-s{rec['seed']}"
-        assert set(rec) == {"arm", "kind", "budget", "seed", "train_tokens", "bpb_persuasion", "bpb_hamlet",
-                            "train_tokens_per_s"}
+        assert list(rec) == list(SUMMARY_KEYS) and rec["lr"] == 6e-4 and rec["val_bpb"] > 0
+        assert rec["vocab_size"] == students[run]["vocab_size"] > 0 and rec["compute_pj_per_byte"] > 0
+        assert rec["bpb_persuasion_ci95"] is None  # 300 bytes: one 4 KiB block, no interval
         assert rec["train_tokens"] == students[run]["train"]["tokens"]
         assert rec["bpb_persuasion"] == students[run]["bits_per_byte"]["persuasion"] and rec["bpb_hamlet"] > 0
     study_md = (report / "study.md").read_text()
-    assert "| c_kd | snn_distill | 1.00 | 0,1 |" in study_md and "Goals" in study_md
+    assert "| c_kd | snn_distill | teacher | 1.00 | 0.0006 | 0,1 |" in study_md and "Goals" in study_md
     # energy-only reference rows: the teacher once, the student's quantised matched ANN (int8, ternary)
     assert study_md.count("(teacher) |") == 1 and study_md.count("(quantised ANN) |") == 2
     for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
@@ -261,64 +271,247 @@ def test_schedule_gives_a_waiting_runs_slot_to_a_run_that_can_go():
     assert ran == []  # what needs a failed task never starts
 
 
-def _record(arm, seed, kind, tokens, pers, ham=3.0, series="s"):
-    return {"arm": arm, "run": f"{arm}-s{seed}", "kind": kind, "seed": seed, "train_tokens": tokens,
-            "bpb_persuasion": pers, "bpb_hamlet": ham, "train_tokens_per_s": 100.0, "energy_pj": 2e6,
-            "memory_inclusive_pj": 5e6,
-            "mean_firing_rate": 0.2, "curve": [[tokens, pers]], "series": series, "budget": None}
+# ---------------------------------------------------------------- the study report: records, statistics, goals
 
 
-def test_study_statistics_and_goals_from_hand_computed_values():
+def _arm(arm, pers, ham, kind="snn_distill", role="inherit_kd", vocab="teacher", budget=1.0, series=None,
+         hw=0.05, **fields):
+    """Summary records of one arm, one per seed (len(pers) seeds), with a 95% interval of half-width hw."""
+    return [{"arm": arm, "run": f"{arm}-s{i}", "seed": i, "series": series or arm, "kind": kind, "role": role,
+             "vocab": vocab, "walltime": "walltime" in arm, "budget": budget, "bpb_persuasion": p, "bpb_hamlet": h,
+             "bpb_persuasion_ci95": [p - hw, p + hw], "bpb_hamlet_ci95": [h - hw, h + hw], **fields}
+            for i, (p, h) in enumerate(zip(pers, ham))]
+
+
+def _study() -> list[dict]:
+    """A study whose goals are worked out by hand in test_goals_met_not_met_and_not_answered."""
+    ce = _arm("ce", [2.40, 2.42, 2.44], [3.20, 3.22, 3.24], kind="snn_ce", role="ce")
+    kd = _arm("kd", [2.30, 2.31, 2.32], [3.00, 3.01, 3.02], role="logit_kd")
+    inh = _arm("inh_kd", [2.20, 2.21, 2.22], [2.90, 2.91, 2.92], compute_pj_per_byte=4e5, memory_pj_per_byte=4e8)
+    quarter = _arm("inh_kd_q", [2.45, 2.46, 2.47], [3.10, 3.11, 3.12], budget=0.25, series="inh_kd")
+    joint = _arm("g_spad_joint", [2.25, 2.26, 2.27], [2.95, 2.96, 2.97], role="spad_joint")
+    ann = _arm("a_ann_kd", [2.18], [2.95], kind="ann_kd", role="ann_kd")
+    v_ce = _arm("v_ce", [2.50, 2.51, 2.52], [3.3] * 3, kind="snn_ce", role="ce", vocab="subset:1024")
+    v_kd = _arm("v_kd", [2.30, 2.31, 2.32], [3.1] * 3, vocab="subset:1024")
+    b_ce = _arm("b_ce", [2.600, 2.610, 2.620], [3.4] * 3, kind="snn_ce", role="ce", vocab="bytes")
+    b_kd = _arm("b_kd", [2.595, 2.605, 2.615], [3.4] * 3, vocab="bytes")
+    wall = _arm("v_kd_walltime", [2.15, 2.16, 2.17], [2.85, 2.86, 2.87], vocab="subset:1024", budget=1.6,
+                compute_pj_per_byte=1e5, memory_pj_per_byte=1e8, ternary_compute_pj_per_byte=2e5,
+                ternary_memory_pj_per_byte=5e7, params=100, params_embedding=20, params_head=20, params_body=60,
+                train_seconds=50.0)
+    for r in inh:
+        r["train_seconds"] = 50.0
+    return ce + kd + inh + quarter + joint + ann + v_ce + v_kd + b_ce + b_kd + wall
+
+
+def test_arm_stats_by_hand():
+    from eval.study_report import arm_stats
+
+    stats = {s["arm"]: s for s in arm_stats(_study())}
+    ce = stats["ce"]
+    assert ce["bpb_persuasion"] == pytest.approx(2.42) and ce["bpb_persuasion_std"] == pytest.approx(0.02)
+    assert ce["bpb_hamlet_hw"] == pytest.approx(0.05) and ce["bpb_mean"] == pytest.approx((2.42 + 3.22) / 2)
+    assert stats["a_ann_kd"]["bpb_persuasion_std"] is None and stats["v_kd_walltime"]["walltime"] is True
+    assert (ce["role"], ce["vocab"], ce["seeds"], ce["n"]) == ("ce", "teacher", [0, 1, 2], 3)
+
+
+def test_goals_met_not_met_and_not_answered():
+    """Every goal on a hand-built study, then with the arm it needs removed."""
     from eval.study_report import arm_stats, goals, goals_markdown
 
-    records = [_record("ce", s, "snn_ce", 1000, v, series="ce") for s, v in enumerate([2.40, 2.42, 2.44])]
-    records += [_record("kd", s, "snn_distill", 1000, v, series="kd") for s, v in enumerate([2.30, 2.31, 2.32])]
-    records += [_record("kd_q", s, "snn_distill", 250, v, series="kd") for s, v in enumerate([2.45, 2.46, 2.47])]
-    for r in records:
-        r["budget"] = r["train_tokens"] / 1000
-    stats = {s["arm"]: s for s in arm_stats(records)}
-    assert stats["ce"]["bpb_persuasion"] == pytest.approx(2.42)
-    assert stats["ce"]["bpb_persuasion_std"] == pytest.approx(0.02)  # sample std of 2.40, 2.42, 2.44
-    assert stats["kd"]["bpb_persuasion_std"] == pytest.approx(0.01)
-    a = goals(list(stats.values()))
+    a = goals(arm_stats(_study()))
+    # (i) inh_kd (lowest mean over the texts among the distillation arms) vs ce: Persuasion gain 0.21 over a pooled
+    # seed std sqrt((0.02^2 + 0.01^2) / 2), Hamlet 0.31; bootstrap: sqrt(0.05^2 + 0.05^2) = 0.0707
     noise = ((0.02**2 + 0.01**2) / 2) ** 0.5
-    assert a["best_arm"] == "kd" and a["gain"] == pytest.approx(0.11) and a["noise_std"] == pytest.approx(noise)
-    assert a["i"] is True and a["gain_in_sigmas"] == pytest.approx(0.11 / noise)
-    assert a["quarter_arm"] == "kd_q" and a["ii"] is False  # 2.46 at 1/4 vs CE's 2.42 at the full budget
-    assert "(i)" in goals_markdown(a) and "not met" in goals_markdown(a)
-    from eval.study_report import study_markdown
+    (p, h) = a["i"]["comparisons"]
+    assert (a["i"]["arm"], a["i"]["baseline"], a["i"]["met"]) == ("inh_kd", "ce", True)
+    assert p["gain"] == pytest.approx(0.21) and p["noise_std"] == pytest.approx(noise)
+    assert p["gain_in_sigmas"] == pytest.approx(0.21 / noise) and h["gain"] == pytest.approx(0.31)
+    assert p["ci_half_width"] == pytest.approx(0.05 * 2**0.5) and p["beyond_ci"] is True
+    # (ii) inh_kd_q at 1/4: 2.46 and 3.11 against ce's 2.42 and 3.22: worse on Persuasion
+    assert (a["ii"]["arm"], a["ii"]["met"], a["ii"]["of_best"]) == ("inh_kd_q", False, True)
+    assert [c["gain"] for c in a["ii"]["comparisons"]] == pytest.approx([-0.04, 0.11])
+    # (iii) joint vs kd: gains 0.05 and 0.05 over a pooled std 0.01: 5 sigma each
+    assert (a["iii"]["arm"], a["iii"]["baseline"], a["iii"]["met"]) == ("g_spad_joint", "kd", True)
+    assert [c["gain_in_sigmas"] for c in a["iii"]["comparisons"]] == pytest.approx([5.0, 5.0])
+    # (iv) inh_kd - ann: +0.03 on Persuasion, -0.04 on Hamlet: within 0.05 on both
+    assert a["iv"]["met"] is True and [-c["gain"] for c in a["iv"]["comparisons"]] == pytest.approx([0.03, -0.04])
+    # (a) subset:1024 gains 0.2 (20 sigma), bytes 0.005 (0.5 sigma): not met
+    assert a["a"]["vocabs"]["subset:1024"]["met"] is True and a["a"]["vocabs"]["bytes"]["met"] is False
+    assert a["a"]["met"] is False
+    # (b) the walltime arm 2.16 / 2.86 against the best teacher-vocabulary student inh_kd 2.21 / 2.91
+    assert (a["b"]["arm"], a["b"]["baseline"], a["b"]["met"]) == ("v_kd_walltime", "inh_kd", True)
+    assert a["b"]["train_seconds"] == [50.0, 50.0]
+    # (c) 1e5 <= 4e5 / 3 and 1e8 <= 4e8 / 3; below its ternary ANN in compute (2e5) but not memory (5e7)
+    assert a["c"]["checks"] == {"compute_vs_reference": True, "compute_vs_ternary": True,
+                                "memory_vs_reference": True, "memory_vs_ternary": False}
+    assert a["c"]["met"] is False and a["c"]["baseline"] == "inh_kd"
+    # (d) 60 of 100 parameters in the body
+    assert a["d"]["met"] is True and a["d"]["body_share"] == pytest.approx(0.6)
+    text = goals_markdown(a)
+    for line in ("- (i) **met**", "- (ii) **not met**", "- (iii) **met**", "- (iv) **met**", "- (a) **not met**",
+                 "  - (bytes) **not met**", "- (b) **met**", "- (c) **not met**", "- (d) **met**"):
+        assert line in text, line
+    assert "embedding 20, LM head 20, body 60 (60% in the body" in text
+    assert "failed: memory_vs_ternary" in text and "= 13.3 sigma (pooled seed std 0.016)" in text
 
-    # 2e6 pJ = 2.00 µJ, 5e6 pJ = 5.00 µJ, 2.42 ± 0.02 over seeds 0,1,2
-    teacher = {"label": "T", "role": "teacher", "bits_per_byte": {"persuasion": 1.2, "hamlet": 1.5},
-               "energy_pj": 6.6e8, "memory_inclusive_pj": 9e10}
-    table = study_markdown(list(stats.values()), a, [teacher], "window 512")
-    assert ("| ce | snn_ce | 1.00 | 0,1,2 | 1,000 | 2.420 ± 0.020 | 3.000 ± 0.000 | 100 ± 0 | 2.00 ± 0.00 | "
-            "5.00 ± 0.00 | 0.200 ± 0.000 |") in table
-    assert "| T (teacher) | | | | | 1.200 | 1.500 | | 660.00 | 90,000.00 | |" in table and "(window 512)" in table
-    # a better distillation arm without a 1/4-budget series: (ii) falls back to the best arm that has one
-    extra = [_record("inh", s, "snn_distill", 1000, v, series="inh") for s, v in enumerate([2.20, 2.21, 2.22])]
-    for r in extra:
-        r["budget"] = 1.0
-    b = goals(arm_stats(records + extra))
-    assert b["best_arm"] == "inh" and b["quarter_arm"] == "kd_q" and b["quarter_of_best"] is False
-    assert "inh has no 1/4-budget run" in goals_markdown(b)
-    # a gain inside the noise is not met; one seed per arm cannot answer (i)
-    for r in records:
-        if r["arm"] == "kd":
-            r["bpb_persuasion"] += 0.09
-    assert goals(arm_stats(records))["i"] is False
-    single = [r for r in records if r["seed"] == 0]
-    one = goals(arm_stats(single))
-    assert one["i"] is None and one["noise_std"] is None and one["ii"] is not None
-    assert "(i)" in goals_markdown(one) and "not answered" in goals_markdown(one) and "(ii)" in goals_markdown(one)
+    # a gain inside the seed noise is not met
+    noisy = [r | {"bpb_persuasion": r["bpb_persuasion"] - 0.2} if r["arm"] == "ce" else r for r in _study()]
+    close = goals(arm_stats(noisy))["i"]
+    assert close["met"] is False and close["comparisons"][0]["gain"] == pytest.approx(0.01)
+    # ... on either text: Hamlet 0.01 ahead, Persuasion still 0.21
+    noisy = [r | {"bpb_hamlet": r["bpb_hamlet"] - 0.3} if r["arm"] == "ce" else r for r in _study()]
+    assert goals(arm_stats(noisy))["i"]["met"] is False
+    # (iv) the spiking student 0.11 worse than the distilled Llama on Persuasion; (c) at 0.375 of the reference
+    worse = [r | {"bpb_persuasion": 2.10} if r["arm"] == "a_ann_kd" else r for r in _study()]
+    worse = [r | {"compute_pj_per_byte": 1.5e5} if r["arm"] == "v_kd_walltime" else r for r in worse]
+    w = goals(arm_stats(worse))
+    assert w["iv"]["met"] is False and w["c"]["checks"]["compute_vs_reference"] is False
+    # missing arms: not answered
+    gone = [r for r in _study() if r["arm"] not in ("g_spad_joint", "a_ann_kd", "ce")]
+    b = goals(arm_stats(gone))
+    assert b["i"]["met"] is None and b["ii"]["met"] is None and b["iii"]["met"] is None and b["iv"]["met"] is None
+    teacher_only = [r for r in _study() if r["vocab"] == "teacher"]
+    c = goals(arm_stats(teacher_only))
+    assert all(c[k]["met"] is None for k in ("a", "b", "c", "d")) and c["i"]["met"] is True
+    text = goals_markdown(c)
+    assert "- (a) **not answered**: no vocabulary arm" in text and "- (b) **not answered**: no best equal-wall-time" \
+        in text and "- (d) **not answered**" in text
+    # one seed per arm: (i) cannot be answered, (ii) still can
+    single = goals(arm_stats([r for r in _study() if r["seed"] == 0]))
+    assert single["i"]["met"] is None and single["ii"]["met"] is False
+    assert "seed noise unknown" in goals_markdown(single)
+    # without a walltime arm, (c) and (d) take the best own-vocabulary arm at the full budget
+    no_wall = goals(arm_stats([r for r in _study() if "walltime" not in r["arm"]]))
+    assert no_wall["b"]["met"] is None and no_wall["c"]["arm"] == "v_kd" and no_wall["d"]["arm"] == "v_kd"
 
 
-def test_run_kind_from_the_resolved_config():
-    from eval.study_report import run_kind
+def test_run_kind_and_arm_role_from_the_resolved_config():
+    from eval.study_report import arm_role, run_kind, student_vocab
 
     ce = {"student": {"arch": "spikegpt"}, "align": {"enabled": False}, "distill": {"weights": {"sta": 0.0}}}
-    assert run_kind(ce) == "snn_ce"
+    kd = {**ce, "distill": {"weights": {"sta": 0.3, "hta": 0.3}}}
+    inherit = {"student": {"arch": "spikegpt", "init_from_teacher": True}}
+    assert run_kind(ce) == "snn_ce" and arm_role(ce, "b_snn_ce") == "ce"
     assert run_kind({**ce, "student": {"arch": "llama"}}) == "ann_ce"
-    assert run_kind({**ce, "distill": {"weights": {"sta": 0.3, "hta": 0.3}}}) == "snn_distill"
+    ann_kd = {**kd, "student": {"arch": "llama", "init_from_teacher": True}}
+    assert run_kind(ann_kd) == "ann_kd" and arm_role(ann_kd, "a_ann_inherit_kd") == "ann_kd"
+    assert run_kind(kd) == "snn_distill" and arm_role(kd, "c_snn_kd") == "logit_kd"
+    assert arm_role({**kd, **inherit}, "f_inherit_kd") == "inherit_kd"
+    assert arm_role({**ce, **inherit}, "e_inherit_ce") == "inherit_ce"
+    assert arm_role({**kd, "align": {"enabled": True}}, "d_snn_spad") == "spad_align"
+    joint = {**ce, "distill": {"weights": {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3}}}
+    assert arm_role(joint, "g_snn_spad_joint") == "spad_joint" and arm_role(joint, "h_features") == "other_distill"
     assert run_kind({**ce, "align": {"enabled": True}}) == "snn_distill"
-    assert run_kind({**ce, "student": {"arch": "spikegpt", "init_from_teacher": True}}) == "snn_distill"
+    assert student_vocab(ce) == "teacher" and student_vocab({"student": {"vocab": "subset:4096"}}) == "subset:4096"
+
+
+def _fake_run(runs: Path, name: str, config: str, bytes_per_token: float, tokens_seen: float, seconds: float,
+              val_bpb: float, held_out: dict, teacher_held_out: dict, energy: dict, info: dict) -> None:
+    """A run directory as the pipeline leaves it, with only what the leaderboard and the report read."""
+    from eval.leaderboard import collect_results
+
+    run = runs / name
+    for stage, metrics in (("prepare", {"bytes_per_token": bytes_per_token}),
+                           ("distill", {"tokens_seen": tokens_seen, "train_seconds": seconds,
+                                        "val_bits_per_byte": val_bpb})):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "done.json").write_text(json.dumps({"stage": stage, "metrics": metrics, "wall_seconds": 1.0}))
+    (run / "distill" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 4, "split": "val", "tokens_seen": tokens_seen, "val_bits_per_byte": val_bpb}) + "\n")
+    (run / "config.yaml").write_text(config)
+    (run / "evaluate").mkdir()
+    (run / "evaluate" / "results.json").write_text(json.dumps(collect_results(
+        name, f"{run}/export/model", held_out, energy=energy, teacher_name="T", teacher_bpb=teacher_held_out,
+        model_info=info)))
+
+
+def _bpb(value: float, tokens: int, n_bytes: int, half: float) -> dict:
+    return {"bits_per_byte": value, "tokens": tokens, "bytes": n_bytes,
+            "interval": {"low": value - half, "high": value + half, "half_width": half}}
+
+
+def test_summary_records_by_hand_from_run_directories(tmp_path):
+    """Every new summary field of two hand-built runs, computed by hand; then summary.json and study.md."""
+    from eval.leaderboard import build_leaderboard
+    from eval.study_report import SUMMARY_KEYS, StudyRun, summary_records, write_study_report
+
+    runs = tmp_path / "runs"
+    teacher = {"persuasion": _bpb(1.2, 100, 1000, 0.02), "hamlet": _bpb(1.5, 100, 1000, 0.03)}
+    energy = {"context_length": 512, "totals": {"sops": 1.0, "macs": 1.0, "energy_pj": 2e6, "mean_firing_rate": 0.2},
+              "figures": {"compute_pj": 2e6, "memory_inclusive_pj": 1e9, "head_share_compute": 0.5,
+                          "head_share_memory_inclusive": 0.5},
+              "quantised": {"ternary": {"model": "llama", "compute_pj": 1e6, "memory_inclusive_pj": 3e8,
+                                        "head_share_compute": 0.5, "head_share_memory_inclusive": 0.5}}}
+    info = {"params": 100, "params_embedding": 30, "params_head": 30, "params_body": 40, "vocab_size": 1024}
+    _fake_run(runs, "v_ce-s0", "run: {name: v_ce-s0}\nstudent: {arch: spikegpt, vocab: 'subset:1024'}\n"
+              "distill: {train: {optim: {lr: 0.004}}, weights: {sta: 0.0, hta: 1.0}}\n",
+              bytes_per_token=2.5, tokens_seen=1000, seconds=4.0, val_bpb=1.9,
+              held_out={"persuasion": _bpb(2.1, 300, 1000, 0.1), "hamlet": _bpb(3.1, 500, 1000, 0.2)},
+              teacher_held_out=teacher, energy=energy, info=info)
+    _fake_run(runs, "f_kd-s0", "run: {name: f_kd-s0}\nstudent: {arch: spikegpt, init_from_teacher: true}\n"
+              "distill: {train: {optim: {lr: 2.0e-3}}, weights: {sta: 0.3, hta: 0.3}}\n",
+              bytes_per_token=4.0, tokens_seen=500, seconds=5.0, val_bpb=1.7,
+              held_out={"persuasion": _bpb(2.0, 100, 1000, 0.1), "hamlet": _bpb(3.0, 100, 1000, 0.1)},
+              teacher_held_out=teacher, energy=energy, info=info | {"vocab_size": 49152})
+    rows = build_leaderboard(runs, tmp_path / "lb")["rows"]
+    study = [StudyRun("v_ce-s0", "v_ce", 0), StudyRun("f_kd-s0", "f_kd", 0)]
+    ce, kd = summary_records(rows, study, runs)[1], summary_records(rows, study, runs)[0]
+    assert (ce["arm"], ce["kind"], ce["role"], ce["vocab"], ce["lr"]) == ("v_ce", "snn_ce", "ce", "subset:1024", 0.004)
+    assert (kd["role"], kd["vocab"], kd["lr"]) == ("inherit_kd", "teacher", 0.002)
+    assert ce["val_bpb"] == 1.9 and kd["val_bpb"] == 1.7  # the distill stage's, not a held-out score
+    assert ce["vocab_size"] == 1024 and kd["vocab_size"] == 49152
+    # held-out tokens per byte under the run's own tokenizer: (300 + 500) / 2000; the teacher's is 200 / 2000
+    assert ce["tokens_per_byte"] == pytest.approx(0.4) and kd["tokens_per_byte"] == pytest.approx(0.1)
+    assert ce["train_tokens_per_byte"] == pytest.approx(1 / 2.5) and ce["train_tokens_per_s"] == pytest.approx(250)
+    assert ce["train_bytes_per_s"] == pytest.approx(250 * 2.5) and ce["train_seconds"] == 4.0
+    assert ce["compute_pj_per_byte"] == pytest.approx(2e6 * 0.4) and ce["memory_pj_per_byte"] == pytest.approx(4e8)
+    assert kd["compute_pj_per_byte"] == pytest.approx(2e6 * 0.1)
+    assert ce["ternary_compute_pj_per_byte"] == pytest.approx(4e5)
+    assert ce["ternary_memory_pj_per_byte"] == pytest.approx(1.2e8)
+    assert ce["bpb_persuasion_ci95"] == pytest.approx([2.0, 2.2]) and ce["bpb_hamlet_ci95"] == pytest.approx([2.9, 3.3])
+    assert (ce["params"], ce["params_embedding"], ce["params_head"], ce["params_body"]) == (100, 30, 30, 40)
+    # budget in training bytes: 1000 x 2.5 = 2500 against 500 x 4 = 2000 (in tokens it would be 0.5)
+    assert (ce["train_bytes"], kd["train_bytes"]) == (2500, 2000) and (ce["budget"], kd["budget"]) == (1.0, 0.8)
+
+    files = write_study_report(rows, study, runs, tmp_path / "report")
+    summary = json.loads(Path(files["summary"]).read_text())
+    assert [list(r) for r in summary] == [list(SUMMARY_KEYS)] * 2 and summary[1]["lr"] == 0.004
+    md = Path(files["study"]).read_text()
+    assert md.index("## Goals (stated before the runs)") < md.index("## Held-out texts") < md.index("| arm |") \
+        < md.index("## Goals, answered")
+    assert "probably seen" in md and "(Persuasion 1,000 bytes, Hamlet 1,000 bytes)" in md
+    # v_ce: val 1.9, 2.100 [±0.100], 0.4 tokens/byte, 250 tok/s, 625 bytes/s, 2 µJ/token, 0.8 µJ/byte
+    assert ("| v_ce | snn_ce | subset:1024 | 1.00 | 0.004 | 0 | 1,000 | 1.900 | 2.100 [±0.100] | 3.100 [±0.200] "
+            "| 0.4000 | 250 | 625 | 2.00 | 1,000.00 | 0.800 | 400.000 | 0.200 |") in md
+    # the teacher row: its own tokens per byte (0.1) and bootstrap half-widths
+    assert "| T (teacher) |  |  |  |  |  |  |  | 1.200 [±0.020] | 1.500 [±0.030] | 0.1000 |" in md
+    assert "- (i) **not answered**" in md
+
+
+@pytest.mark.slow
+def test_evaluate_stage_scores_with_intervals_and_the_teacher_once(tmp_path, tiny_teacher_dir, monkeypatch):
+    """The evaluate stage on 9,000 bytes of each held-out text: student and teacher scores carry a bootstrap
+    interval over ceil(9,000 / 4,096) = 3 blocks; the energy is per byte with the student's tokens per byte;
+    a second run reads the teacher's scores from the cache instead of scoring it again."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SPIKEDISTILL_CACHE", str(tmp_path / "cache"))
+    folder, runs, _ = _tiny_study(tmp_path, tiny_teacher_dir)
+    recipe = folder / "c_kd.yaml"
+    size = ["evaluate.max_text_bytes=9000", "evaluate.sample_tokens=0", "teacher_cache.enabled=false"]
+    assert main(["run", str(recipe), *size, "run.name=one"]) == 0
+    scores = sorted((tmp_path / "cache" / "teacher_scores").glob("*.json"))
+    res = json.loads((runs / "one" / "evaluate" / "results.json").read_text())
+    for who in ("student", "teacher"):
+        for row in res[who]["bpb"].values():
+            assert row["bytes"] <= 9000 and row["interval"]["blocks"] == math.ceil(row["bytes"] / 4096) == 3
+            assert row["interval"]["low"] <= row["bits_per_byte"] <= row["interval"]["high"]
+    student = res["student"]
+    tpb = sum(v["tokens"] for v in student["bpb"].values()) / sum(v["bytes"] for v in student["bpb"].values())
+    energy_md = (runs / "one" / "evaluate" / "energy.md").read_text()
+    assert f"| {tpb:.4f} |" in energy_md  # per byte with the held-out texts' tokens per byte
+    assert main(["run", str(recipe), *size, "run.name=two", "run.seed=1"]) == 0
+    assert sorted((tmp_path / "cache" / "teacher_scores").glob("*.json")) == scores  # nothing new: cached
+    again = json.loads((runs / "two" / "evaluate" / "results.json").read_text())
+    assert again["teacher"]["bpb"] == res["teacher"]["bpb"] and again["student"]["bpb"] != student["bpb"]

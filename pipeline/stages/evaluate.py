@@ -2,7 +2,8 @@
 
 Bits/byte on each of `evaluate.texts` (the first `max_text_bytes` of each) under one protocol for student and
 teacher (windows of `evaluate.context_length` tokens, stride half of it, each window led by the prefix token:
-eval/scoring.py), plus the student's streamed figure as an extra column; lm-eval tasks when listed (rolling
+eval/scoring.py), each with a 95% bootstrap interval over 4 KiB blocks of the text (eval/bpb.py), plus the
+student's streamed figure as an extra column; lm-eval tasks when listed (rolling
 documents under one windows protocol for both); the energy report (compute only, memory-inclusive, the
 quantised matched ANN); a greedy sample. The teacher's bits/byte and energy entry are cached under
 $SPIKEDISTILL_CACHE (default ~/.cache/spikedistill) keyed by teacher fingerprint, text, protocol and context,
@@ -39,7 +40,7 @@ def load_texts(recipe: Recipe) -> dict[str, str]:
             for name in recipe.evaluate.texts}
 
 
-SCORE_CACHE_VERSION = 2  # 2: one windows protocol with a BOS-led window (bits/byte), graph-counted energy
+SCORE_CACHE_VERSION = 3  # 2: one windows protocol with a BOS-led window, graph-counted energy; 3: bootstrap interval
 
 
 def _cached(key: dict, compute, log, what: str) -> dict:
@@ -62,7 +63,7 @@ def _cached(key: dict, compute, log, what: str) -> dict:
 
 def _teacher_scores(recipe: Recipe, texts: dict[str, str], log) -> tuple[dict[str, dict], Any]:
     """Teacher bits/byte per text (cached; the same windows protocol as the student) and the loaded teacher."""
-    from eval.bpb import evaluate_bpb
+    from eval.bpb import BOOTSTRAP_BLOCK_BYTES, evaluate_bpb
     from teachers import load_teacher
 
     e = recipe.evaluate
@@ -72,14 +73,21 @@ def _teacher_scores(recipe: Recipe, texts: dict[str, str], log) -> tuple[dict[st
     for name, text in texts.items():
         key = {"teacher": teacher.fingerprint, "dtype": recipe.teacher.dtype,
                "text": hashlib.sha256(text.encode("utf-8")).hexdigest(), "context": e.context_length,
-               "stride": bpb_stride(e.context_length)}
+               "stride": bpb_stride(e.context_length), "interval": _interval_settings()}
         scores[name] = _cached(
             key,
             lambda text=text: evaluate_bpb(teacher.model, teacher.tokenizer, text, e.context_length, e.batch_size,
-                                           stride=bpb_stride(e.context_length)),
+                                           stride=bpb_stride(e.context_length), block_bytes=BOOTSTRAP_BLOCK_BYTES),
             log, f"bits/byte on {name}",
         )
     return scores, teacher
+
+
+def _interval_settings() -> dict:
+    """What the bootstrap interval of a cached teacher score depends on (eval/bpb.py)."""
+    from eval.bpb import BOOTSTRAP_BLOCK_BYTES, BOOTSTRAP_LEVEL, BOOTSTRAP_REPLICATES
+
+    return {"block_bytes": BOOTSTRAP_BLOCK_BYTES, "replicates": BOOTSTRAP_REPLICATES, "level": BOOTSTRAP_LEVEL}
 
 
 def bpb_stride(context_length: int) -> int:
@@ -90,12 +98,13 @@ def bpb_stride(context_length: int) -> int:
 
 def _student_scores(model, tokenizer, texts: dict[str, str], e) -> dict[str, dict]:
     """Student bits/byte per text in the table's windows protocol, with its streamed figure under "stream"."""
-    from eval.bpb import evaluate_bpb
+    from eval.bpb import BOOTSTRAP_BLOCK_BYTES, evaluate_bpb
     from eval.models import can_stream
 
     scores = {}
     for name, text in texts.items():
-        row = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, stride=bpb_stride(e.context_length))
+        row = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, stride=bpb_stride(e.context_length),
+                           block_bytes=BOOTSTRAP_BLOCK_BYTES)
         if can_stream(model, row["tokens"] + 1):
             stream = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, protocol="stream")
             row["stream"] = {k: stream[k] for k in ("bits_per_byte", "nll_sum", "tokens", "protocol")}
@@ -129,14 +138,19 @@ def _firing_rate(model, tokenizer, text: str, context_length: int) -> float:
     return sum(rates.values()) / max(len(rates), 1)
 
 
-def _energy(model, tokenizer, text: str, context_length: int, teacher, log) -> tuple[dict, str]:
+def _energy(model, tokenizer, text: str, context_length: int, teacher, log, bpb: dict,
+            teacher_bpb: dict | None) -> tuple[dict, str]:
+    """The energy report; per byte with the tokens per byte of the scored held-out texts (eval/README.md)."""
     from eval.energy import energy_report, format_energy_table, teacher_energy
+    from eval.leaderboard import tokens_per_byte
 
     entry = None
     if teacher is not None:
         key = {"teacher": teacher.fingerprint, "energy_context": context_length}
         entry = _cached(key, lambda: teacher_energy(teacher.model, context_length), log, "energy")
-    report = energy_report(model, context_length, tokenizer=tokenizer, text=text, teacher_entry=entry)
+    report = energy_report(model, context_length, tokenizer=tokenizer, text=text, teacher_entry=entry,
+                           tokens_per_byte=tokens_per_byte(bpb),
+                           teacher_tokens_per_byte=tokens_per_byte(teacher_bpb) if teacher_bpb else None)
     return report, format_energy_table(report)
 
 
@@ -173,7 +187,8 @@ def run(ctx: StageContext) -> StageResult:
     teacher_bpb, teacher = _teacher_scores(r, texts, ctx.log) if e.teacher else (None, None)
     first_text = next(iter(texts.values()))
     report, energy_text = (
-        _energy(model, tokenizer, first_text, e.context_length, teacher, ctx.log) if e.energy else (None, "")
+        _energy(model, tokenizer, first_text, e.context_length, teacher, ctx.log, bpb, teacher_bpb)
+        if e.energy else (None, "")
     )
     task_rows: dict = {}
     lm_eval_protocol = None
