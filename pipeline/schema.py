@@ -28,7 +28,11 @@ class DataConfig:
     val_fraction: float = 0.01
     separator: str | None = None
     text_field: str = "text"
+    # read only the start of the sources (in source order): at most this many tokens (separators included),
+    # or at most this many UTF-8 bytes of text (cut at a character boundary; the same text under every
+    # tokenizer). At most one of the two may be set
     max_train_tokens: int | None = None
+    max_train_bytes: int | None = None
     # seed of the train/validation split; null = run.seed. A study sets it so that its seeds vary the
     # initialisation and data order but share one dataset (and one teacher cache)
     split_seed: int | None = None
@@ -260,6 +264,11 @@ def check_values(recipe: Recipe) -> None:
     _need(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
     _need(d.max_train_tokens is None or d.max_train_tokens > 0, "data.max_train_tokens", "> 0 or null",
           d.max_train_tokens)
+    _need(d.max_train_bytes is None or d.max_train_bytes > 0, "data.max_train_bytes", "> 0 or null",
+          d.max_train_bytes)
+    _need(d.max_train_tokens is None or d.max_train_bytes is None, "data.max_train_bytes",
+          f"null when data.max_train_tokens is set ({d.max_train_tokens}); keep one of the two caps",
+          d.max_train_bytes)
     _need(d.split_seed is None or d.split_seed >= 0, "data.split_seed", ">= 0 or null", d.split_seed)
     _need(bool(recipe.teacher.spec), "teacher.spec", "a bundled alias, hub id, directory or .gguf file",
           recipe.teacher.spec)

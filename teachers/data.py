@@ -365,8 +365,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Path, max_tokens: int | None):
-    """Concatenate all documents, each followed by the separator -> (uint32 array, stats, source names)."""
+def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Path, max_tokens: int | None,
+                      max_bytes: int | None = None):
+    """Concatenate all documents, each followed by the separator -> (uint32 array, stats, source names).
+
+    max_tokens keeps the first tokens (separators included); max_bytes reads at most that many UTF-8 bytes of
+    text, the last document cut at a character boundary (and then not followed by a separator)."""
     chunks, stats, names = [], {"documents": 0, "bytes": 0, "text_tokens": 0}, []
     total = 0
     for source in sources:
@@ -374,17 +378,31 @@ def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Pat
             names.append(item.name if isinstance(item, Path) else
                          item.path.name if isinstance(item, SavedDataset) else str(item))
             for doc in _documents(item, text_field, tmp):
+                doc, cut = _cut_to_bytes(doc, None if max_bytes is None else max_bytes - stats["bytes"])
                 ids = _encode(tokenizer, doc)
-                chunks.append(np.asarray(ids + [sep_id], dtype=np.uint32))
+                chunks.append(np.asarray(ids if cut else ids + [sep_id], dtype=np.uint32))
                 stats["documents"] += 1
                 stats["bytes"] += len(doc.encode("utf-8"))
                 stats["text_tokens"] += len(ids)
-                total += len(ids) + 1
+                total += len(chunks[-1])
                 if max_tokens is not None and total >= max_tokens:
                     return np.concatenate(chunks)[:max_tokens], stats, names
+                if cut or (max_bytes is not None and stats["bytes"] >= max_bytes):
+                    return np.concatenate(chunks), stats, names
     if not chunks:
         raise DataError("data.sources is empty; name at least one file, directory, 'bundled' or Hub dataset")
     return np.concatenate(chunks), stats, names
+
+
+def _cut_to_bytes(text: str, limit: int | None) -> tuple[str, bool]:
+    """(the longest prefix of `text` of at most `limit` UTF-8 bytes that ends at a character boundary, whether
+    it was cut); limit None keeps the text whole."""
+    if limit is None:
+        return text, False
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text, False
+    return data[:limit].decode("utf-8", errors="ignore"), True
 
 
 def prepare_corpus(
@@ -398,6 +416,7 @@ def prepare_corpus(
     text_field: str = "text",
     max_tokens: int | None = None,
     bos: bool | None = None,
+    max_bytes: int | None = None,
 ) -> dict:
     """Tokenize `sources` with `tokenizer`, pack into rows of seq_len tokens, split, write out_dir.
 
@@ -406,13 +425,17 @@ def prepare_corpus(
     tokenizer itself puts at the start of a sequence (bos=None: e.g. <bos> for Gemma, nothing for SmolLM2
     or GPT-2; bos=True forces its bos token, bos=False none): teachers such as Gemma predict far worse
     without them. A seeded permutation picks round(n * val_fraction) rows (at least 1 when val_fraction > 0)
-    for val.bin; the rest keep their order in train.bin. max_tokens caps the tokens read (a quick demo).
-    Returns (and writes to meta.json) stats.
+    for val.bin; the rest keep their order in train.bin. max_tokens caps the tokens read (a quick demo);
+    max_bytes instead caps the UTF-8 bytes of text read (the cut at a character boundary), so that tokenizers
+    of different vocabularies read the same text. Returns (and writes to meta.json) stats.
+    Raises DataError when both caps are given.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise DataError(f"data.seq_len must be an int >= 2, got {seq_len!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    if max_tokens is not None and max_bytes is not None:
+        raise DataError("data.max_train_tokens and data.max_train_bytes are both set; keep one of the two caps")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sep, sep_id = separator_id(tokenizer, separator)
@@ -423,10 +446,10 @@ def prepare_corpus(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tokens, stats, names = _tokenize_sources(sources, tokenizer, sep_id, text_field, tmp, max_tokens)
+        tokens, stats, names = _tokenize_sources(sources, tokenizer, sep_id, text_field, tmp, max_tokens, max_bytes)
         meta = _write_split(tokens, prefix, tokenizer, tmp, seq_len, val_fraction, seed, names)
         meta.update(stats, separator=sep, separator_id=sep_id, text_field=text_field, max_tokens=max_tokens,
-                    bytes_per_token=stats["bytes"] / max(stats["text_tokens"], 1))
+                    max_bytes=max_bytes, bytes_per_token=stats["bytes"] / max(stats["text_tokens"], 1))
         shutil.rmtree(tmp / "hf", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tmp.chmod(0o755)  # mkdtemp makes it private

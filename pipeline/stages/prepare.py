@@ -3,7 +3,8 @@
 Outputs: {"dataset": dir (teachers.data format: train.bin, val.bin, meta.json), "tokenizer": dir (the
 teacher's tokenizer, saved so later stages load it without loading the teacher)}.
 `data.max_train_tokens` keeps only the first tokens of the sources, in source order ("bundled" = the bundled
-training texts, Austen first).
+training texts, Austen first); `data.max_train_bytes` instead keeps the first UTF-8 bytes of their text (the
+same text whatever the tokenizer).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def run(ctx: StageContext) -> StageResult:
         shutil.rmtree(out)
     stats = prepare_corpus(list(r.data.sources), tokenizer, out, seq_len=r.data.seq_len,
                            val_fraction=r.data.val_fraction, seed=split_seed(r), separator=r.data.separator,
-                           text_field=r.data.text_field, max_tokens=r.data.max_train_tokens)
+                           text_field=r.data.text_field, max_tokens=r.data.max_train_tokens,
+                           max_bytes=r.data.max_train_bytes)
     ctx.log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float))))
     return StageResult(outputs={"dataset": str(out), "tokenizer": str(tok_dir)}, metrics=dict(stats))
