@@ -1,5 +1,8 @@
 """Weight inheritance: a student whose embedding, LM head and EA projection start from its teacher.
 
+The student is the spiking SpikeGPT or the matched Llama baseline (students.matched_llama): both take the
+embedding and the head below; only the spiking student has an EA projection.
+
 DistilBERT (Sanh et al., arXiv 1910.01108) initialises its student from the teacher's layers, and Minitron
 (Muralidharan et al., arXiv 2407.14679) prunes the teacher's widths; a student narrower than its teacher can
 still inherit the geometry of the teacher's token embeddings through a low-rank projection. Here
@@ -22,7 +25,8 @@ Why each choice (measured on SmolLM2-135M, d = 128):
   hyperplane. The Hamming similarity of the binary codes then follows the teacher's cosine similarity (Pearson
   0.94 over the 2,000 most frequent Austen tokens, against 0.18 without R and 0.85 for random hyperplanes of
   the full space), and a linear map recovers 49% of E's variance from the bits (31% without R);
-- the head uses the output embedding (the input one when they are tied), the embedding the input one.
+- the head uses the output embedding (the input one when they are tied), the embedding the input one; a
+  student that ties its own embedding and head gets the embedding's rule for the shared matrix.
 
 The projections are computed once per teacher (its fingerprint and dtype), width and seed, and cached as
 safetensors under $SPIKEDISTILL_CACHE/inherit (default ~/.cache/spikedistill/inherit).
@@ -120,21 +124,28 @@ def teacher_projections(teacher: Any, d_model: int, seed: int,
 
 @torch.no_grad()
 def init_student_from_teacher(student: Any, projections: dict[str, EmbeddingProjection]) -> dict[str, float]:
-    """Overwrite a fresh SpikeGPT student's embedding and LM head from the teacher's projections (in place).
+    """Overwrite a fresh student's input embedding and LM head from the teacher's projections (in place).
 
-    student.emb.weight [V, d] = input coords scaled to std config.initializer_range; student.lm_head.weight
-    [V, d] = output coords with unit-norm rows. Returns stats for the log: the embedding's spike rate
-    (share of entries >= 0) and the mean row norm of the head. Raises ConfigError on a vocabulary mismatch.
+    `student` is a SpikeGPT or the matched Llama (any HF causal LM with get_input_embeddings /
+    get_output_embeddings and config.initializer_range). Embedding [V, d] = input coords scaled to std
+    config.initializer_range; LM head [V, d] = output coords with unit-norm rows. A student that ties the two
+    (one shared matrix) gets the embedding's rule, as its default init treats the shared matrix. Returns stats
+    for the log: the head's mean row norm and, for a binary (spiking) embedding, its spike rate (the share of
+    entries >= 0). Raises ConfigError on a vocabulary or width mismatch.
     """
+    emb_layer, head_layer = student.get_input_embeddings(), student.get_output_embeddings()
     emb, head = projections["input"].coords, projections["output"].coords
-    if emb.shape != student.emb.weight.shape or head.shape != student.lm_head.weight.shape:
+    if emb.shape != emb_layer.weight.shape or head.shape != head_layer.weight.shape:
         raise ConfigError(f"student.init_from_teacher: teacher projections {tuple(emb.shape)} / {tuple(head.shape)}"
-                          f" do not fit the student's embedding {tuple(student.emb.weight.shape)}")
-    std = student.config.initializer_range
-    student.emb.weight.copy_(emb * (std / emb.std()))
-    student.lm_head.weight.copy_(torch.nn.functional.normalize(head, dim=1))
-    return {"emb_spike_rate": float((emb >= 0).float().mean()),
-            "head_row_norm": float(student.lm_head.weight.norm(dim=1).mean())}
+                          f" do not fit the student's embedding {tuple(emb_layer.weight.shape)}")
+    tied = emb_layer.weight.data_ptr() == head_layer.weight.data_ptr()
+    if not tied:
+        head_layer.weight.copy_(torch.nn.functional.normalize(head, dim=1))
+    emb_layer.weight.copy_(emb * (student.config.initializer_range / emb.std()))
+    stats = {"head_row_norm": float(head_layer.weight.norm(dim=1).mean())}
+    if getattr(student.config, "binary_embedding", False):
+        stats["emb_spike_rate"] = float((emb >= 0).float().mean())
+    return stats
 
 
 @torch.no_grad()
