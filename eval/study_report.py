@@ -5,7 +5,7 @@ Inputs are leaderboard rows (eval.leaderboard.build_leaderboard: student rows ca
 training tokens, tokens/s and validation curve) and, per run, its arm and seed as the study driver ran it.
 
 Record (docs/results/summary.json, one per run):
-    {"arm", "kind": "ann_ce" | "snn_ce" | "snn_distill" (| "ann_distill"), "budget": fraction of the study's
+    {"arm", "kind": "ann_ce" | "ann_kd" | "snn_ce" | "snn_distill", "budget": fraction of the study's
      full budget, "seed", "train_tokens", "bpb_persuasion", "bpb_hamlet", "train_tokens_per_s"}
 `train_tokens` counts next-token targets (align + distill, all ranks); `budget` is a run's train_tokens over
 the largest train_tokens in the study. bits/byte are the shared windowed protocol of the evaluate stage
@@ -44,9 +44,11 @@ def uses_teacher(config: dict) -> bool:
 
 
 def run_kind(config: dict) -> str:
-    """"ann" or "snn" (student.arch) + "_ce" (CE only, nothing from the teacher) or "_distill"."""
-    arch = "ann" if (config.get("student") or {}).get("arch") == "llama" else "snn"
-    return f"{arch}_{'distill' if uses_teacher(config) else 'ce'}"
+    """"ann" or "snn" (student.arch) + "_ce" (CE only, nothing from the teacher), else "_kd" for the ANN (the
+    matched Llama takes only logit KD and inherited weights) and "_distill" for the spiking student."""
+    if (config.get("student") or {}).get("arch") == "llama":
+        return "ann_kd" if uses_teacher(config) else "ann_ce"
+    return "snn_distill" if uses_teacher(config) else "snn_ce"
 
 
 def _run_config(runs_dir: Path, run: str) -> dict:

@@ -319,6 +319,8 @@ def test_run_kind_from_the_resolved_config():
     ce = {"student": {"arch": "spikegpt"}, "align": {"enabled": False}, "distill": {"weights": {"sta": 0.0}}}
     assert run_kind(ce) == "snn_ce"
     assert run_kind({**ce, "student": {"arch": "llama"}}) == "ann_ce"
+    assert run_kind({"student": {"arch": "llama", "init_from_teacher": True}, "align": {"enabled": False},
+                     "distill": {"weights": {"sta": 0.3, "hta": 0.3}}}) == "ann_kd"
     assert run_kind({**ce, "distill": {"weights": {"sta": 0.3, "hta": 0.3}}}) == "snn_distill"
     assert run_kind({**ce, "align": {"enabled": True}}) == "snn_distill"
     assert run_kind({**ce, "student": {"arch": "spikegpt", "init_from_teacher": True}}) == "snn_distill"
