@@ -167,11 +167,22 @@ class EvaluateConfig:
     sample_repetition_penalty: float = 1.0
 
 
+LR_KEYS = ("distill.train.optim.lr", "align.train.optim.lr")
+
+
 @dataclass
 class StudyConfig:
-    # Read by `spikedistill study` only, never by a stage: the arm runs once per seed, as
+    # Read by `spikedistill study` only, never by a stage (pipeline/study.py): the arm runs once per seed, as
     # run.name=<name>-s<seed> with run.seed=<seed>; empty = once, with run.name and run.seed as they are.
     seeds: list[int] = field(default_factory=list)
+    # learning-rate sweep on the first seed (empty = none: the recipe's lr): at least 3 rates; the one with
+    # the lowest final validation bits/byte of distill wins (ties: the lower rate), and a winner at an edge of
+    # the points tried adds the next factor-2 point beyond it, at most lr_extensions times per edge
+    lr_grid: list[float] = field(default_factory=list)
+    # the learning rates the swept rate sets; each one's min_lr keeps the recipe's min_lr / lr ratio.
+    # align's matters only when align.enabled
+    lr_keys: list[str] = field(default_factory=lambda: list(LR_KEYS))
+    lr_extensions: int = 2
 
 
 @dataclass
@@ -249,15 +260,35 @@ def _check_choices(recipe: Recipe) -> None:
         _need(node in allowed, key, "one of " + "|".join(allowed), node)
 
 
+def lr_label(lr: float) -> str:
+    """A learning rate as it appears in run names: 3 significant digits, e.g. 0.002 -> "2e-3", 0.0016 -> "1.6e-3"."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _check_study(recipe: Recipe) -> None:
+    s = recipe.study
+    seeds, grid = list(s.seeds), list(s.lr_grid)
+    _need(all(x >= 0 for x in seeds) and len(set(seeds)) == len(seeds), "study.seeds",
+          "distinct integers >= 0 (or an empty list)", seeds)
+    _need(not grid or (len(grid) >= 3 and all(lr > 0 for lr in grid)
+                       and len({lr_label(lr) for lr in grid}) == len(grid)), "study.lr_grid",
+          "an empty list (no sweep) or >= 3 learning rates > 0 that differ in their first 3 digits", grid)
+    _need(not grid or recipe.data.val_fraction > 0, "study.lr_grid",
+          "empty when data.val_fraction is 0 (the sweep chooses by validation bits/byte)", grid)
+    keys = list(s.lr_keys)
+    _need(bool(keys) and set(keys) <= set(LR_KEYS) and len(set(keys)) == len(keys), "study.lr_keys",
+          "a non-empty list of distinct keys among " + ", ".join(LR_KEYS), keys)
+    _need(s.lr_extensions >= 0, "study.lr_extensions", ">= 0", s.lr_extensions)
+
+
 def check_values(recipe: Recipe) -> None:
     """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
     _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
           "a folder name of letters, digits, '.', '_' or '-' that starts with a letter or digit", recipe.run.name)
     _need(recipe.run.seed >= 0, "run.seed", ">= 0", recipe.run.seed)
     _need(bool(recipe.run.runs_dir), "run.runs_dir", "a non-empty path", recipe.run.runs_dir)
-    seeds = list(recipe.study.seeds)
-    _need(all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds), "study.seeds",
-          "distinct integers >= 0 (or an empty list)", seeds)
+    _check_study(recipe)
     d = recipe.data
     _need(len(d.sources) > 0, "data.sources", "a non-empty list", list(d.sources))
     _need(d.seq_len > 0, "data.seq_len", "> 0", d.seq_len)
