@@ -24,6 +24,8 @@ build the same cache and no core idles while it is built.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +38,8 @@ from typing import NamedTuple
 
 from eval.study_report import StudyRun
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.recipe import load_recipe
+from pipeline.runner import plan_stages, read_done, stage_config_hash
 from pipeline.schema import lr_label
 from pipeline.sweep import Sweep, lr_sweep, sweep_record, write_sweep_report
 
@@ -90,8 +94,6 @@ class PlannedRun:
 
 
 def _arm(path: Path, recipe) -> Arm:
-    from pipeline.runner import plan_stages
-
     stages = plan_stages(recipe, None)
     optim = {"distill.train.optim": recipe.distill.train.optim, "align.train.optim": recipe.align.train.optim}
     sections = [key.removesuffix(".lr") for key in recipe.study.lr_keys]
@@ -107,8 +109,6 @@ def study_arms(recipes: list[Path], overrides: list[str] | None = None) -> tuple
     """(the one runs directory, the arms), validating every recipe up front.
 
     Arms that disagree on run.runs_dir, or share a run.name, are an error."""
-    from pipeline.recipe import load_recipe
-
     arms, dirs = [], set()
     for path in recipes:
         recipe = load_recipe(path, overrides or [])
@@ -151,23 +151,38 @@ class StudyPlan:
 
     def finished(self, planned: PlannedRun, stage: str) -> dict | None:
         """The run's done.json of `stage` when it is finished with this recipe (same config hash), else None."""
-        from pipeline.recipe import load_recipe
-        from pipeline.runner import read_done, stage_config_hash
-
         done = read_done(self.runs_dir / planned.run.run / stage)
         if done is None:
             return None
+        return done if done["config_hash"] == stage_config_hash(self._recipe(planned), stage) else None
+
+    def _recipe(self, planned: PlannedRun):
         name = planned.run.run
         if name not in self._recipes:  # a recipe loads in ~50 ms; the plan asks about each run many times
             self._recipes[name] = load_recipe(planned.path, [*self.overrides, *planned.extra])
-        return done if done["config_hash"] == stage_config_hash(self._recipes[name], stage) else None
+        return self._recipes[name]
+
+    def diverged(self, planned: PlannedRun) -> bool:
+        """The run's distill, started with this recipe, stopped on non-finite losses: the last row of its
+        metrics.jsonl says "diverged" (pipeline.trainer)."""
+        stage_dir = self.runs_dir / planned.run.run / "distill"
+        try:
+            started = json.loads((stage_dir / "stage.json").read_text())
+            last = json.loads((stage_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        except (OSError, ValueError, IndexError):
+            return False
+        same = started.get("config_hash") == stage_config_hash(self._recipe(planned), "distill")
+        return same and "diverged" in last
 
     def results(self, arm: Arm, lrs) -> dict[float, float]:
-        """{rate: final validation bits/byte} of the arm's finished sweep points among `lrs`."""
+        """{rate: final validation bits/byte} of the arm's finished sweep points among `lrs` (inf for a point
+        that diverged)."""
         out = {}
         for lr in lrs:
             done = self.finished(arm_run(arm, arm.seeds[0], lr), "distill")
-            if done is not None:
+            if done is None and self.diverged(arm_run(arm, arm.seeds[0], lr)):
+                out[lr] = math.inf
+            elif done is not None:
                 value = done.get("metrics", {}).get("val_bits_per_byte")
                 if value is None:
                     raise PipelineError(f"{self.runs_dir / arm_run(arm, arm.seeds[0], lr).run.run}/distill/done.json"
@@ -333,10 +348,15 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
         def work() -> list:
             log = None if jobs == 1 else plan.runs_dir / planned.run.run / "study.log"
             print(f"=== {planned.run.run}: {what} started{'' if log is None else f' ({log})'} ===", flush=True)
-            t0 = time.perf_counter()
-            run_fn(planned, stages, log)
-            print(f"=== {planned.run.run}: {what} done in {time.perf_counter() - t0:.0f} s ===", flush=True)
-            return tasks_of(arm, plan.next_runs(arm)) if what == "lr sweep point" else []
+            t0, ended = time.perf_counter(), "done"
+            try:
+                run_fn(planned, stages, log)
+            except PipelineError:
+                if stages != arm.sweep_stages or not plan.diverged(planned):
+                    raise
+                ended = "diverged (non-finite losses: the sweep's worst point)"
+            print(f"=== {planned.run.run}: {what} {ended} in {time.perf_counter() - t0:.0f} s ===", flush=True)
+            return [] if stages != arm.sweep_stages else tasks_of(arm, plan.next_runs(arm))
         return work
 
     def tasks_of(arm: Arm, todo) -> list[Task]:

@@ -3,7 +3,8 @@
 An arm whose recipe sets `study.lr_grid` (e.g. [1.0e-3, 2.0e-3, 4.0e-3]) first trains its first seed once per
 rate, through the distill stage. The rate with the lowest final validation bits/byte of distill (its
 done.json `val_bits_per_byte`: the in-distribution validation split, never the held-out evaluation texts)
-wins; ties go to the lower rate, and a run whose validation bits/byte is not finite loses to every finite one.
+wins; ties go to the lower rate, and a run whose validation bits/byte is not finite, or that stopped on
+non-finite losses (a "diverged" row last in its metrics.jsonl), loses to every finite one.
 A winner at an edge of the rates tried adds the next point beyond that edge (half the lowest rate, or twice
 the highest), up to `study.lr_extensions` times per edge, so that the chosen rate is never at an edge unless
 that cap was hit (`at_edge` in the table). The arm's other seeds then run at the chosen rate.
@@ -12,7 +13,7 @@ Each rate sets every key of `study.lr_keys` (distill's and align's optimiser lr 
 optimisers' `min_lr` keeps the recipe's min_lr / lr ratio (the base: 1e-4 / 2e-3 = 0.05 for distill), so the
 cosine schedule has the same shape at every rate. Warm-up steps stay as the recipe sets them.
 
-`lr_sweep` is the choice alone (a pure function of the results so far); `sweep_records` and
+`lr_sweep` is the choice alone (a pure function of the results so far); `sweep_record`, `sweep_markdown` and
 `write_sweep_report` give the table (sweep.json and sweep.md in the study's report folder).
 """
 
@@ -69,11 +70,18 @@ def lr_sweep(grid: list[float], results: dict[float, float], extensions: int) ->
 
 def sweep_record(arm: str, seed: int | None, grid: list[float], sweep: Sweep, results: dict[float, float],
                  point_runs: dict[float, str], final_runs: list[tuple[str, int | None]]) -> dict:
-    """One arm's row of sweep.json: its points (rate, run, validation bits/byte or None), the chosen rate,
-    whether it is at an edge, how many points were added beyond the grid, and the runs at the chosen rate."""
+    """One arm's row of sweep.json: its points (rate, run, validation bits/byte: None when not run yet or
+    not finite, `diverged` true for the latter), the chosen rate, whether it is at an edge, how many points
+    were added beyond the grid, and the runs at the chosen rate."""
+    def point(lr: float) -> dict:
+        value = results.get(lr)
+        finite = value is not None and math.isfinite(value)
+        return {"lr": lr, "run": point_runs[lr], "val_bpb": value if finite else None,
+                "diverged": value is not None and not finite}
+
     return {
         "arm": arm, "seed": seed, "grid": sorted(grid),
-        "points": [{"lr": lr, "run": point_runs[lr], "val_bpb": results.get(lr)} for lr in sweep.points],
+        "points": [point(lr) for lr in sweep.points],
         "chosen_lr": sweep.chosen, "at_edge": sweep.at_edge if sweep.chosen is not None else None,
         "extensions": len(sweep.points) - len(grid),
         "runs": [{"run": run, "seed": s, "lr": sweep.chosen} for run, s in final_runs],
@@ -88,7 +96,7 @@ def sweep_markdown(records: list[dict]) -> str:
     for r in records:
         cells = []
         for p in r["points"]:
-            value = "not run yet" if p["val_bpb"] is None else f"{p['val_bpb']:.4f}"
+            value = "diverged" if p["diverged"] else "not run yet" if p["val_bpb"] is None else f"{p['val_bpb']:.4f}"
             cell = f"{lr_label(p['lr'])}: {value}"
             cells.append(f"**{cell}**" if p["lr"] == r["chosen_lr"] else cell)
         chosen = "undecided" if r["chosen_lr"] is None else lr_label(r["chosen_lr"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.recipe import load_recipe
 from pipeline.schema import lr_label
 from pipeline.sweep import lr_sweep
@@ -113,8 +113,9 @@ class StubRuns:
     recipe's config hash; distill's val_bits_per_byte and evaluate's held-out bits/byte from the curves above)
     and records every call as (run, stages, start, end)."""
 
-    def __init__(self, runs_dir: Path, fail: set[str] | frozenset = frozenset(), hold=None):
-        self.runs_dir, self.fail, self.hold = runs_dir, set(fail), hold
+    def __init__(self, runs_dir: Path, fail: set[str] | frozenset = frozenset(), hold=None,
+                 diverge: set[str] | frozenset = frozenset()):
+        self.runs_dir, self.fail, self.hold, self.diverge = runs_dir, set(fail), hold, set(diverge)
         self.calls: list[tuple[str, str | None, float, float]] = []
         self.recipes: dict = {}
         self.lock = threading.Lock()
@@ -132,6 +133,14 @@ class StubRuns:
             self.recipes[planned.run.run] = load_recipe(planned.path, list(planned.extra))
         recipe = self.recipes[planned.run.run]
         arm, lr = planned.run.arm, recipe.distill.train.optim.lr
+        if planned.run.run in self.diverge:  # what the runner and the trainer leave behind
+            folder = self.runs_dir / planned.run.run / "distill"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "stage.json").write_text(json.dumps({"config_hash": stage_config_hash(recipe, "distill")}))
+            (folder / "metrics.jsonl").write_text('{"step": 3, "split": "train", "diverged": 5.0}\n')
+            with self.lock:
+                self.calls.append((planned.run.run, stages, start, time.monotonic()))
+            raise PipelineError(f"{planned.run.run}: the run failed (exit 2)")
         for stage in stages.split(",") if stages else plan_stages(recipe, None):
             metrics = {"distill": {"val_bits_per_byte": CURVES[arm](lr)},
                        "evaluate": {"bpb_persuasion": 10.0 - CURVES[arm](lr)}}.get(stage, {})
@@ -189,7 +198,8 @@ def _check_table(plan, out: Path) -> None:
     assert (arms["kd"]["chosen_lr"], arms["kd"]["at_edge"], arms["kd"]["extensions"]) == (2e-3, False, 0)
     assert (arms["lo"]["chosen_lr"], arms["lo"]["at_edge"], arms["lo"]["extensions"]) == (2.5e-4, True, 2)
     assert [p["lr"] for p in arms["hi"]["points"]] == [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
-    assert arms["kd"]["points"][0] == {"lr": 1e-3, "run": "kd-lr1e-3-s0", "val_bpb": 3.0}  # 2 + log2(1/2)^2
+    assert arms["kd"]["points"][0] == {"lr": 1e-3, "run": "kd-lr1e-3-s0", "val_bpb": 3.0,  # 2 + log2(1/2)^2
+                                       "diverged": False}
     assert {(r["run"], r["arm"], r["seed"], r["lr"]) for r in table["runs"]} == {
         ("hi-lr8e-3-s0", "hi", 0, 8e-3), ("hi-lr8e-3-s1", "hi", 1, 8e-3), ("kd-lr2e-3-s0", "kd", 0, 2e-3),
         ("kd-lr2e-3-s1", "kd", 1, 2e-3), ("lo-lr2.5e-4-s0", "lo", 0, 2.5e-4), ("lo-lr2.5e-4-s1", "lo", 1, 2.5e-4)}
@@ -266,6 +276,28 @@ def test_study_with_two_jobs_builds_the_cache_first_and_never_idles_a_slot(tmp_p
     execute_study(_plan(folder, runs), 2, stub)
     assert sorted(stub.names(), key=str) == sorted(EXPECTED, key=str)
     _check_order(stub.calls)
+
+
+def test_a_diverged_point_is_the_sweeps_worst_and_is_not_rerun(tmp_path):
+    """hi's 8e-3 point stops on non-finite losses: 4e-3 wins inside 1e-3..8e-3, so no 1.6e-2 point is tried."""
+    from pipeline.study import execute_study
+
+    folder, runs = _stub_study(tmp_path), tmp_path / "runs"
+    stub = StubRuns(runs, diverge={"hi-lr8e-3-s0"})
+    execute_study(_plan(folder, runs), 1, stub)
+    hi = sorted((x for x in stub.names() if x[0].startswith("hi-")), key=str)
+    assert hi == sorted([*((f"hi-lr{x}-s0", CE) for x in ("1e-3", "2e-3", "4e-3", "8e-3")),
+                         ("hi-lr4e-3-s0", None), ("hi-lr4e-3-s1", None)], key=str)
+    again = StubRuns(runs)
+    execute_study(_plan(folder, runs), 1, again)
+    assert again.calls == []
+    row = next(r for r in _plan(folder, runs).records() if r["arm"] == "hi")
+    assert row["chosen_lr"] == 4e-3 and not row["at_edge"]
+    assert row["points"][3] == {"lr": 8e-3, "run": "hi-lr8e-3-s0", "val_bpb": None, "diverged": True}
+    from pipeline.sweep import sweep_markdown
+
+    assert "| hi | 0 | 1e-3: 11.0000, 2e-3: 6.0000, **4e-3: 3.0000**, 8e-3: diverged | 4e-3 | no |" in sweep_markdown(
+        [row])
 
 
 def test_an_unfinished_sweep_is_reported_as_such(tmp_path):
