@@ -345,6 +345,20 @@ def test_a_study_run_gets_a_fixed_thread_count(monkeypatch):
     assert _thread_env(1)["OMP_NUM_THREADS"] == "3"
 
 
+def test_a_budget_series_survives_each_budgets_own_learning_rate():
+    """The leaderboard's series (token-efficiency plot, goal (ii)) groups runs that differ only in budget and
+    seed; each budget's swept learning rate (lr, min_lr) must not split it, and a different objective must."""
+    from eval.leaderboard import series_key
+
+    def config(steps, lr, sta=0.3):
+        return {"run": {"name": f"x-{steps}-{lr}", "seed": 1},
+                "distill": {"train": {"steps": steps, "optim": {"lr": lr, "min_lr": lr * 0.05, "warmup_steps": 4}},
+                            "weights": {"sta": sta, "hta": 0.3}}}
+
+    assert series_key(config(584, 2e-3)) == series_key(config(146, 8e-3))
+    assert series_key(config(584, 2e-3)) != series_key(config(584, 2e-3, sta=0.0))
+
+
 # ---------------------------------------------------------------- a tiny real study
 
 TINY_BASE = """\
