@@ -370,7 +370,7 @@ def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Pat
     """Concatenate all documents, each followed by the separator -> (uint32 array, stats, source names).
 
     max_tokens keeps the first tokens (separators included); max_bytes reads at most that many UTF-8 bytes of
-    text, the last document cut at a character boundary (and then not followed by a separator)."""
+    text, the last document cut at a character boundary (_within_bytes)."""
     chunks, stats, names = [], {"documents": 0, "bytes": 0, "text_tokens": 0}, []
     total = 0
     for source in sources:
@@ -378,31 +378,32 @@ def _tokenize_sources(sources, tokenizer, sep_id: int, text_field: str, tmp: Pat
             names.append(item.name if isinstance(item, Path) else
                          item.path.name if isinstance(item, SavedDataset) else str(item))
             for doc in _documents(item, text_field, tmp):
-                doc, cut = _cut_to_bytes(doc, None if max_bytes is None else max_bytes - stats["bytes"])
+                doc, full = _within_bytes(doc, max_bytes, stats["bytes"])
                 ids = _encode(tokenizer, doc)
-                chunks.append(np.asarray(ids if cut else ids + [sep_id], dtype=np.uint32))
+                chunks.append(np.asarray(ids + [sep_id], dtype=np.uint32))
                 stats["documents"] += 1
                 stats["bytes"] += len(doc.encode("utf-8"))
                 stats["text_tokens"] += len(ids)
-                total += len(chunks[-1])
+                total += len(ids) + 1
                 if max_tokens is not None and total >= max_tokens:
                     return np.concatenate(chunks)[:max_tokens], stats, names
-                if cut or (max_bytes is not None and stats["bytes"] >= max_bytes):
+                if full:
                     return np.concatenate(chunks), stats, names
     if not chunks:
         raise DataError("data.sources is empty; name at least one file, directory, 'bundled' or Hub dataset")
     return np.concatenate(chunks), stats, names
 
 
-def _cut_to_bytes(text: str, limit: int | None) -> tuple[str, bool]:
-    """(the longest prefix of `text` of at most `limit` UTF-8 bytes that ends at a character boundary, whether
-    it was cut); limit None keeps the text whole."""
-    if limit is None:
+def _within_bytes(text: str, max_bytes: int | None, used: int) -> tuple[str, bool]:
+    """(the longest prefix of `text` that ends at a character boundary and fits the max_bytes - used UTF-8
+    bytes left, whether that leaves no room for more text); max_bytes None keeps the text whole. A document
+    cut here is followed by the separator like any other."""
+    if max_bytes is None:
         return text, False
-    data = text.encode("utf-8")
-    if len(data) <= limit:
+    data, left = text.encode("utf-8"), max_bytes - used
+    if len(data) < left:
         return text, False
-    return data[:limit].decode("utf-8", errors="ignore"), True
+    return data[:left].decode("utf-8", errors="ignore"), True
 
 
 def prepare_corpus(

@@ -138,8 +138,8 @@ def _prefix_of(text: str, limit: int) -> str:
 def test_max_bytes_reads_whole_characters_up_to_the_cap(tmp_path, tiny_tokenizer, into_c):
     """The cap lands at the end of the first document (0) or inside the second: within é (its bytes 3-4),
     — (6-8) and the emoji (17-20), and just after each: the text read is the longest whole-character prefix
-    within the cap, exactly the cap or up to 3 bytes short, tokenized as a whole; a cut document gets no
-    separator after it."""
+    within the cap, exactly the cap or up to 3 bytes short, tokenized as a whole and followed by the separator
+    like any document."""
     a, c = tmp_path / "a.txt", tmp_path / "c.txt"
     a.write_text(DOC_A, encoding="utf-8")
     c.write_text(DOC_C, encoding="utf-8")
@@ -148,7 +148,7 @@ def test_max_bytes_reads_whole_characters_up_to_the_cap(tmp_path, tiny_tokenizer
     prefix = _prefix_of(DOC_C, into_c)
     assert meta["bytes"] == len(DOC_A.encode("utf-8")) + len(prefix.encode("utf-8"))
     assert cap - 3 <= meta["bytes"] <= cap
-    expected = _stream(tiny_tokenizer, DOC_A) + tiny_tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    expected = _stream(tiny_tokenizer, DOC_A, *([prefix] if prefix else []))
     assert meta["tokens"]["total"] == len(expected) and meta["max_bytes"] == cap
     rows = TokenDataset(tmp_path / "out", "train")
     packed = torch.cat([rows[i] for i in range(len(rows))]).tolist()

@@ -101,7 +101,7 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
         tokens[stem] = rows * r.data.seq_len
     full = tokens["b_snn_ce"]
     assert full >= 4 * 144 * 8 * 128
-    # a fraction of a pass over the training split: 620,206 tokens / 128 - 2% held out = 4,748 rows
+    # a fraction of a pass over the training split: 620,207 tokens / 128 - 2% held out = 4,748 rows
     assert full // 128 <= 4748
     for series in ("b_snn_ce", "f_inherit_kd"):
         assert tokens.pop(f"{series}_quarter") == full // 4 and tokens.pop(f"{series}_half") == full // 2
