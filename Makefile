@@ -75,8 +75,9 @@ eval: venv
 leaderboard: venv
 	$(VENV)/bin/spikedistill leaderboard $(RUNS)
 
-# The results study (docs/results/README.md): every recipes/study/*.yaml arm and seed (resumable: rerun to
-# continue), then the table, summary.json and plots in docs/results. STUDY_JOBS runs train side by side, the cores
+# The results study (docs/results/README.md): every recipes/study/*.yaml arm's learning-rate sweep, then its
+# seeds at the chosen rate (resumable: rerun to continue; recipes/README.md), then the sweep's table, the results
+# table, summary.json and plots in docs/results. STUDY_JOBS runs train side by side, the cores
 # split between them (2 x 1 thread beat 1 x 2 threads by ~13% on a 2-core CPU). Its time is in
 # docs/results/README.md; run it alone on the machine.
 STUDY_JOBS ?= 2

@@ -610,6 +610,8 @@ def build_leaderboard(runs_dir, out_dir, only: set[str] | None = None) -> dict:
 TRAINING_STAGES = ("align", "distill")
 # keys that set a run's budget or bookkeeping, not what is trained: runs differing only here are one series
 _BUDGET_KEYS = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every")
+# and its schedule, which each budget gets its own of (a study sweeps the learning rate per arm and budget)
+_SCHEDULE_KEYS = ("warmup_steps", "lr", "min_lr")
 
 
 def _read_json(path: Path) -> dict:
@@ -621,17 +623,20 @@ def _read_json(path: Path) -> dict:
 
 
 def series_key(config: dict) -> str:
-    """A run's resolved config.yaml minus its name, budget and evaluation settings (see _BUDGET_KEYS)."""
+    """A run's resolved config.yaml minus its name, budget, schedule, evaluation and study settings (see
+    _BUDGET_KEYS and _SCHEDULE_KEYS)."""
     import hashlib
 
     cfg = json.loads(json.dumps(config, default=str))
     cfg.pop("run", None)
     cfg.pop("evaluate", None)
+    cfg.pop("study", None)  # read by `spikedistill study` only (seeds, the learning-rate grid)
     for stage in TRAINING_STAGES:
         train = (cfg.get(stage) or {}).get("train") or {}
         for key in _BUDGET_KEYS:
             train.pop(key, None)
-        (train.get("optim") or {}).pop("warmup_steps", None)
+        for key in _SCHEDULE_KEYS:
+            (train.get("optim") or {}).pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1,10 +1,10 @@
 """What the training stages (align, distill) build from a recipe, and how they train and save it.
 
-The student (a fresh SpikeGPT, optionally initialised from the teacher: `student.init_from_teacher`, see
-pipeline.inherit), the frozen stage teacher, the SpAD module, the datasets of the prepare stage, the fit
-(freeze what no loss reaches, then the Trainer) and the saved outputs. Stages import from here, never from
-each other. SPIKEDISTILL_TENSORBOARD=1 also writes TensorBoard logs to <stage>/tensorboard (needs
-`pip install tensorboard`).
+The student (a fresh SpikeGPT or matched Llama, optionally initialised from the teacher:
+`student.init_from_teacher`, see pipeline.inherit), the frozen stage teacher, the SpAD module, the datasets of
+the prepare stage, the fit (freeze what no loss reaches, then the Trainer) and the saved outputs. Stages import
+from here, never from each other. SPIKEDISTILL_TENSORBOARD=1 also writes TensorBoard logs to
+<stage>/tensorboard (needs `pip install tensorboard`).
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = 
     """A fresh student from student.preset + student.config, with the student's vocab size: a
     SpikeGPTForCausalLM, or with student.arch=llama the matched non-spiking LlamaForCausalLM baseline.
 
-    With student.init_from_teacher its embedding and LM head start from the teacher's (pipeline.inherit);
-    that needs `teacher` (a teachers.Teacher), else StageError. teacher_ids (LongTensor [vocab_size], -1 for
-    none): for a vocabulary derived from the teacher's, the teacher token of each student token, whose rows
-    the student inherits (see student_vocabulary)."""
+    With student.init_from_teacher (either arch) its embedding and LM head start from the teacher's
+    (pipeline.inherit); that needs `teacher` (a teachers.Teacher), else StageError. teacher_ids (LongTensor
+    [vocab_size], -1 for none): for a vocabulary derived from the teacher's, the teacher token of each student
+    token, whose rows the student inherits (see student_vocabulary)."""
     from pipeline.recipe import student_config
     from students import SpikeGPTForCausalLM, matched_llama
 
@@ -79,9 +79,9 @@ def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = 
                           f"{config.max_position}; lower data.seq_len or raise student.config.max_position")
     torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank and every rerun
     if recipe.student.arch == "llama":
-        positions = max(recipe.data.seq_len, recipe.evaluate.context_length, 2048)
-        return matched_llama(config, positions)
-    student = SpikeGPTForCausalLM(config)
+        student = matched_llama(config, max(recipe.data.seq_len, recipe.evaluate.context_length, 2048))
+    else:
+        student = SpikeGPTForCausalLM(config)
     if recipe.student.init_from_teacher:
         from pipeline.errors import StageError
         from pipeline.inherit import init_student_from_teacher, teacher_projections

@@ -1,5 +1,8 @@
 """Weight inheritance: a student whose embedding, LM head and EA projection start from its teacher.
 
+The student is the spiking SpikeGPT or the matched Llama baseline (students.matched_llama): both take the
+embedding and the head below; only the spiking student has an EA projection.
+
 DistilBERT (Sanh et al., arXiv 1910.01108) initialises its student from the teacher's layers, and Minitron
 (Muralidharan et al., arXiv 2407.14679) prunes the teacher's widths; a student narrower than its teacher can
 still inherit the geometry of the teacher's token embeddings through a low-rank projection. Here
@@ -22,7 +25,8 @@ Why each choice (measured on SmolLM2-135M, d = 128):
   hyperplane. The Hamming similarity of the binary codes then follows the teacher's cosine similarity (Pearson
   0.94 over the 2,000 most frequent Austen tokens, against 0.18 without R and 0.85 for random hyperplanes of
   the full space), and a linear map recovers 49% of E's variance from the bits (31% without R);
-- the head uses the output embedding (the input one when they are tied), the embedding the input one.
+- the head uses the output embedding (the input one when they are tied), the embedding the input one; a
+  student that ties its own embedding and head gets the embedding's rule for the shared matrix.
 
 A student vocabulary derived from the teacher's (student.vocab = subset:N | bytes, teachers/vocab.py) takes,
 for each of its tokens, the rows of that token's teacher id (init_student_from_teacher's teacher_ids).
@@ -124,10 +128,13 @@ def teacher_projections(teacher: Any, d_model: int, seed: int,
 @torch.no_grad()
 def init_student_from_teacher(student: Any, projections: dict[str, EmbeddingProjection],
                               teacher_ids: torch.Tensor | None = None) -> dict[str, float]:
-    """Overwrite a fresh SpikeGPT student's embedding and LM head from the teacher's projections (in place).
+    """Overwrite a fresh student's input embedding and LM head from the teacher's projections (in place).
 
-    student.emb.weight [V, d] = input coords scaled to std config.initializer_range; student.lm_head.weight
-    [V, d] = output coords with unit-norm rows. The std is that of the whole teacher vocabulary's coords.
+    `student` is a SpikeGPT or the matched Llama (any HF causal LM with get_input_embeddings /
+    get_output_embeddings and config.initializer_range). Embedding [V, d] = input coords scaled to std
+    config.initializer_range (the std of the whole teacher vocabulary's coords); LM head [V, d] = output coords
+    with unit-norm rows. A student that ties the two (one shared matrix) gets the embedding's rule, as its
+    default init treats the shared matrix.
 
     teacher_ids: None when the student has the teacher's vocabulary; for one derived from it (student.vocab =
     subset:N | bytes), LongTensor [V_s], the teacher id of each student token: student row i is then the
@@ -135,23 +142,29 @@ def init_student_from_teacher(student: Any, projections: dict[str, EmbeddingProj
     whole teacher matrix). Rows with id -1 (bytes the teacher's tokenizer lacks) have no teacher row: they
     keep the student's own fresh initialisation (its head rows rescaled to unit norm like every other row),
     since the teacher gives those bytes zero mass and training text never holds them.
-    Returns stats for the log: the embedding's spike rate (share of entries >= 0) and the mean row norm of the
-    head. Raises ConfigError when the projections do not fit the student.
+    Returns stats for the log: the head's mean row norm and, for a binary (spiking) embedding, its spike rate
+    (the share of entries >= 0). Raises ConfigError when the projections do not fit the student.
     """
+    emb_layer, head_layer = student.get_input_embeddings(), student.get_output_embeddings()
     emb, head = projections["input"].coords, projections["output"].coords
     rows = torch.arange(emb.shape[0]) if teacher_ids is None else teacher_ids.long()
-    fits = (emb.shape[1] == head.shape[1] == student.emb.weight.shape[1] and emb.shape[0] == head.shape[0]
-            and rows.shape == student.emb.weight.shape[:1] and int(rows.max()) < emb.shape[0])
+    fits = (emb.shape[1] == head.shape[1] == emb_layer.weight.shape[1] and emb.shape[0] == head.shape[0]
+            and rows.shape == emb_layer.weight.shape[:1] == head_layer.weight.shape[:1]
+            and int(rows.max()) < emb.shape[0])
     if not fits:
         raise ConfigError(f"student.init_from_teacher: teacher projections {tuple(emb.shape)} / {tuple(head.shape)}"
-                          f" do not fit the student's embedding {tuple(student.emb.weight.shape)}")
+                          f" do not fit the student's embedding {tuple(emb_layer.weight.shape)}")
     known = rows >= 0
+    tied = emb_layer.weight.data_ptr() == head_layer.weight.data_ptr()
+    if not tied:
+        head_layer.weight[known] = head[rows[known]].to(head_layer.weight.dtype)
+        head_layer.weight.copy_(torch.nn.functional.normalize(head_layer.weight, dim=1))
     scale = student.config.initializer_range / emb.std()
-    student.emb.weight[known] = (emb[rows[known]] * scale).to(student.emb.weight.dtype)
-    student.lm_head.weight[known] = head[rows[known]].to(student.lm_head.weight.dtype)
-    student.lm_head.weight.copy_(torch.nn.functional.normalize(student.lm_head.weight, dim=1))
-    return {"emb_spike_rate": float((student.emb.weight >= 0).float().mean()),
-            "head_row_norm": float(student.lm_head.weight.norm(dim=1).mean())}
+    emb_layer.weight[known] = (emb[rows[known]] * scale).to(emb_layer.weight.dtype)
+    stats = {"head_row_norm": float(head_layer.weight.norm(dim=1).mean())}
+    if getattr(student.config, "binary_embedding", False):
+        stats["emb_spike_rate"] = float((emb_layer.weight >= 0).float().mean())
+    return stats
 
 
 @torch.no_grad()

@@ -28,7 +28,11 @@ class DataConfig:
     val_fraction: float = 0.01
     separator: str | None = None
     text_field: str = "text"
+    # read only the start of the sources (in source order): at most this many tokens (separators included),
+    # or at most this many UTF-8 bytes of text (cut at a character boundary; the same text under every
+    # tokenizer). At most one of the two may be set
     max_train_tokens: int | None = None
+    max_train_bytes: int | None = None
     # seed of the train/validation split; null = run.seed. A study sets it so that its seeds vary the
     # initialisation and data order but share one dataset (and one teacher cache)
     split_seed: int | None = None
@@ -51,8 +55,8 @@ class StudentConfig:
     preset: str = "demo"
     # SpikeGPTConfig field overrides; vocab_size always comes from the student's tokenizer (student.vocab)
     config: dict[str, Any] = field(default_factory=dict)
-    # weight inheritance (spikegpt only): embedding, LM head and EA projection from a seeded, rotated PCA of
-    # the teacher's embedding matrix, cached per teacher (pipeline/inherit.py)
+    # weight inheritance: embedding and LM head (and, for spikegpt with an EA term, the EA projection) from a
+    # seeded, rotated PCA of the teacher's embedding matrix, cached per teacher (pipeline/inherit.py)
     init_from_teacher: bool = False
     # the student's tokenizer: teacher (the teacher's own) | subset:N (the teacher's BPE with its merges cut so
     # the vocabulary has N entries) | bytes (byte symbols + special tokens); see teachers/vocab.py
@@ -166,11 +170,22 @@ class EvaluateConfig:
     sample_repetition_penalty: float = 1.0
 
 
+LR_KEYS = ("distill.train.optim.lr", "align.train.optim.lr")
+
+
 @dataclass
 class StudyConfig:
-    # Read by `spikedistill study` only, never by a stage: the arm runs once per seed, as
+    # Read by `spikedistill study` only, never by a stage (pipeline/study.py): the arm runs once per seed, as
     # run.name=<name>-s<seed> with run.seed=<seed>; empty = once, with run.name and run.seed as they are.
     seeds: list[int] = field(default_factory=list)
+    # learning-rate sweep on the first seed (empty = none: the recipe's lr): at least 3 rates; the one with
+    # the lowest final validation bits/byte of distill wins (ties: the lower rate), and a winner at an edge of
+    # the points tried adds the next factor-2 point beyond it, at most lr_extensions times per edge
+    lr_grid: list[float] = field(default_factory=list)
+    # the learning rates the swept rate sets; each one's min_lr keeps the recipe's min_lr / lr ratio.
+    # align's matters only when align.enabled
+    lr_keys: list[str] = field(default_factory=lambda: list(LR_KEYS))
+    lr_extensions: int = 2
 
 
 @dataclass
@@ -266,6 +281,26 @@ def _check_vocab(recipe: Recipe) -> None:
     for key in ("ea", "saa", "sfa"):
         value = getattr(recipe.distill.weights, key)
         _need(value == 0, f"distill.weights.{key}", "0 " + why.removeprefix("false "), value)
+def lr_label(lr: float) -> str:
+    """A learning rate as it appears in run names: 3 significant digits, e.g. 0.002 -> "2e-3", 0.0016 -> "1.6e-3"."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _check_study(recipe: Recipe) -> None:
+    s = recipe.study
+    seeds, grid = list(s.seeds), list(s.lr_grid)
+    _need(all(x >= 0 for x in seeds) and len(set(seeds)) == len(seeds), "study.seeds",
+          "distinct integers >= 0 (or an empty list)", seeds)
+    _need(not grid or (len(grid) >= 3 and all(lr > 0 for lr in grid)
+                       and len({lr_label(lr) for lr in grid}) == len(grid)), "study.lr_grid",
+          "an empty list (no sweep) or >= 3 learning rates > 0 that differ in their first 3 digits", grid)
+    _need(not grid or recipe.data.val_fraction > 0, "study.lr_grid",
+          "empty when data.val_fraction is 0 (the sweep chooses by validation bits/byte)", grid)
+    keys = list(s.lr_keys)
+    _need(bool(keys) and set(keys) <= set(LR_KEYS) and len(set(keys)) == len(keys), "study.lr_keys",
+          "a non-empty list of distinct keys among " + ", ".join(LR_KEYS), keys)
+    _need(s.lr_extensions >= 0, "study.lr_extensions", ">= 0", s.lr_extensions)
 
 
 def check_values(recipe: Recipe) -> None:
@@ -274,24 +309,24 @@ def check_values(recipe: Recipe) -> None:
           "a folder name of letters, digits, '.', '_' or '-' that starts with a letter or digit", recipe.run.name)
     _need(recipe.run.seed >= 0, "run.seed", ">= 0", recipe.run.seed)
     _need(bool(recipe.run.runs_dir), "run.runs_dir", "a non-empty path", recipe.run.runs_dir)
-    seeds = list(recipe.study.seeds)
-    _need(all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds), "study.seeds",
-          "distinct integers >= 0 (or an empty list)", seeds)
+    _check_study(recipe)
     d = recipe.data
     _need(len(d.sources) > 0, "data.sources", "a non-empty list", list(d.sources))
     _need(d.seq_len > 0, "data.seq_len", "> 0", d.seq_len)
     _need(0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
     _need(d.max_train_tokens is None or d.max_train_tokens > 0, "data.max_train_tokens", "> 0 or null",
           d.max_train_tokens)
+    _need(d.max_train_bytes is None or d.max_train_bytes > 0, "data.max_train_bytes", "> 0 or null",
+          d.max_train_bytes)
+    _need(d.max_train_tokens is None or d.max_train_bytes is None, "data.max_train_bytes",
+          f"null when data.max_train_tokens is set ({d.max_train_tokens}); keep one of the two caps",
+          d.max_train_bytes)
     _need(d.split_seed is None or d.split_seed >= 0, "data.split_seed", ">= 0 or null", d.split_seed)
     _need(bool(recipe.teacher.spec), "teacher.spec", "a bundled alias, hub id, directory or .gguf file",
           recipe.teacher.spec)
     for s, t in recipe.teacher.layer_map.items():
         _need(s >= 0 and t >= 0, f"teacher.layer_map.{s}", "a layer index >= 0", t)
     _need(bool(recipe.student.preset), "student.preset", "a SpikeGPTConfig preset name", recipe.student.preset)
-    _need(not recipe.student.init_from_teacher or recipe.student.arch == "spikegpt", "student.init_from_teacher",
-          "false with student.arch=llama (weight inheritance is for the spiking student)",
-          recipe.student.init_from_teacher)
     _check_vocab(recipe)
     c = recipe.teacher_cache
     _need(c.k > 0, "teacher_cache.k", "> 0", c.k)

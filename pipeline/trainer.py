@@ -18,7 +18,8 @@ Reliability:
   bias correction, LOSS_SMOOTHING), updated every step; metrics.jsonl keeps the raw per-step values.
 - a non-finite loss or gradient norm skips the step (no update, counted in metrics); after
   train.max_bad_steps consecutive bad steps the run stops with TrainingError, keeping the last good
-  checkpoint. Under DeepSpeed with grad_accum > 1 the engine owns the accumulation boundary, so a bad
+  checkpoint; its last metrics.jsonl row then says {"diverged": <bad steps in a row>} (a learning-rate sweep
+  counts such a run as its worst point). Under DeepSpeed with grad_accum > 1 the engine owns the accumulation boundary, so a bad
   micro-batch is skipped but the micro-batches before it in that step are still applied.
 - SIGTERM (pre-emption): the current step finishes, a checkpoint is written, and the process exits with
   code 143 (128 + SIGTERM), the convention of schedulers such as Slurm. The flag is all-reduced every step,
@@ -418,6 +419,7 @@ class Trainer:
         log.warning("%s: non-finite loss or gradient at step %d, step skipped (%d in a row)", self.name,
                     self.step + 1, self.bad_run)
         if self.bad_run >= self.cfg.max_bad_steps:
+            self._write_metrics("train", {"step": self.step + 1, "diverged": float(self.bad_run)})
             last = ckpt.list_checkpoints(self.ckpt_root)
             where = f"last good checkpoint {last[-1][1]}" if last else "no checkpoint written yet"
             raise TrainingError(

@@ -510,18 +510,33 @@ class _Corpus:
                 for name, parts in self.parts.items() if parts}
 
 
-def _tokenize_sources(sources, corpus: _Corpus, text_field: str, tmp: Path, max_tokens: int | None) -> list[str]:
-    """Read every document of `sources` into `corpus` (until max_tokens); returns the source names."""
+def _tokenize_sources(sources, corpus: _Corpus, text_field: str, tmp: Path, max_tokens: int | None,
+                      max_bytes: int | None = None) -> list[str]:
+    """Read every document of `sources` into `corpus` (until max_tokens, or max_bytes UTF-8 bytes of text with
+    the last document cut at a character boundary: _within_bytes); returns the source names."""
     names = []
     for source in sources:
         for item in _expand(source):
             names.append(item.name if isinstance(item, Path) else
                          item.path.name if isinstance(item, SavedDataset) else str(item))
             for number, doc in enumerate(_documents(item, text_field, tmp), 1):
+                doc, full = _within_bytes(doc, max_bytes, corpus.stats["bytes"])
                 corpus.add(doc, f"{names[-1]} (document {number})")
-                if max_tokens is not None and corpus.total >= max_tokens:
+                if full or (max_tokens is not None and corpus.total >= max_tokens):
                     return names
     return names
+
+
+def _within_bytes(text: str, max_bytes: int | None, used: int) -> tuple[str, bool]:
+    """(the longest prefix of `text` that ends at a character boundary and fits the max_bytes - used UTF-8
+    bytes left, whether that leaves no room for more text); max_bytes None keeps the text whole. A document
+    cut here is followed by the separator like any other."""
+    if max_bytes is None:
+        return text, False
+    data, left = text.encode("utf-8"), max_bytes - used
+    if len(data) < left:
+        return text, False
+    return data[:left].decode("utf-8", errors="ignore"), True
 
 
 def prepare_corpus(
@@ -536,6 +551,7 @@ def prepare_corpus(
     max_tokens: int | None = None,
     bos: bool | None = None,
     vocab: VocabMap | None = None,
+    max_bytes: int | None = None,
 ) -> dict:
     """Tokenize `sources` with `tokenizer` (the student's), pack into rows of seq_len tokens, split, write out_dir.
 
@@ -544,7 +560,9 @@ def prepare_corpus(
     tokenizer itself puts at the start of a sequence (bos=None: e.g. <bos> for Gemma, nothing for SmolLM2
     or GPT-2; bos=True forces its bos token, bos=False none): teachers such as Gemma predict far worse
     without them. A seeded permutation picks round(n * val_fraction) rows (at least 1 when val_fraction > 0)
-    for val.bin; the rest keep their order in train.bin. max_tokens caps the tokens read (a quick demo).
+    for val.bin; the rest keep their order in train.bin. max_tokens caps the tokens read (a quick demo);
+    max_bytes instead caps the UTF-8 bytes of text read (the cut at a character boundary), so that tokenizers
+    of different vocabularies read the same text; both caps at once raise DataError.
 
     vocab: None when `tokenizer` is the teacher's own; for a derived student vocabulary, the VocabMap from the
     teacher's tokenizer to `tokenizer` (teachers.vocab): every document is encoded by both and checked to nest
@@ -558,6 +576,8 @@ def prepare_corpus(
     if vocab is not None and tokenizer_hash(vocab.student_tokenizer) != tokenizer_hash(tokenizer):
         raise DataError("prepare_corpus: vocab maps to another tokenizer than the one given; pass the VocabMap "
                         "built for this student tokenizer")
+    if max_tokens is not None and max_bytes is not None:
+        raise DataError("data.max_train_tokens and data.max_train_bytes are both set; keep one of the two caps")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sep, sep_id = separator_id(tokenizer, separator)
@@ -569,12 +589,12 @@ def prepare_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         corpus = _Corpus(tokenizer, sep_id, vocab)
-        names = _tokenize_sources(sources, corpus, text_field, tmp, max_tokens)
+        names = _tokenize_sources(sources, corpus, text_field, tmp, max_tokens, max_bytes)
         streams = corpus.arrays(max_tokens)
         views = _TeacherViews(streams, prefix, seq_len, vocab, sep_id) if vocab is not None else None
         meta = _write_split(streams, prefix, tokenizer, tmp, seq_len, val_fraction, seed, names, views)
         meta.update(corpus.stats, separator=sep, separator_id=sep_id, text_field=text_field, max_tokens=max_tokens,
-                    bytes_per_token=corpus.stats["bytes"] / max(corpus.stats["text_tokens"], 1))
+                    max_bytes=max_bytes, bytes_per_token=corpus.stats["bytes"] / max(corpus.stats["text_tokens"], 1))
         if vocab is not None:
             meta["tokens_per_teacher_token"] = corpus.stats["text_tokens"] / max(corpus.stats["teacher_text_tokens"], 1)
         shutil.rmtree(tmp / "hf", ignore_errors=True)

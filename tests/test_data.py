@@ -119,6 +119,52 @@ def test_max_tokens_caps_the_corpus(two_texts, tiny_tokenizer, tmp_path):
     assert meta["tokens"]["total"] == 40 and meta["n_seqs"]["train"] == 2
 
 
+DOC_C = "Caf\u00e9 \u2014 na\u00efve \U0001f642 fa\u00e7ade; \u6f22\u5b57.\n" * 6  # 1-, 2-, 3- and 4-byte characters
+
+
+def _prefix_of(text: str, limit: int) -> str:
+    """The longest whole-character prefix of `text` within `limit` UTF-8 bytes, character by character."""
+    out, used = [], 0
+    for ch in text:
+        size = len(ch.encode("utf-8"))
+        if used + size > limit:
+            break
+        out.append(ch)
+        used += size
+    return "".join(out)
+
+
+@pytest.mark.parametrize("into_c", [0, 4, 5, 7, 8, 9, 18, 19, 20, 21, 40])
+def test_max_bytes_reads_whole_characters_up_to_the_cap(tmp_path, tiny_tokenizer, into_c):
+    """The cap lands at the end of the first document (0) or inside the second: within é (its bytes 3-4),
+    — (6-8) and the emoji (17-20), and just after each: the text read is the longest whole-character prefix
+    within the cap, exactly the cap or up to 3 bytes short, tokenized as a whole and followed by the separator
+    like any document."""
+    a, c = tmp_path / "a.txt", tmp_path / "c.txt"
+    a.write_text(DOC_A, encoding="utf-8")
+    c.write_text(DOC_C, encoding="utf-8")
+    cap = len(DOC_A.encode("utf-8")) + into_c
+    meta = prepare_corpus([a, c], tiny_tokenizer, tmp_path / "out", seq_len=16, val_fraction=0.0, max_bytes=cap)
+    prefix = _prefix_of(DOC_C, into_c)
+    assert meta["bytes"] == len(DOC_A.encode("utf-8")) + len(prefix.encode("utf-8"))
+    assert cap - 3 <= meta["bytes"] <= cap
+    expected = _stream(tiny_tokenizer, DOC_A, *([prefix] if prefix else []))
+    assert meta["tokens"]["total"] == len(expected) and meta["max_bytes"] == cap
+    rows = TokenDataset(tmp_path / "out", "train")
+    packed = torch.cat([rows[i] for i in range(len(rows))]).tolist()
+    assert packed == expected[:len(packed)]
+    assert meta["documents"] == (1 if into_c == 0 else 2)
+
+
+def test_max_bytes_beyond_the_text_reads_it_all_and_one_cap_at_a_time(two_texts, tiny_tokenizer, tmp_path):
+    whole = prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "w", seq_len=16, val_fraction=0.0)
+    capped = prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "c", seq_len=16, val_fraction=0.0,
+                            max_bytes=10**9)
+    assert capped["data_hash"] == whole["data_hash"] and capped["bytes"] == whole["bytes"]
+    with pytest.raises(DataError, match="both set; keep one of the two caps"):
+        prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "x", seq_len=16, max_tokens=40, max_bytes=400)
+
+
 def test_bundled_corpus_is_shipped_and_readable():
     corpus = bundled_corpus()
     assert set(corpus) == set(BUNDLED_TRAIN) | set(BUNDLED_EVAL)

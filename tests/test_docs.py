@@ -90,8 +90,9 @@ def _check(recipe_name: str, text: str) -> list[str]:
             actual = t.steps * t.batch_size * t.grad_accum * recipe.data.seq_len * (int(gpus.group(1)) if gpus else 1)
         if abs(actual - claimed) > 0.05 * claimed:
             bad.append(f"'{m.group(0)}' but the recipe trains on {actual:,.0f}")
-    if "whole bundled corpus" in text and (recipe.data.max_train_tokens or list(recipe.data.sources) != ["bundled"]):
-        bad.append("'the whole bundled corpus' but data.sources/max_train_tokens say otherwise")
+    capped = recipe.data.max_train_tokens or recipe.data.max_train_bytes
+    if "whole bundled corpus" in text and (capped or list(recipe.data.sources) != ["bundled"]):
+        bad.append("'the whole bundled corpus' but data.sources/max_train_tokens/max_train_bytes say otherwise")
     for m in re.finditer(r"\b(\d+) align and (\d+) distill steps\b", text):
         if (int(m.group(1)), int(m.group(2))) != (recipe.align.train.steps, recipe.distill.train.steps):
             bad.append(f"'{m.group(0)}' but the recipe has {recipe.align.train.steps} and {recipe.distill.train.steps}")

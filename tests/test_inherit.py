@@ -155,8 +155,6 @@ def test_build_student_and_spad_inherit_when_the_recipe_asks(teacher, tiny_teach
 
     with pytest.raises(StageError, match="init_from_teacher"):
         build_student(recipe, teacher.vocab_size)
-    with pytest.raises(ConfigError, match="student.init_from_teacher"):
-        load_recipe(None, [*base, "student.init_from_teacher=true", "student.arch=llama"])
 
 
 def _expected_rows(teacher, projection, matrix, ids, scale_to=None):
@@ -193,3 +191,47 @@ def test_a_derived_vocabulary_inherits_the_rows_of_its_teacher_tokens(teacher, t
                                torch.nn.functional.normalize(fresh.lm_head.weight[~known], dim=1))
     with pytest.raises(ConfigError, match="do not fit the student's embedding"):
         init_student_from_teacher(_student(len(ids) + 1), projections, ids)
+
+
+def _gram_expected(e: torch.Tensor, d: int) -> torch.Tensor:
+    """G = Ec P Ec^T in float64: Ec the centred rows of e, P the projector onto its top-d principal directions
+    (from the covariance's eigenvectors). Any orthonormal basis of that subspace, rotated or not, gives the same
+    Gram matrix of the coordinates, so G checks the construction without its SVD or its rotation."""
+    centred = e.double() - e.double().mean(0)
+    return centred @ _top_projector(e, d) @ centred.T
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_matched_llama_inherits_embedding_and_head(teacher, tiny_teacher_dir, tmp_path, monkeypatch, tied):
+    """student.arch=llama with student.init_from_teacher: the Llama's embedding rows are the teacher's centred
+    input embeddings in their top-d principal subspace, scaled to std initializer_range; its head rows are the
+    output embeddings' coordinates at unit norm; a tied Llama's shared matrix follows the embedding's rule."""
+    from pipeline.build import build_student
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setenv("SPIKEDISTILL_CACHE", str(tmp_path))
+    d = 16
+    base = [f"teacher.spec={tiny_teacher_dir}", "student.arch=llama", "align.enabled=false",
+            "student.preset=tiny", f"student.config.d_model={d}", "student.config.n_head=2",
+            f"student.config.tie_word_embeddings={str(tied).lower()}"]
+    plain = build_student(load_recipe(None, base), teacher.vocab_size)
+    llama = build_student(load_recipe(None, [*base, "student.init_from_teacher=true"]), teacher.vocab_size, teacher)
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.config.tie_word_embeddings is tied
+    emb, head = llama.model.embed_tokens.weight.detach().double(), llama.lm_head.weight.detach().double()
+    vocab, std = teacher.vocab_size, llama.config.initializer_range
+    g_in = _gram_expected(teacher.model.get_input_embeddings().weight.detach(), d)
+    # the embedding: Gram = c^2 G with c^2 = std^2 / (the coordinates' variance over all V x d entries)
+    scale2 = std**2 / (torch.trace(g_in) / (vocab * d - 1))
+    torch.testing.assert_close(emb @ emb.T, scale2 * g_in, atol=1e-6, rtol=1e-3)
+    assert float(emb.std()) == pytest.approx(std, rel=1e-4)
+    if tied:
+        assert llama.lm_head.weight.data_ptr() == llama.model.embed_tokens.weight.data_ptr()
+    else:
+        g_out = _gram_expected(teacher.model.get_output_embeddings().weight.detach(), d)
+        norm = g_out.diagonal().rsqrt()
+        torch.testing.assert_close(head @ head.T, norm[:, None] * g_out * norm[None, :], atol=1e-4, rtol=1e-4)
+    # everything else is the default init of the same seed
+    rest = {k: v for k, v in plain.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    for k, v in rest.items():
+        assert torch.equal(llama.state_dict()[k], v), k
+    assert not torch.allclose(plain.model.embed_tokens.weight, llama.model.embed_tokens.weight)

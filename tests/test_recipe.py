@@ -87,10 +87,18 @@ def test_wrong_type(tmp_path):
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("run.name=a/b", "run.name"),
     ("distill.weights.sta=-1", "distill.weights.sta"),
+    ("data.max_train_bytes=0", "data.max_train_bytes"),
 ])
 def test_bad_values_name_the_key(override, key):
     msg = _one_line_error(None, [override])
     assert msg.startswith(key + ":"), msg
+
+
+def test_one_data_cap_at_a_time():
+    msg = _one_line_error(None, ["data.max_train_tokens=1000", "data.max_train_bytes=4000"])
+    assert msg.startswith("data.max_train_bytes: must be null when data.max_train_tokens is set (1000)"), msg
+    r = load_recipe(None, ["data.max_train_tokens=null", "data.max_train_bytes=4000"])
+    assert (r.data.max_train_tokens, r.data.max_train_bytes) == (None, 4000)
 
 
 def test_all_zero_weights_rejected_unless_stage_disabled():

@@ -79,39 +79,41 @@ def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objecti
     assert torch.isfinite(kd["kd"]) and kd["kd"] > 0
 
 
-def test_shipped_study_arms_share_size_data_budget_and_seeds():
-    """The shipped study: one student size and dataset, a full budget >= 4 x the old one (589,824 tokens), 3 seeds
-    for every arm but the matched ANN, and the 1/4 and 1/2 series of CE-only and of the inherit+KD arm."""
-    from pipeline.study import study_recipes, study_runs
+def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
+    """The shipped study: one student size and dataset (a byte cap, the same text under any vocabulary), a full
+    budget >= 4 x the old one (589,824 tokens), 3 seeds and one learning-rate sweep for every arm, and the 1/4
+    and 1/2 series of CE-only and of the inherit+KD arm."""
+    from pipeline.study import study_arms, study_recipes
 
     arms = study_recipes(STUDY)
-    runs_dir, runs = study_runs(arms)
+    runs_dir, planned = study_arms(arms)
     assert runs_dir == Path("runs/study")
     recipes = {p.stem: load_recipe(p) for p in arms}
     tokens = {}
     for stem, r in recipes.items():
-        assert (r.student.preset, r.data.seq_len, r.data.max_train_tokens, r.data.split_seed) == ("demo", 128, 620000, 0)
+        assert (r.student.preset, r.data.seq_len, r.data.max_train_bytes, r.data.max_train_tokens,
+                r.data.split_seed) == ("demo", 128, 2720000, None, 0)
         assert r.teacher_cache.dir == "runs/study/_teacher_cache" and r.evaluate.teacher and r.evaluate.energy
+        assert list(r.study.seeds) == [0, 1, 2] and list(r.study.lr_grid) == [1e-3, 2e-3, 4e-3]
+        assert r.study.lr_extensions == 2 and r.distill.train.optim.min_lr / r.distill.train.optim.lr == 0.05
         rows = r.distill.train.steps * r.distill.train.batch_size
         if r.align.enabled:
             rows += r.align.train.steps * r.align.train.batch_size
         tokens[stem] = rows * r.data.seq_len
     full = tokens["b_snn_ce"]
     assert full >= 4 * 144 * 8 * 128
-    # a fraction of a pass over the training split: 620k tokens / 128 - 2% held out = 4,746 rows
-    assert full // 128 <= 4746
+    # a fraction of a pass over the training split: 620,207 tokens / 128 - 2% held out = 4,748 rows
+    assert full // 128 <= 4748
     for series in ("b_snn_ce", "f_inherit_kd"):
         assert tokens.pop(f"{series}_quarter") == full // 4 and tokens.pop(f"{series}_half") == full // 2
     assert set(tokens.values()) == {full}
-    seeds = {}
-    for _, run, _ in runs:
-        seeds.setdefault(run.arm, []).append(run.seed)
-    assert seeds.pop("a_ann_ce") == [0] and all(s == [0, 1, 2] for s in seeds.values())
-    # seed-major order: every arm's first seed runs before any arm's second, so a study cut short stays balanced
-    order = [run.seed for _, run, _ in runs]
-    assert order == sorted(order)
+    assert [a.seeds for a in planned] == [(0, 1, 2)] * len(arms)
     r = recipes
-    assert r["a_ann_ce"].student.arch == "llama"
+    assert r["a_ann_ce"].student.arch == "llama" and r["a_ann_ce"].distill.weights.sta == 0
+    ann_kd = r["a_ann_inherit_kd"]
+    assert ann_kd.student.arch == "llama" and ann_kd.student.init_from_teacher and ann_kd.teacher_cache.enabled
+    assert (ann_kd.distill.weights.sta, ann_kd.distill.weights.hta) == (r["f_inherit_kd"].distill.weights.sta,
+                                                                        r["f_inherit_kd"].distill.weights.hta)
     assert r["b_snn_ce"].distill.weights.sta == 0 and not r["b_snn_ce"].align.enabled
     assert not r["b_snn_ce"].student.init_from_teacher and not r["b_snn_ce"].teacher_cache.enabled
     assert r["c_snn_kd"].distill.weights.sta > 0 and not r["c_snn_kd"].align.enabled

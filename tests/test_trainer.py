@@ -135,6 +135,8 @@ def test_consecutive_nan_steps_stop_the_run_keeping_the_last_good_checkpoint(tmp
     with pytest.raises(TrainingError, match=r"NaN/inf for 3 consecutive steps.*step-0000004.*optim.lr"):
         _train(tmp_path, _cfg(steps=10, checkpoint_every=2, eval_every=100), model=model)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["split"], last["step"], last["diverged"]) == ("train", 7, 3.0)  # what a sweep reads
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):

@@ -50,6 +50,12 @@ def _architecture(recipe: Recipe | None, config) -> tuple[str, str, str, str]:
             f"a non-spiking {config.model_type} baseline", rows)
 
 
+def _data_cap(data) -> str:
+    if data.max_train_bytes is not None:
+        return f"max_train_bytes {data.max_train_bytes}"
+    return f"max_train_tokens {data.max_train_tokens}"
+
+
 def _training(recipe: Recipe) -> str:
     from pipeline.recipe import recipe_to_yaml
 
@@ -58,7 +64,7 @@ def _training(recipe: Recipe) -> str:
              if recipe.align.enabled else "")
     return f"""{align}{d.train.steps} distillation steps ({d.kd.kind}, temperature {d.kd.temperature}, weights {vars(d.weights)}),
 batch {d.train.batch_size} x {d.train.grad_accum} accumulation x {recipe.data.seq_len} tokens, lr {d.train.optim.lr}.
-Data: {", ".join(recipe.data.sources)} (max_train_tokens {recipe.data.max_train_tokens}).
+Data: {", ".join(recipe.data.sources)} ({_data_cap(recipe.data)}).
 
 <details><summary>The resolved recipe (spikedistill run RECIPE.yaml)</summary>
 

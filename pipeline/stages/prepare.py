@@ -5,7 +5,8 @@ teachers.vocab: built once and cached); with a derived one the dataset also hold
 row (teachers.data.TeacherView). Outputs: {"dataset": dir (teachers.data format: train.bin, val.bin,
 meta.json, ...), "tokenizer": dir (the student's tokenizer, saved so later stages and export load it without
 the teacher)}. `data.max_train_tokens` keeps only the first tokens of the sources, in source order ("bundled" =
-the bundled training texts, Austen first).
+the bundled training texts, Austen first); `data.max_train_bytes` instead keeps the first UTF-8 bytes of their
+text (the same text whatever the tokenizer).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def run(ctx: StageContext) -> StageResult:
         shutil.rmtree(out)
     stats = prepare_corpus(list(r.data.sources), tokenizer, out, seq_len=r.data.seq_len,
                            val_fraction=r.data.val_fraction, seed=split_seed(r), separator=r.data.separator,
-                           text_field=r.data.text_field, max_tokens=r.data.max_train_tokens, vocab=vocab)
+                           text_field=r.data.text_field, max_tokens=r.data.max_train_tokens,
+                           max_bytes=r.data.max_train_bytes, vocab=vocab)
     ctx.log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float))))
     return StageResult(outputs={"dataset": str(out), "tokenizer": str(tok_dir)}, metrics=dict(stats))
