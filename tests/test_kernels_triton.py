@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from test_lif_numerics import ISSUE_CURRENTS, VARIANTS, near_threshold_currents, spikingjelly_lif
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton): Triton kernels untested", allow_module_level=True)
@@ -35,6 +37,7 @@ def test_triton_kernels_under_the_interpreter():
 
 
 if INTERPRETED:
+    from students.ops import lif_scan
     from students.ops._dispatch import select_backend
     from students.ops.fused_lif import (
         sigmoid_gate_lif,
@@ -77,9 +80,61 @@ def test_lif_triton_matches_reference(shape, opts):
     x = (torch.randn(shape) * 1.5 + 0.7).requires_grad_()
     v0 = torch.randn(shape[:1] + shape[2:]).requires_grad_()
     ref, fast = lif_scan_reference(x, v0, **opts), lif_scan_triton(x, v0, **opts)
-    assert torch.equal(ref[0], fast[0])
-    _close(ref[1:], fast[1:])
+    assert torch.equal(ref[0], fast[0]) and torch.equal(ref[1], fast[1])  # spikingjelly's charge in both
     _close(_grads(ref, (x, v0)), _grads(fast, (x, v0)))
+
+
+def _stepwise_triton(x, lif):
+    v, out = None, []
+    for t in range(x.shape[1]):
+        s, v = lif_scan_triton(x[:, t : t + 1], v, **lif)
+        out.append(s)
+    return torch.cat(out, 1), v
+
+
+@interpreted_only
+def test_lif_triton_issue_currents_do_not_fire():
+    # issue 23 item 11: spikingjelly gives [0, 0]; beta*V + X/tau fired at the second step
+    x = torch.tensor(ISSUE_CURRENTS, dtype=torch.float32).view(1, 2, 1)
+    expected_v = spikingjelly_lif(np.array(ISSUE_CURRENTS, dtype=np.float32)[:, None])[1]
+    for spikes, v in (lif_scan_triton(x), _stepwise_triton(x, {})):
+        assert spikes.flatten().tolist() == [0.0, 0.0] and v.flatten().tolist() == expected_v.tolist()
+
+
+@interpreted_only
+@pytest.mark.parametrize("lif", VARIANTS)
+def test_lif_triton_fires_exactly_as_spikingjelly(lif):
+    opts = {"tau": 2.0, "v_threshold": 1.0, "reset": "hard", "decay_input": True, **lif}
+    currents = near_threshold_currents(300, opts["tau"], opts["v_threshold"], opts["decay_input"])
+    expected_spikes, expected_v = spikingjelly_lif(currents, **opts)
+    assert 0.2 < expected_spikes[1].mean() < 0.8
+    x = torch.from_numpy(currents)[None]
+    for spikes, v in (lif_scan_triton(x, **opts), _stepwise_triton(x, opts)):
+        assert np.array_equal(spikes[0].numpy(), expected_spikes) and np.array_equal(v[0].numpy(), expected_v)
+
+
+@interpreted_only
+@pytest.mark.parametrize("tau,decay_input", [(2.0, True), (3.0, True), (3.0, False)])
+def test_lif_triton_charge_gradient(tau, decay_input):
+    # one step below threshold, detach_reset: d v_last / d x = 1/tau and d v_last / d v0 = 1 - 1/tau, formed as
+    # autograd forms them from V + (X - V) / tau (or V * float32(1 - 1/tau) + X)
+    x, v0 = torch.tensor([[[0.3]]], requires_grad=True), torch.tensor([[0.2]], requires_grad=True)
+    _, v = lif_scan_triton(x, v0, tau=tau, decay_input=decay_input, detach_reset=True)
+    f = np.float32
+    expected = (f(1) / f(tau), f(1) - f(1) / f(tau)) if decay_input else (f(1), f(1.0 - 1.0 / tau))
+    assert tuple(g.item() for g in torch.autograd.grad(v.sum(), (x, v0))) == tuple(map(float, expected))
+
+
+@interpreted_only
+def test_float64_on_the_triton_backend_runs_the_float64_reference(monkeypatch):
+    # Triton passes tau and the threshold as float32 scalars, so float64 goes to the reference, in float64
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", "triton")
+    x = torch.tensor([[[2 * (1 - 1e-9)]]], dtype=torch.float64)
+    assert select_backend(x) == "reference" and select_backend(x[0, 0], None) == "reference"
+    spikes, v = lif_scan(x)
+    assert spikes.item() == 0.0 and v.dtype == torch.float64 and v.item() == 1 - 1e-9
+    spikes, v = token_shift_lif(x, torch.ones(1, 1, dtype=torch.float64), None, None, 1, {"tau": 2.0})[:2]
+    assert spikes.item() == 0.0 and v.dtype == torch.float64 and v.item() == 1 - 1e-9
 
 
 @interpreted_only

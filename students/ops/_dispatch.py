@@ -1,8 +1,9 @@
 """Which implementation of a fused op runs: SPIKEDISTILL_KERNELS=auto|reference|cpu|triton (default auto).
 
 auto picks the Triton kernel for CUDA tensors and the fast CPU path otherwise. A backend that cannot run the
-given tensors (the CPU library failed to build, triton missing, fp64 inputs, triton on CPU without
-TRITON_INTERPRET=1) falls back to the reference, with one warning per reason.
+given tensors (the CPU library failed to build, triton missing, triton on CPU without TRITON_INTERPRET=1) falls
+back to the reference, with one warning per reason. float64 inputs always run the reference, which computes in
+float64 (the fast paths are float32 inside), so a float64 model is never silently lowered to float32.
 """
 import importlib.util
 import os
@@ -38,13 +39,14 @@ def _triton_usable(device: torch.device) -> str | None:
     return None
 
 
-def select_backend(t: torch.Tensor) -> str:
-    """The backend that will actually run for tensor `t`: kernel_backend, minus what cannot run here."""
+def select_backend(t: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """The backend that will actually run for tensor `t` (and `others`, e.g. a carried state; None entries are
+    skipped): kernel_backend of t's device, minus what cannot run here."""
     backend = kernel_backend(t.device)
     if backend == "reference":
         return backend
-    if t.dtype not in FAST_DTYPES:
-        return "reference"  # fp64 (gradcheck) and other dtypes: the reference is exact and fast enough
+    if any(o is not None and o.dtype not in FAST_DTYPES for o in (t, *others)):
+        return "reference"  # fp64 (gradcheck, float64 models) and other dtypes: the reference keeps their precision
     if backend == "cpu":
         if t.device.type != "cpu":
             _warn_once(f"SPIKEDISTILL_KERNELS=cpu but the tensors are on {t.device.type}")

@@ -1,7 +1,8 @@
 """Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp and sparse_ops.cpp (plain C ABI,
 called through ctypes; all are linked into one library).
 
-The library has no torch headers, so g++ builds it in about a second. It is cached per source hash and CPU
+The library has no torch headers, so g++ builds it without torch's build machinery (tens of seconds of CPU
+once: students/ops/README.md, "The CPU library"). It is cached per source hash (lif_charge.h included) and CPU
 model under $SPIKEDISTILL_CACHE/cpu_kernels (default ~/.cache/spikedistill/cpu_kernels); a file lock keeps
 parallel processes from building it twice. When the build fails the ops fall back to the reference once,
 with a warning.
@@ -22,15 +23,17 @@ import torch
 from ..threads import tick
 
 SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp")]
+HEADERS = [Path(__file__).with_name("lif_charge.h")]  # included by the sources: part of the cache key
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
 _P, _I64, _F, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
+_CHARGE = [_I, _D, _D]  # lif_charge.h: ChargeKind, 1/tau, 1 - 1/tau (lif.reference.charge_constants)
 _SIGNATURES = {
-    "lif_forward": [_P] * 4 + [_I64] * 3 + [_F] * 3 + [_I, _I],
-    "lif_backward": [_P] * 6 + [_I64] * 3 + [_F] * 3 + [_I, _I, _I, _F, _I],
+    "lif_forward": [_P] * 4 + [_I64] * 3 + _CHARGE + [_F, _I, _I],
+    "lif_backward": [_P] * 6 + [_I64] * 3 + _CHARGE + [_F, _I, _I, _I, _F, _I],
     "wkv_forward": [_P] * 11 + [_I64] * 3 + [_I],
     "wkv_backward": [_P] * 18 + [_I64] * 3 + [_I],
     "sfsa_threshold": [_P] * 2 + [_I64] * 4 + [_I],
@@ -43,10 +46,10 @@ _SIGNATURES = {
     "spike_logits": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I],
     "spike_weight_grad": [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I, _I],
     "ce_rows": [_P, _I64, _P, _I64, _I64, _F, _I, _P, _I],
-    "pointwise_lif_forward": [_I] + [_P] * 5 + [_I64] * 3 + [_F] * 3 + [_I] * 3,
-    "pointwise_lif_backward": [_I] + [_P] * 8 + [_I64] * 3 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
-    "shift_lif_forward": [_P] * 6 + [_I64] * 5 + [_F] * 3 + [_I] * 3,
-    "shift_lif_backward": [_P] * 10 + [_I64] * 5 + [_F] * 3 + [_I] * 3 + [_F, _I, _I],
+    "pointwise_lif_forward": [_I] + [_P] * 5 + [_I64] * 3 + _CHARGE + [_F] + [_I] * 3,
+    "pointwise_lif_backward": [_I] + [_P] * 8 + [_I64] * 3 + _CHARGE + [_F] + [_I] * 3 + [_F, _I, _I],
+    "shift_lif_forward": [_P] * 6 + [_I64] * 5 + _CHARGE + [_F] + [_I] * 3,
+    "shift_lif_backward": [_P] * 10 + [_I64] * 5 + _CHARGE + [_F] + [_I] * 3 + [_F, _I, _I],
 }
 _RETURNS = {  # functions that return a value: (restype, argtypes)
     "spike_tile": (_I64, []),
@@ -96,7 +99,7 @@ def _build(target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
-    sources = b"".join(src.read_bytes() for src in SOURCES)
+    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     key = hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
     target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
     try:

@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "lif_charge.h"
+
 namespace {
 
 // Explicit vectors: GCC otherwise turns the row-gather loop into scalar code (it pairs the rows it unrolls).
@@ -148,8 +150,9 @@ void ce_rows(float* z, int64_t ld, const int64_t* labels, int64_t n, int64_t V, 
 }  // extern "C"
 
 // ---- fused_lif: a LIF layer whose input current is computed on the fly from its producer's outputs ----------
-// LIF (students/ops/lif/reference.py): H_t = beta V_{t-1} + gain X_t, S_t = H_t >= vth, V_t = H_t (1 - S_t)
-// (hard) or H_t - S_t vth (soft). fire = 0 skips the neuron: the output is the current X itself.
+// LIF (students/ops/lif/reference.py): H_t = lif_charge(V_{t-1}, X_t) (lif_charge.h: spikingjelly's charge),
+// S_t = H_t >= vth, V_t = H_t (1 - S_t) (hard) or H_t - S_t vth (soft). fire = 0 skips the neuron: the output is
+// the current X itself.
 // Forwards store nothing; backwards recompute the current and the membrane per lane block.
 
 namespace {
@@ -157,8 +160,9 @@ namespace {
 constexpr int64_t kLanes = 64;  // neurons advanced together per task
 
 struct Lif {
-  float beta, gain, vth, alpha;
-  int soft, detach, surrogate, fire;
+  LifCharge charge;
+  float vth, alpha;
+  int kind, soft, detach, surrogate, fire;  // kind: ChargeKind
 };
 
 inline float surrogate_grad(float x, int kind, float alpha) {  // students/ops/surrogate.py
@@ -191,9 +195,10 @@ struct ShiftCurrent {  // token shift: prev + mix (cur - prev)
 
 // Forward over S steps of w lanes: current(t) returns the step's row functor, current(t)(j) = X_t of lane j
 // (built once per step, so the lane loop sees plain affine loads); out row t starts at out + t * ld.
-template <class Current>
+template <int KIND, class Current>
 inline void lif_lanes_forward(Current current, float* out, int64_t ld, const float* v0, float* v_last, int64_t S,
                               int64_t w, const Lif& p) {
+  const LifCharge c = p.charge;
   float v[kLanes];
   for (int64_t j = 0; j < w; ++j) v[j] = v0 ? v0[j] : 0.0f;
   for (int64_t t = 0; t < S; ++t) {
@@ -202,7 +207,7 @@ inline void lif_lanes_forward(Current current, float* out, int64_t ld, const flo
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
       const float x = x_t(j);
-      const float h = p.beta * v[j] + p.gain * x;
+      const float h = lif_charge<KIND>(v[j], x, c);
       const float s = static_cast<float>(h - p.vth >= 0.0f);
       v[j] = p.soft ? h - s * p.vth : h * (1.0f - s);
       o[j] = p.fire ? s : x;
@@ -214,11 +219,12 @@ inline void lif_lanes_forward(Current current, float* out, int64_t ld, const flo
 
 // Backward over S steps of w lanes. g_out row t at g_out + t * ld; give(t)(j, gx) receives d loss / d X_t
 // (distinct j within a step, so the lane loop vectorises). hbuf: kLanes * S floats for the
-// recomputed membrane. g_vlast / g_v0 may be null. SOFT, DETACH, SUR are compile-time (see with_flags).
-template <bool SOFT, bool DETACH, int SUR, class Current, class Give>
+// recomputed membrane. g_vlast / g_v0 may be null. SOFT, DETACH, SUR, KIND are compile-time (see with_flags).
+template <bool SOFT, bool DETACH, int SUR, int KIND, class Current, class Give>
 inline void lif_lanes_backward(Current current, Give give, const float* g_out, int64_t ld, const float* v0,
                                const float* g_vlast, float* g_v0, float* hbuf, int64_t S, int64_t w, const Lif& p) {
-  const float beta = p.beta, gain = p.gain, vth = p.vth, alpha = p.alpha;
+  const LifCharge c = p.charge;
+  const float vth = p.vth, alpha = p.alpha;
   float v[kLanes], gv[kLanes];
   for (int64_t j = 0; j < w; ++j) {
     v[j] = v0 ? v0[j] : 0.0f;
@@ -229,7 +235,7 @@ inline void lif_lanes_backward(Current current, Give give, const float* g_out, i
     const auto x_t = current(t);
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
-      const float ht = beta * v[j] + gain * x_t(j);
+      const float ht = lif_charge<KIND>(v[j], x_t(j), c);
       const float s = static_cast<float>(ht - vth >= 0.0f);
       v[j] = SOFT ? ht - s * vth : ht * (1.0f - s);
       h[j] = ht;
@@ -246,8 +252,9 @@ inline void lif_lanes_backward(Current current, Give give, const float* g_out, i
       const float dv_dh = SOFT ? 1.0f : 1.0f - s;
       const float dv_ds = DETACH ? 0.0f : (SOFT ? -vth : -ht);
       const float gh = gv[j] * dv_dh + (gs[j] + gv[j] * dv_ds) * surrogate_grad(xs, SUR, alpha);
-      give_t(j, gh * gain);
-      gv[j] = gh * beta;
+      float gx;
+      lif_charge_grad<KIND>(gh, c, gx, gv[j]);
+      give_t(j, gx);
     }
   }
   if (g_v0)
@@ -263,6 +270,15 @@ inline void pass_lanes_backward(Give give, const float* g_out, int64_t ld, int64
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) give_t(j, gs[j]);
   }
+}
+
+// The LIF forward for one lane block, its charge kind compile-time.
+template <class Current>
+inline void lanes_forward(Current current, float* out, int64_t ld, const float* v0, float* v_last, int64_t S,
+                          int64_t w, const Lif& p) {
+  with_charge_kind(p.kind, [&](auto kind) {
+    lif_lanes_forward<decltype(kind)::value>(current, out, ld, v0, v_last, S, w, p);
+  });
 }
 
 // Calls f(soft, detach, surrogate) with std::integral_constant arguments matching p (8 instantiations).
@@ -294,8 +310,10 @@ inline void lanes_backward(Current current, Give give, const float* g_out, int64
     return;
   }
   with_flags(p, [&](auto soft, auto detach, auto sur) {
-    lif_lanes_backward<decltype(soft)::value, decltype(detach)::value, decltype(sur)::value>(
-        current, give, g_out, ld, v0, g_vlast, g_v0, hbuf, S, w, p);
+    with_charge_kind(p.kind, [&](auto kind) {
+      lif_lanes_backward<decltype(soft)::value, decltype(detach)::value, decltype(sur)::value,
+                         decltype(kind)::value>(current, give, g_out, ld, v0, g_vlast, g_v0, hbuf, S, w, p);
+    });
   });
 }
 
@@ -306,9 +324,9 @@ extern "C" {
 // Pointwise producers, x and y [B, S, N]: kind 0 = sigmoid gate, X = sigmoid(x) * y; kind 1 = X = relu(x)^2
 // (y unused). v0 [B, N] or null -> out [B, S, N] (spikes, or X when fire = 0), v_last [B, N] (fire only).
 void pointwise_lif_forward(int kind, const float* x, const float* y, const float* v0, float* out, float* v_last,
-                           int64_t B, int64_t S, int64_t N, float beta, float gain, float vth, int soft, int fire,
-                           int nthreads) {
-  const Lif p{beta, gain, vth, 0.0f, soft, 0, 0, fire};
+                           int64_t B, int64_t S, int64_t N, int charge, double inv_tau, double beta,
+                           float vth, int soft, int fire, int nthreads) {
+  const Lif p{{inv_tau, beta}, vth, 0.0f, charge, soft, 0, 0, fire};
   const int64_t blocks = (N + kLanes - 1) / kLanes;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t i = 0; i < B * blocks; ++i) {
@@ -318,11 +336,11 @@ void pointwise_lif_forward(int kind, const float* x, const float* y, const float
     const float* vb = v0 ? v0 + b * N + n0 : nullptr;
     float* vl = v_last ? v_last + b * N + n0 : nullptr;
     if (kind == 0)
-      lif_lanes_forward([&](int64_t t) { return GateCurrent{xb + t * N, yb + t * N}; }, out + b * S * N + n0, N, vb,
-                        vl, S, w, p);
+      lanes_forward([&](int64_t t) { return GateCurrent{xb + t * N, yb + t * N}; }, out + b * S * N + n0, N, vb, vl,
+                    S, w, p);
     else
-      lif_lanes_forward([&](int64_t t) { return ReluSquareCurrent{xb + t * N}; }, out + b * S * N + n0, N, vb, vl, S,
-                        w, p);
+      lanes_forward([&](int64_t t) { return ReluSquareCurrent{xb + t * N}; }, out + b * S * N + n0, N, vb, vl, S, w,
+                    p);
   }
 }
 
@@ -330,9 +348,9 @@ void pointwise_lif_forward(int kind, const float* x, const float* y, const float
 // g_v0 [B, N] or null.
 void pointwise_lif_backward(int kind, const float* x, const float* y, const float* v0, const float* g_out,
                             const float* g_vlast, float* g_x, float* g_y, float* g_v0, int64_t B, int64_t S,
-                            int64_t N, float beta, float gain, float vth, int soft, int detach, int surrogate,
-                            float alpha, int fire, int nthreads) {
-  const Lif p{beta, gain, vth, alpha, soft, detach, surrogate, fire};
+                            int64_t N, int charge, double inv_tau, double beta, float vth, int soft,
+                            int detach, int surrogate, float alpha, int fire, int nthreads) {
+  const Lif p{{inv_tau, beta}, vth, alpha, charge, soft, detach, surrogate, fire};
   const int64_t blocks = (N + kLanes - 1) / kLanes;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -377,9 +395,9 @@ void pointwise_lif_backward(int kind, const float* x, const float* y, const floa
 // first token prev [B, T, C] (null: zeros). Branch k of channel c: X = hp + mix[k, c] (h - hp); lane k*C + c of
 // out [B, S, K*C] (spikes, or X when fire = 0); v0, v_last [B, K*C] (fire only).
 void shift_lif_forward(const float* h, const float* mix, const float* prev, const float* v0, float* out,
-                       float* v_last, int64_t B, int64_t S, int64_t C, int64_t K, int64_t T, float beta, float gain,
-                       float vth, int soft, int fire, int nthreads) {
-  const Lif p{beta, gain, vth, 0.0f, soft, 0, 0, fire};
+                       float* v_last, int64_t B, int64_t S, int64_t C, int64_t K, int64_t T, int charge,
+                       double inv_tau, double beta, float vth, int soft, int fire, int nthreads) {
+  const Lif p{{inv_tau, beta}, vth, 0.0f, charge, soft, 0, 0, fire};
   const int64_t blocks = (C + kLanes - 1) / kLanes, N = K * C;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
   for (int64_t i = 0; i < B * blocks; ++i)
@@ -392,8 +410,8 @@ void shift_lif_forward(const float* h, const float* mix, const float* prev, cons
       auto current = [&](int64_t t) {
         return ShiftCurrent{hb + t * C, t >= T ? hb + (t - T) * C : (pb ? pb + t * C : zeros), m};
       };
-      lif_lanes_forward(current, out + b * S * N + k * C + c0, N, v0 ? v0 + b * N + k * C + c0 : nullptr,
-                        v_last ? v_last + b * N + k * C + c0 : nullptr, S, w, p);
+      lanes_forward(current, out + b * S * N + k * C + c0, N, v0 ? v0 + b * N + k * C + c0 : nullptr,
+                    v_last ? v_last + b * N + k * C + c0 : nullptr, S, w, p);
     }
 }
 
@@ -402,9 +420,9 @@ void shift_lif_forward(const float* h, const float* mix, const float* prev, cons
 // caller sums them), g_prev [B, T, C] and g_v0 [B, K*C] are written; g_prev, g_v0, g_vlast may be null.
 void shift_lif_backward(const float* h, const float* mix, const float* prev, const float* v0, const float* g_out,
                         const float* g_vlast, float* g_h, float* g_mix_rows, float* g_prev, float* g_v0, int64_t B,
-                        int64_t S, int64_t C, int64_t K, int64_t T, float beta, float gain, float vth, int soft,
-                        int detach, int surrogate, float alpha, int fire, int nthreads) {
-  const Lif p{beta, gain, vth, alpha, soft, detach, surrogate, fire};
+                        int64_t S, int64_t C, int64_t K, int64_t T, int charge, double inv_tau, double beta,
+                        float vth, int soft, int detach, int surrogate, float alpha, int fire, int nthreads) {
+  const Lif p{{inv_tau, beta}, vth, alpha, charge, soft, detach, surrogate, fire};
   const int64_t blocks = (C + kLanes - 1) / kLanes, N = K * C;
 #pragma omp parallel num_threads(nthreads)
   {

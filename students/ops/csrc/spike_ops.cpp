@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "lif_charge.h"
+
 namespace {
 
 constexpr float kHalfPi = 1.57079632679489662f;
@@ -30,15 +32,17 @@ inline void max_pair(float a, float b, float& ea, float& eb) {
 }
 
 struct LifParams {
-  float beta, gain, vth, alpha;
+  LifCharge charge;
+  float vth, alpha;
 };
 
 // Membrane charge for the w lanes starting at n0 of one batch row, all S steps. Writes spikes [S, N] and the
 // final membrane (forward), or the pre-spike membrane h [S, kLane] (backward recompute).
-template <bool SOFT, bool FORWARD>
-void lif_charge(const float* x, const float* v0, float* spikes, float* v_last, float* h, int64_t S, int64_t N,
-                int64_t n0, int64_t w, const LifParams& p) {
-  const float beta = p.beta, gain = p.gain, vth = p.vth;
+template <bool SOFT, bool FORWARD, int KIND>
+void lif_lanes(const float* x, const float* v0, float* spikes, float* v_last, float* h, int64_t S, int64_t N,
+               int64_t n0, int64_t w, const LifParams& p) {
+  const LifCharge c = p.charge;
+  const float vth = p.vth;
   float v[kLane];
   for (int64_t j = 0; j < w; ++j) v[j] = v0 ? v0[n0 + j] : 0.0f;
   for (int64_t t = 0; t < S; ++t) {
@@ -46,7 +50,7 @@ void lif_charge(const float* x, const float* v0, float* spikes, float* v_last, f
     float* out = FORWARD ? spikes + t * N + n0 : h + t * kLane;
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
-      const float ht = beta * v[j] + gain * xt[j];
+      const float ht = lif_charge<KIND>(v[j], xt[j], c);
       const float s = static_cast<float>(ht - vth >= 0.0f);
       v[j] = SOFT ? ht - s * vth : ht * (1.0f - s);
       out[j] = FORWARD ? s : ht;
@@ -56,23 +60,24 @@ void lif_charge(const float* x, const float* v0, float* spikes, float* v_last, f
     for (int64_t j = 0; j < w; ++j) v_last[n0 + j] = v[j];
 }
 
-template <bool SOFT>
+template <bool SOFT, int KIND>
 void lif_forward_t(const float* x, const float* v0, float* spikes, float* v_last, int64_t B, int64_t S,
                    int64_t N, const LifParams& p, int nthreads) {
   const int64_t blocks = (N + kLane - 1) / kLane;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t i = 0; i < B * blocks; ++i) {
     const int64_t b = i / blocks, n0 = (i % blocks) * kLane, w = std::min(N, n0 + kLane) - n0;
-    lif_charge<SOFT, true>(x + b * S * N, v0 ? v0 + b * N : nullptr, spikes + b * S * N, v_last + b * N,
-                           nullptr, S, N, n0, w, p);
+    lif_lanes<SOFT, true, KIND>(x + b * S * N, v0 ? v0 + b * N : nullptr, spikes + b * S * N, v_last + b * N,
+                                nullptr, S, N, n0, w, p);
   }
 }
 
 // Reverse-time surrogate-gradient recurrence for one lane block, given the recomputed membrane h.
-template <bool SOFT, bool DETACH, int SUR>
+template <bool SOFT, bool DETACH, int SUR, int KIND>
 void lif_reverse(const float* h, const float* g_spikes, float* g_x, float* gv, int64_t S, int64_t N, int64_t w,
                  const LifParams& p) {
-  const float beta = p.beta, gain = p.gain, vth = p.vth, alpha = p.alpha;
+  const LifCharge c = p.charge;
+  const float vth = p.vth, alpha = p.alpha;
   for (int64_t t = S - 1; t >= 0; --t) {
     const float* gs = g_spikes + t * N;
     float* gx = g_x + t * N;
@@ -85,13 +90,12 @@ void lif_reverse(const float* h, const float* g_spikes, float* g_x, float* gv, i
       const float dv_dh = SOFT ? 1.0f : 1.0f - s;
       const float dv_ds = DETACH ? 0.0f : (SOFT ? -vth : -ht);
       const float gh = gv[j] * dv_dh + (gs[j] + gv[j] * dv_ds) * surrogate_grad(xs, SUR, alpha);
-      gx[j] = gh * gain;
-      gv[j] = gh * beta;
+      lif_charge_grad<KIND>(gh, c, gx[j], gv[j]);
     }
   }
 }
 
-template <bool SOFT, bool DETACH, int SUR>
+template <bool SOFT, bool DETACH, int SUR, int KIND>
 void lif_backward_t(const float* x, const float* v0, const float* g_spikes, const float* g_vlast, float* g_x,
                     float* g_v0, int64_t B, int64_t S, int64_t N, const LifParams& p, int nthreads) {
   const int64_t blocks = (N + kLane - 1) / kLane;
@@ -101,45 +105,58 @@ void lif_backward_t(const float* x, const float* v0, const float* g_spikes, cons
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * blocks; ++i) {
       const int64_t b = i / blocks, n0 = (i % blocks) * kLane, w = std::min(N, n0 + kLane) - n0;
-      lif_charge<SOFT, false>(x + b * S * N, v0 ? v0 + b * N : nullptr, nullptr, nullptr, h.data(), S, N, n0, w,
-                              p);
+      lif_lanes<SOFT, false, KIND>(x + b * S * N, v0 ? v0 + b * N : nullptr, nullptr, nullptr, h.data(), S, N, n0,
+                                   w, p);
       float gv[kLane];
       for (int64_t j = 0; j < w; ++j) gv[j] = g_vlast ? g_vlast[b * N + n0 + j] : 0.0f;
-      lif_reverse<SOFT, DETACH, SUR>(h.data(), g_spikes + b * S * N + n0, g_x + b * S * N + n0, gv, S, N, w, p);
+      lif_reverse<SOFT, DETACH, SUR, KIND>(h.data(), g_spikes + b * S * N + n0, g_x + b * S * N + n0, gv, S, N, w,
+                                           p);
       if (g_v0)
         for (int64_t j = 0; j < w; ++j) g_v0[b * N + n0 + j] = gv[j];
     }
   }
 }
 
+using LifBackwardFn = void (*)(const float*, const float*, const float*, const float*, float*, float*, int64_t,
+                               int64_t, int64_t, const LifParams&, int);
+
+// lif_backward_t for the run-time flags, one charge kind.
+template <int KIND>
+LifBackwardFn lif_backward_for(int soft, int detach, int surrogate) {
+  static const LifBackwardFn table[8] = {
+      lif_backward_t<false, false, 0, KIND>, lif_backward_t<false, false, 1, KIND>,
+      lif_backward_t<false, true, 0, KIND>,  lif_backward_t<false, true, 1, KIND>,
+      lif_backward_t<true, false, 0, KIND>,  lif_backward_t<true, false, 1, KIND>,
+      lif_backward_t<true, true, 0, KIND>,   lif_backward_t<true, true, 1, KIND>};
+  return table[(soft ? 4 : 0) + (detach ? 2 : 0) + (surrogate ? 1 : 0)];
+}
+
 }  // namespace
 
 extern "C" {
 
-// x [B, S, N], v0 [B, N] or null -> spikes [B, S, N], v_last [B, N].
+// x [B, S, N], v0 [B, N] or null -> spikes [B, S, N], v_last [B, N]. kind: ChargeKind; inv_tau, beta: LifCharge.
 void lif_forward(const float* x, const float* v0, float* spikes, float* v_last, int64_t B, int64_t S, int64_t N,
-                 float beta, float gain, float vth, int soft, int nthreads) {
-  const LifParams p{beta, gain, vth, 0.0f};
-  if (soft)
-    lif_forward_t<true>(x, v0, spikes, v_last, B, S, N, p, nthreads);
-  else
-    lif_forward_t<false>(x, v0, spikes, v_last, B, S, N, p, nthreads);
+                 int kind, double inv_tau, double beta, float vth, int soft, int nthreads) {
+  const LifParams p{{inv_tau, beta}, vth, 0.0f};
+  with_charge_kind(kind, [&](auto k) {
+    if (soft)
+      lif_forward_t<true, decltype(k)::value>(x, v0, spikes, v_last, B, S, N, p, nthreads);
+    else
+      lif_forward_t<false, decltype(k)::value>(x, v0, spikes, v_last, B, S, N, p, nthreads);
+  });
 }
 
 // Backward of lif_forward: recomputes the membrane per lane block (nothing stored in the forward but x, v0).
 // g_spikes [B, S, N], g_vlast [B, N] or null -> g_x [B, S, N], g_v0 [B, N] or null.
 void lif_backward(const float* x, const float* v0, const float* g_spikes, const float* g_vlast, float* g_x,
-                  float* g_v0, int64_t B, int64_t S, int64_t N, float beta, float gain, float vth, int soft,
-                  int detach, int surrogate, float alpha, int nthreads) {
-  const LifParams p{beta, gain, vth, alpha};
-  using Fn = void (*)(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
-                      int64_t, const LifParams&, int);
-  static const Fn table[8] = {
-      lif_backward_t<false, false, 0>, lif_backward_t<false, false, 1>, lif_backward_t<false, true, 0>,
-      lif_backward_t<false, true, 1>,  lif_backward_t<true, false, 0>,  lif_backward_t<true, false, 1>,
-      lif_backward_t<true, true, 0>,   lif_backward_t<true, true, 1>};
-  table[(soft ? 4 : 0) + (detach ? 2 : 0) + (surrogate ? 1 : 0)](x, v0, g_spikes, g_vlast, g_x, g_v0, B, S, N, p,
+                  float* g_v0, int64_t B, int64_t S, int64_t N, int kind, double inv_tau, double beta, float vth,
+                  int soft, int detach, int surrogate, float alpha, int nthreads) {
+  const LifParams p{{inv_tau, beta}, vth, alpha};
+  with_charge_kind(kind, [&](auto k) {
+    lif_backward_for<decltype(k)::value>(soft, detach, surrogate)(x, v0, g_spikes, g_vlast, g_x, g_v0, B, S, N, p,
                                                                   nthreads);
+  });
 }
 
 // WKV forward, running-max form. w = -exp(time_decay) [C], u [C]; k, v, y [B, L, C];

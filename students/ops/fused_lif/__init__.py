@@ -1,7 +1,8 @@
 """LIF neurons fused with the elementwise producer of their input. Layers call the three dispatch functions.
 
 On CPU the fused C kernels run (cpu.py); on CUDA the producer runs in PyTorch and the LIF through the Triton
-LIF kernel (no fused Triton kernel yet); SPIKEDISTILL_KERNELS=reference and fp64 run the reference.
+LIF kernel (no fused Triton kernel yet); SPIKEDISTILL_KERNELS=reference and float64 (any input or the membrane)
+run the reference, in float64.
 """
 from .._dispatch import select_backend
 from ..lif import lif_scan
@@ -10,7 +11,7 @@ from .reference import relu_square_lif_reference, sigmoid_gate_lif_reference, to
 
 def sigmoid_gate_lif(r, y, v0=None, lif=None):
     """See `sigmoid_gate_lif_reference`: r, y [B, S, N] -> (LIF(sigmoid(r) * y) [B, S, N], v_last [B, N] or None)."""
-    backend = select_backend(r)
+    backend = select_backend(r, y, v0)
     if backend == "cpu":
         from .cpu import sigmoid_gate_lif_cpu
 
@@ -20,7 +21,7 @@ def sigmoid_gate_lif(r, y, v0=None, lif=None):
 
 def relu_square_lif(z, v0=None, lif=None):
     """See `relu_square_lif_reference`: z [B, S, N] -> (LIF(relu(z)^2) [B, S, N], v_last [B, N] or None)."""
-    backend = select_backend(z)
+    backend = select_backend(z, v0)
     if backend == "cpu":
         from .cpu import relu_square_lif_cpu
 
@@ -30,7 +31,7 @@ def relu_square_lif(z, v0=None, lif=None):
 
 def token_shift_lif(h, mix, prev=None, v0=None, steps=1, lif=None):
     """See `token_shift_lif_reference`: h [B, L*T, C], mix [K, C] -> (out [B, L*T, K*C], v_last, last [B*T, C])."""
-    backend = select_backend(h)
+    backend = select_backend(h, mix, prev, v0)
     if backend == "cpu":
         from .cpu import token_shift_lif_cpu
 

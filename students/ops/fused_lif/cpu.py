@@ -2,32 +2,34 @@
 
 The forward computes the current X on the fly and stores nothing but the producer's outputs; the backward
 recomputes X and the membrane per block of 64 neurons, runs the surrogate-gradient recurrence backwards in
-time and applies the producer's chain rule in the same pass. fp32 inside whatever the input dtype; out comes
-back in the input dtype, v_last in fp32 (the carried membrane is not rounded).
+time and applies the producer's chain rule in the same pass. fp32 inside (fp32, bf16 or fp16 inputs; the dispatch
+runs float64 in the reference); out comes back in the input dtype, v_last in fp32 (the carried membrane is not
+rounded). The charge is spikingjelly's (students/ops/csrc/lif_charge.h).
 """
 from __future__ import annotations
 
 import torch
 
 from ..csrc import library, ptr, threads
+from ..lif.reference import charge_constants
 from ..surrogate import SURROGATES
 
 _GATE, _RELU_SQUARE = 0, 1
 
 
 def _opts(lif: dict | None) -> dict:
-    """LIF keyword arguments -> the C kernels' (beta, gain, vth, soft), (detach, surrogate, alpha) and fire."""
+    """LIF keyword arguments -> the C kernels' (*charge_constants, vth, soft), (detach, surrogate, alpha), fire."""
     if lif is None:
-        return {"fwd": (0.0, 1.0, 0.0, 0), "bwd": (0, 0, 0.0), "fire": 0}
+        return {"fwd": (0, 1.0, 0.0, 0.0, 0), "bwd": (0, 0, 0.0), "fire": 0}
     tau, reset = lif.get("tau", 2.0), lif.get("reset", "hard")
     surrogate = lif.get("surrogate", "atan")
     if reset not in ("hard", "soft"):
         raise ValueError(f"reset must be 'hard' or 'soft', got {reset!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    gain = 1.0 / tau if lif.get("decay_input", True) else 1.0
+    charge = charge_constants(tau, lif.get("decay_input", True))
     return {
-        "fwd": (1.0 - 1.0 / tau, gain, lif.get("v_threshold", 1.0), int(reset == "soft")),
+        "fwd": (*charge, lif.get("v_threshold", 1.0), int(reset == "soft")),
         "bwd": (int(lif.get("detach_reset", False)), SURROGATES.index(surrogate), lif.get("alpha", 2.0)),
         "fire": 1,
     }

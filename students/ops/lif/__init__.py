@@ -5,7 +5,7 @@ from .reference import lif_scan_reference
 
 def lif_scan(x, v0=None, **kwargs):
     """See `lif_scan_reference` for the contract: x [B, S, *N] -> (spikes [B, S, *N], v_last [B, *N])."""
-    backend = select_backend(x)
+    backend = select_backend(x, v0)  # float64 x or v0: the float64 reference
     if backend == "cpu":
         from .cpu import lif_scan_cpu
 

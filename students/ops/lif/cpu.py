@@ -1,4 +1,5 @@
-"""Fused CPU LIF scan: one C loop over time per block of 16 neurons, fp32 inside.
+"""Fused CPU LIF scan: one C loop over time per block of 64 neurons, fp32 inside (spikingjelly's charge,
+students/ops/csrc/lif_charge.h). float64 never comes here: the dispatch sends it to the float64 reference.
 
 The forward stores nothing but its inputs (x, v0); the backward recomputes the membrane per neuron block and
 runs the surrogate-gradient recurrence backwards in time.
@@ -7,6 +8,7 @@ import torch
 
 from ..csrc import library, ptr, threads
 from ..surrogate import SURROGATES
+from .reference import charge_constants
 
 
 class _LifScan(torch.autograd.Function):
@@ -55,15 +57,16 @@ def lif_scan_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `lif_scan_reference`: x [B, S, *N], v0 [B, *N] -> (spikes [B, S, *N], v_last [B, *N]).
 
-    Computes in fp32 whatever x's dtype; spikes come back in x's dtype, the membrane v_last in fp32.
+    Computes in fp32 (x may be fp32, bf16 or fp16; the dispatch runs float64 in the reference); spikes come
+    back in x's dtype, the membrane v_last in fp32.
     """
     if reset not in ("hard", "soft"):
         raise ValueError(f"reset must be 'hard' or 'soft', got {reset!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    beta, gain, soft = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0), int(reset == "soft")
+    charge, soft = charge_constants(tau, decay_input), int(reset == "soft")
     opts = {
-        "fwd": (beta, gain, v_threshold, soft),
-        "bwd": (beta, gain, v_threshold, soft, int(detach_reset), SURROGATES.index(surrogate), alpha),
+        "fwd": (*charge, v_threshold, soft),
+        "bwd": (*charge, v_threshold, soft, int(detach_reset), SURROGATES.index(surrogate), alpha),
     }
     return _LifScan.apply(x, v0, opts)

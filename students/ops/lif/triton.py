@@ -2,6 +2,12 @@
 
 The forward stores nothing but its inputs; the backward re-runs the charge into a transient fp32 buffer of the
 pre-spike membrane and then walks time backwards. Tested on CPU with TRITON_INTERPRET=1.
+
+The charge is spikingjelly's, rounded as PyTorch rounds it (reference.charge): the quotient by tau is the IEEE
+division (div_rn; a plain `/` may compile to an approximate division), and the kernels are compiled without
+multiply-add fusion (enable_fp_fusion=False), so V * beta + X rounds twice, as the reference does. float64 never
+comes here: Triton passes Python floats (tau, the threshold) as float32 scalars, so the dispatch runs float64 in
+the reference.
 """
 import torch
 import triton
@@ -9,13 +15,22 @@ import triton.language as tl
 
 from ..surrogate import SURROGATES
 from ..triton_common import surrogate_grad
+from .reference import charge_constants
 
 BLOCK = 128
 
 
 @triton.jit
-def _lif_fwd(x_ptr, v0_ptr, s_ptr, vl_ptr, S, N, beta, gain, vth,
-             HAS_V0: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _charge(v, x, tau, beta, DECAY: tl.constexpr):
+    """reference.charge: V + (X - V) / tau (DECAY) or V * beta + X, beta = float32(1 - 1/tau)."""
+    if DECAY:
+        return v + tl.math.div_rn(x - v, tau)
+    return v * beta + x
+
+
+@triton.jit
+def _lif_fwd(x_ptr, v0_ptr, s_ptr, vl_ptr, S, N, tau, beta, vth,
+             HAS_V0: tl.constexpr, DECAY: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
@@ -24,7 +39,7 @@ def _lif_fwd(x_ptr, v0_ptr, s_ptr, vl_ptr, S, N, beta, gain, vth,
         v = tl.load(v0_ptr + b * N + n, mask=mask, other=0.0).to(tl.float32)
     for t in range(S):
         off = (b * S + t) * N + n
-        h = beta * v + gain * tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        h = _charge(v, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32), tau, beta, DECAY)
         s = tl.where(h - vth >= 0.0, 1.0, 0.0)
         v = h - s * vth if SOFT else h * (1.0 - s)
         tl.store(s_ptr + off, s, mask=mask)
@@ -32,9 +47,9 @@ def _lif_fwd(x_ptr, v0_ptr, s_ptr, vl_ptr, S, N, beta, gain, vth,
 
 
 @triton.jit
-def _lif_bwd(x_ptr, v0_ptr, gs_ptr, gvl_ptr, h_ptr, gx_ptr, gv0_ptr, S, N, beta, gain, vth, alpha,
-             HAS_V0: tl.constexpr, HAS_GVL: tl.constexpr, SOFT: tl.constexpr, DETACH: tl.constexpr,
-             SUR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _lif_bwd(x_ptr, v0_ptr, gs_ptr, gvl_ptr, h_ptr, gx_ptr, gv0_ptr, S, N, tau, beta, vth, alpha,
+             HAS_V0: tl.constexpr, HAS_GVL: tl.constexpr, DECAY: tl.constexpr, SOFT: tl.constexpr,
+             DETACH: tl.constexpr, SUR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
@@ -43,7 +58,7 @@ def _lif_bwd(x_ptr, v0_ptr, gs_ptr, gvl_ptr, h_ptr, gx_ptr, gv0_ptr, S, N, beta,
         v = tl.load(v0_ptr + b * N + n, mask=mask, other=0.0).to(tl.float32)
     for t in range(S):  # recompute the membrane into the scratch buffer
         off = (b * S + t) * N + n
-        h = beta * v + gain * tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        h = _charge(v, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32), tau, beta, DECAY)
         s = tl.where(h - vth >= 0.0, 1.0, 0.0)
         v = h - s * vth if SOFT else h * (1.0 - s)
         tl.store(h_ptr + off, h, mask=mask)
@@ -64,8 +79,13 @@ def _lif_bwd(x_ptr, v0_ptr, gs_ptr, gvl_ptr, h_ptr, gx_ptr, gv0_ptr, S, N, beta,
             dv_ds = -h
         gs = tl.load(gs_ptr + off, mask=mask, other=0.0)
         gh = gv * dv_dh + (gs + gv * dv_ds) * surrogate_grad(xs, alpha, SUR)
-        tl.store(gx_ptr + off, gh * gain, mask=mask)
-        gv = gh * beta
+        if DECAY:  # the charge's derivatives as autograd forms them: d/dX = 1/tau, d/dV = 1 - 1/tau
+            gx = tl.math.div_rn(gh, tau)
+            gv = gh - gx
+        else:
+            gx = gh
+            gv = gh * beta
+        tl.store(gx_ptr + off, gx, mask=mask)
     if HAS_V0:
         tl.store(gv0_ptr + b * N + n, gv, mask=mask)
 
@@ -80,9 +100,10 @@ class _LifScanTriton(torch.autograd.Function):
         spikes = torch.empty(B, S, N, device=x.device, dtype=torch.float32)
         v_last = torch.empty(B, N, device=x.device, dtype=torch.float32)
         grid = (B, triton.cdiv(N, BLOCK))
-        beta, gain, vth, soft = opts["fwd"]
-        _lif_fwd[grid](xf, v0f if v0f is not None else xf, spikes, v_last, S, N, beta, gain, vth,
-                       HAS_V0=v0f is not None, SOFT=bool(soft), BLOCK=BLOCK)  # fmt: skip
+        decay, tau, beta, vth, soft = opts["fwd"]
+        _lif_fwd[grid](xf, v0f if v0f is not None else xf, spikes, v_last, S, N, tau, beta, vth,
+                       HAS_V0=v0f is not None, DECAY=decay, SOFT=soft, BLOCK=BLOCK,
+                       enable_fp_fusion=False)  # fmt: skip
         ctx.save_for_backward(xf, v0f)
         ctx.opts, ctx.x_shape, ctx.x_dtype = opts, x.shape, x.dtype
         ctx.v0_dtype = None if v0 is None else v0.dtype
@@ -98,12 +119,12 @@ class _LifScanTriton(torch.autograd.Function):
         h = torch.empty(B, S, N, device=xf.device, dtype=torch.float32)
         gx = torch.empty(B, S, N, device=xf.device, dtype=torch.float32)
         gv0 = None if v0f is None else torch.empty_like(v0f)
-        beta, gain, vth, soft, detach, sur, alpha = ctx.opts["bwd"]
+        decay, tau, beta, vth, soft, detach, sur, alpha = ctx.opts["bwd"]
         _lif_bwd[(B, triton.cdiv(N, BLOCK))](
             xf, v0f if v0f is not None else xf, gs, gvl if gvl is not None else gs, h, gx,
-            gv0 if gv0 is not None else gx, S, N, beta, gain, vth, alpha,
-            HAS_V0=v0f is not None, HAS_GVL=gvl is not None, SOFT=bool(soft), DETACH=bool(detach), SUR=sur,
-            BLOCK=BLOCK,
+            gv0 if gv0 is not None else gx, S, N, tau, beta, vth, alpha,
+            HAS_V0=v0f is not None, HAS_GVL=gvl is not None, DECAY=decay, SOFT=soft, DETACH=detach, SUR=sur,
+            BLOCK=BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
         gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
         if gv0 is not None:
@@ -125,15 +146,17 @@ def lif_scan_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `lif_scan_reference`: x [B, S, *N], v0 [B, *N] -> (spikes [B, S, *N], v_last [B, *N]).
 
-    fp32 arithmetic whatever x's dtype (bf16 allowed); spikes in x's dtype, the membrane v_last in fp32.
+    fp32 arithmetic (x may be fp32, bf16 or fp16; the dispatch runs float64 in the reference); spikes in x's
+    dtype, the membrane v_last in fp32.
     """
     if reset not in ("hard", "soft"):
         raise ValueError(f"reset must be 'hard' or 'soft', got {reset!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    beta, gain, soft = 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0), int(reset == "soft")
+    beta = charge_constants(tau, decay_input)[2]
+    charge = (bool(decay_input), float(tau), beta)  # tau as a float32 kernel argument: float32(tau), as PyTorch
     opts = {
-        "fwd": (beta, gain, v_threshold, soft),
-        "bwd": (beta, gain, v_threshold, soft, int(detach_reset), SURROGATES.index(surrogate), alpha),
+        "fwd": (*charge, v_threshold, reset == "soft"),
+        "bwd": (*charge, v_threshold, reset == "soft", bool(detach_reset), SURROGATES.index(surrogate), alpha),
     }
     return _LifScanTriton.apply(x, v0, opts)
