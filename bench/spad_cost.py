@@ -9,9 +9,11 @@ alternated (forward, backward, optimizer step) so both see the same load on a sh
   kd     STA on the cached targets + HTA (0.3 / 0.3), kd impl fused: c_snn_kd's step;
   joint  the same plus EA + SAA + SFA against the online teacher (embeddings, hidden states, attention maps of
          every layer), at 0.2 / 0.1 / 0.1: g_snn_spad_joint's step.
-Prints the median of --steps steps each (after one warm-up step), the joint step split into its parts
-(teacher forward, student forward, SpAD terms, logit terms, backward, optimizer), and the joint arm's
-training time at --budget steps (validation and start-up not included).
+Prints the median wall and CPU seconds (of this process) of --steps steps each, after one warm-up step: on a
+busy shared machine the CPU seconds are the steadier figure, and at one thread they approach an idle
+machine's wall time. Then the joint step split into its parts (wall: teacher forward, student forward, SpAD
+terms, logit terms, backward, optimizer), and both arms' training time at --budget steps from the CPU
+medians (validation and start-up not included).
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     targets = _targets(teacher, ids)
     optimizers = {arm: torch.optim.AdamW([p for p in o.parameters() if p.requires_grad], lr=1e-4)
                   for arm, o in objectives.items()}
-    seconds: dict[str, list[float]] = {"kd": [], "joint": []}
+    seconds: dict[str, list[tuple[float, float]]] = {"kd": [], "joint": []}
     parts: dict[str, list[float]] = {}
     for step in range(args.steps + 1):
         for arm in (("kd", "joint") if step % 2 else ("joint", "kd")):
             timer.clear()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             loss = objectives[arm](ids, targets=targets)["loss"] / (8 * 127)
             forward = time.perf_counter()
             loss.backward()
@@ -97,23 +99,26 @@ def main(argv: list[str] | None = None) -> None:
             end = time.perf_counter()
             if not step:
                 continue  # warm-up
-            seconds[arm].append(end - start)
+            seconds[arm].append((end - start, time.process_time() - cpu))
             if arm == "joint":
                 for name, value in {**timer, "backward": backward - forward, "optimizer": end - backward}.items():
                     parts.setdefault(name, []).append(value)
-    med = {arm: statistics.median(v) for arm, v in seconds.items()}
+    med = {arm: statistics.median(s for s, _ in v) for arm, v in seconds.items()}
+    cpu = {arm: statistics.median(c for _, c in v) for arm, v in seconds.items()}
     print(f"## seconds per distill step, batch 8 x 128, {args.threads} thread(s), median of {args.steps} steps")
-    print("| arm | s/step | each step | vs kd |")
-    print("|---|---:|---|---:|")
+    print("| arm | wall s/step | each step (wall) | CPU s/step | vs kd (wall) | vs kd (CPU) |")
+    print("|---|---:|---|---:|---:|---:|")
     for arm in ("kd", "joint"):
-        print(f"| {arm} | {med[arm]:.2f} | {' '.join(f'{s:.2f}' for s in seconds[arm])} | {med[arm] / med['kd']:.2f}x |")
+        each = " ".join(f"{s:.2f}" for s, _ in seconds[arm])
+        print(f"| {arm} | {med[arm]:.2f} | {each} | {cpu[arm]:.2f} | {med[arm] / med['kd']:.2f}x | "
+              f"{cpu[arm] / cpu['kd']:.2f}x |")
     print("\n## the joint step by part (medians)")
     print("| part | s | fraction |")
     print("|---|---:|---:|")
     for name, values in parts.items():
         print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / med['joint']:.2f} |")
-    print(f"\njoint arm, {args.budget} steps: {args.budget * med['joint'] / 60:.0f} min of training steps "
-          f"(kd arm: {args.budget * med['kd'] / 60:.0f} min)")
+    print(f"\n{args.budget} steps at the CPU medians: joint arm {args.budget * cpu['joint'] / 60:.0f} min, kd arm "
+          f"{args.budget * cpu['kd'] / 60:.0f} min of training steps")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = objective.student.config
         print(f"## {args.recipe} {' '.join(args.overrides)}: {cfg.n_layer} x {cfg.d_model} student "
               f"({cfg.token_mixer}, T = {cfg.time_steps}), {b} x {ids.shape[1]} rows, {args.threads} thread(s)")
-        for step in (0, args.steps):
+        for step in (0, args.steps) if args.steps else (0,):
             if step:
                 train_steps(objective, stream, recipe, step, b)
             print(f"\n### after {step} steps" if step else "\n### at initialisation")
