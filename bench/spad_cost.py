@@ -19,6 +19,7 @@ medians (validation and start-up not included).
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from dataclasses import asdict
@@ -46,7 +47,7 @@ def _objectives(threads: int):
     objectives = {}
     for arm, r in recipes.items():
         weights = asdict(r.distill.weights)
-        spad = build_spad(r, student, teacher, weights, _Log())
+        spad = build_spad(r, student, teacher, weights, logging.getLogger("bench.spad_cost"))
         kd = {"kind": r.distill.kd.kind, "temperature": r.distill.kd.temperature, "chunk_size": r.distill.kd.chunk_size,
               "beta": r.distill.kd.jsd_beta, "impl": r.distill.kd.impl}
         objectives[arm] = DistillObjective(student, weights, teacher=_Timed(teacher, timer, "teacher") if spad else None,
@@ -56,11 +57,6 @@ def _objectives(threads: int):
     objectives["joint"]._student_forward = _Timed(objectives["joint"]._student_forward, timer, "student forward")
     objectives["joint"]._logit_terms = _Timed(objectives["joint"]._logit_terms, timer, "logit terms")
     return objectives, teacher, timer
-
-
-class _Log:
-    def info(self, *args) -> None:
-        pass
 
 
 def _targets(teacher, ids: torch.Tensor, k: int = 64):
