@@ -182,7 +182,11 @@ def save_outputs(ctx: StageContext, trainer: Trainer, objective: DistillObjectiv
 
 def train_objective(ctx: StageContext, objective: DistillObjective, section: Any, name: str, train, val,
                     collate=None) -> tuple[Trainer, dict]:
-    """Freeze what no loss reaches, then fit with the section's train settings; returns (trainer, metrics)."""
+    """Freeze what no loss reaches, then fit with the section's train settings; returns (trainer, metrics).
+
+    Both stages order the data by run.seed; align reads that order from its end (Trainer from_end), so distill
+    reads the rows of a run without align, in the same order, and align's rows are ones distill reaches last
+    (none of them while align + distill rows fit in one pass over the split)."""
     from pipeline.runner import stage_config_hash
     from pipeline.trainer import default_collate
 
@@ -196,7 +200,7 @@ def train_objective(ctx: StageContext, objective: DistillObjective, section: Any
                       bytes_per_token=train.bytes_per_token, seed=ctx.recipe.run.seed,
                       config_hash=stage_config_hash(ctx.recipe, name), name=name, collate=collate,
                       fsdp=ctx.recipe.distributed.strategy == "fsdp", accept_hashes=ctx.accept_checkpoints,
-                      tensorboard=os.environ.get("SPIKEDISTILL_TENSORBOARD", "0") == "1")
+                      tensorboard=os.environ.get("SPIKEDISTILL_TENSORBOARD", "0") == "1", from_end=name == "align")
     return trainer, trainer.fit()
 
 

@@ -290,13 +290,22 @@ class SpADLoss(nn.Module):
     per-token SUMS.
 
     EA   MSE(P(E_S), E_T): P a linear map of the student's embedding output (averaged over T steps).
-    SAA  per mapped layer, averaged over layers: (1 - g) MSE(A_S, M A_T) + g MSE(D(A_S), D(R(M A_T))),
-         g = rate_mix (0.5). A_S [B, H_s, L, L] is the student's map averaged over its T steps (a spike rate for
-         sfsa); M [H_s, H_t] maps teacher heads onto student heads: "mean" = fixed mean-pool groups
-         (head_mix_matrix), "learned" = a free mix per layer initialised to it. R(.) = attention_rate_code:
-         each row of the mapped teacher map, rescaled so that a key's uniform share reaches the threshold, is
-         fed into the student's own LIF for T steps; D(.) divides each row by its sum (`row_distribution`), so
-         the rate term compares where each query's attention goes, not how much of it there is.
+    SAA  per mapped layer, averaged over layers: (1 - g) ||D(A_S) - M A_T||^2 + g ||D(A_S) - D(R(M A_T))||^2,
+         g = rate_mix (0.5), ||.||^2 the squared distance between two rows, summed over keys (each query's
+         distance between two distributions over its keys, in [0, 2]) and averaged over heads. A_S
+         [B, H_s, L, L] is the student's map averaged over its T steps (a spike rate for sfsa); D(.) divides
+         each row by its sum (`row_distribution`), so both terms compare where each query's attention goes, not
+         how much of it there is; M [H_s, H_t] maps teacher heads onto student heads (rows of M A_T sum to 1):
+         "mean" = fixed mean-pool groups (head_mix_matrix), "learned" = a free mix per layer initialised to it.
+         R(.) = attention_rate_code: each row of the mapped teacher map, rescaled so that a key's uniform share
+         reaches the threshold, is fed into the student's own LIF for T steps.
+         Why a sum over keys, not the mean of an elementwise MSE: the entries of a row that spreads over n keys
+         are ~1/n, and a mean over the L key columns divides once more by L, so the mean can never exceed 2 / L
+         per query (0.016 at L = 128) whatever the maps do, and shrinks as the context grows. On the study's
+         srwkv student that left SAA's gradient on the block weights at ~1% of SFA's at the published weights
+         (bench/spad_grads.py); the sum is bounded by 2 at any L. The sum compares distributions, so the student
+         side is D(A_S): for srwkv and sfsa_linear, whose rows already sum to 1 (or 0), that changes nothing; for
+         sfsa it compares where the binary map fires instead of spike counts with probabilities.
     SFA  per mapped layer, averaged over layers: (1 - g) MSE(z, h_T) + g MSE(R(z), R(h_T)) with z = LN(MLP(h_S))
          and R(.) = feature_rate_code (each token rescaled by its rms, then the student's LIF for T steps); the
          student side goes through the same neuron with its surrogate gradient, and neither side depends on the
@@ -309,8 +318,8 @@ class SpADLoss(nn.Module):
     the neuron is the student's, and the scale is a typical entry (uniform share, rms) because on SmolLM2-135M
     the row maximum is the attention sink at key 0 in every row, and one massive channel of the features, so
     a max-scaled code is a one-hot on them (measured: 1.0 firing key per row, 0.2% of channels, at T = 1).
-    Every MSE is a mean over the feature axes (heads and keys for maps) of each token, summed over the first
-    n_pos positions. Only terms with a weight > 0 get parameters (DDP needs every parameter to get a gradient).
+    Every EA / SFA MSE is a mean over the feature axis of each token, and every SAA distance a mean over heads;
+    both are summed over the first n_pos positions. Only terms with a weight > 0 get parameters (DDP needs every parameter to get a gradient).
     `lif` are the student's lif_scan keyword arguments (`lif_kwargs(config)`); time_steps its T.
     """
 
@@ -377,11 +386,11 @@ class SpADLoss(nn.Module):
         return mapped, attention_rate_code(mapped, self.time_steps, self.lif)
 
     def _saa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
-        a_s = student_out.attentions[i][:, :, :n_pos].float()
-        mapped, rates = self.saa_target(i, teacher_out, n_pos, a_s.shape[-1])
         steps = self.time_steps
-        rate = _map_mse(row_distribution(a_s, steps), row_distribution(rates, steps))
-        return (1.0 - self.rate_mix) * _map_mse(a_s, mapped) + self.rate_mix * rate
+        a_s = row_distribution(student_out.attentions[i][:, :, :n_pos].float(), steps)
+        mapped, rates = self.saa_target(i, teacher_out, n_pos, a_s.shape[-1])
+        rate = _row_distance(a_s, row_distribution(rates, steps))
+        return (1.0 - self.rate_mix) * _row_distance(a_s, mapped) + self.rate_mix * rate
 
     def sfa_target(self, i: int, teacher_out: Any, n_pos: int) -> torch.Tensor:
         """The teacher state student layer i is aligned to, [B, n_pos, C_t] (LayerNorm'd if sfa_target_norm)."""
@@ -401,9 +410,10 @@ def _token_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).mean(-1).sum()
 
 
-def _map_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Attention maps [B, H, L, K]: per query token the mean over heads and keys, summed over tokens."""
-    return (a - b).pow(2).mean(dim=(1, 3)).sum()
+def _row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Attention maps [B, H, L, K]: per query token the squared distance between its rows (a sum over keys),
+    averaged over heads, summed over tokens -> scalar."""
+    return (a - b).pow(2).sum(-1).mean(1).sum()
 
 
 # ----------------------------------------------------------------------------------------- objective
@@ -435,6 +445,14 @@ class DistillObjective(nn.Module):
         return self._teacher[0]
 
     def forward(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
+        sums = self.term_sums(input_ids, targets)
+        loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
+        return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
+
+    def term_sums(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
+        """The unweighted sums that forward weights, each a scalar with its graph: "ea", "saa", "sfa" for the
+        SpAD terms with weight > 0, "kd" and "ce" when STA or HTA has one. With kd impl "fused" the head's
+        gradient is made for w_sta * kd + w_hta * ce only; backpropagating kd or ce alone needs impl "chunked"."""
         spad = self.spad
         logit_terms = self.weights["sta"] > 0 or self.weights["hta"] > 0
         out = self._student_forward(input_ids, spad)
@@ -445,8 +463,7 @@ class DistillObjective(nn.Module):
         sums: dict[str, torch.Tensor] = dict(spad(out, t_out, n_pos)) if spad is not None else {}
         if logit_terms:
             sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets))
-        loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
-        return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
+        return sums
 
     def _student_forward(self, input_ids: torch.Tensor, spad: SpADLoss | None) -> Any:
         """The student's outputs up to its head (`.head_input`, the normed last hidden state)."""

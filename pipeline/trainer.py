@@ -7,7 +7,10 @@ so 4 x (batch 2) with accumulation equals 1 x (batch 8), and 2 ranks x batch b e
 
 Data order is a pure function of (seed, sample position): epoch e is randperm(len(data)) seeded by
 seed + e, and global micro-batch g takes stream positions [g*B*W, (g+1)*B*W), rank r the r-th slice of B.
-The data position saved in a checkpoint is the stream position, so a resumed run sees the same batches.
+With from_end=True each epoch's permutation is read from its last entry backwards (the align stage's order:
+a run whose align and distill steps fit in one pass reads no row twice, and distill's rows and their order are
+those of a run without align). The data position saved in a checkpoint is the stream position, so a resumed
+run sees the same batches.
 
 Reliability:
 - checkpoints every train.checkpoint_every steps and at the end (pipeline.checkpoint: atomic, verified);
@@ -99,10 +102,11 @@ def freeze_unreached_parameters(model: nn.Module, batch: dict[str, Any]) -> list
 
 
 class DataStream:
-    """Deterministic sample order: stream position p -> dataset index perm_{p // n}[p % n]."""
+    """Deterministic sample order: stream position p -> dataset index perm_{p // n}[p % n], or with from_end
+    perm_{p // n}[n - 1 - p % n] (the same permutations read backwards)."""
 
-    def __init__(self, data: Dataset, seed: int, shuffle: bool = True):
-        self.data, self.seed, self.shuffle = data, seed, shuffle
+    def __init__(self, data: Dataset, seed: int, shuffle: bool = True, from_end: bool = False):
+        self.data, self.seed, self.shuffle, self.from_end = data, seed, shuffle, from_end
         self.n = len(data)
         if self.n == 0:
             raise TrainingError("the training split is empty; rerun prepare with more data or a smaller seq_len")
@@ -110,6 +114,8 @@ class DataStream:
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.n)
+        if self.from_end:
+            offset = self.n - 1 - offset
         if not self.shuffle:
             return offset
         if epoch not in self._perms:
@@ -127,6 +133,7 @@ class Trainer:
     model: nn.Module, forward(**batch) -> {"loss": scalar sum over tokens, <name>: scalar sums, ...}.
     train_data / val_data: map-style datasets of rows (LongTensor [L] or dicts), batched by `collate`.
     stage_dir: where metrics.jsonl and checkpoints/ live. config_hash: resume only from checkpoints with it.
+    seed: the data order's seed; from_end: read each epoch's order backwards (see the module docstring).
     fsdp: shard with FSDP2; applied here (fully_shard per ModuleList entry + root) when accelerate does not
     do it itself, which is the case on CPU, where accelerate only knows DDP.
     """
@@ -136,12 +143,13 @@ class Trainer:
                  seed: int = 0, config_hash: str = "", name: str = "train",
                  collate: Callable[[list[Any]], dict] = default_collate,
                  count_tokens: Callable[[dict], int] = count_next_token_targets,
-                 tensorboard: bool = False, fsdp: bool = False, accept_hashes: tuple[str, ...] = ()):
+                 tensorboard: bool = False, fsdp: bool = False, accept_hashes: tuple[str, ...] = (),
+                 from_end: bool = False):
         self.cfg, self.acc, self.name = train_cfg, accelerator, name
         self.stage_dir = Path(stage_dir)
         self.ckpt_root = self.stage_dir / "checkpoints"
         self.metrics_path = self.stage_dir / "metrics.jsonl"
-        self.stream = DataStream(train_data, seed)
+        self.stream = DataStream(train_data, seed, from_end=from_end)
         self.val_stream = DataStream(val_data, seed, shuffle=False) if val_data is not None and len(val_data) else None
         self.bytes_per_token = bytes_per_token
         self.config_hash, self.collate, self.count_tokens = config_hash, collate, count_tokens

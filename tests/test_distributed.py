@@ -41,8 +41,13 @@ def _check_written(proc: subprocess.CompletedProcess, out: Path) -> None:
 
 
 @pytest.mark.latest
-def test_ddp_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path, tiny_teacher_dir):
-    proc = _launch(tiny_teacher_dir, tmp_path / "ddp", "ddp", "--batch-size", "2", "--steps", "3", "--lr", "0.03")
+@pytest.mark.parametrize("joint", [False, True], ids=["kd", "joint_spad"])
+def test_ddp_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path, tiny_teacher_dir, joint):
+    """joint: BiSpikCLM's five terms with their projections; DDP (no find_unused_parameters) would stop at the
+    second step if any parameter got no gradient, and the per-token sums make 2 x 2 rows equal 1 x 4."""
+    extra = ["--joint"] if joint else []
+    proc = _launch(tiny_teacher_dir, tmp_path / "ddp", "ddp", "--batch-size", "2", "--steps", "3", "--lr", "0.03",
+                   *extra)
     _check_written(proc, tmp_path / "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "info.json").read_text())["world_size"] == 2
@@ -53,11 +58,11 @@ def test_ddp_two_ranks_equal_one_process_with_the_doubled_batch(tmp_path, tiny_t
     threads = torch.get_num_threads()
     try:
         train_student.main(["--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "one"), "--strategy",
-                            "ddp", "--batch-size", "4", "--steps", "3", "--lr", "0.03"])
+                            "ddp", "--batch-size", "4", "--steps", "3", "--lr", "0.03", *extra])
     finally:
         torch.set_num_threads(threads)
     two, one = load_file(tmp_path / "ddp" / "final.safetensors"), load_file(tmp_path / "one" / "final.safetensors")
-    assert two.keys() == one.keys()
+    assert two.keys() == one.keys() and joint == any(k.startswith("spad.sfa_proj") for k in one)
     for k in one:  # same rows, same updates; only the order of float sums differs
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
     rows2, rows1 = _train_rows(tmp_path / "ddp"), _train_rows(tmp_path / "one")

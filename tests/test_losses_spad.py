@@ -96,19 +96,35 @@ def test_ea_is_projected_mse_summed_over_the_first_n_positions():
     assert set(out) == {"ea"} and out["ea"].item() == pytest.approx(3.0)
 
 
-def test_saa_mixes_direct_and_rate_terms_by_hand():
+@pytest.mark.parametrize("binary", [False, True])
+def test_saa_mixes_direct_and_rate_terms_by_hand(binary):
     spad = _spad({"saa": 1.0})
-    a_s = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])                  # [B=1, H_s=1, L=2, L=2]
+    # [B=1, H_s=1, L=2, L=2]: a row distribution (srwkv, sfsa_linear) or a binary sfsa map with the same rows
+    # once each row is divided by its sum
+    a_s = torch.tensor([[[[1.0, 0.0], [1.0, 1.0] if binary else [0.5, 0.5]]]])
     a_t = torch.tensor([[[[1.0, 0.0], [0.2, 0.8]], [[1.0, 0.0], [0.6, 0.4]]]])  # H_t = 2
     out = spad(SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=2)
     # mapped teacher = mean of its 2 heads: [[1, 0], [0.4, 0.6]]; uniform shares 1 and 1/2, so f = [1, 0] and
-    # [0.8, 1.2]: at T = 1 only f >= 1 fires -> rate code [[1, 0], [0, 1]] (rows already distributions)
-    direct = (0 + 0) / 2 + (0.1**2 + 0.1**2) / 2
-    rate = (0 + 0) / 2 + (0.5**2 + 0.5**2) / 2
+    # [0.8, 1.2]: at T = 1 only f >= 1 fires -> rate code [[1, 0], [0, 1]] (rows already distributions).
+    # Student rows [1, 0] and [0.5, 0.5]; per query the squared distance summed over keys, summed over queries
+    direct = 0 + (0.1**2 + 0.1**2)
+    rate = 0 + (0.5**2 + 0.5**2)
     assert out["saa"].item() == pytest.approx(0.5 * direct + 0.5 * rate)
     only_rate = _spad({"saa": 1.0}, rate_mix=1.0)(SimpleNamespace(attentions=(a_s,)),
                                                    SimpleNamespace(attentions=(a_t,)), n_pos=2)
     assert only_rate["saa"].item() == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("length", [4, 64])
+def test_saa_per_query_is_a_distance_between_rows_whatever_the_context_length(length):
+    """Every query of the student on key 0, every teacher query i >= 1 on key i: each of those L - 1 queries is
+    2 apart (1^2 + 1^2), at any L. (A mean over the L key columns would give 2 / L per query.)"""
+    spad = _spad({"saa": 1.0}, hs=2, ht=2, rate_mix=0.0)
+    a_s = torch.zeros(1, 2, length, length)
+    a_s[..., 0] = 1.0
+    a_t = torch.eye(length).expand(1, 2, length, length)
+    out = spad(SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=length)
+    assert out["saa"].item() == pytest.approx(2.0 * (length - 1))
 
 
 def test_saa_learned_head_mix_is_a_parameter_initialised_to_the_mean():
@@ -260,3 +276,84 @@ def test_one_step_on_the_rate_term_alone_moves_the_student_toward_the_targets(sm
     with torch.no_grad():
         after, overlap_after = loss_and_overlap()
     assert after < 0.97 * before and overlap_after > overlap_before, (float(before), float(after))
+
+
+# ---------------------------------------------------------------------- the joint objective (BiSpikCLM's SpAD)
+JOINT = {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3}
+
+
+def _joint_objective(teacher_dir, mixer: str):
+    """What the distill stage builds for g_snn_spad_joint, at tiny size: a 2 x 16 student of `mixer`, the tiny
+    teacher online with attention maps, SpAD through pipeline.build.build_spad (SFA against LN(h_T))."""
+    import logging
+
+    from pipeline.build import build_spad, build_student
+    from pipeline.schema import Recipe
+    from teachers import load_teacher
+
+    recipe = Recipe()
+    recipe.student.preset = "tiny"
+    recipe.student.config = {"n_layer": 2, "d_model": 16, "n_head": 2, "token_mixer": mixer}
+    teacher = load_teacher(str(teacher_dir), attn_maps=True)
+    student = build_student(recipe, teacher.vocab_size)
+    spad = build_spad(recipe, student, teacher, JOINT, logging.getLogger("test"))
+    return DistillObjective(student, JOINT, teacher=teacher, spad=spad, kd={"temperature": 2.0, "chunk_size": 5})
+
+
+def _independent_terms(objective, ids) -> dict[str, float]:
+    """The five terms from the student's and teacher's full outputs, in float64 where the loss is plain torch:
+    dense full-vocabulary KD at tau = 2, CE, and the SpAD terms written out from their definitions."""
+    import torch.nn.functional as F
+
+    student, spad, teacher = objective.student, objective.spad, objective.teacher
+    n = ids.shape[1] - 1
+    lif, heads = spad.lif, student.config.n_head
+    with torch.no_grad():
+        s = student(ids, output_hidden_states=True, output_attentions=True)
+        t = teacher(ids, logits=True, hidden_states=True)
+        ea = ((spad.ea_proj(s.hidden_states[0][:, :n]) - t.embeddings[:, :n]) ** 2).mean(-1).sum()
+        saa, sfa = 0.0, 0.0
+        for i, layer in enumerate(spad.layer_map):
+            a_s = s.attentions[i][:, :, :n].double()
+            a_s = a_s / a_s.sum(-1, keepdim=True).clamp_min(1.0)              # T = 1: rows as distributions
+            a_t = t.attentions[layer][:, :, :n].double()
+            mapped = torch.einsum("st,btqk->bsqk", head_mix_matrix(heads, a_t.shape[1]).double(), a_t)
+            rates = attention_rate_code(mapped.float(), 1, lif).double()
+            rates = rates / rates.sum(-1, keepdim=True).clamp_min(1.0)
+            saa += 0.5 * ((a_s - mapped) ** 2).sum(-1).mean(1).sum() + 0.5 * ((a_s - rates) ** 2).sum(-1).mean(1).sum()
+            z = spad.sfa_proj[i](s.hidden_states[i + 1][:, :n])
+            h = F.layer_norm(t.hidden_states[layer][:, :n], z.shape[-1:])
+            rate_gap = feature_rate_code(z, 1, lif) - feature_rate_code(h, 1, lif)
+            sfa += 0.5 * ((z - h) ** 2).mean(-1).sum() + 0.5 * (rate_gap**2).mean(-1).sum()
+        logits, t_logits = s.logits[:, :-1].double(), t.logits[:, :-1].double()
+        log_p, log_q = (logits / 2).log_softmax(-1), (t_logits / 2).log_softmax(-1)
+        kd = 4 * (log_q.exp() * (log_q - log_p)).sum()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    layers = len(spad.layer_map)
+    return {"ea": float(ea), "saa": float(saa) / layers, "sfa": float(sfa) / layers, "kd": float(kd), "ce": float(ce)}
+
+
+@pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "sfsa_linear"])
+def test_joint_loss_is_the_weighted_sum_of_the_five_terms(tiny_teacher_dir, mixer):
+    objective = _joint_objective(tiny_teacher_dir, mixer)
+    ids = torch.randint(1, 320, (3, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = objective(ids)
+    want = _independent_terms(objective, ids)
+    assert set(out) == {"loss", *want}
+    for term, value in want.items():
+        assert out[term].item() == pytest.approx(value, rel=1e-4, abs=1e-6), term
+    weight = {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "kd": 0.3, "ce": 0.3}
+    assert all(want[k] > 0 for k in want)
+    assert out["loss"].item() == pytest.approx(sum(weight[k] * want[k] for k in want), rel=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["srwkv", "sfsa", "sfsa_linear"])
+def test_joint_objective_reaches_every_parameter(tiny_teacher_dir, mixer):
+    """DDP needs a gradient for every trainable parameter at every step: nothing is left to freeze."""
+    from pipeline.trainer import freeze_unreached_parameters
+
+    objective = _joint_objective(tiny_teacher_dir, mixer)
+    ids = torch.randint(1, 320, (2, 10), generator=torch.Generator().manual_seed(6))
+    assert freeze_unreached_parameters(objective, {"input_ids": ids}) == []
+    assert {n.split(".")[0] for n, _ in objective.named_parameters()} == {"student", "spad"}

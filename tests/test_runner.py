@@ -245,3 +245,15 @@ def test_permission_error_on_the_run_dir_is_one_clear_error(tmp_path, stubs, mon
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(PipelineError, match=r"not writable \(Permission denied\)"):
         run_pipeline(_recipe(), run_dir=tmp_path / "run")
+
+
+def test_distill_hash_covers_the_align_settings_its_own_spad_terms_read():
+    """build_spad reads align.head_mapping and align.sfa_target_norm for distill's own SpAD terms too."""
+    from pipeline.runner import stage_config_hash
+
+    joint = ["align.enabled=false", "distill.weights.ea=0.2", "distill.weights.saa=0.1"]
+    for key in ("align.head_mapping=learned", "align.sfa_target_norm=false"):
+        assert stage_config_hash(_recipe(*joint), "distill") != stage_config_hash(_recipe(*joint, key), "distill")
+        # without feature terms in distill (and no align stage) those settings reach nothing distill does
+        plain = ["align.enabled=false"]
+        assert stage_config_hash(_recipe(*plain), "distill") == stage_config_hash(_recipe(*plain, key), "distill")

@@ -118,6 +118,10 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
     assert not r["b_snn_ce"].student.init_from_teacher and not r["b_snn_ce"].teacher_cache.enabled
     assert r["c_snn_kd"].distill.weights.sta > 0 and not r["c_snn_kd"].align.enabled
     assert r["d_snn_spad"].align.enabled and r["d_snn_spad"].distill.weights.sta > 0
+    # joint SpAD: the five terms at BiSpikCLM's weights throughout distill, no align stage, STA from the cache
+    joint = r["g_snn_spad_joint"]
+    assert vars(joint.distill.weights) == {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3}
+    assert not joint.align.enabled and joint.teacher_cache.enabled and joint.distill.use_teacher_cache
     assert r["e_inherit_ce"].student.init_from_teacher and r["e_inherit_ce"].distill.weights.sta == 0
     assert r["f_inherit_kd"].student.init_from_teacher and r["f_inherit_kd"].distill.weights.sta > 0
     assert all(x.student.config == {} for x in r.values())

@@ -48,6 +48,18 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lr_factor(10, 10, 2, 1.0, 0.1) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("from_end", [False, True])
+def test_data_stream_reads_each_epochs_seeded_permutation_forwards_or_from_its_end(from_end):
+    from pipeline.trainer import DataStream
+
+    n, seed = 7, 3
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in (0, 1)]
+    want = [p[::-1] if from_end else p for p in perms]
+    stream = DataStream(list(range(100, 100 + n)), seed, from_end=from_end)
+    assert [stream.index(p) for p in range(2 * n)] == want[0] + want[1]
+    assert stream.rows(n - 2, 3) == [100 + i for i in (want[0][-2:] + want[1][:1])]
+
+
 def test_grad_accumulation_equals_the_big_batch(tmp_path):
     m_acc, _, _ = _train(tmp_path / "a", _cfg(batch_size=2, grad_accum=4))
     m_big, _, _ = _train(tmp_path / "b", _cfg(batch_size=8, grad_accum=1))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,99 @@ def test_align_sfa_target_norm_reaches_the_loss(tiny_teacher_dir, normed):
     student = build_student(recipe, teacher.vocab_size)
     spad = build_spad(recipe, student, teacher, {"ea": 0.0, "saa": 0.0, "sfa": 1.0}, logging.getLogger("t"))
     assert spad.sfa_target_norm is normed
+
+
+def _record_reads(monkeypatch) -> dict[int, list[int]]:
+    """Dataset indices read by each training (shuffled) DataStream, in creation order of the streams."""
+    from pipeline.trainer import DataStream
+
+    reads: dict[int, list[int]] = {}
+    rows = DataStream.rows
+
+    def recording(self, start, count):
+        if self.shuffle:
+            reads.setdefault(id(self), []).extend(self.index(p) for p in range(start, start + count))
+        return rows(self, start, count)
+
+    monkeypatch.setattr(DataStream, "rows", recording)
+    return reads
+
+
+def test_distill_reads_the_rows_of_a_run_without_align_and_align_reads_others(tmp_path, tiny_teacher_dir, prepared,
+                                                                                monkeypatch):
+    from pipeline.stages import align, distill
+    from teachers.data import TokenDataset
+
+    reads = _record_reads(monkeypatch)
+    r = _recipe(tiny_teacher_dir)
+    up = {"prepare": {"outputs": {"dataset": str(prepared)}}}
+    aligned = align.run(_ctx(r, tmp_path / "with", "align", up))
+    distill.run(_ctx(r, tmp_path / "with", "distill", {**up, "align": {"outputs": aligned.outputs}}))
+    r.align.enabled = False
+    distill.run(_ctx(r, tmp_path / "without", "distill", up))
+    align_rows, after_align, alone = reads.values()
+    assert len(after_align) == len(align_rows) == 3 * 2 and 3 * 2 * 2 <= len(TokenDataset(prepared, "train"))
+    assert after_align == alone  # the same rows in the same order, whatever align did
+    assert not set(align_rows) & set(after_align)  # align read rows of its own, none of distill's
+
+
+JOINT_RECIPE = """\
+run: {{name: joint, seed: 0}}
+data: {{sources: [{corpus}], seq_len: 16, val_fraction: 0.1}}
+teacher: {{spec: {teacher}, dtype: fp32}}
+student: {{preset: tiny, config: {{n_layer: 2, d_model: 16, n_head: 2}}}}
+teacher_cache: {{enabled: {cached}, k: 8, value_dtype: fp32, batch_size: 4}}
+align: {{enabled: false}}
+distill:
+  train: {{steps: 4, batch_size: 2, eval_every: 2, eval_batches: 1, checkpoint_every: 2, log_every: 1}}
+  weights: {{ea: 0.2, saa: 0.1, sfa: 0.1, sta: 0.3, hta: 0.3}}
+  kd: {{chunk_size: 7}}
+"""
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_joint_spad_trains_checkpoints_resumes_and_exports_the_student_alone(tmp_path, tiny_teacher_dir, cached,
+                                                                             monkeypatch, caplog):
+    """g_snn_spad_joint's shape at tiny size: the five terms together through distill (STA from the cache or the
+    online teacher), projections saved and resumed, no parameter frozen, the exported student without them."""
+    from pipeline import build
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_pipeline
+    from students import SpikeGPTForCausalLM
+
+    frozen = []
+    freeze = build.freeze_unreached_parameters
+    monkeypatch.setattr(build, "freeze_unreached_parameters", lambda *a: frozen.extend(freeze(*a)) or frozen)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "joint.yaml").write_text(JOINT_RECIPE.format(corpus=tmp_path / "corpus.txt", teacher=tiny_teacher_dir,
+                                                             cached=str(cached).lower()))
+    recipe, run = load_recipe(tmp_path / "joint.yaml"), tmp_path / "run"
+    run_pipeline(recipe, run_dir=run, stages=["prepare", "teacher_cache", "distill", "export"] if cached
+                 else ["prepare", "distill", "export"])
+    assert frozen == []
+    rows = _rows(run / "distill" / "metrics.jsonl")
+    train = [x for x in rows if x["split"] == "train"]
+    assert len(train) == 4 and all({"ea", "saa", "sfa", "kd", "ce"} <= set(x) for x in train)
+    for x in train:
+        want = 0.2 * x["ea"] + 0.1 * x["saa"] + 0.1 * x["sfa"] + 0.3 * x["kd"] + 0.3 * x["ce"]
+        assert x["loss"] == pytest.approx(want, rel=1e-5) and min(x[k] for k in ("ea", "saa", "sfa", "kd")) > 0
+    proj = load_file(run / "distill" / "projections.safetensors")
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in proj if k.startswith("sfa_proj")} == {"sfa_proj.0",
+                                                                                                  "sfa_proj.1"}
+    assert "ea_proj.weight" in proj
+    student = load_file(run / "distill" / "student" / "model.safetensors")
+
+    # resume: lose the last checkpoint and the stage's record; the rerun continues from step 2 to the same weights
+    shutil.rmtree(run / "distill" / "checkpoints" / "step-0000004")
+    (run / "distill" / "done.json").unlink()
+    with caplog.at_level(logging.INFO, logger="pipeline.trainer"):
+        run_pipeline(recipe, run_dir=run, stages=["distill"])
+    assert any("resumed from" in m and "(step 2)" in m for m in caplog.messages)
+    for before, after in ((proj, load_file(run / "distill" / "projections.safetensors")),
+                          (student, load_file(run / "distill" / "student" / "model.safetensors"))):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    exported = load_file(run / "export" / "model" / "model.safetensors")
+    assert not any("proj" in k or k.startswith("spad") for k in exported)
+    model = SpikeGPTForCausalLM.from_pretrained(run / "export" / "model")
+    assert all(torch.equal(v, student[k]) for k, v in model.state_dict().items() if k in student)

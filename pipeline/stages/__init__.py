@@ -98,7 +98,11 @@ def _align_sections(r: Recipe) -> dict[str, Any]:
 
 
 def _distill_sections(r: Recipe) -> dict[str, Any]:
-    return {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
+    sections = {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
+    w = r.distill.weights
+    if w.ea > 0 or w.saa > 0 or w.sfa > 0:  # distill's own SpAD terms read these two align settings
+        sections.update({"align.head_mapping": r.align.head_mapping, "align.sfa_target_norm": r.align.sfa_target_norm})
+    return sections
 
 
 def _distill_needs(r: Recipe) -> tuple[str, ...]:

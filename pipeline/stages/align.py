@@ -4,7 +4,8 @@ Builds the student from student.preset / student.config with the teacher's vocab
 teacher with student.init_from_teacher), runs the teacher with attention maps, and trains the student together
 with the SpAD projections (align.weights). Outputs: {"student": dir (HF save_pretrained), "projections":
 safetensors file of the SpAD projections}; the projections belong to the run, not to the student, and are
-dropped at export. What it builds and how it trains lives in pipeline.build (shared with distill).
+dropped at export. It reads the run's data order from its end, so distill's rows do not depend on it. What it
+builds and how it trains lives in pipeline.build (shared with distill).
 """
 
 from __future__ import annotations

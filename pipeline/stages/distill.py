@@ -6,7 +6,11 @@ pipeline.build.subvocab_targets_unavailable); the teacher is then loaded only fo
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
 and distill.use_teacher_cache, from the cached sparse top-k targets (k tokens + one tail bucket; see
 pipeline.losses.kd_loss) so the teacher is not loaded at all unless a feature term needs it. With the
-cache, validation rows have no cached targets: val metrics are CE (HTA) only.
+cache, validation rows have no cached targets: val metrics are CE (HTA) only, or with an online teacher
+loaded for feature terms, KD on its full-vocabulary logits.
+Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
+HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), their
+projections start from align's when it ran, and STA still reads the cache when it is enabled.
 Output: {"student": dir (HF save_pretrained)} (+ "projections" when feature terms are on).
 """
 

@@ -2,8 +2,10 @@
 
 Usage (what tests/test_distributed.py runs):
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/train_student.py \
-        --teacher DIR --out DIR --strategy ddp|fsdp|deepspeed [--zero 1|2|3] --batch-size 2 --steps 4
+        --teacher DIR --out DIR --strategy ddp|fsdp|deepspeed [--zero 1|2|3] --batch-size 2 --steps 4 [--joint]
 Writes OUT/final.safetensors (the trained module's full state dict, main rank) and OUT/metrics.jsonl.
+The objective is STA + HTA against the online teacher, or with --joint BiSpikCLM's five terms (EA, SAA, SFA with
+their projections, STA, HTA at 0.2 / 0.1 / 0.1 / 0.3 / 0.3).
 The accelerator comes from pipeline.runner.make_accelerator, exactly as in a real run.
 """
 
@@ -45,11 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--checkpoint-every", type=int, default=10**6)
     ap.add_argument("--sigterm-at-call", type=int, default=0, help="rank 0 sends itself SIGTERM at this forward")
+    ap.add_argument("--joint", action="store_true", help="the five SpAD terms instead of STA + HTA")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
     from pipeline.build import load_stage_teacher
-    from pipeline.losses import DistillObjective
+    from pipeline.losses import DistillObjective, SpADLoss, lif_kwargs
     from pipeline.runner import make_accelerator
     from pipeline.schema import OptimConfig, Recipe, TrainConfig
     from pipeline.trainer import Trainer
@@ -65,11 +68,15 @@ def main(argv=None) -> int:
                         eval_every=10**6, checkpoint_every=args.checkpoint_every, log_every=1,
                         optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, grad_clip=1.0))
     accelerator = make_accelerator(recipe, train)
-    teacher = load_stage_teacher(recipe, accelerator, attn_maps=False)
+    teacher = load_stage_teacher(recipe, accelerator, attn_maps=args.joint)
     torch.manual_seed(0)
-    student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("tiny", n_layer=2, d_model=16, n_head=2,
-                                                               vocab_size=teacher.vocab_size))
-    objective = DistillObjective(student, {"sta": 0.3, "hta": 0.3}, teacher=teacher,
+    config = SpikeGPTConfig.from_preset("tiny", n_layer=2, d_model=16, n_head=2, vocab_size=teacher.vocab_size)
+    student = SpikeGPTForCausalLM(config)
+    weights = {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3} if args.joint else {"sta": 0.3, "hta": 0.3}
+    spad = SpADLoss(student_dim=16, teacher_dim=teacher.hidden_size, layer_map=[0, teacher.num_layers - 1],
+                    student_heads=2, teacher_heads=teacher.num_heads, weights=weights, lif=lif_kwargs(config),
+                    sfa_target_norm=True) if args.joint else None
+    objective = DistillObjective(student, weights, teacher=teacher, spad=spad,
                                  kd={"temperature": 2.0, "chunk_size": 16})
     if args.sigterm_at_call and accelerator.is_main_process:
         calls = [0]
