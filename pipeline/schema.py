@@ -63,7 +63,8 @@ class TeacherCacheConfig:
     value_dtype: str = "bf16"
     batch_size: int = 8
     # a directory shared by runs (e.g. every arm of a study): built once, reused by any run whose teacher,
-    # data, k and value_dtype match (the cache manifest checks them); null = inside the run directory
+    # data, k, value_dtype and distill.kd.temperature match (the cache manifest checks them; another one is
+    # refused); null = inside the run directory
     dir: str | None = None
 
 

@@ -99,6 +99,15 @@ def test_all_zero_weights_rejected_unless_stage_disabled():
     assert not load_recipe(None, zero + ["align.enabled=false"]).align.enabled
 
 
+def test_the_teacher_cache_stage_depends_on_the_kd_temperature():
+    # the cache holds the teacher at distill.kd.temperature: another tau must rebuild it, never reuse it
+    from pipeline.runner import stage_config_hash
+
+    at = {tau: load_recipe(None, ["teacher_cache.enabled=true", f"distill.kd.temperature={tau}"]) for tau in (1, 2)}
+    assert stage_config_hash(at[1], "teacher_cache") != stage_config_hash(at[2], "teacher_cache")
+    assert stage_config_hash(at[1], "prepare") == stage_config_hash(at[2], "prepare")
+
+
 def test_deepspeed_needs_a_config_file():
     assert _one_line_error(None, ["distributed.strategy=deepspeed"]).startswith("distributed.deepspeed_config:")
 

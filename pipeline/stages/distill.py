@@ -2,8 +2,9 @@
 
 Starts from align's student (or a fresh one when align.enabled is false). Soft targets come from the
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
-and distill.use_teacher_cache, from the cached sparse top-k targets (k tokens + one tail bucket; see
-pipeline.losses.kd_loss) so the teacher is not loaded at all unless a feature term needs it. With the
+and distill.use_teacher_cache, from the cached sparse top-k targets of the teacher at distill.kd.temperature
+(k tokens + one tail bucket; see pipeline.losses.kd_loss; a cache of another temperature is refused) so the
+teacher is not loaded at all unless a feature term needs it. With the
 cache, validation rows have no cached targets: val metrics are CE (HTA) only.
 Output: {"student": dir (HF save_pretrained)} (+ "projections" when feature terms are on).
 """
@@ -61,7 +62,8 @@ def _open_cache(ctx: StageContext, train) -> Any:
 
     r = ctx.recipe
     expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
-              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"]}
+              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"],
+              "temperature": float(r.distill.kd.temperature)}
     # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
     built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
     if built_by:
