@@ -246,6 +246,18 @@ def _check_choices(recipe: Recipe) -> None:
         _need(node in allowed, key, "one of " + "|".join(allowed), node)
 
 
+def _check_cached_kind(recipe: Recipe) -> None:
+    """Cached top-k targets carry forward KL only: the tail bucket hides the per-token log-ratios that reverse KL
+    and JSD weight by the student's own tail mass, so their cached gradients point elsewhere (bench/kd_cache.py
+    measures it on the bundled teacher). JSD at beta 0 is forward KL (pipeline.losses)."""
+    kd = recipe.distill.kd
+    cached = recipe.teacher_cache.enabled and recipe.distill.use_teacher_cache
+    forward = kd.kind == "forward_kl" or (kd.kind == "jsd" and kd.jsd_beta == 0)
+    _need(not cached or forward, "distill.kd.kind", "forward_kl while teacher_cache.enabled is true (a top-k "
+          "cache's tail bucket leaves reverse KL and JSD far from their online forms, bench/kd_cache.py); set "
+          "teacher_cache.enabled=false to distill them from the online teacher", kd.kind)
+
+
 def check_values(recipe: Recipe) -> None:
     """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
     _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
@@ -283,6 +295,7 @@ def check_values(recipe: Recipe) -> None:
     _need(0 <= kd.jsd_beta <= 1, "distill.kd.jsd_beta", "in [0, 1]", kd.jsd_beta)
     _need(kd.chunk_size > 0, "distill.kd.chunk_size", "> 0", kd.chunk_size)
     _check_choices(recipe)
+    _check_cached_kind(recipe)
     if recipe.student.arch != "spikegpt":
         _need(not recipe.align.enabled, "align.enabled", f"false for student.arch={recipe.student.arch} (the "
               "SpAD alignment needs a spiking student)", recipe.align.enabled)
