@@ -61,8 +61,8 @@ def _sparse_buckets(
     softmax(s / tau) over the full vocabulary gives log_p: its log-probabilities at the k ids and the
     logsumexp over the complement for the tail. Tempering before bucketing, on both sides, is what makes
     this the tempered full-vocabulary KL up to the tail's inner shape; tempering the bucket distributions
-    (the format-1 cache) made a different loss: at tau = 2 the teacher's tail mass as one bucket tempered is a
-    few percent, the tempered full distribution's most of its mass.
+    (the format-1 cache) made a different loss: on the bundled teacher at tau = 2 its tail bucket held 7% of
+    the tempered mass where the full distribution has 79% (bench/kd_cache.py).
     """
     ids = target.ids.long()
     # in float64 (this is the reference path), shifted by the row maximum before dividing by tau: at small
