@@ -90,6 +90,7 @@ bench: venv
 	$(PY) -m bench.generate
 	$(PY) -m bench.teacher
 	$(PY) -m bench.kd
+	$(PY) -m bench.kd_cache
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv

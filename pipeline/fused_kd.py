@@ -6,9 +6,9 @@ plus one tail bucket), the same sums. Instead of autograd through log_softmax an
 custom autograd Function: the forward computes the sums chunk by chunk and keeps only the head input and
 weight; the backward recomputes each chunk's logits and writes the closed-form gradient
     dense:  d(tau^2 D)/dz_j = tau * p_j * r_j                  (p the tempered student softmax)
-    sparse: d(tau^2 D)/dz_j = tau * e_b(j) * p1_j / P1_b(j)     (p1 the student softmax at temperature 1, P1_b its
-            mass in bucket b(j) of token j, e_b = dD/du_b for the tempered bucket logits u; the tail's share
-            p1_j / P1_tail, an id's 1)
+    sparse: d(tau^2 D)/dz_j = tau * e_b(j) * p_j / P_b(j)     (the targets are the teacher at temperature tau;
+            P_b the tempered student's mass in bucket b(j) of token j, the k ids and one tail bucket, e_b = dD/du_b
+            for bucket logits u with P = softmax(u); an id's share p_j / P_b is 1, a tail token's p_j / P_tail)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
 A callable teacher is called once per chunk in the forward and once more in the backward. On CPU each chunk's
 rows go through the C row kernels (students/ops/csrc/spike_ops.cpp: kd_dense_rows, and kd_sparse_rows for
@@ -272,30 +272,29 @@ def _kd_rows(z, target, opts, want_grad):
 
 
 def _sparse_kd_rows(z, target, opts, want_grad):
-    """_kd_rows for sparse targets (ids, logprobs, tail): pipeline.losses._sparse_buckets' semantics, the bucket
-    distributions at temperature 1 tempered as buckets. With u = a / tau the tempered student bucket logits
-    (a_b = log of the student's temperature-1 mass in bucket b), dD/du_b = e_b (P_b - Q_b for forward KL, P_b c_b
-    otherwise, summing to 0), so d D / d (z_j / tau) = e_b(j) softmax(z)_j / P1_b(j)."""
+    """_kd_rows for sparse targets (ids, logprobs, tail) of the teacher at temperature tau: pipeline.losses.
+    _sparse_buckets' semantics. The student's tempered softmax p = softmax(z / tau) over the full row is taken
+    onto the k ids and the tail bucket (log P_b); with e_b = dD/d(log P_b) minus P_b times their sum (P_b - Q_b
+    for forward KL, P_b c_b otherwise), d D / d (z_j / tau) = e_b(j) p_j / P_b(j): e_i on an id, e_tail's
+    share p_j / P_tail on a tail token."""
     ids, logprobs, tail = target
-    log_p1 = torch.log_softmax(z, dim=1)
-    a_ids = log_p1.gather(1, ids)
+    # shifted by the row maximum before dividing, so a small tau does not scale the logits' rounding error
+    log_p = torch.log_softmax((z - z.amax(dim=1, keepdim=True)) / opts.tau, dim=1)
+    log_pb = log_p.gather(1, ids)
     has_tail = ids.shape[1] < z.shape[1]
     log_q = logprobs
     if has_tail:
-        a_tail = torch.logsumexp(log_p1.scatter(1, ids, float("-inf")), dim=1, keepdim=True)
-        a_ids = torch.cat([a_ids, a_tail], dim=1)
+        log_pb = torch.cat([log_pb, torch.logsumexp(log_p.scatter(1, ids, float("-inf")), dim=1, keepdim=True)], 1)
         log_q = torch.cat([logprobs, tail.clamp_min(TAIL_FLOOR).log().unsqueeze(1)], dim=1)
-    log_pb = torch.log_softmax(a_ids / opts.tau, dim=1)
-    log_qb = torch.log_softmax(log_q / opts.tau, dim=1)
+    log_qb = torch.log_softmax(log_q, dim=1)
     div, coef = _bucket_divergence(log_pb, log_qb, opts.kind, opts.beta, want_grad)
     if not want_grad:
         return div, None
     e = log_pb.exp() - log_qb.exp() if opts.kind == "forward_kl" else log_pb.exp() * coef
     k = ids.shape[1]
     if has_tail:
-        # tail tokens: e_tail * softmax_j / P1_tail; 0 where the tail holds no mass at all
-        share = (log_p1 - a_ids[:, k:]).exp().nan_to_num(0.0)
-        grad = e[:, k:] * share
+        # tail tokens: e_tail * p_j / P_tail; 0 where the tail holds no mass at all
+        grad = e[:, k:] * (log_p - log_pb[:, k:]).exp().nan_to_num(0.0)
     else:
         grad = torch.zeros_like(z)
     return div, grad.scatter_(1, ids, 0.0).scatter_add_(1, ids, e[:, :k])

@@ -6,8 +6,12 @@ whole accumulated step across all ranks, so 4 micro-batches of 2 rows equal one 
 KD kinds (p = student, q = teacher, both softened by the temperature tau, scaled by tau^2):
     forward_kl   KL(q || p) = sum q (log q - log p)
     reverse_kl   KL(p || q) = sum p (log p - log q)
-    jsd          generalized JSD with m = beta q + (1 - beta) p:  beta KL(q || m) + (1 - beta) KL(p || m);
-                 beta = 0 is forward KL and beta = 1 reverse KL (the TRL GKD convention).
+    jsd          generalized JSD with m = beta q + (1 - beta) p:  beta KL(q || m) + (1 - beta) KL(p || m)
+                 for 0 < beta < 1 (Agarwal et al. 2024, GKD, arXiv 2306.13649; TRL's GKDTrainer). It is
+                 NOT a smooth interpolation between the two KLs: it tends to 0 at both ends, ~beta KL(q || p)
+                 as beta -> 0 and ~(1 - beta) KL(p || q) as beta -> 1. The endpoints are set by convention
+                 (TRL's): beta = 0 is forward KL and beta = 1 is reverse KL, so the loss jumps at each end,
+                 e.g. from ~0.001 KL(q || p) at beta = 0.001 to KL(q || p) at beta = 0.
 """
 
 from __future__ import annotations
@@ -52,31 +56,27 @@ def _sparse_buckets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map student and teacher onto the k stored ids plus one tail bucket -> (log_p, log_q), each [N, k(+1)].
 
-    The temperature acts on the bucket distributions, the same way on both sides: the student's bucket
-    log-probabilities at temperature 1, a, give log_p = log_softmax(a / tau); the teacher's stored log-probs and
-    log tail mass give log_q = log_softmax(log q / tau). (Tempering the student's tokens before bucketing would
-    compare a tail summed over ~V tempered tokens with the teacher's tail tempered as one token, which at
-    tau = 2 drives the student's tail logits down and costs it bits/byte.) With k = V or tau = 1 this is the
-    dense tempered KD.
+    The target holds the teacher at temperature tau already (teachers.cache.topk_targets(z, k, tau)): its
+    log-probs and tail mass, renormalised over the buckets, give log_q. The student's tempered distribution
+    softmax(s / tau) over the full vocabulary gives log_p: its log-probabilities at the k ids and the
+    logsumexp over the complement for the tail. Tempering before bucketing, on both sides, is what makes
+    this the tempered full-vocabulary KL up to the tail's inner shape; tempering the bucket distributions
+    (the format-1 cache) made a different loss: on the bundled teacher at tau = 2 its tail bucket held 7% of
+    the tempered mass where the full distribution has 79% (bench/kd_cache.py).
     """
     ids = target.ids.long()
-    # in float64 (this is the reference path): at small tau the bucket log-probabilities are multiplied by
-    # 1 / tau, and float32 rounding of a ~ -20 would reach the gradients (7e-5 relative at tau 0.05). Shifted
-    # by the row maximum first, so that lse(tail) - lse(all) of two large numbers cannot lose the tail's
-    # log-probability to cancellation when the tail holds nearly all the mass
-    s = _shifted(student_logits.double())
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    a_ids = s.gather(-1, ids) - lse
+    # in float64 (this is the reference path), shifted by the row maximum before dividing by tau: at small
+    # tau, float32 rounding of s / tau would reach the gradients (7e-5 relative at tau 0.05)
+    log_p = torch.log_softmax(_shifted(student_logits.double()) / temperature, dim=-1)
     t = target.logprobs.double()
-    if ids.shape[-1] >= s.shape[-1]:
+    if ids.shape[-1] >= log_p.shape[-1]:
         # k = V: the complement is empty, so there is no tail bucket (any tail_mass is rounding residue).
-        return torch.log_softmax(a_ids / temperature, dim=-1), torch.log_softmax(t / temperature, dim=-1)
+        return log_p.gather(-1, ids), torch.log_softmax(t, dim=-1)
     # Student tail: logsumexp over the complement of the k ids, computed directly (no 1 - sum cancellation).
-    a_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True) - lse
-    log_tail = target.tail_mass.double().clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
-    log_p = torch.log_softmax(torch.cat([a_ids, a_tail], dim=-1) / temperature, dim=-1)
-    log_q = torch.log_softmax(torch.cat([t, log_tail], dim=-1) / temperature, dim=-1)
-    return log_p, log_q
+    log_tail_p = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    log_tail_q = target.tail_mass.double().clamp_min(TAIL_FLOOR).log().unsqueeze(-1)
+    return (torch.cat([log_p.gather(-1, ids), log_tail_p], dim=-1),
+            torch.log_softmax(torch.cat([t, log_tail_q], dim=-1), dim=-1))
 
 
 def _shifted(logits: torch.Tensor) -> torch.Tensor:
@@ -91,18 +91,22 @@ def kd_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """Per-token soft-target loss, tau^2 * D(teacher, student) at temperature tau -> [N].
+    """Per-token soft-target loss, tau^2 * D(teacher, student) at temperature tau -> [N] (nats, float32).
 
-    student_logits: [N, V]. target: dense teacher logits [N, V], or sparse top-k targets
-    (teachers.cache.SparseTargets: ids [N, k], logprobs [N, k] = teacher log-softmax at temperature 1,
-    tail_mass [N] = 1 - sum exp(logprobs)).
+    student_logits: [N, V]. target: dense teacher logits [N, V], or sparse top-k targets of the teacher AT
+    TEMPERATURE tau (teachers.cache.SparseTargets from topk_targets(z, k, tau): ids [N, k], logprobs [N, k] =
+    log softmax(z / tau) of those ids, tail_mass [N] = the rest of softmax(z / tau)'s mass).
 
-    Sparse semantics: both distributions are taken onto k + 1 buckets at temperature 1, the k stored tokens
-    and one tail bucket (the teacher's tail_mass; the student's mass outside the k ids, a logsumexp over the
-    complement, computed stably), then each bucket distribution is tempered (log-probabilities / tau,
-    renormalised over the buckets). Student and teacher are treated alike, so the loss is 0 when the student
-    equals the teacher, at any tau. With k = V there is no complement and no tail bucket, and the loss equals
-    the dense one; at tau = 1 it is the KL of the bucketed distributions.
+    Dense: D between softmax(t / tau) and softmax(s / tau) over the full vocabulary (kinds in the module
+    docstring); the tau^2 factor (Hinton et al. 2015, arXiv 1503.02531) keeps the gradient's scale as tau changes.
+    Sparse: both tempered full-vocabulary distributions are taken onto k + 1 buckets, the k stored ids and
+    one tail bucket (the teacher's tail_mass; the student's mass outside the k ids, a logsumexp of s / tau
+    over the complement, computed stably), and D is that of the bucket distributions. For forward KL this
+    is the bucketed KL, a lower bound on the full-vocabulary tau^2 KL (data-processing inequality), short of it
+    by tau^2 Q_tail KL(q_tail || p_tail) of the two tails' inner shapes; its gradient on the k ids is exact.
+    It is 0 when the student equals the teacher, at any tau. With k = V there is no tail bucket and it equals
+    the dense loss. Targets built at another temperature give a different loss; teachers.cache keys the
+    cache by tau for that reason. Raises ValueError for an unknown kind or beta outside [0, 1].
     """
     if kind not in KD_KINDS:
         raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r} (set distill.kd.kind)")

@@ -70,7 +70,8 @@ class TeacherCacheConfig:
     value_dtype: str = "bf16"
     batch_size: int = 8
     # a directory shared by runs (e.g. every arm of a study): built once, reused by any run whose teacher,
-    # data, k and value_dtype match (the cache manifest checks them); null = inside the run directory
+    # data, k, value_dtype and distill.kd.temperature match (the cache manifest checks them; another one is
+    # refused); null = inside the run directory
     dir: str | None = None
 
 
@@ -281,6 +282,8 @@ def _check_vocab(recipe: Recipe) -> None:
     for key in ("ea", "saa", "sfa"):
         value = getattr(recipe.distill.weights, key)
         _need(value == 0, f"distill.weights.{key}", "0 " + why.removeprefix("false "), value)
+
+
 def lr_label(lr: float) -> str:
     """A learning rate as it appears in run names: 3 significant digits, e.g. 0.002 -> "2e-3", 0.0016 -> "1.6e-3"."""
     mantissa, exponent = f"{lr:.2e}".split("e")
@@ -301,6 +304,18 @@ def _check_study(recipe: Recipe) -> None:
     _need(bool(keys) and set(keys) <= set(LR_KEYS) and len(set(keys)) == len(keys), "study.lr_keys",
           "a non-empty list of distinct keys among " + ", ".join(LR_KEYS), keys)
     _need(s.lr_extensions >= 0, "study.lr_extensions", ">= 0", s.lr_extensions)
+
+
+def _check_cached_kind(recipe: Recipe) -> None:
+    """Cached top-k targets carry forward KL only: the tail bucket hides the per-token log-ratios that reverse KL
+    and JSD weight by the student's own tail mass, so their cached gradients point elsewhere (bench/kd_cache.py
+    measures it on the bundled teacher). JSD at beta 0 is forward KL (pipeline.losses)."""
+    kd = recipe.distill.kd
+    cached = recipe.teacher_cache.enabled and recipe.distill.use_teacher_cache
+    forward = kd.kind == "forward_kl" or (kd.kind == "jsd" and kd.jsd_beta == 0)
+    _need(not cached or forward, "distill.kd.kind", "forward_kl while teacher_cache.enabled is true (a top-k "
+          "cache's tail bucket leaves reverse KL and JSD far from their online forms, bench/kd_cache.py); set "
+          "teacher_cache.enabled=false to distill them from the online teacher", kd.kind)
 
 
 def check_values(recipe: Recipe) -> None:
@@ -341,6 +356,7 @@ def check_values(recipe: Recipe) -> None:
     _need(0 <= kd.jsd_beta <= 1, "distill.kd.jsd_beta", "in [0, 1]", kd.jsd_beta)
     _need(kd.chunk_size > 0, "distill.kd.chunk_size", "> 0", kd.chunk_size)
     _check_choices(recipe)
+    _check_cached_kind(recipe)
     if recipe.student.arch != "spikegpt":
         _need(not recipe.align.enabled, "align.enabled", f"false for student.arch={recipe.student.arch} (the "
               "SpAD alignment needs a spiking student)", recipe.align.enabled)

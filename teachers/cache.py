@@ -2,25 +2,33 @@
 
 Format (directory):
   manifest.json         {"key": {...}, "n_rows", "shard_rows", "n_shards", "complete", stats}; the key holds
-                        the teacher fingerprint and dtype, tokenizer hash, data hash, split, seq_len, k, value
-                        dtype. A cache whose key differs from the expected one is refused, never reused.
+                        the format version, teacher fingerprint and dtype, tokenizer hash, data hash, split,
+                        seq_len, k, value dtype and temperature. A cache whose key differs from the expected one
+                        is refused, never reused; so is a cache of another format version.
   shard_00000.safetensors ...  rows [r0, r0 + shard_rows) of the split, tensors
-                        ids int32 [rows, L, k]        top-k token ids, most probable first
-                        logprobs bf16|fp16|fp32 [rows, L, k]   teacher log-softmax at temperature 1
-                        tail_mass fp32 [rows, L]      1 - sum(exp(top-k log-probs)) from the fp32 values
+                        ids int32 [rows, L, k]        top-k token ids of softmax(z / tau), most probable first
+                        logprobs bf16|fp16|fp32 [rows, L, k]   log softmax(z / tau) of those ids
+                        tail_mass fp32 [rows, L]      the mass softmax(z / tau) puts on every other token
                         and metadata {"sha256": of the three tensors' bytes, "first_row", "rows"}.
 Each shard is written to a temp name and renamed, so a shard file is always whole; a killed build resumes at
 the first missing shard. A shard whose checksum or shape is wrong raises CacheError when read.
 
-Sparse-target semantics (agreed with pipeline.losses.kd_loss): the teacher distribution is the k stored
-tokens plus one tail bucket holding tail_mass; the student's temperature-1 distribution is mapped onto the same
-k + 1 buckets, and the temperature then acts on both bucket distributions alike.
+Sparse-target semantics (agreed with pipeline.losses.kd_loss): the cache holds the teacher distribution at
+the distillation temperature tau, q = softmax(z / tau) over the full vocabulary, as its k most probable tokens
+plus one tail bucket holding the rest of its mass. The student's tempered distribution softmax(s / tau) is
+mapped onto the same k + 1 buckets, and the loss is tau^2 KL between the two bucket distributions: a lower
+bound on the full-vocabulary tau^2 KL (data-processing inequality), exact on the k ids' gradients. The
+temperature is part of the key because the top-k of softmax(z / tau) and its tail mass cannot be recovered
+from those of another temperature: at tau = 2 the bundled teacher puts 79% of its mass outside its top 64
+(bench/kd_cache.py), which a temperature-1 cache tempered as one bucket made 7%. Format 1 (before) stored temperature-1
+targets and tempered the buckets; it is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -34,7 +42,7 @@ from safetensors.torch import save_file
 from teachers.data import TokenDataset
 from teachers.errors import CacheError, DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: targets of the tempered teacher, keyed by temperature
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
 OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
@@ -42,8 +50,9 @@ OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
 
 @dataclass
 class SparseTargets:
-    """Top-k teacher targets: ids LongTensor [..., k], logprobs FloatTensor [..., k] (log-softmax at
-    temperature 1), tail_mass FloatTensor [...] (1 - sum(exp(logprobs)), clamped to [0, 1])."""
+    """Top-k teacher targets at one temperature tau: ids LongTensor [..., k], logprobs FloatTensor [..., k]
+    (log softmax(z / tau) of those ids), tail_mass FloatTensor [...] (the mass of softmax(z / tau) outside the
+    k ids, in [0, 1])."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -68,17 +77,29 @@ class SparseTargets:
         return self.ids.shape[-1]
 
 
-def topk_targets(logits: torch.Tensor, k: int) -> SparseTargets:
-    """Dense teacher logits [..., V] -> SparseTargets [..., k] (fp32 log-softmax, exact tail mass)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0) -> SparseTargets:
+    """Teacher rows [..., V] -> SparseTargets [..., k] of the tempered distribution q = softmax(logits / tau).
+
+    logits: logits or log-probabilities over a vocabulary of V tokens (any row-wise constant shift gives the
+    same q). The k most probable tokens of q with their fp32 log-probabilities, and the tail mass, the sum of
+    q over the other V - k tokens (a direct sum, accurate when it is tiny; 0 when k = V). Raises CacheError
+    for a temperature that is not > 0 or k outside [1, V].
+    """
+    _check_temperature(temperature)
+    if not 1 <= k <= logits.shape[-1]:
+        raise CacheError(f"k={k!r}: must be in [1, {logits.shape[-1]}] (teacher_cache.k)")
+    z = logits.float()
+    # shifted by the row maximum before dividing, so a small tau does not scale the logits' rounding error
+    logprobs = torch.log_softmax((z - z.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     values, ids = torch.topk(logprobs, k, dim=-1)
-    # 1 - sum(p) as -expm1(logsumexp) keeps a small tail accurate instead of cancelling to 0.
-    tail = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp(0.0, 1.0)
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1).exp().clamp(0.0, 1.0)
     return SparseTargets(ids, values, tail)
 
 
-def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value_dtype: str) -> dict:
-    """The manifest key a cache of `teacher` over dataset_dir/split must carry (pass as TeacherCache expect)."""
+def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value_dtype: str,
+              temperature: float = 1.0) -> dict:
+    """The manifest key a cache of `teacher` over dataset_dir/split at `temperature` must carry (pass as
+    TeacherCache expect)."""
     meta = TokenDataset(dataset_dir, split).meta
     return {
         "format": FORMAT_VERSION,
@@ -90,10 +111,17 @@ def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value
         "seq_len": int(meta["seq_len"]),
         "k": int(k),
         "value_dtype": value_dtype,
+        "temperature": float(temperature),
     }
 
 
-def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str) -> None:
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise CacheError(f"temperature={temperature!r}: must be a finite number > 0 (distill.kd.temperature)")
+
+
+def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float) -> None:
+    _check_temperature(temperature)
     if value_dtype not in _VALUE_DTYPES:
         raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
     if not isinstance(k, int) or not 1 <= k <= teacher.vocab_size:
@@ -121,6 +149,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_format(out_dir: Path, manifest: dict) -> None:
+    """A cache of another format version is refused with one line (its targets mean something else)."""
+    have = manifest.get("key", {}).get("format")
+    if have != FORMAT_VERSION:
+        raise CacheError(f"{out_dir}: teacher cache format {have}, this version reads format {FORMAT_VERSION} "
+                         "(top-k of the teacher at the distillation temperature); delete the directory and "
+                         "rebuild it (teacher_cache stage)")
+
+
 def _key_diff(have: dict, want: dict) -> list[str]:
     return [f"{name}={have.get(name)!r} (expected {want[name]!r})" for name in want if have.get(name) != want[name]]
 
@@ -128,6 +165,8 @@ def _key_diff(have: dict, want: dict) -> list[str]:
 def _open_for_build(out_dir: Path, key: dict, n_rows: int, shard_rows: int, overwrite: bool) -> dict:
     """Existing manifest with the same key -> resume it; different key -> refuse (or wipe if overwrite)."""
     manifest = _read_manifest(out_dir)
+    if manifest is not None and not overwrite:
+        _check_format(out_dir, manifest)
     if manifest is not None and (_key_diff(manifest["key"], key) or manifest["shard_rows"] != shard_rows):
         if not overwrite:
             diff = _key_diff(manifest["key"], key) or [f"shard_rows={manifest['shard_rows']}"]
@@ -158,8 +197,9 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: int, value_dtype: torch.dtype,
-                  token_chunk: int) -> dict[str, torch.Tensor]:
-    """Top-k targets of dataset rows -> {"ids" [R, L, k], "logprobs" [R, L, k], "tail_mass" [R, L]}."""
+                  token_chunk: int, temperature: float) -> dict[str, torch.Tensor]:
+    """Top-k targets at `temperature` of dataset rows -> {"ids" [R, L, k], "logprobs" [R, L, k],
+    "tail_mass" [R, L]}."""
     ids, values, tails = [], [], []
     for start in range(rows.start, rows.stop, batch_size):
         batch = torch.stack([ds[i] for i in range(start, min(start + batch_size, rows.stop))])
@@ -167,7 +207,7 @@ def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: in
         flat = h.reshape(-1, h.shape[-1])
         # The head runs on token chunks so [B * L, V] logits never exist at once.
         for c in range(0, flat.shape[0], token_chunk):
-            t = topk_targets(teacher.head(flat[c:c + token_chunk]), k)
+            t = topk_targets(teacher.head(flat[c:c + token_chunk]), k, temperature)
             ids.append(t.ids.to("cpu", torch.int32))
             values.append(t.logprobs.to("cpu", value_dtype))
             tails.append(t.tail_mass.to("cpu", torch.float32))
@@ -201,11 +241,15 @@ def build_teacher_cache(
     progress: bool = True,
     overwrite: bool = False,
     token_chunk: int = 1024,
+    temperature: float = 1.0,
 ) -> dict:
-    """Write top-k teacher log-probs for every token of dataset_dir/split into out_dir (resumable).
+    """Write the top-k targets of the tempered teacher, softmax(logits / temperature) (`topk_targets`), for
+    every token of dataset_dir/split into out_dir (resumable).
 
-    shard_size: dataset rows per shard. overwrite=True replaces a cache built for other inputs (otherwise
-    CacheError). Returns stats: rows, tokens, shards_written, seconds, tokens_per_s, bytes, bytes_per_token.
+    temperature: the distillation temperature the cache will be read at (distill.kd.temperature; it is part
+    of the key). shard_size: dataset rows per shard. overwrite=True replaces a cache built for other inputs
+    or in another format (otherwise CacheError). Returns stats: rows, tokens, shards_written, seconds,
+    tokens_per_s, bytes, bytes_per_token.
     """
     from tqdm.auto import tqdm
 
@@ -214,9 +258,9 @@ def build_teacher_cache(
         ds = TokenDataset(dataset_dir, split)
     except DataError as exc:
         raise CacheError(str(exc)) from exc
-    _check_inputs(teacher, ds, k, value_dtype)
-    manifest = _open_for_build(out_dir, cache_key(teacher, dataset_dir, split, k, value_dtype), len(ds),
-                               int(shard_size), overwrite)
+    _check_inputs(teacher, ds, k, value_dtype, temperature)
+    manifest = _open_for_build(out_dir, cache_key(teacher, dataset_dir, split, k, value_dtype, temperature),
+                               len(ds), int(shard_size), overwrite)
     missing = [i for i in range(manifest["n_shards"]) if not _shard_path(out_dir, i).is_file()]
     t0, written_tokens = time.perf_counter(), 0
     done_rows = len(ds) - sum(_rows_of(manifest, i)[1] - _rows_of(manifest, i)[0] for i in missing)
@@ -225,7 +269,7 @@ def build_teacher_cache(
     for i in missing:
         lo, hi = _rows_of(manifest, i)
         tensors = _compute_rows(teacher, ds, range(lo, hi), k, batch_size, _VALUE_DTYPES[value_dtype],
-                                token_chunk)
+                                token_chunk, temperature)
         _write_shard(out_dir, i, tensors, lo)
         written_tokens += (hi - lo) * ds.seq_len
         bar.update((hi - lo) * ds.seq_len)
@@ -249,7 +293,8 @@ def _rows_of(manifest: dict, i: int) -> tuple[int, int]:
 class TeacherCache:
     """Reader of a finished cache: cache[i] -> SparseTargets [L, k] for dataset row i.
 
-    expect: key fields the cache must carry (e.g. cache_key(...)); any difference is a CacheError.
+    expect: key fields the cache must carry (e.g. cache_key(...), which includes the temperature); any
+    difference is a CacheError, and so is a cache of another format version.
     verify: check each shard's checksum the first time it is opened.
     """
 
@@ -258,6 +303,7 @@ class TeacherCache:
         manifest = _read_manifest(self.dir)
         if manifest is None:
             raise CacheError(f"{self.dir / _MANIFEST}: not found; build the cache first (teacher_cache stage)")
+        _check_format(self.dir, manifest)
         if not manifest.get("complete"):
             raise CacheError(f"{self.dir}: cache is incomplete (a build was interrupted); rerun "
                              "build_teacher_cache with the same inputs to resume it")
@@ -277,6 +323,11 @@ class TeacherCache:
     @property
     def k(self) -> int:
         return int(self.key["k"])
+
+    @property
+    def temperature(self) -> float:
+        """The temperature tau its targets are of (softmax(logits / tau))."""
+        return float(self.key["temperature"])
 
     @property
     def bytes_per_token(self) -> float:

@@ -190,12 +190,29 @@ def _other_teacher(cache: Path) -> None:
     manifest.write_text(json.dumps(meta))
 
 
+def _other_temperature(cache: Path) -> None:
+    manifest = cache / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    meta["key"]["temperature"] = 1.0  # the recipe distills at the default tau 2
+    manifest.write_text(json.dumps(meta))
+
+
+def _previous_format(cache: Path) -> None:
+    manifest = cache / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    meta["key"]["format"] = 1
+    manifest.write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("spoil, words", [
     (_corrupt_shard, ["shard_00000", "checksum", "rerun"]),
     (_other_k, ["other inputs", "k=8 (expected 4)", "rebuild"]),
     (_other_tokenizer, ["other inputs", "tokenizer_hash"]),
     (_other_teacher, ["other inputs", "teacher_fingerprint"]),
-], ids=["corrupt_shard", "manifest_other_k", "manifest_other_tokenizer", "manifest_other_teacher"])
+    (_other_temperature, ["other inputs", "temperature=1.0 (expected 2.0)", "rebuild"]),
+    (_previous_format, ["format 1", "delete", "rebuild"]),
+], ids=["corrupt_shard", "manifest_other_k", "manifest_other_tokenizer", "manifest_other_teacher",
+        "manifest_other_temperature", "manifest_previous_format"])
 def test_cache_errors(capsys, recipe, cached_run, spoil, words):
     cache = cached_run / "teacher_cache" / "cache"
     saved = {p: p.read_bytes() for p in cache.iterdir() if p.is_file()}
@@ -207,6 +224,19 @@ def test_cache_errors(capsys, recipe, cached_run, spoil, words):
             p.write_bytes(data)
     assert all(w in err for w in words), err
     assert not (cached_run / "distill" / "done.json").exists()
+
+
+def test_shared_cache_built_at_another_temperature_is_refused(capsys, recipe, tmp_path):
+    # a study shares one cache between arms (teacher_cache.dir): an arm at tau 1 must not read the tau-2 one
+    from pipeline.cli import main
+
+    shared = f"teacher_cache.dir={tmp_path / 'shared'}"
+    assert main(["run", str(recipe), "--run-dir", str(tmp_path / "a"), "--stages", "prepare,teacher_cache",
+                 shared, "distill.kd.temperature=2"]) == 0
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(tmp_path / "b"), "--stages",
+                         "prepare,teacher_cache", shared, "distill.kd.temperature=1"])
+    assert "shared" in err and "temperature=2.0 (expected 1.0)" in err, err
+    assert not (tmp_path / "b" / "teacher_cache" / "done.json").exists()
 
 
 def test_existing_run_dir_with_another_config(capsys, recipe, cached_run):

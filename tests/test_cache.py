@@ -1,6 +1,7 @@
 """Top-k teacher-logit cache: contents, manifest key, resume after a kill, corruption detection."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,63 @@ def test_sparse_targets_stack_and_tail():
     both = SparseTargets.stack(parts)
     assert both.ids.shape == (2, 3, 4) and both.tail_mass.shape == (2, 3)
     torch.testing.assert_close(both.tail_mass, 1 - torch.softmax(logits, -1).topk(4, -1).values.sum(-1))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
+def test_topk_targets_are_those_of_the_tempered_teacher(tau):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 40, generator=gen) * 4
+    q = torch.softmax(logits.double() / tau, -1)  # the truth: float64 probabilities of the tempered teacher
+    top = q.topk(6, -1)
+    got = topk_targets(logits, 6, tau)
+    assert torch.equal(got.ids, top.indices)
+    torch.testing.assert_close(got.logprobs.double(), top.values.log(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.tail_mass.double(), q.sum(-1) - top.values.sum(-1), rtol=1e-5, atol=1e-7)
+    # log-probabilities at temperature 1 are the same rows shifted: the same targets
+    again = topk_targets(torch.log_softmax(logits, -1), 6, tau)
+    assert torch.equal(again.ids, got.ids)
+    torch.testing.assert_close(again.logprobs, got.logprobs, rtol=0, atol=2e-6)
+
+
+def test_topk_targets_tail_is_a_direct_sum():
+    # a tail of ~1e-12: 1 - sum(top-k) would cancel to 0 or to float rounding (~1e-7)
+    logits = torch.tensor([[30.0, 29.0, 0.0, 0.0, 0.0]])
+    got = topk_targets(logits, 2, 1.0)
+    want = 3 * math.exp(-30) / (1 + math.exp(-1) + 3 * math.exp(-30))
+    assert got.tail_mass.item() == pytest.approx(want, rel=1e-5, abs=0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(CacheError, match="distill.kd.temperature"):
+            topk_targets(logits, 2, bad)
+
+
+def test_cache_is_keyed_by_temperature(teacher, prepared, tmp_path):
+    out = tmp_path / "c"
+    _build(teacher, prepared, out, value_dtype="fp32", temperature=2.0)
+    cache = TeacherCache(out, expect=cache_key(teacher, prepared, "train", 8, "fp32", temperature=2.0))
+    assert cache.temperature == 2.0
+    row = TokenDataset(prepared)[0]
+    online = topk_targets(teacher(row[None]).logits[0], 8, 2.0)
+    assert torch.equal(cache[0].ids, online.ids)
+    torch.testing.assert_close(cache[0].logprobs, online.logprobs)
+    torch.testing.assert_close(cache[0].tail_mass, online.tail_mass)
+    with pytest.raises(CacheError, match=r"temperature=2.0 \(expected 1.0\)") as exc:
+        TeacherCache(out, expect=cache_key(teacher, prepared, "train", 8, "fp32", temperature=1.0))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(CacheError, match=r"temperature=2.0 \(expected 1.0\)") as exc:
+        _build(teacher, prepared, out, value_dtype="fp32", temperature=1.0)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_cache_of_the_previous_format_is_refused(teacher, prepared, tmp_path):
+    out = tmp_path / "c"
+    _build(teacher, prepared, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["key"]["format"] = 1  # format 1: temperature-1 targets, no temperature in the key
+    del manifest["key"]["temperature"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for attempt in (lambda: TeacherCache(out), lambda: _build(teacher, prepared, out)):
+        with pytest.raises(CacheError, match="format 1.*rebuild") as exc:
+            attempt()
+        assert "\n" not in str(exc.value) and str(out) in str(exc.value)
+    stats = _build(teacher, prepared, out, overwrite=True)
+    assert stats["shards_written"] == stats["shards"] and TeacherCache(out).temperature == 1.0

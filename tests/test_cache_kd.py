@@ -1,7 +1,8 @@
-"""With k = vocab size the KD loss from the cache equals the one from the online teacher (issue 3).
+"""With k = vocab size the KD loss from the cache equals the one from the online teacher (issue 3), at the
+temperature the cache was built for.
 
-Uses pipeline.losses.kd_loss, whose sparse targets are k stored tokens + one tail bucket, with the student
-mapped onto the same buckets (at temperature 1, then both tempered as buckets).
+Uses pipeline.losses.kd_loss, whose sparse targets are the k stored tokens + one tail bucket of the teacher at
+temperature tau, with the tempered student mapped onto the same buckets.
 """
 
 import pytest
@@ -29,20 +30,21 @@ def setup(tiny_teacher_dir, tmp_path_factory):
     return teacher, root, teacher_logits, student_logits
 
 
-def _cached_loss(setup, k, value_dtype, kind="forward_kl"):
+def _cached_loss(setup, k, value_dtype, kind="forward_kl", tau=1.0):
     teacher, root, _, student_logits = setup
-    out = root / f"cache-{k}-{value_dtype}"
-    build_teacher_cache(teacher, root / "data", out, k=k, value_dtype=value_dtype, progress=False)
+    out = root / f"cache-{k}-{value_dtype}-{tau}"
+    build_teacher_cache(teacher, root / "data", out, k=k, value_dtype=value_dtype, progress=False, temperature=tau)
     cache = TeacherCache(out)
     target = cache.batch(list(range(len(cache)))).flatten()
-    return kd_loss(student_logits, target, kind=kind, temperature=1.0)
+    return kd_loss(student_logits, target, kind=kind, temperature=tau)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
-def test_full_vocab_cache_gives_the_online_loss(setup, kind):
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_full_vocab_cache_gives_the_online_loss(setup, kind, tau):
     _, _, teacher_logits, student_logits = setup
-    online = kd_loss(student_logits, teacher_logits, kind=kind, temperature=1.0)
-    cached = _cached_loss(setup, V, "fp32", kind)
+    online = kd_loss(student_logits, teacher_logits, kind=kind, temperature=tau)
+    cached = _cached_loss(setup, V, "fp32", kind, tau)
     torch.testing.assert_close(cached, online, atol=1e-5, rtol=1e-5)
 
 

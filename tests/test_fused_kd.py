@@ -21,8 +21,9 @@ def _setup(seed=0, dtype=torch.float32):
     return h, w, labels, teacher
 
 
-def _sparse(teacher, k):
-    top = torch.log_softmax(teacher, -1).topk(k, -1)
+def _sparse(teacher, k, tau=1.0):
+    """Top-k targets of the teacher at temperature tau (what the cache stores for a run at tau)."""
+    top = torch.log_softmax(teacher / tau, -1).topk(k, -1)
     return SparseTargets(top.indices, top.values, (1 - top.values.exp().sum(-1)).clamp(0, 1))
 
 
@@ -55,8 +56,8 @@ def test_fused_matches_naive(kind, tau, target_kind):
     target = {
         "dense": teacher,
         "callable": lambda rows: teacher[rows],
-        "top5": _sparse(teacher, 5),
-        "topV": _sparse(teacher, V),
+        "top5": _sparse(teacher, 5, tau),
+        "topV": _sparse(teacher, V, tau),
     }[target_kind]
     naive_target = teacher if target_kind == "callable" else target
     kd_ref, _ = _naive(h, w, labels, naive_target, kind, tau, 0.5)
@@ -81,7 +82,7 @@ def test_fused_any_chunk_size_and_ce_only(chunk):
 @pytest.mark.parametrize("target_kind", ["dense", "top5"])
 def test_fused_loss_weights_compute_gradients_in_forward(target_kind):
     h, w, labels, teacher = _setup(3)
-    target = teacher if target_kind == "dense" else _sparse(teacher, 5)
+    target = teacher if target_kind == "dense" else _sparse(teacher, 5, 2.0)
     # the promise holds up to a common scale (the trainer divides by the token count afterwards)
     _check(h, w, labels, target, "reverse_kl", 2.0, weights=(0.35, 0.65), loss_weights=(0.7, 1.3))
     out = fused_head_kd_loss(h, w, labels, target, "forward_kl", 1.0, 8, loss_weights=(1.0, 1.0))
@@ -135,7 +136,7 @@ def test_distill_objective_defaults_to_fused_with_the_chunked_gradients():
     torch.manual_seed(0)
     student = SpikeGPTForCausalLM(SpikeGPTConfig.from_preset("tiny", vocab_size=V))
     ids = torch.randint(0, V, (2, 9))
-    top = torch.randn(2, 9, V).log_softmax(-1).topk(6, -1)
+    top = (torch.randn(2, 9, V) / 2.0).log_softmax(-1).topk(6, -1)  # the teacher at the run's tau 2
     targets = SparseTargets(top.indices, top.values, 1 - top.values.exp().sum(-1))
     kd = {"kind": "forward_kl", "temperature": 2.0, "chunk_size": 5}
     grads = {}

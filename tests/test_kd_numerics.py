@@ -1,11 +1,12 @@
 """KD numerics on the chunked (reference) and fused paths against an independent float64 truth.
 
 The truth (`_truth`) is written from the definitions with explicit probabilities. Dense: p = softmax(z / tau),
-q = softmax(t / tau). Sparse: the temperature-1 distributions p1 = softmax(z) and the teacher's stored
-probabilities are taken onto k + 1 buckets (the tail bucket's mass a direct sum of p1 over the tokens not
-stored), then each bucket distribution is tempered, P proportional to P1^(1/tau), Q to Q1^(1/tau). Each
-divergence is spelled out and the gradient is float64 autograd through that. It shares no code with
-pipeline.losses or pipeline.fused_kd.
+q = softmax(t / tau). Sparse (targets of the teacher at temperature tau, as the cache stores them): the tempered
+student p = softmax(z / tau) is taken onto k + 1 buckets (the tail bucket's mass a direct sum of p over the
+tokens not stored), the teacher's bucket distribution is its stored probabilities and tail mass divided by
+their sum. Each divergence is spelled out and the gradient is float64 autograd through that. It shares no code
+with pipeline.losses or pipeline.fused_kd; the sparse targets come from an independent top-k of the float64
+tempered teacher softmax (`_sparse`).
 """
 
 import math
@@ -32,14 +33,13 @@ def _truth(z, target, kind, tau, beta=0.5):
     z = z.detach().double().requires_grad_()
     if isinstance(target, SparseRows):
         ids = target.ids
-        p1 = torch.softmax(z, -1)
-        outside = torch.ones_like(p1, dtype=torch.bool).scatter(1, ids, False)
-        P1 = torch.cat([p1.gather(1, ids), (p1 * outside).sum(1, keepdim=True)], 1)
-        Q1 = torch.cat([target.logprobs.double().exp(), target.tail_mass.double().clamp_min(1e-10).unsqueeze(1)], 1)
+        p = torch.softmax(z / tau, -1)
+        outside = torch.ones_like(p, dtype=torch.bool).scatter(1, ids, False)
+        P = torch.cat([p.gather(1, ids), (p * outside).sum(1, keepdim=True)], 1)
+        Q = torch.cat([target.logprobs.double().exp(), target.tail_mass.double().clamp_min(1e-10).unsqueeze(1)], 1)
         if ids.shape[1] == z.shape[1]:
-            P1, Q1 = P1[:, :-1], Q1[:, :-1]
-        P = P1 ** (1 / tau) / (P1 ** (1 / tau)).sum(1, keepdim=True)
-        Q = Q1 ** (1 / tau) / (Q1 ** (1 / tau)).sum(1, keepdim=True)
+            P, Q = P[:, :-1], Q[:, :-1]
+        Q = Q / Q.sum(1, keepdim=True)
     else:
         P, Q = torch.softmax(z / tau, -1), torch.softmax(target.double() / tau, -1)
     if kind == "forward_kl":
@@ -85,9 +85,12 @@ def _paths(z, labels, target, kind, tau, beta=0.5, chunk=4):
     return out
 
 
-def _sparse(teacher, k):
-    top = torch.log_softmax(teacher, -1).topk(k, -1)
-    return SparseRows(top.indices, top.values, (1 - top.values.exp().sum(-1)).clamp_min(0))
+def _sparse(teacher, k, tau):
+    """Top-k targets of the teacher at temperature tau, from float64 probabilities: ids [N, k], fp32
+    log-probabilities, the tail mass a direct sum over the other tokens."""
+    q = torch.softmax(teacher.double() / tau, -1)
+    top = q.topk(k, -1)
+    return SparseRows(top.indices, top.values.log().float(), q.scatter(1, top.indices, 0.0).sum(-1).float())
 
 
 def _rel(a, b):
@@ -114,7 +117,7 @@ def test_ignored_row_counts_in_neither_loss(kind, sparse):
     keep = labels != -100
     target = teacher
     if sparse:
-        target = _sparse(teacher.where(keep.unsqueeze(1), 0.0), 6)
+        target = _sparse(teacher.where(keep.unsqueeze(1), 0.0), 6, 2.0)
         target = SparseRows(target.ids, target.logprobs.where(keep.unsqueeze(1), float("-inf")),
                             target.tail_mass.where(keep, float("nan")))  # padding garbage on the ignored row
     kept_target = SparseRows(*(t[keep] for t in target)) if sparse else teacher[keep]
@@ -165,7 +168,7 @@ def test_gradients_match_float64_at_any_temperature(tau, kind, teacher_kind, spa
     labels = torch.randint(0, v, (n,), generator=gen)
     noise = torch.randn(n, v, generator=gen)
     teacher = z + 0.5 * noise if teacher_kind == "near" else 2 * noise
-    target = _sparse(teacher, 7) if sparse else teacher
+    target = _sparse(teacher, 7, tau) if sparse else teacher
     want_kd, want_grad = _truth(z, target, kind, tau)
     for path, (kd, _, grad) in _paths(z, labels, target, kind, tau).items():
         torch.testing.assert_close(kd.double(), want_kd.sum(), rtol=1e-5, atol=1e-9)
@@ -195,7 +198,7 @@ def test_sparse_student_tail_vanishing_and_dominant(kind):
     gen = torch.Generator().manual_seed(2)
     n, v = 6, 40
     teacher = torch.randn(n, v, generator=gen)
-    target = _sparse(teacher, 5)
+    target = _sparse(teacher, 5, 1.0)
     z = torch.randn(n, v, generator=gen)
     z[:3].scatter_(1, target.ids[:3], 40.0)  # rows 0-2: the tail holds ~e^-40 of the student's mass
     z[3:].scatter_(1, target.ids[3:], -40.0)  # rows 3-5: the tail holds nearly all of it
@@ -209,7 +212,7 @@ def test_forward_kl_tail_ratio_beyond_float_range():
     # P_tail ~ e^-80 * Q_tail: the per-token factor Q / P overflows a float; the log form must not
     gen = torch.Generator().manual_seed(3)
     n, v = 4, 30
-    target = _sparse(torch.randn(n, v, generator=gen), 4)
+    target = _sparse(torch.randn(n, v, generator=gen), 4, 1.0)
     target = SparseRows(target.ids, target.logprobs - 3.0, torch.full((n,), 0.9))
     z = torch.zeros(n, v).scatter_(1, target.ids, 90.0)
     want_kd, want_grad = _truth(z, target, "forward_kl", 1.0)
@@ -231,7 +234,7 @@ def test_fused_matches_chunked_sparse_and_dense_with_ignored_rows(kind, tau):
     labels = torch.randint(0, v, (n,), generator=gen)
     labels[::5] = -100
     teacher = torch.randn(n, v, generator=gen) * 2
-    for target in (teacher, _sparse(teacher, 8), _sparse(teacher, v)):
+    for target in (teacher, _sparse(teacher, 8, tau), _sparse(teacher, v, tau)):
         got = {}
         for impl in ("chunked", "fused"):
             hh = h.clone().requires_grad_()
@@ -243,19 +246,19 @@ def test_fused_matches_chunked_sparse_and_dense_with_ignored_rows(kind, tau):
             torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
 
 
-# ------------------------------------------------------------------ sparse targets: the temperature acts alike
+# ------------------------------------------------------------------ sparse targets: student and teacher at one tau
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
 def test_sparse_kd_is_zero_when_the_student_is_the_teacher(kind, tau):
-    """Top-k targets of the student's own logits: the student already is the teacher, so the KD loss and its
-    gradient are 0 at every temperature. Tempering the student's tokens before bucketing (the tail as a sum of
-    ~V tempered tokens against a teacher tail tempered as one token) fails this at tau != 1: at tau 2 it pushes
-    the student's tail logits down, which cost the study's cached-KD arms ~0.14 bits/byte."""
+    """Top-k targets of the student's own logits at tau: the student already is the teacher, so the KD loss and
+    its gradient are 0 at every temperature. Mixing temperatures fails this at tau != 1 (a teacher tail stored at
+    temperature 1 and tempered as one bucket, against the student's tail summed over ~V tempered tokens: at
+    tau 2 that pushed the student's tail logits down and cost the study's cached-KD arms ~0.14 bits/byte)."""
     gen = torch.Generator().manual_seed(3)
     n, v = 9, 400
-    z = torch.randn(n, v, generator=gen) * 3
+    z = torch.randn(n, v, generator=gen) * 3 * tau  # the same tempered distribution, with its tail, at every tau
     labels = torch.randint(0, v, (n,), generator=gen)
-    target = _sparse(z, 16)
+    target = _sparse(z, 16, tau)
     assert float(target.tail_mass.min()) > 0.05  # a real tail bucket in every row
     for path, (kd, _, grad) in _paths(z, labels, target, kind, tau).items():
         assert abs(kd.item()) < 1e-4, (path, kd.item())

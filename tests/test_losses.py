@@ -51,6 +51,17 @@ def test_jsd_endpoints_are_the_kls():
     torch.testing.assert_close(kd_loss(s, t, "jsd", 2.0, beta=1.0), kd_loss(s, t, "reverse_kl", 2.0))
 
 
+def test_jsd_jumps_at_its_endpoints():
+    # the generalized JSD tends to 0 at both ends (~beta KL(q || p), ~(1 - beta) KL(p || q)); beta = 0 and 1
+    # are forward and reverse KL by convention, not by continuity
+    s, t = torch.tensor(S), torch.tensor(T)
+    fwd, rev = torch.tensor(_hand("forward_kl", 1.0)), torch.tensor(_hand("reverse_kl", 1.0))
+    torch.testing.assert_close(kd_loss(s, t, "jsd", 1.0, beta=1e-3), 1e-3 * fwd, rtol=0.01, atol=0)
+    torch.testing.assert_close(kd_loss(s, t, "jsd", 1.0, beta=1 - 1e-3), 1e-3 * rev, rtol=0.01, atol=0)
+    torch.testing.assert_close(kd_loss(s, t, "jsd", 1.0, beta=0.0), fwd)
+    torch.testing.assert_close(kd_loss(s, t, "jsd", 1.0, beta=1.0), rev)
+
+
 def test_kd_zero_when_student_equals_teacher():
     t = torch.tensor(T)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
@@ -62,8 +73,9 @@ class Sparse:
         self.ids, self.logprobs, self.tail_mass = ids, logprobs, tail_mass
 
 
-def _sparse_from_dense(teacher_logits, k):
-    logp = torch.log_softmax(teacher_logits, -1)
+def _sparse_from_dense(teacher_logits, k, tau):
+    """Top-k targets of the teacher at temperature tau (what the cache stores): ids, log-probs, tail mass."""
+    logp = torch.log_softmax(teacher_logits / tau, -1)
     vals, ids = logp.topk(k, dim=-1)
     return Sparse(ids, vals, (1 - vals.exp().sum(-1)).clamp(0, 1))
 
@@ -73,25 +85,22 @@ def test_sparse_with_k_equal_vocab_equals_dense(kind):
     torch.manual_seed(0)
     s, t = torch.randn(5, 11), torch.randn(5, 11) * 2
     dense = kd_loss(s, t, kind, temperature=2.0)
-    sparse = kd_loss(s, _sparse_from_dense(t, 11), kind, temperature=2.0)
+    sparse = kd_loss(s, _sparse_from_dense(t, 11, 2.0), kind, temperature=2.0)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_sparse_tail_bucket_matches_hand_computation(kind):
     tau = 2.0
-    target = _sparse_from_dense(torch.tensor(T), 2)
+    target = _sparse_from_dense(torch.tensor(T), 2, tau)
     got = kd_loss(torch.tensor(S), target, kind, temperature=tau)
     want = []
-    for row, s in enumerate(S):
+    for row, (s, t) in enumerate(zip(S, T)):
         ids = target.ids[row].tolist()
-        lps = target.logprobs[row].tolist()
-        tail = float(target.tail_mass[row])
-        # both sides bucketed at temperature 1 (the k tokens + the tail), then each bucket log-prob divided by
-        # tau and renormalised
-        q = _softmax(lps + [math.log(tail)], tau)
-        p1 = _softmax(s, 1.0)
-        p = _softmax([math.log(p1[i]) for i in ids] + [math.log(sum(p1[i] for i in range(4) if i not in ids))], tau)
+        # both sides tempered over the whole vocabulary, then bucketed: the 2 stored tokens + the tail
+        q_full, p_full = _softmax(t, tau), _softmax(s, tau)
+        q = [q_full[i] for i in ids] + [sum(q_full[i] for i in range(4) if i not in ids)]
+        p = [p_full[i] for i in ids] + [sum(p_full[i] for i in range(4) if i not in ids)]
         if kind == "forward_kl":
             d = _kl(q, p)
         elif kind == "reverse_kl":
@@ -129,7 +138,7 @@ def test_chunked_logit_losses_match_naive_values_and_grads(sparse, chunk):
     labels = torch.randint(0, v, (n,))
     labels[2] = -100
     t_logits = torch.randn(n, v)
-    target = _sparse_from_dense(t_logits, 4) if sparse else None
+    target = _sparse_from_dense(t_logits, 4, 2.0) if sparse else None
     kd0, ce0 = _naive(h, w, labels, t_logits, "forward_kl", 2.0, target)
     g0 = torch.autograd.grad(0.3 * kd0 + 0.7 * ce0, [h, w])
     teacher = target if sparse else (lambda rows: t_logits[rows])
@@ -166,7 +175,7 @@ def test_fused_impl_is_selected_and_matches_chunked(sparse):
     h = torch.randn(9, 6)
     labels = torch.randint(0, 11, (9,))
     t_logits = torch.randn(9, 11)
-    teacher = _sparse_from_dense(t_logits, 3) if sparse else (lambda rows: t_logits[rows])
+    teacher = _sparse_from_dense(t_logits, 3, 2.0) if sparse else (lambda rows: t_logits[rows])
     a = logit_losses(h, head, labels, teacher, "jsd", 2.0, 4, beta=0.3, impl="chunked")
     b = logit_losses(h, head, labels, teacher, "jsd", 2.0, 4, beta=0.3, impl="fused")
     for k in ("kd_sum", "ce_sum"):

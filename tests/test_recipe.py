@@ -107,6 +107,26 @@ def test_all_zero_weights_rejected_unless_stage_disabled():
     assert not load_recipe(None, zero + ["align.enabled=false"]).align.enabled
 
 
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_cached_kd_is_forward_kl_only(kind):
+    # the cache's tail bucket leaves reverse KL and JSD far from their online forms (bench/kd_cache.py)
+    msg = _one_line_error(None, ["teacher_cache.enabled=true", f"distill.kd.kind={kind}"])
+    assert msg.startswith("distill.kd.kind:") and "teacher_cache.enabled" in msg, msg
+    assert load_recipe(None, ["teacher_cache.enabled=true", "distill.kd.kind=jsd", "distill.kd.jsd_beta=0"])
+    assert load_recipe(None, ["teacher_cache.enabled=true", f"distill.kd.kind={kind}",
+                              "distill.use_teacher_cache=false"])
+    assert load_recipe(None, [f"distill.kd.kind={kind}"]).distill.kd.kind == kind  # online: any kind
+
+
+def test_the_teacher_cache_stage_depends_on_the_kd_temperature():
+    # the cache holds the teacher at distill.kd.temperature: another tau must rebuild it, never reuse it
+    from pipeline.runner import stage_config_hash
+
+    at = {tau: load_recipe(None, ["teacher_cache.enabled=true", f"distill.kd.temperature={tau}"]) for tau in (1, 2)}
+    assert stage_config_hash(at[1], "teacher_cache") != stage_config_hash(at[2], "teacher_cache")
+    assert stage_config_hash(at[1], "prepare") == stage_config_hash(at[2], "prepare")
+
+
 def test_deepspeed_needs_a_config_file():
     assert _one_line_error(None, ["distributed.strategy=deepspeed"]).startswith("distributed.deepspeed_config:")
 

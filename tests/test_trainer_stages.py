@@ -92,7 +92,7 @@ def test_distill_from_the_teacher_cache_without_align(tmp_path, tiny_teacher_dir
     r.teacher_cache.enabled, r.teacher_cache.k, r.teacher_cache.value_dtype = True, 8, "fp32"
     cache = tmp_path / "cache"
     build_teacher_cache(load_teacher(str(tiny_teacher_dir)), prepared, cache, k=8, batch_size=4,
-                        value_dtype="fp32", progress=False)
+                        value_dtype="fp32", progress=False, temperature=r.distill.kd.temperature)
     up = {"prepare": {"outputs": {"dataset": str(prepared)}}, "teacher_cache": {"outputs": {"cache": str(cache)}}}
     res = distill.run(_ctx(r, tmp_path, "distill", up))
     train = [x for x in _rows(tmp_path / "distill" / "metrics.jsonl") if x["split"] == "train"]

@@ -83,7 +83,9 @@ def _prepare_sections(r: Recipe) -> dict[str, Any]:
 
 
 def _cache_sections(r: Recipe) -> dict[str, Any]:
-    return {"teacher_cache": r.teacher_cache, "teacher": r.teacher}
+    # the cache holds the teacher at the distillation temperature (teachers.cache): another tau, another cache
+    return {"teacher_cache": r.teacher_cache, "teacher": r.teacher,
+            "distill.kd.temperature": r.distill.kd.temperature}
 
 
 def _train_common(r: Recipe) -> dict[str, Any]:

@@ -4,10 +4,11 @@ Starts from align's student (or a fresh one when align.enabled is false). With a
 from the teacher's (student.vocab = subset:N | bytes) only the hard-target term trains for now (see
 pipeline.build.subvocab_targets_unavailable); the teacher is then loaded only for weight inheritance. Soft targets come from the
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
-and distill.use_teacher_cache, from the cached sparse top-k targets (k tokens + one tail bucket; see
-pipeline.losses.kd_loss) so the teacher is not loaded at all unless a feature term needs it. With the
-cache, validation rows have no cached targets: val metrics are CE (HTA) only, or with an online teacher
-loaded for feature terms, KD on its full-vocabulary logits.
+and distill.use_teacher_cache, from the cached sparse top-k targets of the teacher at distill.kd.temperature
+(k tokens + one tail bucket; see pipeline.losses.kd_loss; a cache of another temperature is refused) so the
+teacher is not loaded at all unless a feature term needs it. With the cache, validation rows have no cached
+targets: val metrics are CE (HTA) only, or with an online teacher loaded for feature terms, KD on its
+full-vocabulary logits.
 Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
 HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), their
 projections start from align's when it ran, and STA still reads the cache when it is enabled.
@@ -69,7 +70,8 @@ def _open_cache(ctx: StageContext, train) -> Any:
 
     r = ctx.recipe
     expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
-              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"]}
+              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"],
+              "temperature": float(r.distill.kd.temperature)}
     # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
     built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
     if built_by:

@@ -1,7 +1,10 @@
 """Stage teacher_cache (optional, teacher_cache.enabled): top-k teacher log-probs for every training row.
 
-Output: {"cache": dir} in teachers.cache format, keyed by teacher fingerprint, tokenizer, data and k so the
-distill stage refuses a cache that does not match. A killed build resumes at its first missing shard.
+The targets are those of the teacher at the distillation temperature tau = distill.kd.temperature, softmax(z /
+tau) over the full vocabulary (teachers.cache.topk_targets), so the cached KD loss is tau^2 KL of the tempered
+distributions, as online (up to the tail bucket).
+Output: {"cache": dir} in teachers.cache format, keyed by teacher fingerprint, tokenizer, data, k and tau so
+the distill stage refuses a cache that does not match. A killed build resumes at its first missing shard.
 With teacher_cache.dir set, the cache lives in that shared directory: the first run builds it, later runs
 with the same key find every shard there and only check the manifest (another key: a one-line error).
 """
@@ -38,6 +41,6 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(r.teacher_cache.dir).expanduser() if r.teacher_cache.dir else ctx.stage_dir / "cache"
     stats = build_teacher_cache(teacher, ctx.upstream["prepare"]["outputs"]["dataset"], out,
                                 k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size, split="train",
-                                value_dtype=r.teacher_cache.value_dtype)
+                                value_dtype=r.teacher_cache.value_dtype, temperature=r.distill.kd.temperature)
     return StageResult(outputs={"cache": str(out)},
                        metrics={"teacher_fingerprint": teacher.fingerprint, **dict(stats)})

@@ -450,73 +450,78 @@ double bucket_divergence(const double* lP, const double* lQ, int64_t K, double b
 }
 
 // One row of kd_sparse_rows (below). Buckets: the k stored ids, then (when k < V) the tail = every other token.
-// The temperature acts on the bucket distributions, for student and teacher alike (pipeline.losses'
-// _sparse_buckets): the student's bucket log-probabilities at temperature 1, a_b, become lP = log_softmax(a / tau),
-// the teacher's stored log-probabilities and log tail mass become lQ = log_softmax(log q / tau). Tempering
-// tokens instead would compare the student's tempered tail (a sum over ~V tokens) with the teacher's tail
-// tempered as if it were one token. One pass over the row after its maximum gives the tail's exp-sum (the k ids
-// set to kMasked for the pass and restored after: k writes, no copy of the row; the tail mass is a direct sum,
-// never 1 - sum(top-k)); a second pass writes the gradient. work: 4 (k + 1) doubles and k floats of scratch.
+// The targets are the teacher at temperature tau (teachers.cache.topk_targets): lQ = its stored log-probabilities
+// and log tail mass, renormalised over the buckets. The student is tempered before bucketing, as in
+// pipeline.losses' _sparse_buckets: p = softmax(z / tau) over the whole row, lP_i = log p at id i, lP_tail = log of
+// p's mass outside the ids. The k ids are set to kMasked (k writes, no copy of the row) while two passes run over
+// the rest, the tail: its maximum mt, then its exp-sums at temperature 1 (for CE's softmax) and at tau, the latter
+// shifted by mt so that it is >= 1 and cannot underflow at small tau (the tail mass is a direct sum, never
+// 1 - sum(top-k)); a third pass writes the gradient, and then the ids are written. work: 4 (k + 1) doubles and
+// k floats of scratch.
 template <int KIND>
 void kd_sparse_row(float* zr, const int64_t* ids, const float* logprobs, float tail_mass, int64_t label, int64_t V,
                    int64_t k, float tau, float beta, float g_kd, float g_ce, bool want_grad, float* kd_out,
                    float* ce_out, double* work, float* zid) {
+  const float inv_tau_f = 1.0f / tau;
   const double inv_tau = 1.0 / static_cast<double>(tau);
   const bool has_tail = k < V;
   const int64_t K = has_tail ? k + 1 : k;
   double *lP = work, *lQ = work + (k + 1), *c = work + 2 * (k + 1), *ez_id = work + 3 * (k + 1);
-  const float mz = row_max(zr, V), z_label = zr[label];
+  const float z_label = zr[label];
   for (int64_t i = 0; i < k; ++i) zid[i] = zr[ids[i]];
   for (int64_t i = 0; i < k; ++i) zr[ids[i]] = kMasked;
-  float sz_tail = 0.0f;
-#pragma omp simd reduction(+ : sz_tail)
-  for (int64_t j = 0; j < V; ++j) sz_tail += std::exp(zr[j] - mz);
-  for (int64_t i = 0; i < k; ++i) zr[ids[i]] = zid[i];
-  double sz = has_tail ? sz_tail : 0.0;
+  const float mt = row_max(zr, V);  // the tail's maximum (kMasked when there is no tail)
+  float mz = mt;
+  for (int64_t i = 0; i < k; ++i) mz = std::max(mz, zid[i]);
+  float sz_tail = 0.0f, ss_tail = 0.0f;  // sum over the tail of exp(z - mz) and of exp((z - mt) / tau)
+#pragma omp simd reduction(+ : sz_tail, ss_tail)
+  for (int64_t j = 0; j < V; ++j) {
+    sz_tail += std::exp(zr[j] - mz);
+    ss_tail += std::exp((zr[j] - mt) * inv_tau_f);
+  }
+  const double log_ss_tail = has_tail ? (static_cast<double>(mt) - mz) * inv_tau + std::log(ss_tail) : -1e300;
+  double sz = has_tail ? sz_tail : 0.0, ss = has_tail ? std::exp(log_ss_tail) : 0.0;
   for (int64_t i = 0; i < k; ++i) {
     ez_id[i] = std::exp(static_cast<double>(zid[i]) - mz);
     sz += ez_id[i];
+    ss += std::exp((static_cast<double>(zid[i]) - mz) * inv_tau);
   }
-  const double log_sz = std::log(sz);
+  const double log_sz = std::log(sz), log_ss = std::log(ss);  // ss >= 1: the maximum's term is 1
   *ce_out = static_cast<float>(log_sz - (static_cast<double>(z_label) - mz));
-  // student: bucket log-probabilities at temperature 1 (a_b), divided by tau, renormalised over the buckets.
-  // sz_tail == 0 (all the mass on the k ids): log P_tail is -inf; a finite stand-in far below any real
-  // log-probability keeps exp() at exactly 0 under -ffast-math
-  double mp = -1e300;
-  for (int64_t i = 0; i < k; ++i) mp = std::max(mp, lP[i] = (static_cast<double>(zid[i]) - mz - log_sz) * inv_tau);
-  if (has_tail) mp = std::max(mp, lP[k] = sz_tail > 0.0f ? (std::log(static_cast<double>(sz_tail)) - log_sz) * inv_tau
-                                                           : -1e300);
-  double sp = 0.0;
-  for (int64_t b = 0; b < K; ++b) sp += std::exp(lP[b] - mp);
-  const double lse_p = mp + std::log(sp);
-  for (int64_t b = 0; b < K; ++b) lP[b] -= lse_p;
-  // teacher: log-probabilities / tau over the k ids and the tail bucket, renormalised over the buckets
+  // student: tempered log-probabilities of the ids and of the tail (log_ss_tail: a finite stand-in for -inf
+  // without a tail, keeping exp() at exactly 0 under -ffast-math)
+  for (int64_t i = 0; i < k; ++i) lP[i] = (static_cast<double>(zid[i]) - mz) * inv_tau - log_ss;
+  if (has_tail) lP[k] = log_ss_tail - log_ss;
+  // teacher: the stored log-probabilities (already at tau) and log tail mass, renormalised over the buckets
   double mq = -1e300;
-  for (int64_t i = 0; i < k; ++i) mq = std::max(mq, lQ[i] = static_cast<double>(logprobs[i]) * inv_tau);
-  if (has_tail) mq = std::max(mq, lQ[k] = std::log(std::max(static_cast<double>(tail_mass), kTailFloor)) * inv_tau);
+  for (int64_t i = 0; i < k; ++i) mq = std::max(mq, lQ[i] = static_cast<double>(logprobs[i]));
+  if (has_tail) mq = std::max(mq, lQ[k] = std::log(std::max(static_cast<double>(tail_mass), kTailFloor)));
   double sq = 0.0;
   for (int64_t b = 0; b < K; ++b) sq += std::exp(lQ[b] - mq);
   const double lse_q = mq + std::log(sq);
   for (int64_t b = 0; b < K; ++b) lQ[b] -= lse_q;
   const double div = bucket_divergence<KIND>(lP, lQ, K, beta, c);
   *kd_out = static_cast<float>(static_cast<double>(tau) * tau * div);
-  if (!want_grad) return;
-  // e_b = dD/du_b for the tempered bucket logits u = a / tau: P_b - Q_b (forward KL), P_b c_b (reverse KL, JSD);
-  // a_b = log(sum of exp z over bucket b) - lse(z), so d(tau^2 D)/dz_j = tau e_b(j) softmax_j / P1_b(j) (the
-  // -softmax_j sum_b e_b part is 0: sum_b e_b = 0 for every kind); for an id bucket softmax_j / P1_b = 1
-  for (int64_t b = 0; b < K; ++b) {
-    const double p = std::exp(lP[b]);
-    c[b] = KIND == 0 ? p - std::exp(lQ[b]) : p * c[b];
-  }
-  const double ckd = static_cast<double>(g_kd) * tau;
-  const float cs = static_cast<float>(g_ce / sz);
-  const float ct = has_tail && sz_tail > 0.0f ? static_cast<float>(ckd * c[k] / sz_tail) : 0.0f;
+  if (want_grad) {
+    // e_b = dD/du_b for bucket logits u (P = softmax(u)): P_b - Q_b (forward KL), P_b c_b (reverse KL, JSD).
+    // P_b = sum of p over bucket b, so d(tau^2 D)/dz_j = tau e_b(j) p_j / P_b(j): e_i on id i, and on a tail
+    // token e_tail exp((z_j - mt) / tau) / ss_tail
+    for (int64_t b = 0; b < K; ++b) {
+      const double p = std::exp(lP[b]);
+      c[b] = KIND == 0 ? p - std::exp(lQ[b]) : p * c[b];
+    }
+    const double ckd = static_cast<double>(g_kd) * tau;
+    const float cs = static_cast<float>(g_ce / sz);
+    const float ct = has_tail ? static_cast<float>(ckd * c[k] / ss_tail) : 0.0f;
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) zr[j] = (ct + cs) * std::exp(zr[j] - mz);
-  // the k ids: overwrite the tail formula, then add each bucket's KD term (a repeated id gets both)
-  for (int64_t i = 0; i < k; ++i) zr[ids[i]] = static_cast<float>(g_ce * ez_id[i] / sz);
-  for (int64_t i = 0; i < k; ++i) zr[ids[i]] += static_cast<float>(ckd * c[i]);
-  zr[label] -= g_ce;
+    for (int64_t j = 0; j < V; ++j) zr[j] = ct * std::exp((zr[j] - mt) * inv_tau_f) + cs * std::exp(zr[j] - mz);
+    // the k ids: CE's softmax, then each bucket's KD term added (a repeated id gets both)
+    for (int64_t i = 0; i < k; ++i) zr[ids[i]] = static_cast<float>(g_ce * ez_id[i] / sz);
+    for (int64_t i = 0; i < k; ++i) zr[ids[i]] += static_cast<float>(ckd * c[i]);
+    zr[label] -= g_ce;
+  } else {
+    for (int64_t i = 0; i < k; ++i) zr[ids[i]] = zid[i];
+  }
 }
 
 }  // namespace
@@ -546,9 +551,10 @@ void kd_dense_rows(float* z, const float* t, const int64_t* labels, int64_t n, i
   }
 }
 
-// Sparse top-k KD + CE for rows of logits (pipeline.losses.kd_loss's bucket semantics: the k stored ids plus one
-// tail bucket when k < V, tempered as buckets). z [n, V] (overwritten with d loss / d z when want_grad); ids [n, k] int64;
-// logprobs [n, k] teacher log-softmax at temperature 1; tail_mass [n]; labels [n] (-100: row ignored).
+// Sparse top-k KD + CE for rows of logits (pipeline.losses.kd_loss's bucket semantics: the tempered student and
+// teacher on the k stored ids plus one tail bucket when k < V). z [n, V] (overwritten with d loss / d z when
+// want_grad); ids [n, k] int64; logprobs [n, k] teacher log softmax(t / tau) of the ids; tail_mass [n] the rest of
+// softmax(t / tau)'s mass; labels [n] (-100: row ignored).
 // kind, tau, beta, g_kd, g_ce as in kd_dense_rows. Writes kd_rows [n], ce_rows [n].
 void kd_sparse_rows(float* z, const int64_t* ids, const float* logprobs, const float* tail_mass,
                     const int64_t* labels, int64_t n, int64_t V, int64_t k, int kind, float tau, float beta,
