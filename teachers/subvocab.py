@@ -1,0 +1,246 @@
+"""Exact teacher targets over a subset student vocabulary whose token boundaries nest inside the teacher's.
+
+Source: Phan, Khisti & Ullrich, "Cross-Tokenizer Likelihood Scoring Algorithms for Language Model
+Distillation" (ICLR 2026, arXiv 2512.14954; code github truongbuu/cross-tokenizer-scoring), the subset regime:
+when the student's vocabulary is the teacher's BPE with its merge list cut short, every teacher token T has a
+fixed student tokenization pieces(T), and the student's tokens of any text are the teacher's tokens split
+into their pieces. The teacher's probability of the next student token then needs O(1) teacher evaluations.
+
+Derivation. Let T_1..T_n be the teacher's tokens of the text and q_j(t) = P(T_j = t | T_<j). At a student
+position inside T_j, after its first pieces pi have been emitted, condition on T_<j and on the event that T_j's
+pieces start with pi. The next student token s is then either
+  - the next piece of T_j (continuing mass):  C(s) = sum of q_j(t) over t whose pieces extend pi by s, ...;
+  - the first piece of the NEXT teacher token, when T_j is exactly the teacher token t_pi spelled by pi (ending
+    mass): q_j(t_pi) * P(first piece of T_{j+1} = s | T_<j, T_j = t_pi). At T_j's own end (pi = pieces(T_j))
+    that distribution is q_{j+1}, from the same forward; when pi is a strict prefix of pieces(T_j) ("the"
+    inside "there") it is the teacher's distribution after a BRANCH token t_pi at T_j's position, one extra
+    evaluation (`Teacher.branched`).
+  P(s) = (C(s) + E(s)) / sum over s' of (C(s') + E(s')); the denominator is the mass of the teacher tokens
+whose pieces start with pi (teacher tokens without pieces, e.g. special tokens the student lacks, drop out).
+Student tokens no teacher token spells (bytes the teacher lacks) get probability 0 (log-prob -inf).
+
+Where this differs from the paper's exact likelihood: the paper conditions on the student prefix alone and
+marginalises over every canonical teacher encoding ("cover") of the current pre-token; here the teacher's own
+tokens T_<j of the text are conditioned on, so encodings that put a teacher boundary elsewhere inside the
+emitted pieces are left out. With these targets the product of a text's student-token probabilities equals
+the teacher's probability of its own tokenization times, at each student position, (1 + the mass of the
+non-canonical path that the derived distribution also counts / the kept mass); tests/test_subvocab.py
+measures both on real text.
+
+The continuing mass is a range sum: the teacher's tokens sorted lexicographically by their pieces form a trie
+in which the tokens whose pieces start with a prefix are one contiguous range, so each C(s) is a difference of
+a float64 cumulative sum of q_j in that order (absolute error ~1e-14, so masses above ~1e-9 keep a relative
+error below 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from teachers.errors import DataError
+
+POSITION_CHUNK = 64  # student positions derived at once: bounds the [chunk, V_t] float64 cumulative sums
+
+
+@dataclass
+class RowPlan:
+    """What one row of student positions needs from the teacher, all LongTensor [L] unless noted.
+
+    node: trie node of the pieces emitted so far inside the current teacher token; q_row: the teacher output
+    row holding q_j (the row before T_j); end_tok: the teacher token spelled exactly by those pieces (-1:
+    none); next_row: the output row holding the distribution after end_tok (T_j's own row at its end, a
+    branch row T_w + b inside it; -1: no ending mass); branch_at, branch_tok [n_b]: the branch tokens to
+    evaluate (position in the row, teacher id); n_main: T_w, the row's own teacher tokens.
+    """
+
+    node: torch.Tensor
+    q_row: torch.Tensor
+    end_tok: torch.Tensor
+    next_row: torch.Tensor
+    branch_at: torch.Tensor
+    branch_tok: torch.Tensor
+    n_main: int
+
+    @property
+    def n_branches(self) -> int:
+        return int(self.branch_at.numel())
+
+
+class PieceTrie:
+    """The teacher's vocabulary as a trie over student pieces, in arrays.
+
+    pieces: for every teacher id, the tuple of student ids it splits into (empty: the student cannot spell it,
+    its mass is dropped); n_student: the student vocabulary size V_s. Teacher tokens are sorted
+    lexicographically by their pieces (`order`); node n is a prefix of some token's pieces, and the tokens
+    starting with it are order[lo[n]:hi[n]]. Raises ValueError for a piece outside [0, n_student).
+    """
+
+    def __init__(self, pieces: Sequence[Sequence[int]], n_student: int):
+        self.n_teacher, self.n_student = len(pieces), int(n_student)
+        spelled = [t for t in range(self.n_teacher) if len(pieces[t]) > 0]
+        flat = [s for t in spelled for s in pieces[t]]
+        if flat and not 0 <= min(flat) <= max(flat) < self.n_student:
+            raise ValueError(f"pieces: a student id outside [0, {self.n_student}); the pieces table and the "
+                             "student vocabulary do not belong together")
+        order = sorted(spelled, key=lambda t: tuple(pieces[t]))
+        self.order = torch.tensor(order, dtype=torch.long)
+        self.n_pieces = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+        self.first_piece = torch.tensor([p[0] if len(p) else -1 for p in pieces], dtype=torch.long)
+        self._build_nodes(pieces, order)
+
+    def _build_nodes(self, pieces: Sequence[Sequence[int]], order: list[int]) -> None:
+        index: dict[tuple[int, ...], int] = {}
+        lo, hi, end, parent, last = [], [], [], [], []
+        node_of = np.full((self.n_teacher, max(1, int(self.n_pieces.max()))), -1, dtype=np.int64)
+        for rank, t in enumerate(order):
+            p = tuple(pieces[t])
+            for d in range(len(p)):
+                n = index.get(p[: d + 1])
+                if n is None:
+                    n = index[p[: d + 1]] = len(lo)
+                    lo.append(rank)
+                    hi.append(rank)
+                    end.append(-1)
+                    parent.append(index[p[:d]] if d else -1)
+                    last.append(p[d])
+                hi[n] = rank + 1
+                node_of[t, d] = n
+            end[index[p]] = t
+        self.lo, self.hi, self.end = (torch.tensor(x, dtype=torch.long) for x in (lo, hi, end))
+        self.last_piece = torch.tensor(last, dtype=torch.long)
+        self.node_of = torch.from_numpy(node_of)
+        parent_t = torch.tensor(parent, dtype=torch.long)
+        # children of node n: kids[child_ptr[n]:child_ptr[n + 1]] (CSR, roots have parent -1 and are no one's)
+        has_parent = parent_t >= 0
+        self.kids = torch.nonzero(has_parent).squeeze(1)[torch.argsort(parent_t[has_parent], stable=True)]
+        self.roots = torch.nonzero(~has_parent).squeeze(1)  # one per first piece
+        counts = torch.bincount(parent_t[has_parent], minlength=len(lo))
+        self.child_ptr = F.pad(counts.cumsum(0), (1, 0))
+
+    def plan(self, view: Any) -> RowPlan:
+        """The RowPlan of a teacher view (ids [T_w], pos [L], piece [L]; see module docstring of the data
+        format). Raises DataError when pos/piece do not index the row's teacher tokens and their pieces."""
+        ids, pos, piece = view.ids.long(), view.pos.long(), view.piece.long()
+        self._check_view(ids, pos, piece)
+        tok = ids[pos]
+        node = self.node_of[tok, piece]
+        end_tok = self.end[node]
+        boundary = piece + 1 == self.n_pieces[tok]
+        branch = ~boundary & (end_tok >= 0)
+        n_main = int(ids.numel())
+        next_row = torch.where(boundary, pos, torch.full_like(pos, -1))
+        next_row[branch] = n_main + torch.arange(int(branch.sum()))
+        return RowPlan(node=node, q_row=pos - 1, end_tok=torch.where(next_row >= 0, end_tok, -1),
+                       next_row=next_row, branch_at=pos[branch], branch_tok=end_tok[branch], n_main=n_main)
+
+    def _check_view(self, ids: torch.Tensor, pos: torch.Tensor, piece: torch.Tensor) -> None:
+        if pos.shape != piece.shape or pos.ndim != 1 or ids.ndim != 1:
+            raise DataError(f"teacher view: pos {tuple(pos.shape)} and piece {tuple(piece.shape)} must be the "
+                            f"same 1-D shape and ids 1-D (got {tuple(ids.shape)})")
+        if pos.numel() == 0:
+            return
+        if int(pos.min()) < 1 or int(pos.max()) >= ids.numel():
+            raise DataError(f"teacher view: pos must lie in [1, {ids.numel()}) so that every student position "
+                            "has a teacher token of context before it")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.n_teacher:
+            raise DataError(f"teacher view: a teacher id outside the pieces table's [0, {self.n_teacher})")
+        n = self.n_pieces[ids[pos]]
+        if bool((piece < 0).any() | (piece >= n).any()):
+            raise DataError("teacher view: piece[t] must index the pieces of the teacher token ids[pos[t]]")
+
+    def rows_needed(self, plan: RowPlan) -> torch.Tensor:
+        """The teacher output rows a plan reads (sorted, unique): q rows and ending rows."""
+        return torch.unique(torch.cat([plan.q_row, plan.next_row[plan.next_row >= 0]]))
+
+    def derive(self, plan: RowPlan, logprobs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities of the next student token at each planned position -> [L, V_s] float32.
+
+        logprobs: [R, V] the teacher's next-token log-softmax at output rows (the row's T_w tokens, then its
+        branch tokens); V may exceed the pieces table (padded heads: those columns are dropped). rows: the
+        output row each logprobs row belongs to (default 0..R-1), e.g. `rows_needed(plan)`.
+        """
+        lookup = None
+        if rows is not None:
+            lookup = torch.full((plan.n_main + plan.n_branches,), -1, dtype=torch.long)
+            lookup[rows] = torch.arange(rows.numel())
+        logprobs = logprobs[:, : self.n_teacher]
+        out = torch.empty(plan.node.numel(), self.n_student, dtype=torch.float32)
+        for c in range(0, plan.node.numel(), POSITION_CHUNK):
+            span = slice(c, c + POSITION_CHUNK)
+            q_row, next_row = plan.q_row[span], plan.next_row[span]
+            if lookup is not None:
+                q_row = lookup[q_row]
+                next_row = torch.where(next_row >= 0, lookup[next_row.clamp_min(0)], -1)
+            num = self._numerators(plan.node[span], plan.end_tok[span], q_row, next_row, logprobs)
+            out[span] = (num.log() - num.sum(-1, keepdim=True).log()).float()
+        return out
+
+    def _numerators(self, node, end_tok, q_row, next_row, logprobs) -> torch.Tensor:
+        """Unnormalised next-student-token masses C(s) + E(s) -> [n, V_s] float64."""
+        ends = torch.nonzero(next_row >= 0).squeeze(1)
+        rows, inverse = torch.unique(torch.cat([q_row, next_row[ends]]), return_inverse=True)
+        cum = self._cumulative(logprobs[rows])
+        num = torch.zeros(node.numel(), self.n_student, dtype=torch.float64)
+        owner, kid = self._children(node)
+        num[owner, self.last_piece[kid]] = self._range_mass(cum, inverse[owner], kid)
+        if ends.numel():
+            e = logprobs[q_row[ends], end_tok[ends]].double().exp()
+            at = inverse[node.numel() + torch.arange(ends.numel())]
+            first = self._range_mass(cum, at[:, None], self.roots[None, :])  # [n_ends, n_roots]
+            num[ends[:, None], self.last_piece[self.roots][None, :]] += e[:, None] * first
+        return num
+
+    def _cumulative(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """[n, V] log-probs -> [n, n_spelled + 1] float64 cumulative probabilities in trie order, from 0."""
+        cum = torch.zeros(logprobs.shape[0], self.order.numel() + 1, dtype=torch.float64)
+        torch.cumsum(logprobs.exp().index_select(1, self.order), -1, dtype=torch.float64, out=cum[:, 1:])
+        return cum
+
+    def _children(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owner, kid): every child node kid of each position's node, with the position it belongs to."""
+        start, count = self.child_ptr[node], self.child_ptr[node + 1] - self.child_ptr[node]
+        owner = torch.repeat_interleave(torch.arange(node.numel()), count)
+        offset = torch.arange(owner.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        return owner, self.kids[start[owner] + offset]
+
+    def _range_mass(self, cum: torch.Tensor, row: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """Mass of the tokens under each trie node: cum[row, hi[node]] - cum[row, lo[node]]."""
+        return cum[row, self.hi[node]] - cum[row, self.lo[node]]
+
+    def first_piece_mass(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The teacher's next-token distribution summed by first student piece: [n, V] log-probs -> [n, V_s]
+        float64 probabilities (tokens without pieces dropped)."""
+        cum = self._cumulative(logprobs)
+        out = torch.zeros(logprobs.shape[0], self.n_student, dtype=torch.float64)
+        out[:, self.last_piece[self.roots]] = self._range_mass(cum, torch.arange(len(cum))[:, None],
+                                                               self.roots[None, :])
+        return out
+
+
+def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any]) -> torch.Tensor:
+    """The teacher's log-probabilities of the next student token at every position of each view -> [B, L, V_s].
+
+    teacher: teachers.Teacher; views: B teacher views (ids [T_w], pos [L], piece [L], equal L, any T_w). One
+    teacher forward for the whole batch (rows padded, branch tokens appended with a 4D attention mask; see
+    Teacher.branched), then the head only on the rows the targets read. Raises DataError for views of
+    different L or malformed views.
+    """
+    if len({int(v.pos.numel()) for v in views}) > 1:
+        raise DataError("teacher views of one batch must have the same number of student positions")
+    plans = [trie.plan(v) for v in views]
+    states = teacher.branched([v.ids for v in views], [(p.branch_at, p.branch_tok) for p in plans])
+    out = []
+    for plan, h in zip(plans, states):
+        rows = trie.rows_needed(plan)
+        logprobs = torch.log_softmax(teacher.head(h[rows.to(h.device)]).float(), dim=-1).cpu()
+        out.append(trie.derive(plan, logprobs, rows))
+    return torch.stack(out)
+
+
+__all__ = ["PieceTrie", "RowPlan", "exact_log_probs"]
