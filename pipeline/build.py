@@ -26,12 +26,50 @@ PROJECTIONS = "projections.safetensors"
 LOG = logging.getLogger(__name__)
 
 
-def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = None):
-    """A fresh student from student.preset + student.config, with the teacher's vocab size: a
+def subvocab_targets_unavailable(recipe: Any) -> None:
+    """The hook for teacher targets over a student vocabulary derived from the teacher's (student.vocab =
+    subset:N | bytes): raises ConfigError while exact targets over it are not implemented, when the recipe
+    asks for soft targets (distill.weights.sta > 0) or the teacher cache. Called before any stage (the
+    runner's preflight) and by the stages that would compute them (teacher_cache, distill). CE-only training
+    (distill.weights.hta) over a derived vocabulary needs no teacher targets and passes."""
+    from teachers.vocab import parse_vocab
+
+    spec = parse_vocab(recipe.student.vocab)
+    if spec.is_teacher:
+        return
+    for key, on in (("distill.weights.sta", recipe.distill.weights.sta > 0),
+                    ("teacher_cache.enabled", recipe.teacher_cache.enabled)):
+        if on:
+            raise ConfigError(f"{key}: exact targets over a student vocabulary: not yet available (student.vocab="
+                              f"{spec}); set distill.weights.sta=0 and teacher_cache.enabled=false for CE-only "
+                              "training, or student.vocab=teacher")
+
+
+def student_vocabulary(ctx: StageContext, teacher: Any = None) -> tuple[int, torch.Tensor | None]:
+    """(vocabulary size, teacher ids or None) of the student a training stage builds.
+
+    student.vocab=teacher: the teacher's logit width (needs `teacher`) and None. A derived vocabulary: the
+    size of the tokenizer the prepare stage saved, and with a `teacher` the teacher id of each of its tokens
+    (LongTensor [V_s], -1 for bytes the teacher lacks; teachers.vocab.teacher_ids), for weight inheritance."""
+    from transformers import AutoTokenizer
+
+    from teachers.vocab import parse_vocab, teacher_ids
+
+    if parse_vocab(ctx.recipe.student.vocab).is_teacher:
+        return teacher.vocab_size, None
+    tokenizer = AutoTokenizer.from_pretrained(ctx.upstream["prepare"]["outputs"]["tokenizer"])
+    return len(tokenizer), (teacher_ids(teacher.tokenizer, tokenizer) if teacher is not None else None)
+
+
+def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = None,
+                  teacher_ids: torch.Tensor | None = None):
+    """A fresh student from student.preset + student.config, with the student's vocab size: a
     SpikeGPTForCausalLM, or with student.arch=llama the matched non-spiking LlamaForCausalLM baseline.
 
     With student.init_from_teacher its embedding and LM head start from the teacher's (pipeline.inherit);
-    that needs `teacher` (a teachers.Teacher), else StageError."""
+    that needs `teacher` (a teachers.Teacher), else StageError. teacher_ids (LongTensor [vocab_size], -1 for
+    none): for a vocabulary derived from the teacher's, the teacher token of each student token, whose rows
+    the student inherits (see student_vocabulary)."""
     from pipeline.recipe import student_config
     from students import SpikeGPTForCausalLM, matched_llama
 
@@ -50,7 +88,8 @@ def build_student(recipe: Any, vocab_size: int, teacher: Any = None, log: Any = 
 
         if teacher is None:
             raise StageError("student.init_from_teacher needs the teacher loaded where the student is built")
-        stats = init_student_from_teacher(student, teacher_projections(teacher, config.d_model, recipe.run.seed))
+        stats = init_student_from_teacher(student, teacher_projections(teacher, config.d_model, recipe.run.seed),
+                                          teacher_ids)
         (log or LOG).info("student: embedding and LM head from the teacher's embedding projection (%s)",
                           ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     return student

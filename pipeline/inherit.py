@@ -119,21 +119,35 @@ def teacher_projections(teacher: Any, d_model: int, seed: int,
 
 
 @torch.no_grad()
-def init_student_from_teacher(student: Any, projections: dict[str, EmbeddingProjection]) -> dict[str, float]:
+def init_student_from_teacher(student: Any, projections: dict[str, EmbeddingProjection],
+                              teacher_ids: torch.Tensor | None = None) -> dict[str, float]:
     """Overwrite a fresh SpikeGPT student's embedding and LM head from the teacher's projections (in place).
 
     student.emb.weight [V, d] = input coords scaled to std config.initializer_range; student.lm_head.weight
-    [V, d] = output coords with unit-norm rows. Returns stats for the log: the embedding's spike rate
-    (share of entries >= 0) and the mean row norm of the head. Raises ConfigError on a vocabulary mismatch.
+    [V, d] = output coords with unit-norm rows. The std is that of the whole teacher vocabulary's coords.
+
+    teacher_ids: None when the student has the teacher's vocabulary; for one derived from it (student.vocab =
+    subset:N | bytes), LongTensor [V_s], the teacher id of each student token: student row i is then the
+    row teacher token teacher_ids[i] gets in a student with the teacher's whole vocabulary (the PCA is of the
+    whole teacher matrix). Rows with id -1 (bytes the teacher's tokenizer lacks) have no teacher row: they
+    keep the student's own fresh initialisation (its head rows rescaled to unit norm like every other row),
+    since the teacher gives those bytes zero mass and training text never holds them.
+    Returns stats for the log: the embedding's spike rate (share of entries >= 0) and the mean row norm of the
+    head. Raises ConfigError when the projections do not fit the student.
     """
     emb, head = projections["input"].coords, projections["output"].coords
-    if emb.shape != student.emb.weight.shape or head.shape != student.lm_head.weight.shape:
+    rows = torch.arange(emb.shape[0]) if teacher_ids is None else teacher_ids.long()
+    fits = (emb.shape[1] == head.shape[1] == student.emb.weight.shape[1] and emb.shape[0] == head.shape[0]
+            and rows.shape == student.emb.weight.shape[:1] and int(rows.max()) < emb.shape[0])
+    if not fits:
         raise ConfigError(f"student.init_from_teacher: teacher projections {tuple(emb.shape)} / {tuple(head.shape)}"
                           f" do not fit the student's embedding {tuple(student.emb.weight.shape)}")
-    std = student.config.initializer_range
-    student.emb.weight.copy_(emb * (std / emb.std()))
-    student.lm_head.weight.copy_(torch.nn.functional.normalize(head, dim=1))
-    return {"emb_spike_rate": float((emb >= 0).float().mean()),
+    known = rows >= 0
+    scale = student.config.initializer_range / emb.std()
+    student.emb.weight[known] = (emb[rows[known]] * scale).to(student.emb.weight.dtype)
+    student.lm_head.weight[known] = head[rows[known]].to(student.lm_head.weight.dtype)
+    student.lm_head.weight.copy_(torch.nn.functional.normalize(student.lm_head.weight, dim=1))
+    return {"emb_spike_rate": float((student.emb.weight >= 0).float().mean()),
             "head_row_norm": float(student.lm_head.weight.norm(dim=1).mean())}
 
 

@@ -289,14 +289,33 @@ def _check_eval_tasks(recipe: Recipe) -> None:
                           f"{', '.join(sorted(local))} (or any lm-eval task name)") from None
 
 
+def _check_student_vocab(recipe: Recipe) -> None:
+    """A derived student.vocab fits the teacher's tokenizer (byte-level BPE; subset:N within its size range):
+    loads the teacher's tokenizer (not its weights) only then. ConfigError naming student.vocab."""
+    from teachers.errors import TeacherError
+    from teachers.vocab import check_size, parse_vocab
+
+    if parse_vocab(recipe.student.vocab).is_teacher:
+        return
+    from pipeline.stages.prepare import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.teacher.spec, recipe.teacher.trust_remote_code)
+    try:
+        check_size(tokenizer, recipe.student.vocab)
+    except TeacherError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
     """Check, before any stage runs, the files the planned stages will read.
 
     prepare_runs: whether prepare will (re)run; then data.sources are checked (teachers.data.check_sources:
     every file exists and is readable as what it claims, the text field is there) and the teacher spec
     (teachers.check_spec: a path exists, a bundled alias is installed); a stage that runs the teacher on rows
-    of data.seq_len checks them against a local teacher's positions. Raises ConfigError, DataError or
-    TeacherError naming the key or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
+    of data.seq_len checks them against a local teacher's positions; a derived student.vocab is checked against
+    the teacher's tokenizer when prepare runs, and teacher targets over it (teacher_cache, distill) go through
+    pipeline.build.subvocab_targets_unavailable. Raises ConfigError, DataError or TeacherError naming the key
+    or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
     """
     from teachers import check_spec
     from teachers.data import check_sources
@@ -304,6 +323,11 @@ def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
     if prepare_runs:
         check_spec(recipe.teacher.spec)
         check_sources(list(recipe.data.sources), recipe.data.text_field)
+        _check_student_vocab(recipe)
+    if any(s in planned for s in ("teacher_cache", "distill")):
+        from pipeline.build import subvocab_targets_unavailable
+
+        subvocab_targets_unavailable(recipe)
     if any(s in planned for s in ("teacher_cache", "align", "distill")):
         check_spec(recipe.teacher.spec, seq_len=recipe.data.seq_len)  # rows of seq_len go through the teacher
     if "evaluate" in planned:

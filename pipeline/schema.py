@@ -49,11 +49,14 @@ class StudentConfig:
     # vocabulary (an ANN baseline, trained by the same distill stage; CE/KD only, no align stage)
     arch: str = "spikegpt"
     preset: str = "demo"
-    # SpikeGPTConfig field overrides; vocab_size always comes from the teacher
+    # SpikeGPTConfig field overrides; vocab_size always comes from the student's tokenizer (student.vocab)
     config: dict[str, Any] = field(default_factory=dict)
     # weight inheritance (spikegpt only): embedding, LM head and EA projection from a seeded, rotated PCA of
     # the teacher's embedding matrix, cached per teacher (pipeline/inherit.py)
     init_from_teacher: bool = False
+    # the student's tokenizer: teacher (the teacher's own) | subset:N (the teacher's BPE with its merges cut so
+    # the vocabulary has N entries) | bytes (byte symbols + special tokens); see teachers/vocab.py
+    vocab: str = "teacher"
 
 
 @dataclass
@@ -245,6 +248,26 @@ def _check_choices(recipe: Recipe) -> None:
         _need(node in allowed, key, "one of " + "|".join(allowed), node)
 
 
+def _check_vocab(recipe: Recipe) -> None:
+    """student.vocab is spelt right; a derived vocabulary has no SpAD feature terms, whose per-position
+    features would compare student and teacher positions that differ."""
+    from teachers.errors import TeacherError
+    from teachers.vocab import parse_vocab
+
+    try:
+        spec = parse_vocab(recipe.student.vocab)
+    except TeacherError as exc:
+        raise ConfigError(f"{exc} (fix the recipe or the override)") from None
+    if spec.is_teacher:
+        return
+    why = (f"false with student.vocab={spec} (SpAD compares student and teacher features position by position, "
+           "and a derived vocabulary has other positions)")
+    _need(not recipe.align.enabled, "align.enabled", why, recipe.align.enabled)
+    for key in ("ea", "saa", "sfa"):
+        value = getattr(recipe.distill.weights, key)
+        _need(value == 0, f"distill.weights.{key}", "0 " + why.removeprefix("false "), value)
+
+
 def check_values(recipe: Recipe) -> None:
     """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
     _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
@@ -269,6 +292,7 @@ def check_values(recipe: Recipe) -> None:
     _need(not recipe.student.init_from_teacher or recipe.student.arch == "spikegpt", "student.init_from_teacher",
           "false with student.arch=llama (weight inheritance is for the spiking student)",
           recipe.student.init_from_teacher)
+    _check_vocab(recipe)
     c = recipe.teacher_cache
     _need(c.k > 0, "teacher_cache.k", "> 0", c.k)
     _need(c.batch_size > 0, "teacher_cache.batch_size", "> 0", c.batch_size)

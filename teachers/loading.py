@@ -83,6 +83,15 @@ def load_teacher(
     return teacher
 
 
+def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False,
+                   cache_dir: str | os.PathLike | None = None):
+    """The teacher's tokenizer alone, for any spec load_teacher takes (no weights are loaded; a GGUF file is
+    converted once, as load_teacher does). Raises TeacherError naming the spec."""
+    if trust_remote_code:
+        warn_remote_code(spec)
+    return _load_tokenizer(_resolve_dir(str(spec), cache_root(cache_dir)), spec, trust_remote_code)
+
+
 def warn_remote_code(spec: str | os.PathLike) -> None:
     """Log a warning: trust_remote_code runs Python shipped with the model, with this user's rights."""
     log.warning("teacher %s: trust_remote_code is on, so Python code from the model repository will run "
@@ -315,7 +324,10 @@ def _fingerprint(model_dir: Path, root: Path) -> str:
 
 
 def check_vocab(student_vocab_size: int, teacher: Teacher) -> None:
-    """Raise TeacherError unless the student's vocabulary is exactly the teacher's logit width."""
+    """Raise TeacherError unless the student's vocabulary is exactly the teacher's logit width.
+
+    For a student that shares the teacher's tokenizer (student.vocab=teacher); a vocabulary derived from the
+    teacher's (subset:N | bytes) is related to it by teachers.vocab.VocabMap instead."""
     if student_vocab_size == teacher.vocab_size:
         return
     raise TeacherError(

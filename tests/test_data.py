@@ -200,3 +200,120 @@ def test_rows_start_with_the_tokenizers_own_prefix(two_texts, tiny_tokenizer, tm
     assert plain["row_prefix"] == [] and forced["row_prefix"] == [0]
     off = prepare_corpus(two_texts, gemma_like, tmp_path / "o", seq_len=16, val_fraction=0.0, bos=False)
     assert off["row_prefix"] == [] and off["data_hash"] == plain["data_hash"]
+
+
+# --------------------------------------------------------------------- a derived student vocabulary
+@pytest.fixture(scope="module")
+def subset_vocab(tmp_path_factory, tiny_tokenizer):
+    from teachers.vocab import VocabMap, student_tokenizer
+
+    student = student_tokenizer(tiny_tokenizer, "subset:280", cache_dir=tmp_path_factory.mktemp("vocab"))
+    return VocabMap.build(tiny_tokenizer, student, "subset:280")
+
+
+def _expected_views(vocab, docs, seq_len, prefix=()):
+    """(rows, views) of the packed rows, counted from each tokenizer's own encoding and the byte offsets of the
+    token strings: the holder of a student token is the teacher token whose bytes end at or after its end."""
+    from tests.test_vocab import _byte_ends
+
+    teacher, student = [], []
+    for doc in docs:
+        teacher += vocab.teacher_tokenizer(doc, add_special_tokens=False)["input_ids"] + [0]
+        student += vocab.student_tokenizer(doc, add_special_tokens=False)["input_ids"] + [0]
+    holder = np.searchsorted(_byte_ends(vocab.teacher_tokenizer, teacher),
+                             _byte_ends(vocab.student_tokenizer, student)).tolist()
+    piece = [k - holder.index(h) for k, h in enumerate(holder)]
+    lead, body = len(prefix), seq_len - len(prefix)
+    rows, views = [], []
+    for r in range(len(student) // body):
+        span = range(r * body, (r + 1) * body)
+        first, last = holder[span[0]], holder[span[-1]]
+        context = teacher[first - 1] if first > 0 else 0
+        rows.append([*prefix, *student[span[0]:span[-1] + 1]])
+        views.append(([*prefix, context, *teacher[first:last + 1]],
+                      [*range(lead), *(lead + 1 + holder[k] - first for k in span)],
+                      [*[0] * lead, *(piece[k] for k in span)]))
+    return rows, views
+
+
+def _views(ds) -> list:
+    return [tuple(x.tolist() for x in (ds.teacher_view(i).ids, ds.teacher_view(i).pos, ds.teacher_view(i).piece))
+            for i in range(len(ds))]
+
+
+def test_teacher_views_match_a_count_by_byte_offsets(two_texts, subset_vocab, tmp_path):
+    student = subset_vocab.student_tokenizer
+    meta = prepare_corpus(two_texts, student, tmp_path / "p", seq_len=16, val_fraction=0.0, vocab=subset_vocab)
+    rows, views = _expected_views(subset_vocab, [DOC_A, DOC_B], 16)
+    ds = TokenDataset(tmp_path / "p")
+    assert [ds[i].tolist() for i in range(len(ds))] == rows and _views(ds) == views
+    assert views[0][0][0] == 0  # the very first row's context is the separator
+    t_tokens = len(subset_vocab.teacher_tokenizer(DOC_A + DOC_B, add_special_tokens=False)["input_ids"])
+    s_tokens = len(student(DOC_A + DOC_B, add_special_tokens=False)["input_ids"])
+    assert meta["vocab"] == ds.meta["vocab"] == "subset:280" and meta["vocab_size"] == 280
+    assert meta["teacher_view"]["vocab_size"] == 320 and meta["teacher_text_tokens"] == t_tokens
+    assert meta["tokens_per_teacher_token"] == pytest.approx(s_tokens / t_tokens)
+    split = prepare_corpus(two_texts, student, tmp_path / "s", seq_len=16, val_fraction=0.3, seed=1, vocab=subset_vocab)
+    both = [TokenDataset(tmp_path / "s", name) for name in ("train", "val")]
+    pairs = {(tuple(ds[i].tolist()), str(_views(ds)[i])) for ds in both for i in range(len(ds))}
+    assert split["n_seqs"]["val"] > 0 and pairs == {(tuple(r), str(v)) for r, v in zip(rows, views)}
+
+
+def test_rows_led_by_bos_map_it_to_the_teachers_bos(tmp_path):
+    """A teacher that puts <s> before every sequence: the view starts with its <s>, then the context token."""
+    from eval.testing import BOS_TRAIN_TEXT, bos_tokenizer
+    from teachers.vocab import VocabMap, student_tokenizer
+
+    teacher = bos_tokenizer()
+    vocab = VocabMap.build(teacher, student_tokenizer(teacher, "subset:270", cache_dir=tmp_path), "subset:270")
+    docs = [BOS_TRAIN_TEXT * 3, DOC_B]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(doc)
+    meta = prepare_corpus([tmp_path / "0.txt", tmp_path / "1.txt"], vocab.student_tokenizer, tmp_path / "p",
+                          seq_len=16, val_fraction=0.0, vocab=vocab)
+    assert meta["row_prefix"] == [1] and meta["teacher_view"]["row_prefix"] == [1]
+    rows, views = _expected_views(vocab, docs, 16, prefix=(1,))
+    ds = TokenDataset(tmp_path / "p")
+    assert [ds[i].tolist() for i in range(len(ds))] == rows and _views(ds) == views
+
+
+def test_a_teacher_vocabulary_dataset_has_no_teacher_view(two_texts, tiny_tokenizer, tmp_path):
+    meta = prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "p", seq_len=16)
+    assert meta["vocab"] == "teacher" and meta["teacher_view"] is None and meta["format"] == 2
+    with pytest.raises(DataError, match=r"p: prepared with student.vocab=teacher, whose rows are teacher tokens"):
+        TokenDataset(tmp_path / "p").teacher_view(0)
+
+
+def test_older_and_newer_data_formats(two_texts, tiny_tokenizer, tmp_path):
+    prepare_corpus(two_texts, tiny_tokenizer, tmp_path / "p", seq_len=16)
+    path = tmp_path / "p" / "meta.json"
+    meta = json.loads(path.read_text())
+    old = {k: v for k, v in meta.items() if k not in ("vocab", "teacher_view")} | {"format": 1}
+    path.write_text(json.dumps(old))
+    assert TokenDataset(tmp_path / "p").meta["vocab"] == "teacher"  # format 1 held the teacher's vocabulary only
+    path.write_text(json.dumps(meta | {"format": 3}))
+    with pytest.raises(DataError, match=r"meta.json: data format 3 is newer than this spikedistill reads \(2\)"):
+        TokenDataset(tmp_path / "p")
+
+
+def test_a_truncated_view_file_is_detected(two_texts, subset_vocab, tmp_path):
+    prepare_corpus(two_texts, subset_vocab.student_tokenizer, tmp_path / "p", seq_len=16, vocab=subset_vocab)
+    pos = tmp_path / "p" / "train.pos.bin"
+    pos.write_bytes(pos.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"train\.pos\.bin: missing or wrong size .* rerun the prepare stage"):
+        TokenDataset(tmp_path / "p")
+
+
+def test_a_document_the_teacher_cannot_spell_is_named_and_nothing_is_left(tmp_path):
+    from teachers.vocab import VocabMap, student_tokenizer
+    from tests.test_vocab import _teacher_without_rare_bytes
+
+    teacher = _teacher_without_rare_bytes()
+    vocab = VocabMap.build(teacher, student_tokenizer(teacher, "bytes", cache_dir=tmp_path / "cache"), "bytes")
+    src = tmp_path / "odd.jsonl"
+    src.write_text(json.dumps({"text": "It is a truth " * 20}) + "\n" + json.dumps({"text": "a truth\x04"}) + "\n")
+    with pytest.raises(DataError) as exc:
+        prepare_corpus([src], vocab.student_tokenizer, tmp_path / "out", seq_len=8, vocab=vocab)
+    msg = str(exc.value)
+    assert msg.startswith("odd.jsonl (document 2): character U+0004 at offset 7") and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "odd.jsonl"]

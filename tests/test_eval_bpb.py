@@ -200,3 +200,19 @@ def test_student_with_max_position(tiny_tokenizer):
 def test_bad_protocol_is_one_line(student, tiny_tokenizer, kwargs, match):
     with pytest.raises(EvalError, match=match):
         evaluate_bpb(student, tiny_tokenizer, TEXT, **kwargs)
+
+
+@pytest.mark.parametrize("spec", ["teacher", "subset:300", "subset:270", "bytes"])
+def test_the_byte_count_is_the_same_under_every_student_vocabulary(tiny_tokenizer, tmp_path, spec):
+    """Bits/byte divides by the text's UTF-8 bytes whatever the tokenizer: the scored tokens of a derived
+    vocabulary (student.vocab) spell exactly the text's bytes, and evaluate_bpb counts the same bytes."""
+    from eval.scoring import encode_document
+    from teachers.vocab import student_tokenizer
+
+    text = TEXT + " 👍🏽 日本語 " + "a" * 300 + "\n\n\t 12345"
+    tokenizer = student_tokenizer(tiny_tokenizer, spec, cache_dir=tmp_path)
+    tokens = encode_document(tokenizer, text)
+    assert sum(len(tokenizer.convert_ids_to_tokens(t)) for t in tokens) == len(text.encode("utf-8"))
+    row = evaluate_bpb(tiny_student(len(tokenizer), seed=2), tokenizer, text, context_length=64)
+    assert row["bytes"] == len(text.encode("utf-8")) and row["tokens"] == len(tokens)
+    assert row["bits_per_byte"] == pytest.approx(row["nll_sum"] / row["bytes"] / math.log(2))

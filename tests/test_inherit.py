@@ -157,3 +157,39 @@ def test_build_student_and_spad_inherit_when_the_recipe_asks(teacher, tiny_teach
         build_student(recipe, teacher.vocab_size)
     with pytest.raises(ConfigError, match="student.init_from_teacher"):
         load_recipe(None, [*base, "student.init_from_teacher=true", "student.arch=llama"])
+
+
+def _expected_rows(teacher, projection, matrix, ids, scale_to=None):
+    """Rows of the whole-vocabulary projection in float64: centred teacher rows times the basis, picked by id."""
+    coords = (matrix.double() - matrix.double().mean(0)) @ projection.basis.double()
+    rows = coords[ids]
+    return rows * (scale_to / coords.std()) if scale_to else torch.nn.functional.normalize(rows, dim=1)
+
+
+@pytest.mark.parametrize("case", ["derived", "shuffled_with_missing_bytes"])
+def test_a_derived_vocabulary_inherits_the_rows_of_its_teacher_tokens(teacher, tmp_path, case):
+    """student.vocab = subset:N | bytes: student row i starts from teacher token ids[i]'s row of the projection
+    of the whole teacher matrix; a byte the teacher lacks (id -1) keeps the student's fresh row (the head's
+    at unit norm)."""
+    from teachers.vocab import student_tokenizer, teacher_ids
+
+    if case == "derived":
+        ids = teacher_ids(teacher.tokenizer, student_tokenizer(teacher.tokenizer, "subset:280", cache_dir=tmp_path))
+        assert ids.tolist() == list(range(280))  # the tiny teacher's order: special, bytes, merges
+    else:
+        ids = torch.randperm(teacher.vocab_size, generator=torch.Generator().manual_seed(1))[:40]
+        ids[[3, 17]] = -1
+    projections = teacher_projections(teacher, 16, seed=0, cache_dir=tmp_path)
+    fresh, student = _student(len(ids)), _student(len(ids))
+    init_student_from_teacher(student, projections, ids)
+    known = ids >= 0
+    inputs, outputs = teacher.model.get_input_embeddings().weight, teacher.model.get_output_embeddings().weight
+    emb = _expected_rows(teacher, projections["input"], inputs, ids[known], student.config.initializer_range)
+    head = _expected_rows(teacher, projections["output"], outputs, ids[known])
+    torch.testing.assert_close(student.emb.weight[known].double(), emb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(student.lm_head.weight[known].double(), head, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(student.emb.weight[~known], fresh.emb.weight[~known])
+    torch.testing.assert_close(student.lm_head.weight[~known],
+                               torch.nn.functional.normalize(fresh.lm_head.weight[~known], dim=1))
+    with pytest.raises(ConfigError, match="do not fit the student's embedding"):
+        init_student_from_teacher(_student(len(ids) + 1), projections, ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +72,14 @@ def split_seed(r: Recipe) -> int:
 
 
 def _prepare_sections(r: Recipe) -> dict[str, Any]:
-    # the tokenizer is the teacher's, and the split is seeded: nothing else changes the dataset
-    return {"data": r.data, "teacher.spec": r.teacher.spec,
-            "teacher.trust_remote_code": r.teacher.trust_remote_code, "split_seed": split_seed(r)}
+    # the tokenizer is the teacher's or derived from it (student.vocab), and the split is seeded: nothing else
+    # changes the dataset. student.vocab enters only when it is not the default, so that the hashes of runs
+    # made before it existed still match
+    sections = {"data": r.data, "teacher.spec": r.teacher.spec,
+                "teacher.trust_remote_code": r.teacher.trust_remote_code, "split_seed": split_seed(r)}
+    if r.student.vocab != "teacher":
+        sections["student.vocab"] = r.student.vocab
+    return sections
 
 
 def _cache_sections(r: Recipe) -> dict[str, Any]:
@@ -82,7 +87,9 @@ def _cache_sections(r: Recipe) -> dict[str, Any]:
 
 
 def _train_common(r: Recipe) -> dict[str, Any]:
-    return {"teacher": r.teacher, "student": r.student, "run.seed": r.run.seed,
+    # student.vocab reaches the training stages through prepare's hash (see _prepare_sections)
+    student = {k: v for k, v in asdict(r.student).items() if k != "vocab"}
+    return {"teacher": r.teacher, "student": student, "run.seed": r.run.seed,
             "distributed.mixed_precision": r.distributed.mixed_precision}
 
 

@@ -1,6 +1,8 @@
 """Stage distill: soft-target KD (STA, tau^2-scaled) + hard-target CE (HTA), optional SpAD feature terms.
 
-Starts from align's student (or a fresh one when align.enabled is false). Soft targets come from the
+Starts from align's student (or a fresh one when align.enabled is false). With a student vocabulary derived
+from the teacher's (student.vocab = subset:N | bytes) only the hard-target term trains for now (see
+pipeline.build.subvocab_targets_unavailable); the teacher is then loaded only for weight inheritance. Soft targets come from the
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
 and distill.use_teacher_cache, from the cached sparse top-k targets (k tokens + one tail bucket; see
 pipeline.losses.kd_loss) so the teacher is not loaded at all unless a feature term needs it. With the
@@ -23,6 +25,8 @@ from pipeline.build import (
     load_projections,
     load_stage_teacher,
     save_outputs,
+    student_vocabulary,
+    subvocab_targets_unavailable,
     train_objective,
 )
 from pipeline.losses import DistillObjective
@@ -76,19 +80,35 @@ def _student(ctx: StageContext, teacher) -> Any:
         path = ctx.upstream["align"]["outputs"]["student"]
         ctx.log.info("distill: starting from align's student %s", path)
         return SpikeGPTForCausalLM.from_pretrained(path)
-    return build_student(ctx.recipe, teacher.vocab_size, teacher, ctx.log)
+    vocab_size, teacher_ids = student_vocabulary(ctx, teacher)
+    return build_student(ctx.recipe, vocab_size, teacher, ctx.log, teacher_ids)
+
+
+def _needs_teacher(ctx: StageContext, features: bool, use_cache: bool, derived: bool) -> bool:
+    """Whether distill loads the teacher: for feature terms, online soft targets or a fresh student with the
+    teacher's vocabulary (its size is the teacher's logit width) or inherited weights. A derived vocabulary
+    (CE only until exact targets exist, see subvocab_targets_unavailable) needs it for inheritance alone."""
+    fresh = "align" not in ctx.upstream
+    if derived:
+        return fresh and ctx.recipe.student.init_from_teacher
+    return features or not use_cache or fresh
 
 
 def run(ctx: StageContext) -> StageResult:
     """Distill the teacher's output distribution into the student."""
+    from teachers.vocab import parse_vocab
+
     r = ctx.recipe
     weights = asdict(r.distill.weights)
     use_cache = "teacher_cache" in ctx.upstream
     features = any(weights[k] > 0 for k in ("ea", "saa", "sfa"))
-    needs_teacher = features or not use_cache or "align" not in ctx.upstream
+    derived = not parse_vocab(r.student.vocab).is_teacher
+    if derived:
+        subvocab_targets_unavailable(r)
+    needs_teacher = _needs_teacher(ctx, features, use_cache, derived)
     teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0) if needs_teacher else None
     student = _student(ctx, teacher)
-    if teacher is not None:
+    if teacher is not None and not derived:
         from teachers import check_vocab
 
         check_vocab(student.config.vocab_size, teacher)
@@ -97,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
         load_projections(spad, ctx.upstream["align"]["outputs"]["projections"], ctx.log)
     kd = {"kind": r.distill.kd.kind, "temperature": r.distill.kd.temperature, "beta": r.distill.kd.jsd_beta,
           "chunk_size": r.distill.kd.chunk_size, "impl": r.distill.kd.impl}
-    online = teacher if (features or not use_cache) else None
+    online = teacher if (features or not use_cache) and not derived else None
     objective = DistillObjective(student, weights, teacher=online, spad=spad, kd=kd)
     train, val = datasets(ctx)
     collate = None

@@ -24,10 +24,12 @@ def teacher_dtype(name: str):
 
 def run(ctx: StageContext) -> StageResult:
     """Run the teacher over the prepared training split and store its top-k log-probs."""
+    from pipeline.build import subvocab_targets_unavailable
     from teachers import load_teacher
     from teachers.cache import build_teacher_cache
 
     r = ctx.recipe
+    subvocab_targets_unavailable(r)
     from students.ops.threads import watch
 
     teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
