@@ -103,8 +103,9 @@ class Teacher:
         logits=False skips the LM head (o.logits None; use head() on chunks); hidden_states=False skips
         collecting per-layer outputs (o.hidden_states None). Attention maps come only with attn_maps=True.
         """
-        if self.max_length is not None and input_ids.shape[-1] > self.max_length:
-            raise TeacherError(f"{self.spec}: {input_ids.shape[-1]} tokens exceed the teacher's max_length "
+        span = input_ids.shape[-1] if position_ids is None else int(position_ids.max()) + 1
+        if self.max_length is not None and span > self.max_length:
+            raise TeacherError(f"{self.spec}: {span} positions exceed the teacher's max_length "
                                f"{self.max_length}; lower data.seq_len")
         captured: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []

@@ -35,6 +35,7 @@ error below 1e-5).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 from teachers.errors import DataError
 
 POSITION_CHUNK = 64  # student positions derived at once: bounds the [chunk, V_t] float64 cumulative sums
+# probability a zero-mass student token gets in trained or stored targets (`floored`); the same number as the
+# tail floor of cached top-k targets (pipeline.kd_targets.TAIL_FLOOR)
+MASS_FLOOR = 1e-10
 
 
 @dataclass
@@ -56,7 +60,9 @@ class RowPlan:
     row holding q_j (the row before T_j); end_tok: the teacher token spelled exactly by those pieces (-1:
     none); next_row: the output row holding the distribution after end_tok (T_j's own row at its end, a
     branch row T_w + b inside it; -1: no ending mass); branch_at, branch_tok [n_b]: the branch tokens to
-    evaluate (position in the row, teacher id); n_main: T_w, the row's own teacher tokens.
+    evaluate (position in the row, teacher id); n_main: T_w, the row's own teacher tokens; first: BoolTensor
+    [L], positions at ids[0] (a row prefix such as BOS) without a q row: nothing continues their token, so the
+    next student token is the first piece of the next teacher token whatever q_j is.
     """
 
     node: torch.Tensor
@@ -66,6 +72,7 @@ class RowPlan:
     branch_at: torch.Tensor
     branch_tok: torch.Tensor
     n_main: int
+    first: torch.Tensor
 
     @property
     def n_branches(self) -> int:
@@ -123,9 +130,14 @@ class PieceTrie:
         counts = torch.bincount(parent_t[has_parent], minlength=len(lo))
         self.child_ptr = F.pad(counts.cumsum(0), (1, 0))
 
+    @classmethod
+    def from_vocab(cls, vocab: Any) -> PieceTrie:
+        """The trie of a teachers.vocab.VocabMap (its pieces and student_size)."""
+        return cls(vocab.pieces, vocab.student_size)
+
     def plan(self, view: Any) -> RowPlan:
-        """The RowPlan of a teacher view (ids [T_w], pos [L], piece [L]; see module docstring of the data
-        format). Raises DataError when pos/piece do not index the row's teacher tokens and their pieces."""
+        """The RowPlan of a teacher view (teachers.data.TeacherView: ids [T_w], pos [L], piece [L]). Raises
+        DataError when pos/piece do not index the row's teacher tokens and their pieces."""
         ids, pos, piece = view.ids.long(), view.pos.long(), view.piece.long()
         self._check_view(ids, pos, piece)
         tok = ids[pos]
@@ -136,8 +148,13 @@ class PieceTrie:
         n_main = int(ids.numel())
         next_row = torch.where(boundary, pos, torch.full_like(pos, -1))
         next_row[branch] = n_main + torch.arange(int(branch.sum()))
-        return RowPlan(node=node, q_row=pos - 1, end_tok=torch.where(next_row >= 0, end_tok, -1),
-                       next_row=next_row, branch_at=pos[branch], branch_tok=end_tok[branch], n_main=n_main)
+        first = pos == 0
+        if bool((first & ~(boundary & (self.child_ptr[node + 1] == self.child_ptr[node]))).any()):
+            raise DataError("teacher view: a student position at ids[0] needs a teacher token of context before "
+                            "it (only a row prefix token that nothing continues, e.g. BOS, may stand there)")
+        return RowPlan(node=node, q_row=torch.where(first, pos, pos - 1),
+                       end_tok=torch.where(next_row >= 0, end_tok, -1), next_row=next_row,
+                       branch_at=pos[branch], branch_tok=end_tok[branch], n_main=n_main, first=first)
 
     def _check_view(self, ids: torch.Tensor, pos: torch.Tensor, piece: torch.Tensor) -> None:
         if pos.shape != piece.shape or pos.ndim != 1 or ids.ndim != 1:
@@ -145,9 +162,8 @@ class PieceTrie:
                             f"same 1-D shape and ids 1-D (got {tuple(ids.shape)})")
         if pos.numel() == 0:
             return
-        if int(pos.min()) < 1 or int(pos.max()) >= ids.numel():
-            raise DataError(f"teacher view: pos must lie in [1, {ids.numel()}) so that every student position "
-                            "has a teacher token of context before it")
+        if int(pos.min()) < 0 or int(pos.max()) >= ids.numel():
+            raise DataError(f"teacher view: pos must index the row's {ids.numel()} teacher tokens")
         if int(ids.min()) < 0 or int(ids.max()) >= self.n_teacher:
             raise DataError(f"teacher view: a teacher id outside the pieces table's [0, {self.n_teacher})")
         n = self.n_pieces[ids[pos]]
@@ -177,11 +193,12 @@ class PieceTrie:
             if lookup is not None:
                 q_row = lookup[q_row]
                 next_row = torch.where(next_row >= 0, lookup[next_row.clamp_min(0)], -1)
-            num = self._numerators(plan.node[span], plan.end_tok[span], q_row, next_row, logprobs)
+            num = self._numerators(plan.node[span], plan.end_tok[span], q_row, next_row, logprobs,
+                                   plan.first[span])
             out[span] = (num.log() - num.sum(-1, keepdim=True).log()).float()
         return out
 
-    def _numerators(self, node, end_tok, q_row, next_row, logprobs) -> torch.Tensor:
+    def _numerators(self, node, end_tok, q_row, next_row, logprobs, first) -> torch.Tensor:
         """Unnormalised next-student-token masses C(s) + E(s) -> [n, V_s] float64."""
         ends = torch.nonzero(next_row >= 0).squeeze(1)
         rows, inverse = torch.unique(torch.cat([q_row, next_row[ends]]), return_inverse=True)
@@ -190,7 +207,7 @@ class PieceTrie:
         owner, kid = self._children(node)
         num[owner, self.last_piece[kid]] = self._range_mass(cum, inverse[owner], kid)
         if ends.numel():
-            e = logprobs[q_row[ends], end_tok[ends]].double().exp()
+            e = torch.where(first[ends], 1.0, logprobs[q_row[ends], end_tok[ends]].double().exp())
             at = inverse[node.numel() + torch.arange(ends.numel())]
             first = self._range_mass(cum, at[:, None], self.roots[None, :])  # [n_ends, n_roots]
             num[ends[:, None], self.last_piece[self.roots][None, :]] += e[:, None] * first
@@ -243,4 +260,11 @@ def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any]) -> torc
     return torch.stack(out)
 
 
-__all__ = ["PieceTrie", "RowPlan", "exact_log_probs"]
+def floored(logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact log-probs [..., V_s] with every token at least MASS_FLOOR, renormalised. The exact targets give
+    most student tokens zero mass inside a teacher token (-inf), which makes reverse KL infinite; the floor
+    keeps it finite and moves forward KL by at most V_s * MASS_FLOOR nats."""
+    return torch.log_softmax(logprobs.clamp_min(math.log(MASS_FLOOR)), dim=-1)
+
+
+__all__ = ["MASS_FLOOR", "PieceTrie", "RowPlan", "exact_log_probs", "floored"]

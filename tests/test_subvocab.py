@@ -1,69 +1,37 @@
 """Exact teacher targets over a subset student vocabulary (teachers.subvocab, Teacher.branched).
 
-The student vocabularies here are built test-locally (`subset_pieces`: the teacher's BPE with its merge list
-cut, pieces by running the cut BPE on each teacher token). Expected distributions come from brute force:
+Student vocabularies come from teachers.vocab (subset:N, bytes). Expected distributions come from brute force:
 every teacher token sequence over a short horizon after the committed prefix T_<j, mapped to student tokens,
 conditioned on T_j's pieces starting with the emitted ones, the next student token marginalised.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
-from tokenizers import models
 
 from teachers import load_teacher
-from teachers.data import bundled_corpus, read_text
+from teachers.data import TeacherView, bundled_corpus, read_text
 from teachers.errors import DataError
 from teachers.subvocab import PieceTrie, exact_log_probs
+from teachers.vocab import VocabMap, student_tokenizer
 
 EOT = "<|endoftext|>"  # the tiny teacher's document separator, id 0
-
-# boundaries, pieces inside teacher tokens, shorter-token branches, the separator, a special token
+# boundaries, pieces inside teacher tokens, shorter-token branches, the separator (a special token)
 TEXTS = ["It is that the truth there, of the other" + EOT + "Then fortune",
          "Nobler thence, that the earth was that"]
 
 
-@dataclass
-class View:
-    """Test-local teacher view: ids [T_w], pos [L], piece [L] (the data format's fields)."""
-
-    ids: torch.Tensor
-    pos: torch.Tensor
-    piece: torch.Tensor
-
-
-def subset_pieces(tokenizer, n_merges: int) -> tuple[list[tuple[int, ...]], int]:
-    """(pieces per teacher id, student vocabulary size) of the teacher's BPE cut to its first n_merges merges.
-
-    Student ids are the kept teacher ids in increasing order; special tokens are their own single piece."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = spec["model"]["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
-    made = {a + b for a, b in merges}
-    kept_made = {a + b for a, b in merges[:n_merges]}
-    specials = {a["content"] for a in spec["added_tokens"]}
-    kept = sorted(i for s, i in vocab.items() if s not in made or s in kept_made)
-    student_id = {t: i for i, t in enumerate(kept)}
-    name = {i: s for s, i in vocab.items()}
-    bpe = models.BPE(vocab={name[t]: student_id[t] for t in kept}, merges=merges[:n_merges])
-    pieces = [(student_id[t],) if name[t] in specials else tuple(x.id for x in bpe.tokenize(name[t]))
-              for t in range(len(vocab))]
-    return pieces, len(kept)
-
-
-def full_view(ids: torch.Tensor, pieces, start: tuple[int, int] = (1, 0)) -> View:
+def full_view(ids: torch.Tensor, pieces, start: tuple[int, int] = (1, 0)) -> TeacherView:
     """Every student position from teacher token start[0], piece start[1], to the end of ids."""
     pos, piece = [], []
     for j in range(start[0], len(ids)):
         for p in range(start[1] if j == start[0] else 0, len(pieces[int(ids[j])])):
             pos.append(j)
             piece.append(p)
-    return View(ids, torch.tensor(pos), torch.tensor(piece))
+    return TeacherView(ids, torch.tensor(pos), torch.tensor(piece))
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +39,14 @@ def tiny(tiny_teacher_dir):
     return load_teacher(tiny_teacher_dir)
 
 
-@pytest.fixture(scope="module", params=[12, 0], ids=["subset", "bytes"])
-def vocab(request, tiny):
-    pieces, n_student = subset_pieces(tiny.tokenizer, request.param)
-    return pieces, n_student, PieceTrie(pieces, n_student)
+def derived_vocab(teacher_tokenizer, spec: str, cache_dir=None) -> VocabMap:
+    return VocabMap.build(teacher_tokenizer, student_tokenizer(teacher_tokenizer, spec, cache_dir=cache_dir), spec)
+
+
+@pytest.fixture(scope="module", params=["subset:269", "bytes"])  # subset:269 keeps the tiny BPE's first 12 merges
+def vocab(request, tiny, tmp_path_factory):
+    vocab = derived_vocab(tiny.tokenizer, request.param, tmp_path_factory.mktemp("vocab"))
+    return vocab.pieces, vocab.student_size, PieceTrie.from_vocab(vocab)
 
 
 def encode(teacher, text: str) -> torch.Tensor:
@@ -128,10 +100,13 @@ class BruteForce:
         return out / out.sum()
 
 
-def position_kind(trie: PieceTrie, plan, t: int) -> str:
-    if plan.next_row[t] < 0:
-        return "inside"
-    return "boundary" if plan.next_row[t] < plan.n_main else "branch"
+def position_kind(pieces, token: int, p: int) -> str:
+    """boundary: the emitted pieces are all of the teacher token's; branch: inside it, and they spell a
+    shorter teacher token; inside: neither."""
+    own = tuple(pieces[token])
+    if p + 1 == len(own):
+        return "boundary"
+    return "branch" if own[: p + 1] in set(map(tuple, pieces)) else "inside"
 
 
 def test_brute_force_equals_derived_at_every_position(tiny, vocab):
@@ -144,25 +119,25 @@ def test_brute_force_equals_derived_at_every_position(tiny, vocab):
         multi = next(j for j in range(2, len(ids)) if len(pieces[int(ids[j])]) > 1)
         for view in (full_view(ids, pieces), full_view(ids, pieces, (multi, 1))):
             derived = exact_log_probs(tiny, trie, [view])[0].double()
-            plan = trie.plan(view)
             for t, (j, p) in enumerate(zip(view.pos.tolist(), view.piece.tolist())):
                 expected = brute.dist(ids[:j], tuple(pieces[int(ids[j])][: p + 1]))
                 assert torch.equal(expected == 0, derived[t] == float("-inf")), (text, j, p)
                 torch.testing.assert_close(derived[t].exp(), expected, atol=1e-5, rtol=0)
-                kinds[position_kind(trie, plan, t)] += 1
+                kinds[position_kind(pieces, int(ids[j]), p)] += 1
     assert min(kinds.values()) >= 5, kinds  # all three kinds of position were checked
 
 
-def test_horizon_three_adds_nothing(tiny):
+def test_horizon_three_adds_nothing(tiny, tmp_path):
     """A third teacher token never changes the next student token: checked on the bytes student, short prefix."""
-    pieces, n_student = subset_pieces(tiny.tokenizer, 0)
+    bytes_vocab = derived_vocab(tiny.tokenizer, "bytes", tmp_path)
+    pieces, n_student = bytes_vocab.pieces, bytes_vocab.student_size
     brute = BruteForce(tiny.model, pieces, n_student)
     ids = encode(tiny, "It is")  # "Ġis": three byte pieces
     for pi in [tuple(pieces[int(ids[2])][:1]), tuple(pieces[int(ids[2])][:2])]:
         torch.testing.assert_close(brute.dist(ids[:2], pi, horizon=3), brute.dist(ids[:2], pi), atol=1e-9, rtol=0)
 
 
-def naive_log_probs(teacher, trie: PieceTrie, view: View, pieces) -> torch.Tensor:
+def naive_log_probs(teacher, trie: PieceTrie, view: TeacherView, pieces) -> torch.Tensor:
     """THE MUTANT: the teacher's next-token mass summed by first student piece at teacher boundaries only;
     inside a teacher token the next piece is taken as certain."""
     lp = torch.log_softmax(teacher(view.ids[None]).logits[0].float(), -1)
@@ -182,11 +157,10 @@ def test_naive_first_piece_marginal_fails_brute_force(tiny, vocab):
     ids = encode(tiny, TEXTS[0])
     view = full_view(ids, pieces)
     naive = naive_log_probs(tiny, trie, view, pieces).double().exp()
-    plan = trie.plan(view)
     failed = {"boundary": 0, "inside": 0, "branch": 0}
     for t, (j, p) in enumerate(zip(view.pos.tolist(), view.piece.tolist())):
         error = (naive[t] - brute.dist(ids[:j], tuple(pieces[int(ids[j])][: p + 1]))).abs().max().item()
-        failed[position_kind(trie, plan, t)] += error > 1e-2  # far outside the 1e-5 the derived targets meet
+        failed[position_kind(pieces, int(ids[j]), p)] += error > 1e-2  # far outside the 1e-5 the derived targets meet
     # it misses the longer tokens at boundaries, and everything but the one next piece inside tokens
     assert failed["boundary"] >= 1 and failed["branch"] >= 3, failed
 
@@ -195,7 +169,7 @@ def test_distributions_sum_to_one(tiny, vocab):
     pieces, _, trie = vocab
     views = [full_view(encode(tiny, text)[:16], pieces) for text in TEXTS]
     length = min(len(v.pos) for v in views)
-    views = [View(v.ids, v.pos[:length], v.piece[:length]) for v in views]
+    views = [TeacherView(v.ids, v.pos[:length], v.piece[:length]) for v in views]
     lp = exact_log_probs(tiny, trie, views)
     assert lp.shape == (2, length, trie.n_student)
     torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(2, length, dtype=torch.float64),
@@ -207,7 +181,7 @@ def test_rows_of_different_teacher_lengths_batch_like_single_rows(tiny, vocab):
     long_ids, short_ids = encode(tiny, TEXTS[0]), encode(tiny, TEXTS[1])
     short = full_view(short_ids, pieces)
     long = full_view(long_ids, pieces, (2, 0))
-    long = View(long.ids, long.pos[: len(short.pos)], long.piece[: len(short.pos)])
+    long = TeacherView(long.ids, long.pos[: len(short.pos)], long.piece[: len(short.pos)])
     batch = exact_log_probs(tiny, trie, [long, short])
     for i, view in enumerate([long, short]):
         torch.testing.assert_close(batch[i], exact_log_probs(tiny, trie, [view])[0], atol=1e-5, rtol=1e-5)
@@ -227,10 +201,31 @@ def test_separator_position_is_the_next_tokens_first_piece(tiny, vocab):
     torch.testing.assert_close(derived, expected, atol=1e-6, rtol=0)
 
 
-def test_student_tokens_no_teacher_token_spells_get_zero_mass(tiny):
+def test_a_row_prefix_token_at_ids_0_predicts_the_next_tokens_first_piece(tiny, vocab):
+    """A BOS-led row (TeacherView with a row prefix): the prefix token stands at ids[0] with no context before
+    it; nothing continues a special token, so its target is the teacher's distribution after it, summed by
+    first piece. The body after it is derived as usual (checked against a row without the prefix)."""
+    pieces, _, trie = vocab
+    body = encode(tiny, TEXTS[1])
+    ids = torch.cat([torch.tensor([0]), body])  # EOT as BOS, then the first body token as context
+    plain = full_view(body, pieces)
+    view = TeacherView(ids, torch.cat([torch.tensor([0]), plain.pos + 1]), torch.cat([torch.tensor([0]), plain.piece]))
+    derived = exact_log_probs(tiny, trie, [view])[0].double()
+    q_next = torch.log_softmax(tiny.model(ids[None, :1]).logits[0, 0].double(), -1).exp()
+    expected = torch.zeros(trie.n_student, dtype=torch.float64)
+    expected.index_add_(0, torch.tensor([p[0] for p in pieces]), q_next)
+    torch.testing.assert_close(derived[0].exp(), expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        brute = BruteForce(tiny.model, pieces, trie.n_student)
+        j, p = int(view.pos[1]), int(view.piece[1])
+        torch.testing.assert_close(derived[1].exp(), brute.dist(ids[:j], tuple(pieces[int(ids[j])][: p + 1])),
+                                   atol=1e-5, rtol=0)
+
+
+def test_student_tokens_no_teacher_token_spells_get_zero_mass(tiny, vocab):
     """A student byte the teacher lacks (an extra student id) gets log-prob -inf; a teacher token the student
     cannot spell (empty pieces) drops out of both the numerators and the normaliser."""
-    pieces, n_student = subset_pieces(tiny.tokenizer, 12)
+    pieces, n_student, _ = vocab
     ids = encode(tiny, TEXTS[1])
     unused = next(t for t in range(300, 320) if t not in ids.tolist())
     cut = list(pieces)
@@ -248,10 +243,13 @@ def test_student_tokens_no_teacher_token_spells_get_zero_mass(tiny):
 def test_malformed_views_raise_one_clear_error(tiny, vocab):
     pieces, _, trie = vocab
     ids = encode(tiny, TEXTS[1])
-    with pytest.raises(DataError, match="context"):
-        trie.plan(View(ids, torch.tensor([0]), torch.tensor([0])))
+    multi = next(j for j in range(len(ids)) if len(pieces[int(ids[j])]) > 1)
+    with pytest.raises(DataError, match="context"):  # inside a teacher token at ids[0]: q_j is needed
+        trie.plan(TeacherView(ids[multi:], torch.tensor([0]), torch.tensor([0])))
+    with pytest.raises(DataError, match="index"):
+        trie.plan(TeacherView(ids, torch.tensor([len(ids)]), torch.tensor([0])))
     with pytest.raises(DataError, match="pieces"):
-        trie.plan(View(ids, torch.tensor([1]), torch.tensor([len(pieces[int(ids[1])])])))
+        trie.plan(TeacherView(ids, torch.tensor([1]), torch.tensor([len(pieces[int(ids[1])])])))
     with pytest.raises(DataError, match="same number"):
         exact_log_probs(tiny, trie, [full_view(ids, pieces), full_view(ids, pieces, (2, 0))])
 
@@ -303,7 +301,7 @@ def windows(n: int):
         s = b - CONTEXT
 
 
-def scored_view(row: torch.Tensor, pieces, a: int, b: int) -> tuple[View, torch.Tensor]:
+def scored_view(row: torch.Tensor, pieces, a: int, b: int) -> tuple[TeacherView, torch.Tensor]:
     """The view predicting every piece of row[a:b] (row-relative), and those target student ids [L]."""
     pos, piece, target = [], [], []
     prev = (a - 1, len(pieces[int(row[a - 1])]) - 1)
@@ -313,7 +311,7 @@ def scored_view(row: torch.Tensor, pieces, a: int, b: int) -> tuple[View, torch.
             piece.append(prev[1])
             target.append(u)
             prev = (j, p)
-    return View(row, torch.tensor(pos), torch.tensor(piece)), torch.tensor(target)
+    return TeacherView(row, torch.tensor(pos), torch.tensor(piece)), torch.tensor(target)
 
 
 class Accounting:
@@ -359,11 +357,6 @@ class Accounting:
         return alt_sum, edge
 
 
-def n_unmerged(tokenizer) -> int:
-    """Vocabulary entries no merge makes (base symbols and added tokens): subset:N keeps N minus these merges."""
-    return subset_pieces(tokenizer, 0)[1]
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     return load_teacher("smollm2-135m", dtype=torch.float32)
@@ -381,11 +374,11 @@ def test_invariant_bits_per_byte_on_persuasion(smollm2):
     (`Accounting`), with every term computed from plain prefix sums of the teacher's own distributions.
     """
     raw = read_text(bundled_corpus()["persuasion"]).encode()[:20_000].decode(errors="ignore")
-    text_ids, base = encode(smollm2, raw), n_unmerged(smollm2.tokenizer)
+    text_ids = encode(smollm2, raw)
     vocabs = {}
     for n in (1024, 8192):
-        pieces, n_student = subset_pieces(smollm2.tokenizer, n - base)
-        vocabs[n] = (pieces, PieceTrie(pieces, n_student), Accounting(pieces))
+        vocab = derived_vocab(smollm2.tokenizer, f"subset:{n}")
+        vocabs[n] = (vocab.pieces, PieceTrie.from_vocab(vocab), Accounting(vocab.pieces))
     own, sums = 0.0, {n: torch.zeros(3, dtype=torch.float64) for n in vocabs}  # derived, alt, edge
     for s, a, b in windows(len(text_ids)):
         row_own, row_sums = score_row(smollm2, text_ids[s:b], a - s, vocabs)
