@@ -28,9 +28,9 @@ non-canonical path that the derived distribution also counts / the kept mass); t
 measures both on real text.
 
 The continuing mass is a range sum: the teacher's tokens sorted lexicographically by their pieces form a trie
-in which the tokens whose pieces start with a prefix are one contiguous range, so each C(s) is a difference of
-a float64 cumulative sum of q_j in that order (absolute error ~1e-14, so masses above ~1e-9 keep a relative
-error below 1e-5).
+in which the tokens whose pieces start with a prefix are one contiguous range (on SmolLM2 a few to a few
+hundred tokens), gathered and summed by next piece in float64; the ending mass sums the whole next-token
+distribution by first piece (one pass over the teacher's vocabulary per position with ending mass).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from teachers.errors import DataError
 
-POSITION_CHUNK = 64  # student positions derived at once: bounds the [chunk, V_t] float64 cumulative sums
+POSITION_CHUNK = 64  # student positions derived at once: bounds the [chunk, V_t] float64 next-token masses
 # probability a zero-mass student token gets in trained or stored targets (`floored`); the same number as the
 # tail floor of cached top-k targets (pipeline.kd_targets.TAIL_FLOOR)
 MASS_FLOOR = 1e-10
@@ -84,51 +84,47 @@ class PieceTrie:
 
     pieces: for every teacher id, the tuple of student ids it splits into (empty: the student cannot spell it,
     its mass is dropped); n_student: the student vocabulary size V_s. Teacher tokens are sorted
-    lexicographically by their pieces (`order`); node n is a prefix of some token's pieces, and the tokens
-    starting with it are order[lo[n]:hi[n]]. Raises ValueError for a piece outside [0, n_student).
+    lexicographically by their pieces (`order`); node n is a prefix of some token's pieces (depth[n] pieces
+    long), the tokens starting with it are order[lo[n]:hi[n]], and end[n] is the token spelled by exactly
+    those pieces (-1: none). Raises ValueError for a piece outside [0, n_student).
     """
 
     def __init__(self, pieces: Sequence[Sequence[int]], n_student: int):
         self.n_teacher, self.n_student = len(pieces), int(n_student)
-        spelled = [t for t in range(self.n_teacher) if len(pieces[t]) > 0]
-        flat = [s for t in spelled for s in pieces[t]]
+        lengths = [len(p) for p in pieces]
+        flat = [s for p in pieces for s in p]
         if flat and not 0 <= min(flat) <= max(flat) < self.n_student:
             raise ValueError(f"pieces: a student id outside [0, {self.n_student}); the pieces table and the "
                              "student vocabulary do not belong together")
-        order = sorted(spelled, key=lambda t: tuple(pieces[t]))
+        # every token's pieces, concatenated: piece d of token t is flat_piece[offset[t] + d]
+        self.n_pieces = torch.tensor(lengths, dtype=torch.long)
+        self.offset = F.pad(self.n_pieces.cumsum(0), (1, 0))
+        self.flat_piece = torch.tensor(flat, dtype=torch.long)
+        # the first piece of each token; tokens without pieces go to an extra column, dropped afterwards
+        self.first_piece = torch.tensor([p[0] if len(p) else self.n_student for p in pieces], dtype=torch.long)
+        order = sorted((t for t in range(self.n_teacher) if lengths[t]), key=lambda t: tuple(pieces[t]))
         self.order = torch.tensor(order, dtype=torch.long)
-        self.n_pieces = torch.tensor([len(p) for p in pieces], dtype=torch.long)
-        self.first_piece = torch.tensor([p[0] if len(p) else -1 for p in pieces], dtype=torch.long)
         self._build_nodes(pieces, order)
 
     def _build_nodes(self, pieces: Sequence[Sequence[int]], order: list[int]) -> None:
         index: dict[tuple[int, ...], int] = {}
-        lo, hi, end, parent, last = [], [], [], [], []
-        node_of = np.full((self.n_teacher, max(1, int(self.n_pieces.max()))), -1, dtype=np.int64)
+        lo, hi, end, depth = [], [], [], []
+        flat_node = np.empty(int(self.offset[-1]), dtype=np.int64)
         for rank, t in enumerate(order):
-            p = tuple(pieces[t])
+            p, base = tuple(pieces[t]), int(self.offset[t])
             for d in range(len(p)):
                 n = index.get(p[: d + 1])
                 if n is None:
                     n = index[p[: d + 1]] = len(lo)
                     lo.append(rank)
-                    hi.append(rank)
                     end.append(-1)
-                    parent.append(index[p[:d]] if d else -1)
-                    last.append(p[d])
+                    depth.append(d + 1)
+                    hi.append(rank)
                 hi[n] = rank + 1
-                node_of[t, d] = n
+                flat_node[base + d] = n
             end[index[p]] = t
-        self.lo, self.hi, self.end = (torch.tensor(x, dtype=torch.long) for x in (lo, hi, end))
-        self.last_piece = torch.tensor(last, dtype=torch.long)
-        self.node_of = torch.from_numpy(node_of)
-        parent_t = torch.tensor(parent, dtype=torch.long)
-        # children of node n: kids[child_ptr[n]:child_ptr[n + 1]] (CSR, roots have parent -1 and are no one's)
-        has_parent = parent_t >= 0
-        self.kids = torch.nonzero(has_parent).squeeze(1)[torch.argsort(parent_t[has_parent], stable=True)]
-        self.roots = torch.nonzero(~has_parent).squeeze(1)  # one per first piece
-        counts = torch.bincount(parent_t[has_parent], minlength=len(lo))
-        self.child_ptr = F.pad(counts.cumsum(0), (1, 0))
+        self.lo, self.hi, self.end, self.depth = (torch.tensor(x, dtype=torch.long) for x in (lo, hi, end, depth))
+        self.flat_node = torch.from_numpy(flat_node)  # node of token t's first d + 1 pieces: [offset[t] + d]
 
     @classmethod
     def from_vocab(cls, vocab: Any) -> PieceTrie:
@@ -141,7 +137,7 @@ class PieceTrie:
         ids, pos, piece = view.ids.long(), view.pos.long(), view.piece.long()
         self._check_view(ids, pos, piece)
         tok = ids[pos]
-        node = self.node_of[tok, piece]
+        node = self.flat_node[self.offset[tok] + piece]
         end_tok = self.end[node]
         boundary = piece + 1 == self.n_pieces[tok]
         branch = ~boundary & (end_tok >= 0)
@@ -149,7 +145,7 @@ class PieceTrie:
         next_row = torch.where(boundary, pos, torch.full_like(pos, -1))
         next_row[branch] = n_main + torch.arange(int(branch.sum()))
         first = pos == 0
-        if bool((first & ~(boundary & (self.child_ptr[node + 1] == self.child_ptr[node]))).any()):
+        if bool((first & ~(boundary & (self.hi[node] - self.lo[node] == 1))).any()):  # nothing continues it
             raise DataError("teacher view: a student position at ids[0] needs a teacher token of context before "
                             "it (only a row prefix token that nothing continues, e.g. BOS, may stand there)")
         return RowPlan(node=node, q_row=torch.where(first, pos, pos - 1),
@@ -200,44 +196,33 @@ class PieceTrie:
 
     def _numerators(self, node, end_tok, q_row, next_row, logprobs, first) -> torch.Tensor:
         """Unnormalised next-student-token masses C(s) + E(s) -> [n, V_s] float64."""
-        ends = torch.nonzero(next_row >= 0).squeeze(1)
-        rows, inverse = torch.unique(torch.cat([q_row, next_row[ends]]), return_inverse=True)
-        cum = self._cumulative(logprobs[rows])
+        owner, token, child = self._continuations(node)
         num = torch.zeros(node.numel(), self.n_student, dtype=torch.float64)
-        owner, kid = self._children(node)
-        num[owner, self.last_piece[kid]] = self._range_mass(cum, inverse[owner], kid)
+        num.index_put_((owner, child), logprobs[q_row[owner], token].double().exp(), accumulate=True)
+        ends = torch.nonzero(next_row >= 0).squeeze(1)
         if ends.numel():
             e = torch.where(first[ends], 1.0, logprobs[q_row[ends], end_tok[ends]].double().exp())
-            at = inverse[node.numel() + torch.arange(ends.numel())]
-            first = self._range_mass(cum, at[:, None], self.roots[None, :])  # [n_ends, n_roots]
-            num[ends[:, None], self.last_piece[self.roots][None, :]] += e[:, None] * first
+            num[ends] += e[:, None] * self.first_piece_mass(logprobs[next_row[ends]])
         return num
 
-    def _cumulative(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """[n, V] log-probs -> [n, n_spelled + 1] float64 cumulative probabilities in trie order, from 0."""
-        cum = torch.zeros(logprobs.shape[0], self.order.numel() + 1, dtype=torch.float64)
-        torch.cumsum(logprobs.exp().index_select(1, self.order), -1, dtype=torch.float64, out=cum[:, 1:])
-        return cum
-
-    def _children(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(owner, kid): every child node kid of each position's node, with the position it belongs to."""
-        start, count = self.child_ptr[node], self.child_ptr[node + 1] - self.child_ptr[node]
+    def _continuations(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(owner, token, child): every teacher token strictly extending each position's node (a range in trie
+        order), the position it belongs to and its next piece, the student token it continues with."""
+        count = self.hi[node] - self.lo[node]
         owner = torch.repeat_interleave(torch.arange(node.numel()), count)
-        offset = torch.arange(owner.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
-        return owner, self.kids[start[owner] + offset]
-
-    def _range_mass(self, cum: torch.Tensor, row: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-        """Mass of the tokens under each trie node: cum[row, hi[node]] - cum[row, lo[node]]."""
-        return cum[row, self.hi[node]] - cum[row, self.lo[node]]
+        rank = self.lo[node][owner] + torch.arange(owner.numel()) - torch.repeat_interleave(count.cumsum(0) - count,
+                                                                                              count)
+        token, d = self.order[rank], self.depth[node][owner]
+        longer = self.n_pieces[token] > d  # the node's own token ends here: ending mass, not continuing
+        token, owner, d = token[longer], owner[longer], d[longer]
+        return owner, token, self.flat_piece[self.offset[token] + d]
 
     def first_piece_mass(self, logprobs: torch.Tensor) -> torch.Tensor:
         """The teacher's next-token distribution summed by first student piece: [n, V] log-probs -> [n, V_s]
         float64 probabilities (tokens without pieces dropped)."""
-        cum = self._cumulative(logprobs)
-        out = torch.zeros(logprobs.shape[0], self.n_student, dtype=torch.float64)
-        out[:, self.last_piece[self.roots]] = self._range_mass(cum, torch.arange(len(cum))[:, None],
-                                                               self.roots[None, :])
-        return out
+        p = logprobs[:, : self.n_teacher].float().exp()  # summed in float32 (relative error ~1e-6): one pass
+        out = torch.zeros(p.shape[0], self.n_student + 1, dtype=torch.float32)
+        return out.index_add_(1, self.first_piece, p)[:, : self.n_student].double()
 
 
 def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any]) -> torch.Tensor:
