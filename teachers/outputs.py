@@ -7,12 +7,15 @@ every architecture ("the output of decoder layer i"), whatever each model does w
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from teachers.errors import TeacherError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,6 +165,9 @@ class Teacher:
         False and the separate-forward path)."""
         if self._tree_ok is None:
             self._tree_ok = self._probe_tree_mask()
+            if not self._tree_ok:
+                log.warning("teacher %s: no tree-shaped attention (4D mask + position ids); branch tokens run "
+                            "as separate forwards (slower)", self.spec)
         return self._tree_ok
 
     def _probe_tree_mask(self) -> bool:
