@@ -24,6 +24,9 @@ Why each choice (measured on SmolLM2-135M, d = 128):
   the full space), and a linear map recovers 49% of E's variance from the bits (31% without R);
 - the head uses the output embedding (the input one when they are tied), the embedding the input one.
 
+A student vocabulary derived from the teacher's (student.vocab = subset:N | bytes, teachers/vocab.py) takes,
+for each of its tokens, the rows of that token's teacher id (init_student_from_teacher's teacher_ids).
+
 The projections are computed once per teacher (its fingerprint and dtype), width and seed, and cached as
 safetensors under $SPIKEDISTILL_CACHE/inherit (default ~/.cache/spikedistill/inherit).
 """

@@ -201,7 +201,8 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def student_config(recipe: Recipe, vocab_size: int):
-    """The SpikeGPTConfig of `student.preset` + `student.config` overrides, with the teacher's vocab size.
+    """The SpikeGPTConfig of `student.preset` + `student.config` overrides, with the student's vocab size (the
+    teacher's, or that of the tokenizer derived from it by student.vocab).
 
     Unknown fields and values SpikeGPTConfig rejects become ConfigError naming `student.config.<field>`.
     """
@@ -212,8 +213,8 @@ def student_config(recipe: Recipe, vocab_size: int):
         raise ConfigError(f"student.preset: must be one of {'|'.join(PRESETS)}, got {preset!r};"
                           f"{did_you_mean(preset, PRESETS)}")
     if "vocab_size" in overrides:
-        raise ConfigError("student.config.vocab_size: the vocabulary comes from the teacher's tokenizer; "
-                          "remove this key")
+        raise ConfigError("student.config.vocab_size: the vocabulary comes from the student's tokenizer (the "
+                          "teacher's, or one derived from it by student.vocab); remove this key")
     known = SpikeGPTConfig.from_preset(preset, vocab_size=vocab_size).to_dict()
     for key in overrides:
         if key not in known:

@@ -345,15 +345,13 @@ class VocabMap:
         return int(self.teacher_id.numel())
 
     @classmethod
-    def build(cls, teacher_tokenizer, student_tokenizer, spec: str | VocabSpec = "") -> VocabMap:
-        """The map between a teacher tokenizer and a student tokenizer derived from it (student_tokenizer()).
-
-        Raises TeacherError when a teacher token's pieces do not spell it (the student is not derived from
-        this teacher)."""
+    def build(cls, teacher_tokenizer, student_tokenizer, spec: str | VocabSpec) -> VocabMap:
+        """The map between a teacher tokenizer and a student tokenizer derived from it by `spec`
+        (student_tokenizer()). Raises TeacherError when a teacher token's pieces do not spell it (the student
+        is not derived from this teacher)."""
         teacher = _teacher_json(teacher_tokenizer)
-        student = json.loads(student_tokenizer.backend_tokenizer.to_str())
         model = student_tokenizer.backend_tokenizer.model
-        student_added = {a["content"]: a["id"] for a in student["added_tokens"]}
+        student_added = {tok.content: sid for sid, tok in student_tokenizer.added_tokens_decoder.items()}
         by_id = {i: s for s, i in teacher["model"]["vocab"].items()}
         by_id.update({a["id"]: a["content"] for a in teacher["added_tokens"]})
         pieces = []

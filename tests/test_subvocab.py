@@ -382,15 +382,17 @@ def test_invariant_bits_per_byte_on_persuasion(smollm2):
     for n in (1024, 8192):
         vocab = derived_vocab(smollm2.tokenizer, f"subset:{n}")
         vocabs[n] = (vocab.pieces, PieceTrie.from_vocab(vocab), Accounting(vocab.pieces))
-    own, sums = 0.0, {n: torch.zeros(5, dtype=torch.float64) for n in vocabs}  # derived, alt, edge, share, L
+    # derived, alt, edge, alternative share, positions, branch tokens
+    own, sums = 0.0, {n: torch.zeros(6, dtype=torch.float64) for n in vocabs}
     for s, a, b in windows(len(text_ids)):
         row_own, row_sums = score_row(smollm2, text_ids[s:b], a - s, vocabs)
         own += row_own
         for n in vocabs:
             sums[n] += row_sums[n]
-    for n, (derived, alt, edge, share, positions) in sums.items():
+    for n, (derived, alt, edge, share, positions, branches) in sums.items():
         print(f"N={n}: own {own:.3f} nats, derived {derived:.3f}, relative gap {(derived - own) / own:.3e}, "
-              f"alt {alt:.3f}, edges {edge:.3f}, mean alternative share {share / positions:.4f}")
+              f"alt {alt:.3f}, edges {edge:.3f}, mean alternative share {share / positions:.4f}, "
+              f"positions with a branch token {branches / positions:.3f}")
         assert float(derived) == pytest.approx(own - float(alt) - float(edge), rel=1e-5), (n, own)
 
 
@@ -425,5 +427,5 @@ def score_row(teacher, row: torch.Tensor, a: int, vocabs) -> tuple[float, dict[i
         alt, edge, share = accounting.terms(row, view, target, q,
                                             lambda j, t: branch_logprobs([(j, t)])[0].double().exp())
         out[n] = torch.tensor([-float(derived.double().gather(1, target[:, None]).sum()), alt, edge, share,
-                               len(target)])
+                               len(target), plan.n_branches])
     return own, out

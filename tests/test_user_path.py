@@ -396,7 +396,7 @@ def test_a_misspelt_key_at_any_level_gets_a_suggestion(key, capsys):
 @pytest.mark.parametrize("override, words", [
     ("student.config.token_mixr=sfsa", "did you mean student.config.token_mixer?"),
     ("student.config.token_mixer=bogus", "student.config.token_mixer:"),
-    ("student.config.vocab_size=100", "student.config.vocab_size: the vocabulary comes from the teacher"),
+    ("student.config.vocab_size=100", "student.config.vocab_size: the vocabulary comes from the student's tokenizer"),
     ("student.preset=dmo", "did you mean demo?"),
     ("teacher.layer_map.9=1", "teacher.layer_map.9: the student has layers 0..0"),
     ("data.sources=bundled:austn", "did you mean bundled:austen?"),

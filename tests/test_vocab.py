@@ -308,7 +308,7 @@ def test_a_student_that_cannot_spell_a_teacher_token_is_refused(tiny, tmp_path):
     del spec["model"]["vocab"]["x"]
     student = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=EOT)
     with pytest.raises(TeacherError, match=r"teacher token \d+ \('x'\) has no spelling in the student's"):
-        VocabMap.build(tiny, student)
+        VocabMap.build(tiny, student, "bytes")
 
 
 # -------------------------------------------------------------------------------------- refusals

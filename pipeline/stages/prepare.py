@@ -23,7 +23,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return teacher_tokenizer(spec, trust_remote_code)
 
 
-def student_vocabulary(recipe):
+def derive_vocabulary(recipe):
     """(the student's tokenizer, the VocabMap from the teacher's, or None for student.vocab=teacher)."""
     from teachers.vocab import VocabMap, parse_vocab, student_tokenizer
 
@@ -38,7 +38,7 @@ def run(ctx: StageContext) -> StageResult:
     from teachers.data import prepare_corpus
 
     r = ctx.recipe
-    tokenizer, vocab = student_vocabulary(r)
+    tokenizer, vocab = derive_vocabulary(r)
     tok_dir = ctx.stage_dir / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     out = ctx.stage_dir / "dataset"
