@@ -26,23 +26,19 @@ PROJECTIONS = "projections.safetensors"
 LOG = logging.getLogger(__name__)
 
 
-def subvocab_targets_unavailable(recipe: Any) -> None:
-    """The hook for teacher targets over a student vocabulary derived from the teacher's (student.vocab =
-    subset:N | bytes): raises ConfigError while exact targets over it are not implemented, when the recipe
-    asks for soft targets (distill.weights.sta > 0) or the teacher cache. Called before any stage (the
-    runner's preflight) and by the stages that would compute them (teacher_cache, distill). CE-only training
-    (distill.weights.hta) over a derived vocabulary needs no teacher targets and passes."""
-    from teachers.vocab import parse_vocab
+def stage_vocab(ctx: StageContext, teacher: Any) -> Any:
+    """The teachers.vocab.VocabMap between the teacher's tokenizer and the student tokenizer the prepare stage
+    saved, or None for student.vocab=teacher. Exact teacher targets over the student's vocabulary
+    (teachers.subvocab) read its pieces."""
+    from transformers import AutoTokenizer
 
-    spec = parse_vocab(recipe.student.vocab)
+    from teachers.vocab import VocabMap, parse_vocab
+
+    spec = parse_vocab(ctx.recipe.student.vocab)
     if spec.is_teacher:
-        return
-    for key, on in (("distill.weights.sta", recipe.distill.weights.sta > 0),
-                    ("teacher_cache.enabled", recipe.teacher_cache.enabled)):
-        if on:
-            raise ConfigError(f"{key}: exact targets over a student vocabulary: not yet available (student.vocab="
-                              f"{spec}); set distill.weights.sta=0 and teacher_cache.enabled=false for CE-only "
-                              "training, or student.vocab=teacher")
+        return None
+    student = AutoTokenizer.from_pretrained(ctx.upstream["prepare"]["outputs"]["tokenizer"])
+    return VocabMap.build(teacher.tokenizer, student, spec)
 
 
 def student_vocabulary(ctx: StageContext, teacher: Any = None) -> tuple[int, torch.Tensor | None]:

@@ -427,18 +427,24 @@ LOSS_TERMS = ("ea", "saa", "sfa", "sta", "hta")
 class DistillObjective(nn.Module):
     """The trainable part of a training stage: the student plus the SpAD projections, as one module.
 
-    forward(input_ids [B, L], targets=None) -> {"loss": weighted sum over next-token positions, "ea",
-    "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so DDP/FSDP/DeepSpeed
+    forward(input_ids [B, L], targets=None, views=None) -> {"loss": weighted sum over next-token positions,
+    "ea", "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so DDP/FSDP/DeepSpeed
     never wrap it) runs inside forward under no_grad; `targets` are cached sparse teacher targets
     [B, L, k] which replace the online teacher's logits for the STA term (with neither, e.g. validation
     rows of a cached run without a teacher, the STA term is left out). The trainer divides every sum by
     the token count of the whole step.
+
+    subvocab: a teachers.subvocab.PieceTrie when the student's vocabulary is derived from the teacher's
+    (student.vocab = subset:N | bytes): the teacher never reads the student's ids; the online STA target is
+    the teacher's exact distribution over the student's vocabulary at each position, [B * (L - 1), V_s] dense,
+    derived from `views` (B teachers.data.TeacherView of the rows; zero-mass tokens floored, see
+    teachers.subvocab.floored).
     """
 
     def __init__(self, student: nn.Module, weights: dict[str, float], *, teacher: Any = None,
-                 spad: SpADLoss | None = None, kd: dict[str, Any] | None = None):
+                 spad: SpADLoss | None = None, kd: dict[str, Any] | None = None, subvocab: Any = None):
         super().__init__()
-        self.student, self.spad = student, spad
+        self.student, self.spad, self.subvocab = student, spad, subvocab
         self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_TERMS}
         self.kd = {"kind": "forward_kl", "temperature": 1.0, "chunk_size": 1024, "beta": 0.5, "impl": "fused",
                    **(kd or {})}
@@ -448,12 +454,12 @@ class DistillObjective(nn.Module):
     def teacher(self):
         return self._teacher[0]
 
-    def forward(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
-        sums = self.term_sums(input_ids, targets)
+    def forward(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None) -> dict[str, torch.Tensor]:
+        sums = self.term_sums(input_ids, targets, views)
         loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
         return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
 
-    def term_sums(self, input_ids: torch.Tensor, targets: Any = None) -> dict[str, torch.Tensor]:
+    def term_sums(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None) -> dict[str, torch.Tensor]:
         """The unweighted sums that forward weights, each a scalar with its graph: "ea", "saa", "sfa" for the
         SpAD terms with weight > 0, "kd" and "ce" when STA or HTA has one. With kd impl "fused" the head's
         gradient is made for w_sta * kd + w_hta * ce only; backpropagating kd or ce alone needs impl "chunked"."""
@@ -461,12 +467,13 @@ class DistillObjective(nn.Module):
         logit_terms = self.weights["sta"] > 0 or self.weights["hta"] > 0
         out = self._student_forward(input_ids, spad)
         n_pos = input_ids.shape[1] - 1
-        online = self.teacher is not None and (spad is not None or (self.weights["sta"] > 0 and targets is None))
+        online = self.teacher is not None and self.subvocab is None and (
+            spad is not None or (self.weights["sta"] > 0 and targets is None))
         t_out = self.teacher(input_ids, logits=False, hidden_states=spad is not None and spad.needs_hidden_states) \
             if online else None
         sums: dict[str, torch.Tensor] = dict(spad(out, t_out, n_pos)) if spad is not None else {}
         if logit_terms:
-            sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets))
+            sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets, views))
         return sums
 
     def _student_forward(self, input_ids: torch.Tensor, spad: SpADLoss | None) -> Any:
@@ -478,7 +485,7 @@ class DistillObjective(nn.Module):
                             output_hidden_states=spad is not None and spad.needs_hidden_states,
                             output_attentions=spad is not None and spad.needs_attentions)
 
-    def _logit_terms(self, head_input, input_ids, t_out, targets) -> dict[str, torch.Tensor]:
+    def _logit_terms(self, head_input, input_ids, t_out, targets, views=None) -> dict[str, torch.Tensor]:
         h = head_input[:, :-1].reshape(-1, head_input.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         teacher: Any = None
@@ -486,6 +493,8 @@ class DistillObjective(nn.Module):
             k = targets.ids.shape[-1]
             teacher = SparseRows(targets.ids[:, :-1].reshape(-1, k), targets.logprobs[:, :-1].reshape(-1, k),
                                  targets.tail_mass[:, :-1].reshape(-1))
+        elif self.weights["sta"] > 0 and views is not None and self.subvocab is not None and self.teacher is not None:
+            teacher = self._exact_targets(views).to(h.device)
         elif self.weights["sta"] > 0 and t_out is not None:
             last = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
             head = self.teacher.head
@@ -499,6 +508,14 @@ class DistillObjective(nn.Module):
                          kd["chunk_size"], kd["beta"], kd["impl"],
                          loss_weights=(self.weights["sta"], self.weights["hta"]))
         return {"kd": r["kd_sum"], "ce": r["ce_sum"]}
+
+
+    def _exact_targets(self, views: Any) -> torch.Tensor:
+        """The teacher's exact next-student-token log-probs of the rows' positions but the last -> [N, V_s]."""
+        from teachers.subvocab import exact_log_probs, floored
+
+        lp = floored(exact_log_probs(self.teacher, self.subvocab, list(views)))
+        return lp[:, :-1].reshape(-1, lp.shape[-1])
 
 
 class _HeadInput:

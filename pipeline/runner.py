@@ -313,8 +313,7 @@ def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
     every file exists and is readable as what it claims, the text field is there) and the teacher spec
     (teachers.check_spec: a path exists, a bundled alias is installed); a stage that runs the teacher on rows
     of data.seq_len checks them against a local teacher's positions; a derived student.vocab is checked against
-    the teacher's tokenizer when prepare runs, and teacher targets over it (teacher_cache, distill) go through
-    pipeline.build.subvocab_targets_unavailable. Raises ConfigError, DataError or TeacherError naming the key
+    the teacher's tokenizer when prepare runs. Raises ConfigError, DataError or TeacherError naming the key
     or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
     """
     from teachers import check_spec
@@ -324,10 +323,6 @@ def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
         check_spec(recipe.teacher.spec)
         check_sources(list(recipe.data.sources), recipe.data.text_field)
         _check_student_vocab(recipe)
-    if any(s in planned for s in ("teacher_cache", "distill")):
-        from pipeline.build import subvocab_targets_unavailable
-
-        subvocab_targets_unavailable(recipe)
     if any(s in planned for s in ("teacher_cache", "align", "distill")):
         check_spec(recipe.teacher.spec, seq_len=recipe.data.seq_len)  # rows of seq_len go through the teacher
     if "evaluate" in planned:

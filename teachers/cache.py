@@ -20,8 +20,13 @@ mapped onto the same k + 1 buckets, and the loss is tau^2 KL between the two buc
 bound on the full-vocabulary tau^2 KL (data-processing inequality), exact on the k ids' gradients. The
 temperature is part of the key because the top-k of softmax(z / tau) and its tail mass cannot be recovered
 from those of another temperature: at tau = 2 the bundled teacher puts 79% of its mass outside its top 64
-(bench/kd_cache.py), which a temperature-1 cache tempered as one bucket made 7%. Format 1 (before) stored temperature-1
-targets and tempered the buckets; it is refused.
+(bench/kd_cache.py), which a temperature-1 cache tempered as one bucket made 7%. Format 1 (before) stored
+temperature-1 targets and tempered the buckets; it is refused.
+
+A dataset tokenized with a student vocabulary derived from the teacher's (meta.json "vocab" = subset:N |
+bytes) gets the same format over the STUDENT's vocabulary: ids are student ids, the values the top-k of the
+tempered exact distribution of the next student token (teachers.subvocab), built from the rows' teacher
+views. Its key adds "vocab" (the spelling) and "targets" (SUBVOCAB_TARGETS, the derivation's format marker).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from safetensors.torch import save_file
 
 from teachers.data import TokenDataset
 from teachers.errors import CacheError, DataError
+from teachers.hashing import tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: targets of the tempered teacher, keyed by temperature
+SUBVOCAB_TARGETS = "exact-subset/1"  # bump when teachers.subvocab's targets change
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
 OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
@@ -96,6 +103,13 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0) -> Spar
     return SparseTargets(ids, values, tail)
 
 
+def vocab_key(meta: dict) -> dict:
+    """The key fields a dataset's student vocabulary adds: none for the teacher's own, else "vocab" and
+    "targets" (so a cache of exact subset-vocabulary targets is never read for other targets)."""
+    vocab = meta.get("vocab", "teacher")
+    return {} if vocab == "teacher" else {"vocab": vocab, "targets": SUBVOCAB_TARGETS}
+
+
 def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value_dtype: str,
               temperature: float = 1.0) -> dict:
     """The manifest key a cache of `teacher` over dataset_dir/split at `temperature` must carry (pass as
@@ -112,6 +126,7 @@ def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value
         "k": int(k),
         "value_dtype": value_dtype,
         "temperature": float(temperature),
+        **vocab_key(meta),
     }
 
 
@@ -120,17 +135,30 @@ def _check_temperature(temperature: float) -> None:
         raise CacheError(f"temperature={temperature!r}: must be a finite number > 0 (distill.kd.temperature)")
 
 
-def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float) -> None:
+def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float, vocab) -> None:
     _check_temperature(temperature)
     if value_dtype not in _VALUE_DTYPES:
         raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
-    if not isinstance(k, int) or not 1 <= k <= teacher.vocab_size:
-        raise CacheError(f"teacher_cache.k={k!r}: must be an int in [1, {teacher.vocab_size}] (the vocab size)")
-    if teacher.tokenizer_hash and ds.meta["tokenizer_hash"] != teacher.tokenizer_hash:
-        raise CacheError(f"{ds.dir}: tokenized with a different tokenizer than teacher {teacher.spec!r}; "
-                         "rerun the prepare stage with this teacher")
+    size = teacher.vocab_size if vocab is None else vocab.student_size
+    if not isinstance(k, int) or not 1 <= k <= size:
+        raise CacheError(f"teacher_cache.k={k!r}: must be an int in [1, {size}] (the vocab size)")
+    _check_tokenizer(teacher, ds, vocab)
     if len(ds) == 0:
         raise CacheError(f"{ds.dir}: split {ds.split!r} has no rows; nothing to cache")
+
+
+def _check_tokenizer(teacher, ds: TokenDataset, vocab) -> None:
+    """The dataset was tokenized by the teacher's tokenizer, or by the student tokenizer of `vocab`."""
+    derived = ds.meta.get("vocab", "teacher") != "teacher"
+    if derived and vocab is None:
+        raise CacheError(f"{ds.dir}: tokenized with student.vocab={ds.meta['vocab']}; its cache needs the "
+                         "VocabMap of that vocabulary (build_teacher_cache(vocab=...))")
+    if vocab is not None and (not derived or ds.meta["tokenizer_hash"] != tokenizer_hash(vocab.student_tokenizer)):
+        raise CacheError(f"{ds.dir}: not tokenized with the student tokenizer of student.vocab={vocab.spec}; "
+                         "rerun the prepare stage")
+    if vocab is None and teacher.tokenizer_hash and ds.meta["tokenizer_hash"] != teacher.tokenizer_hash:
+        raise CacheError(f"{ds.dir}: tokenized with a different tokenizer than teacher {teacher.spec!r}; "
+                         "rerun the prepare stage with this teacher")
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -197,23 +225,34 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: int, value_dtype: torch.dtype,
-                  token_chunk: int, temperature: float) -> dict[str, torch.Tensor]:
+                  token_chunk: int, temperature: float, trie=None) -> dict[str, torch.Tensor]:
     """Top-k targets at `temperature` of dataset rows -> {"ids" [R, L, k], "logprobs" [R, L, k],
-    "tail_mass" [R, L]}."""
+    "tail_mass" [R, L]}; with a teachers.subvocab.PieceTrie, of the exact targets over the student's
+    vocabulary."""
     ids, values, tails = [], [], []
     for start in range(rows.start, rows.stop, batch_size):
-        batch = torch.stack([ds[i] for i in range(start, min(start + batch_size, rows.stop))])
-        h = teacher(batch, logits=False, hidden_states=False).last_hidden_state
-        flat = h.reshape(-1, h.shape[-1])
+        batch = range(start, min(start + batch_size, rows.stop))
         # The head runs on token chunks so [B * L, V] logits never exist at once.
-        for c in range(0, flat.shape[0], token_chunk):
-            t = topk_targets(teacher.head(flat[c:c + token_chunk]), k, temperature)
+        for logits in _row_logits(teacher, ds, batch, token_chunk, trie):
+            t = topk_targets(logits, k, temperature)
             ids.append(t.ids.to("cpu", torch.int32))
             values.append(t.logprobs.to("cpu", value_dtype))
             tails.append(t.tail_mass.to("cpu", torch.float32))
     shape = (len(rows), ds.seq_len)
     return {"ids": torch.cat(ids).reshape(*shape, k), "logprobs": torch.cat(values).reshape(*shape, k),
             "tail_mass": torch.cat(tails).reshape(shape)}
+
+
+def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, trie):
+    """Chunks of [n, V] next-token logits of the batch's positions, row-major: the teacher's own head, or the
+    exact log-probs over the student's vocabulary (zero-mass tokens at log MASS_FLOOR)."""
+    if trie is None:
+        h = teacher(torch.stack([ds[i] for i in batch]), logits=False, hidden_states=False).last_hidden_state
+        flat = h.reshape(-1, h.shape[-1])
+        return (teacher.head(flat[c:c + token_chunk]) for c in range(0, flat.shape[0], token_chunk))
+    from teachers.subvocab import exact_log_probs, floored
+
+    return [floored(exact_log_probs(teacher, trie, [ds.teacher_view(i) for i in batch])).flatten(0, 1)]
 
 
 def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_row: int) -> None:
@@ -242,13 +281,17 @@ def build_teacher_cache(
     overwrite: bool = False,
     token_chunk: int = 1024,
     temperature: float = 1.0,
+    vocab=None,
 ) -> dict:
     """Write the top-k targets of the tempered teacher, softmax(logits / temperature) (`topk_targets`), for
     every token of dataset_dir/split into out_dir (resumable).
 
     temperature: the distillation temperature the cache will be read at (distill.kd.temperature; it is part
     of the key). shard_size: dataset rows per shard. overwrite=True replaces a cache built for other inputs
-    or in another format (otherwise CacheError). Returns stats: rows, tokens, shards_written, seconds,
+    or in another format (otherwise CacheError). vocab: the teachers.vocab.VocabMap of a dataset tokenized
+    with a derived student vocabulary (required then, CacheError otherwise): the cache holds the top-k of the
+    teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). Returns stats:
+    rows, tokens, shards_written, seconds,
     tokens_per_s, bytes, bytes_per_token.
     """
     from tqdm.auto import tqdm
@@ -258,7 +301,12 @@ def build_teacher_cache(
         ds = TokenDataset(dataset_dir, split)
     except DataError as exc:
         raise CacheError(str(exc)) from exc
-    _check_inputs(teacher, ds, k, value_dtype, temperature)
+    _check_inputs(teacher, ds, k, value_dtype, temperature, vocab)
+    trie = None
+    if vocab is not None:
+        from teachers.subvocab import PieceTrie
+
+        trie = PieceTrie.from_vocab(vocab)
     manifest = _open_for_build(out_dir, cache_key(teacher, dataset_dir, split, k, value_dtype, temperature),
                                len(ds), int(shard_size), overwrite)
     missing = [i for i in range(manifest["n_shards"]) if not _shard_path(out_dir, i).is_file()]
@@ -269,7 +317,7 @@ def build_teacher_cache(
     for i in missing:
         lo, hi = _rows_of(manifest, i)
         tensors = _compute_rows(teacher, ds, range(lo, hi), k, batch_size, _VALUE_DTYPES[value_dtype],
-                                token_chunk, temperature)
+                                token_chunk, temperature, trie)
         _write_shard(out_dir, i, tensors, lo)
         written_tokens += (hi - lo) * ds.seq_len
         bar.update((hi - lo) * ds.seq_len)
@@ -384,5 +432,5 @@ def nominal_bytes_per_token(k: int, value_dtype: str = "bf16") -> int:
     return k * (4 + _VALUE_DTYPES[value_dtype].itemsize) + 4
 
 
-__all__ = ["CacheError", "SparseTargets", "TeacherCache", "build_teacher_cache", "cache_key",
-           "nominal_bytes_per_token", "topk_targets"]
+__all__ = ["SUBVOCAB_TARGETS", "CacheError", "SparseTargets", "TeacherCache", "build_teacher_cache", "cache_key",
+           "nominal_bytes_per_token", "topk_targets", "vocab_key"]

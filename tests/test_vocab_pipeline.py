@@ -1,7 +1,7 @@
-"""student.vocab through the pipeline: the recipe key and its checks before any stage, the prepare hash, the
-hook that refuses teacher targets over a derived vocabulary (until exact targets exist), and a CE-only run on
-subset:N with weight inheritance that exports, generates, and is scored by the evaluate stage and
-`spikedistill bpb` (the tiny random Llama teacher of tests/conftest.py)."""
+"""student.vocab through the pipeline: the recipe key and its checks before any stage, the prepare hash, and
+a CE-only run on subset:N with weight inheritance that exports, generates, and is scored by the evaluate stage
+and `spikedistill bpb` (the tiny random Llama teacher of tests/conftest.py). Teacher targets over a derived
+vocabulary: tests/test_subvocab_pipeline.py."""
 
 from __future__ import annotations
 
@@ -87,25 +87,12 @@ def test_the_vocabulary_enters_the_prepare_hash_and_defaults_keep_their_hashes()
     ("student.vocab=subset:5000", ("student.vocab=subset:5000: N must be >= 257 (the teacher's added tokens and 256 "
                                   "byte symbols; that size is student.vocab=bytes) and < 320")),
     ("student.vocab=subset:100", "N must be >= 257"),
-    ("distill.weights.sta=0.5", "distill.weights.sta: exact targets over a student vocabulary: not yet available"),
-    ("teacher_cache.enabled=true", ("teacher_cache.enabled: exact targets over a student vocabulary: not yet "
-                                   "available (student.vocab=subset:290)")),
 ])
-def test_the_vocabulary_and_teacher_targets_are_checked_before_any_work(recipe, tmp_path, capsys, override, words):
+def test_the_vocabulary_is_checked_before_any_work(recipe, tmp_path, capsys, override, words):
     run_dir = tmp_path / "run"
     err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), override])
     assert words in err, err
     assert not run_dir.exists()
-
-
-def test_the_hook_also_guards_the_stages(recipe):
-    """pipeline.build.subvocab_targets_unavailable: the one place exact targets will plug in."""
-    from pipeline.build import subvocab_targets_unavailable
-
-    subvocab_targets_unavailable(load_recipe(recipe))  # CE only: nothing to refuse
-    subvocab_targets_unavailable(load_recipe(None, ["distill.weights.sta=1"]))  # the teacher's vocabulary
-    with pytest.raises(ConfigError, match="^distill.weights.sta: exact targets over a student vocabulary"):
-        subvocab_targets_unavailable(load_recipe(recipe, ["distill.weights.sta=0.3"]))
 
 
 # ------------------------------------------------------------------------------------- a whole run

@@ -1,8 +1,6 @@
 """Stage distill: soft-target KD (STA, tau^2-scaled) + hard-target CE (HTA), optional SpAD feature terms.
 
-Starts from align's student (or a fresh one when align.enabled is false). With a student vocabulary derived
-from the teacher's (student.vocab = subset:N | bytes) only the hard-target term trains for now (see
-pipeline.build.subvocab_targets_unavailable); the teacher is then loaded only for weight inheritance. Soft targets come from the
+Starts from align's student (or a fresh one when align.enabled is false). Soft targets come from the
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
 and distill.use_teacher_cache, from the cached sparse top-k targets of the teacher at distill.kd.temperature
 (k tokens + one tail bucket; see pipeline.losses.kd_loss; a cache of another temperature is refused) so the
@@ -12,6 +10,9 @@ full-vocabulary logits.
 Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
 HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), their
 projections start from align's when it ran, and STA still reads the cache when it is enabled.
+With a student vocabulary derived from the teacher's (student.vocab = subset:N | bytes) the soft targets are
+the teacher's exact distributions over the student's vocabulary (teachers.subvocab): cached like any others,
+or online from each row's teacher view (train and validation rows carry their views, ViewRows).
 Output: {"student": dir (HF save_pretrained)} (+ "projections" when feature terms are on).
 """
 
@@ -30,8 +31,8 @@ from pipeline.build import (
     load_projections,
     load_stage_teacher,
     save_outputs,
+    stage_vocab,
     student_vocabulary,
-    subvocab_targets_unavailable,
     train_objective,
 )
 from pipeline.losses import DistillObjective
@@ -65,13 +66,41 @@ def collate_cached(items: list[dict]) -> dict:
             "targets": SparseTargets.stack([x["targets"] for x in items])}
 
 
+class ViewRows(Dataset):
+    """Rows paired with their teacher views, for online exact targets over a derived student vocabulary:
+    {"input_ids": [L], "views": teachers.data.TeacherView}."""
+
+    def __init__(self, rows: Dataset):
+        self.rows, self.bytes_per_token = rows, rows.bytes_per_token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i], "views": self.rows.teacher_view(i)}
+
+
+class ViewBatch(list):
+    """The teacher views of a batch's rows (ragged, one TeacherView per row). The trainer moves batch values
+    with .to(device); views stay on the CPU (the teacher moves the ids it runs)."""
+
+    def to(self, device) -> ViewBatch:
+        return self
+
+
+def collate_views(items: list[dict]) -> dict:
+    """Batch ViewRows items: input_ids [B, L] and a ViewBatch of B views."""
+    return {"input_ids": torch.stack([x["input_ids"] for x in items]),
+            "views": ViewBatch(x["views"] for x in items)}
+
+
 def _open_cache(ctx: StageContext, train) -> Any:
-    from teachers.cache import TeacherCache
+    from teachers.cache import TeacherCache, vocab_key
 
     r = ctx.recipe
     expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
               "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"],
-              "temperature": float(r.distill.kd.temperature)}
+              "temperature": float(r.distill.kd.temperature), **vocab_key(train.meta)}
     # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
     built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
     if built_by:
@@ -93,10 +122,11 @@ def _student(ctx: StageContext, teacher) -> Any:
 def _needs_teacher(ctx: StageContext, features: bool, use_cache: bool, derived: bool) -> bool:
     """Whether distill loads the teacher: for feature terms, online soft targets or a fresh student with the
     teacher's vocabulary (its size is the teacher's logit width) or inherited weights. A derived vocabulary
-    (CE only until exact targets exist, see subvocab_targets_unavailable) needs it for inheritance alone."""
+    needs it for online soft targets and inheritance only (its size is the student tokenizer's)."""
     fresh = "align" not in ctx.upstream
+    online = ctx.recipe.distill.weights.sta > 0 and not use_cache
     if derived:
-        return fresh and ctx.recipe.student.init_from_teacher
+        return online or (fresh and ctx.recipe.student.init_from_teacher)
     return features or not use_cache or fresh
 
 
@@ -109,8 +139,6 @@ def run(ctx: StageContext) -> StageResult:
     use_cache = "teacher_cache" in ctx.upstream
     features = any(weights[k] > 0 for k in ("ea", "saa", "sfa"))
     derived = not parse_vocab(r.student.vocab).is_teacher
-    if derived:
-        subvocab_targets_unavailable(r)
     needs_teacher = _needs_teacher(ctx, features, use_cache, derived)
     teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0) if needs_teacher else None
     student = _student(ctx, teacher)
@@ -123,15 +151,30 @@ def run(ctx: StageContext) -> StageResult:
         load_projections(spad, ctx.upstream["align"]["outputs"]["projections"], ctx.log)
     kd = {"kind": r.distill.kd.kind, "temperature": r.distill.kd.temperature, "beta": r.distill.kd.jsd_beta,
           "chunk_size": r.distill.kd.chunk_size, "impl": r.distill.kd.impl}
-    online = teacher if (features or not use_cache) and not derived else None
-    objective = DistillObjective(student, weights, teacher=online, spad=spad, kd=kd)
+    online = teacher if features or not use_cache else None
+    exact = stage_vocab(ctx, online) if derived and online is not None and weights["sta"] > 0 else None
+    if derived and exact is None:
+        online = None  # the teacher never reads a derived vocabulary's ids: CE only or cached targets
+    objective = DistillObjective(student, weights, teacher=online, spad=spad, kd=kd, subvocab=_trie(exact))
     train, val = datasets(ctx)
     collate = None
     if use_cache:
         train, collate = CachedRows(train, _open_cache(ctx, train)), collate_cached
         ctx.log.info("distill: soft targets from the teacher cache (k=%d)", r.teacher_cache.k)
+    elif exact is not None:
+        train, val, collate = ViewRows(train), (ViewRows(val) if val is not None else None), collate_views
+        ctx.log.info("distill: online exact teacher targets over the student's vocabulary (%s)", exact.spec)
     trainer, metrics = _fit(ctx, objective, train, val, collate)
     return StageResult(outputs=save_outputs(ctx, trainer, objective), metrics=metrics)
+
+
+def _trie(vocab) -> Any:
+    """The teachers.subvocab.PieceTrie of a VocabMap (None: none)."""
+    if vocab is None:
+        return None
+    from teachers.subvocab import PieceTrie
+
+    return PieceTrie.from_vocab(vocab)
 
 
 def _fit(ctx: StageContext, objective: DistillObjective, train, val, collate):
@@ -139,7 +182,7 @@ def _fit(ctx: StageContext, objective: DistillObjective, train, val, collate):
         return train_objective(ctx, objective, ctx.recipe.distill, "distill", train, val)
     from pipeline.trainer import default_collate
 
-    def mixed(items):  # training rows carry targets, validation rows are plain token tensors
+    def mixed(items):  # training rows carry targets (and validation rows views), else plain token tensors
         return collate(items) if isinstance(items[0], dict) else default_collate(items)
 
     return train_objective(ctx, objective, ctx.recipe.distill, "distill", train, val, collate=mixed)

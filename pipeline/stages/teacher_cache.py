@@ -27,13 +27,12 @@ def teacher_dtype(name: str):
 
 def run(ctx: StageContext) -> StageResult:
     """Run the teacher over the prepared training split and store its top-k log-probs."""
-    from pipeline.build import subvocab_targets_unavailable
+    from pipeline.build import stage_vocab
+    from students.ops.threads import watch
     from teachers import load_teacher
     from teachers.cache import build_teacher_cache
 
     r = ctx.recipe
-    subvocab_targets_unavailable(r)
-    from students.ops.threads import watch
 
     teacher = load_teacher(r.teacher.spec, dtype=teacher_dtype(r.teacher.dtype),
                            trust_remote_code=r.teacher.trust_remote_code)
@@ -41,6 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(r.teacher_cache.dir).expanduser() if r.teacher_cache.dir else ctx.stage_dir / "cache"
     stats = build_teacher_cache(teacher, ctx.upstream["prepare"]["outputs"]["dataset"], out,
                                 k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size, split="train",
-                                value_dtype=r.teacher_cache.value_dtype, temperature=r.distill.kd.temperature)
+                                value_dtype=r.teacher_cache.value_dtype, temperature=r.distill.kd.temperature,
+                                vocab=stage_vocab(ctx, teacher))
     return StageResult(outputs={"cache": str(out)},
                        metrics={"teacher_fingerprint": teacher.fingerprint, **dict(stats)})
