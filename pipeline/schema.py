@@ -169,6 +169,9 @@ class EvaluateConfig:
     sample_top_k: int = 0
     sample_top_p: float = 1.0
     sample_repetition_penalty: float = 1.0
+    # the spiking student's one streamed pass over each text (its recurrent state, no window restarts) as an
+    # extra column beside the windows protocol; it costs about as much as the windows protocol itself
+    stream: bool = True
 
 
 LR_KEYS = ("distill.train.optim.lr", "align.train.optim.lr")

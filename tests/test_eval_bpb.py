@@ -324,3 +324,22 @@ def test_bytes_and_blocks_do_not_depend_on_the_tokenizer(student, tiny_tokenizer
     b = evaluate_bpb(tiny_llama(len(tok), seed=1), tok, text, context_length=16, block_bytes=128)
     assert a["tokens"] != b["tokens"] and a["bytes"] == b["bytes"] == len(text.encode("utf-8"))
     assert a["interval"]["blocks"] == b["interval"]["blocks"] == math.ceil(a["bytes"] / 128)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_evaluate_stage_streams_only_when_asked(tiny_tokenizer, stream):
+    """evaluate.stream adds the student's one streamed pass beside the windows protocol, and only then; the
+    windows figure does not depend on it."""
+    from types import SimpleNamespace
+
+    from pipeline.stages.evaluate import _student_scores
+
+    e = SimpleNamespace(context_length=32, batch_size=4, stream=stream)
+    student = tiny_student(len(tiny_tokenizer), seed=3)
+    row = _student_scores(student, tiny_tokenizer, {"t": TEXT}, e)["t"]
+    windows = evaluate_bpb(student, tiny_tokenizer, TEXT, context_length=32, stride=16)
+    assert row["bits_per_byte"] == pytest.approx(windows["bits_per_byte"])
+    assert ("stream" in row) is stream
+    if stream:
+        alone = evaluate_bpb(student, tiny_tokenizer, TEXT, context_length=32, protocol="stream")
+        assert row["stream"]["bits_per_byte"] == pytest.approx(alone["bits_per_byte"])

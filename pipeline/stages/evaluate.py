@@ -97,7 +97,8 @@ def bpb_stride(context_length: int) -> int:
 
 
 def _student_scores(model, tokenizer, texts: dict[str, str], e) -> dict[str, dict]:
-    """Student bits/byte per text in the table's windows protocol, with its streamed figure under "stream"."""
+    """Student bits/byte per text in the table's windows protocol, with its streamed figure under "stream" when
+    evaluate.stream is on and the student can stream."""
     from eval.bpb import BOOTSTRAP_BLOCK_BYTES, evaluate_bpb
     from eval.models import can_stream
 
@@ -105,7 +106,7 @@ def _student_scores(model, tokenizer, texts: dict[str, str], e) -> dict[str, dic
     for name, text in texts.items():
         row = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, stride=bpb_stride(e.context_length),
                            block_bytes=BOOTSTRAP_BLOCK_BYTES)
-        if can_stream(model, row["tokens"] + 1):
+        if e.stream and can_stream(model, row["tokens"] + 1):
             stream = evaluate_bpb(model, tokenizer, text, e.context_length, e.batch_size, protocol="stream")
             row["stream"] = {k: stream[k] for k in ("bits_per_byte", "nll_sum", "tokens", "protocol")}
         scores[name] = row
