@@ -172,6 +172,40 @@ def test_distill_refuses_features_built_for_another_recipe(tiny_teacher_dir, tea
         distill.run(ctx)
 
 
+def test_after_align_distill_trains_from_the_feature_cache_without_loading_the_teacher(
+        tiny_teacher_dir, teacher, prepared, tmp_path, monkeypatch):
+    """With align's student there is nothing to size: distill takes the teacher's sizes from the teacher_cache
+    stage's record and never loads it."""
+    from accelerate import Accelerator
+
+    from pipeline.stages import StageContext, align, distill
+    from teachers.cache import build_teacher_cache
+
+    recipe = _recipe(tiny_teacher_dir)
+    recipe.teacher_cache.k, recipe.align.enabled = 8, True
+    for section in (recipe.align, recipe.distill):
+        section.train.steps, section.train.batch_size, section.train.eval_every, section.train.log_every = 2, 2, 2, 1
+    recipe.distill.kd.chunk_size = 7
+    build_teacher_cache(teacher, prepared, tmp_path / "cache", k=8, value_dtype="fp32", progress=False,
+                        temperature=recipe.distill.kd.temperature)
+    build_features(recipe, teacher, str(prepared), tmp_path / "cache" / "features", progress=False)
+    shape = {"num_layers": teacher.num_layers, "hidden_size": teacher.hidden_size, "num_heads": teacher.num_heads}
+    upstream = {"prepare": {"outputs": {"dataset": str(prepared)}},
+                "teacher_cache": {"outputs": {"cache": str(tmp_path / "cache"),
+                                              "features": str(tmp_path / "cache" / "features")},
+                                  "metrics": {"teacher_fingerprint": teacher.fingerprint, "teacher_shape": shape}}}
+
+    def ctx(name):
+        return StageContext(recipe=recipe, run_dir=tmp_path, stage_dir=tmp_path / name, upstream=upstream,
+                            accelerator=Accelerator(cpu=True), is_main=True, log=LOG)
+
+    upstream["align"] = {"outputs": align.run(ctx("align")).outputs}
+    monkeypatch.setattr(distill, "load_stage_teacher", lambda *a, **kw: pytest.fail("distill loaded the teacher"))
+    distill.run(ctx("distill"))
+    train = [x for x in _rows(tmp_path / "distill" / "metrics.jsonl") if x["split"] == "train"]
+    assert len(train) == 2 and all(min(x[k] for k in ("ea", "saa", "sfa", "kd")) > 0 for x in train)
+
+
 def test_raw_maps_are_never_read_as_mapped(tiny_teacher_dir, teacher, prepared, tmp_path):
     """A cache of learned head mapping holds the teacher's 4 raw heads: refused by a mean-mapping key in one
     line, and refused by the loss itself if read anyway (for a 1-head student they would broadcast silently)."""
