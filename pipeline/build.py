@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.losses import DistillObjective, SpADLoss, lif_kwargs
+from pipeline.losses import FEATURE_TERMS, DistillObjective, SpADLoss, SpADTargetSpec, lif_kwargs
 from pipeline.stages import StageContext
 from pipeline.trainer import Trainer, freeze_unreached_parameters
 
@@ -124,24 +125,47 @@ def _unpartitioned(accelerator: Any):
         plugin.set_deepspeed_weakref()
 
 
-def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) -> SpADLoss | None:
-    """SpADLoss for the feature terms with weight > 0 (None when all three are 0); logs the layer map."""
+def spad_target_spec(recipe: Any, config: Any, teacher: Any, weights: dict[str, float]) -> SpADTargetSpec:
+    """What the feature terms with weight > 0 read from the teacher (pipeline.losses.SpADTargetSpec) for a
+    student of `config` (its n_layer, n_head): the layer map (teacher.layer_map overrides, logged), the head
+    mapping and sfa_target_norm of the align section. `teacher`: a teachers.Teacher or any object with its
+    num_layers and num_heads."""
     from teachers import layer_map
 
-    if not any(weights[k] > 0 for k in ("ea", "saa", "sfa")):
+    mapping = layer_map(config.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
+    return SpADTargetSpec(tuple(mapping), tuple(k for k in FEATURE_TERMS if weights[k] > 0),
+                          recipe.align.head_mapping, config.n_head, teacher.num_heads, recipe.align.sfa_target_norm)
+
+
+def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) -> SpADLoss | None:
+    """SpADLoss for the feature terms with weight > 0 (None when all three are 0); logs the layer map.
+
+    teacher: a teachers.Teacher, or with feature targets from the cache a `TeacherShape` (its num_layers,
+    hidden_size, num_heads); the EA projection's inheritance (student.init_from_teacher) needs the Teacher."""
+    if not any(weights[k] > 0 for k in FEATURE_TERMS):
         return None
     cfg = student.config
-    mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
-    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
+    spec = spad_target_spec(recipe, cfg, teacher, weights)
+    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=list(spec.layer_map),
                     student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
-                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
-                    sfa_target_norm=recipe.align.sfa_target_norm)
+                    head_mapping=spec.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
+                    sfa_target_norm=spec.sfa_target_norm)
     if recipe.student.init_from_teacher and weights["ea"] > 0:
         from pipeline.inherit import init_ea_projection
 
         explained = init_ea_projection(spad.ea_proj, student, teacher.model.get_input_embeddings().weight)
         log.info("SpAD: EA projection = least-squares decoder of the student's embedding (R^2 %.3f)", explained)
     return spad
+
+
+@dataclass(frozen=True)
+class TeacherShape:
+    """The sizes of a teacher that the SpAD projections and layer map need, without its weights (the
+    teacher_cache stage records them as its metric "teacher_shape")."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
 
 
 def datasets(ctx: StageContext):

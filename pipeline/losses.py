@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -289,6 +290,102 @@ def row_distribution(maps: torch.Tensor, time_steps: int) -> torch.Tensor:
     return maps / maps.sum(-1, keepdim=True).clamp_min(1.0 / time_steps)
 
 
+FEATURE_TERMS = ("ea", "saa", "sfa")
+
+
+@dataclass
+class SpADTargets:
+    """The teacher's side of the SpAD terms, for positions [0, P) and keys [0, K) of a batch of B rows:
+    embeddings [B, P, C_t] (EA; the input of the teacher's decoder layer 0); features: one [B, P, C_t] per
+    mapped student layer (SFA; the teacher state it is aligned to, LayerNorm'd when sfa_target_norm); maps: one
+    [B, H, P, K] per mapped student layer (SAA; the teacher's map mapped onto the student's H = H_s heads by
+    the fixed mean for head_mapping "mean", the raw H = H_t heads for "learned", whose mix the loss learns).
+    A term without weight is None. Made from the online teacher (SpADTargetSpec.extract) or read from the
+    feature cache (teachers.feature_cache, `from_tensors`); SpADLoss reads both the same way."""
+
+    embeddings: torch.Tensor | None = None
+    features: tuple[torch.Tensor, ...] | None = None
+    maps: tuple[torch.Tensor, ...] | None = None
+
+    def to(self, device: str | torch.device) -> SpADTargets:
+        def move(xs):
+            return None if xs is None else tuple(x.to(device) for x in xs)
+
+        emb = None if self.embeddings is None else self.embeddings.to(device)
+        return SpADTargets(emb, move(self.features), move(self.maps))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored form (teachers.feature_cache): {"embeddings": [B, P, C], "features": [B, n, P, C],
+        "maps": [B, n, H, P, K]}, weighted terms only (per-layer tensors stacked on axis 1)."""
+        out = {"embeddings": self.embeddings} if self.embeddings is not None else {}
+        for name in ("features", "maps"):
+            if getattr(self, name) is not None:
+                out[name] = torch.stack(getattr(self, name), dim=1)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SpADTargets:
+        """The inverse of `tensors` (a batch read from the feature cache)."""
+        def layers(name):
+            return tuple(tensors[name].unbind(1)) if name in tensors else None
+
+        return cls(tensors.get("embeddings"), layers("features"), layers("maps"))
+
+
+@dataclass(frozen=True)
+class SpADTargetSpec:
+    """What SpADLoss reads from the teacher: its weighted terms (among ea, saa, sfa), the teacher layer of each
+    student layer, how teacher heads map onto the student's, and whether SFA's target is LayerNorm'd.
+    `extract` makes the targets from a teacher forward; `key` is what they depend on (the feature cache's key)."""
+
+    layer_map: tuple[int, ...]
+    terms: tuple[str, ...]
+    head_mapping: str = "mean"
+    student_heads: int = 1
+    teacher_heads: int = 1
+    sfa_target_norm: bool = False
+
+    def extract(self, teacher_out: Any, n_pos: int, n_keys: int) -> SpADTargets:
+        """SpADTargets of the first n_pos positions (and n_keys keys) from a teacher output with embeddings
+        [B, L, C_t], hidden_states (n_t x [B, L, C_t]) and attentions (n_t x [B, H_t, L, L]) as the terms need."""
+        out = SpADTargets()
+        if "ea" in self.terms:
+            out.embeddings = teacher_out.embeddings[:, :n_pos].float()
+        if "sfa" in self.terms:
+            out.features = tuple(self._sfa_target(teacher_out.hidden_states[t][:, :n_pos].float())
+                                 for t in self.layer_map)
+        if "saa" in self.terms:
+            out.maps = tuple(self._saa_map(teacher_out.attentions[t][:, :, :n_pos, :n_keys].float())
+                             for t in self.layer_map)
+        return out
+
+    def _sfa_target(self, h_t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h_t, h_t.shape[-1:]) if self.sfa_target_norm else h_t
+
+    def _saa_map(self, a_t: torch.Tensor) -> torch.Tensor:
+        if self.head_mapping == "learned":
+            return a_t
+        mix = head_mix_matrix(self.student_heads, self.teacher_heads).to(a_t.device, a_t.dtype)
+        return torch.einsum("st,btqk->bsqk", mix, a_t)
+
+    @property
+    def map_heads(self) -> int:
+        """Heads of the maps in its targets: the student's for "mean", the teacher's for "learned"."""
+        return self.teacher_heads if self.head_mapping == "learned" else self.student_heads
+
+    def key(self) -> dict:
+        """What its targets depend on, the fields that apply to its terms: terms, layer_map (saa, sfa),
+        head_mapping and heads (saa), sfa_target_norm (sfa)."""
+        key: dict[str, Any] = {"terms": list(self.terms)}
+        if "saa" in self.terms or "sfa" in self.terms:
+            key["layer_map"] = list(self.layer_map)
+        if "saa" in self.terms:
+            key.update(head_mapping=self.head_mapping, heads=self.map_heads)
+        if "sfa" in self.terms:
+            key["sfa_target_norm"] = self.sfa_target_norm
+        return key
+
+
 class SpADLoss(nn.Module):
     """Spike-aware alignment terms (BiSpikCLM SpAD, arXiv 2605.13859) with their learned projections, as
     per-token SUMS.
@@ -325,6 +422,8 @@ class SpADLoss(nn.Module):
     Every EA / SFA MSE is a mean over the feature axis of each token, and every SAA distance a mean over heads;
     both are summed over the first n_pos positions. Only terms with a weight > 0 get parameters (DDP needs every parameter to get a gradient).
     `lif` are the student's lif_scan keyword arguments (`lif_kwargs(config)`); time_steps its T.
+    The teacher's side comes as SpADTargets (`teacher_targets` of an online teacher forward, or a batch of the
+    feature cache): `target_spec` says what they hold, and the terms are computed from them the same way.
     """
 
     def __init__(self, *, student_dim: int, teacher_dim: int, layer_map: list[int], student_heads: int,
@@ -341,14 +440,14 @@ class SpADLoss(nn.Module):
         self.weights = {k: float(weights.get(k, 0.0)) for k in ("ea", "saa", "sfa")}
         self.head_mapping, self.time_steps, self.rate_mix = head_mapping, time_steps, rate_mix
         self.lif = {"tau": 2.0, "v_threshold": 1.0, "reset": "hard", "decay_input": True, **(lif or {})}
+        terms = tuple(k for k in FEATURE_TERMS if self.weights[k] > 0)
+        self.target_spec = SpADTargetSpec(tuple(self.layer_map), terms, head_mapping, student_heads, teacher_heads,
+                                          sfa_target_norm)
         if self.weights["ea"] > 0:
             self.ea_proj = nn.Linear(student_dim, teacher_dim)
-        if self.weights["saa"] > 0:
+        if self.weights["saa"] > 0 and head_mapping == "learned":
             mix = head_mix_matrix(student_heads, teacher_heads)
-            if head_mapping == "learned":
-                self.head_mix = nn.ParameterList([nn.Parameter(mix.clone()) for _ in self.layer_map])
-            else:
-                self.register_buffer("head_mix_fixed", mix, persistent=False)
+            self.head_mix = nn.ParameterList([nn.Parameter(mix.clone()) for _ in self.layer_map])
         if self.weights["sfa"] > 0:
             self.sfa_proj = nn.ModuleList([
                 nn.Sequential(nn.Linear(student_dim, teacher_dim), nn.GELU(), nn.Linear(teacher_dim, teacher_dim),
@@ -363,47 +462,48 @@ class SpADLoss(nn.Module):
     def needs_hidden_states(self) -> bool:
         return self.weights["ea"] > 0 or self.weights["sfa"] > 0
 
-    def _mix(self, i: int) -> torch.Tensor:
-        return self.head_mix[i] if self.head_mapping == "learned" else self.head_mix_fixed
+    def teacher_targets(self, teacher_out: Any, n_pos: int, n_keys: int) -> SpADTargets:
+        """The weighted terms' targets from an online teacher output (`SpADTargetSpec.extract`)."""
+        return self.target_spec.extract(teacher_out, n_pos, n_keys)
 
-    def forward(self, student_out: Any, teacher_out: Any, n_pos: int) -> dict[str, torch.Tensor]:
+    def forward(self, student_out: Any, targets: SpADTargets, n_pos: int) -> dict[str, torch.Tensor]:
         """student_out: hidden_states (n_layer+1 x [B, L, C_s]), attentions (n_layer x [B, H_s, L, L]);
-        teacher_out: embeddings [B, L, C_t], hidden_states (n_t x [B, L, C_t]), attentions (n_t x
-        [B, H_t, L, L]). Returns {"ea", "saa", "sfa"} sums over the first n_pos positions (weighted terms only).
+        targets: the teacher's side for at least the first n_pos positions (online `teacher_targets` or the
+        feature cache). Returns {"ea", "saa", "sfa"} sums over the first n_pos positions (weighted terms only).
         """
         out = {}
         if self.weights["ea"] > 0:
             e_s = student_out.hidden_states[0][:, :n_pos]
-            out["ea"] = _token_mse(self.ea_proj(e_s.float()), teacher_out.embeddings[:, :n_pos].float())
+            out["ea"] = _token_mse(self.ea_proj(e_s.float()), targets.embeddings[:, :n_pos].float())
         if self.weights["saa"] > 0:
-            out["saa"] = sum(self._saa(i, student_out, teacher_out, n_pos)
+            out["saa"] = sum(self._saa(i, student_out, targets, n_pos)
                              for i in range(len(self.layer_map))) / len(self.layer_map)
         if self.weights["sfa"] > 0:
-            out["sfa"] = sum(self._sfa(i, student_out, teacher_out, n_pos)
+            out["sfa"] = sum(self._sfa(i, student_out, targets, n_pos)
                              for i in range(len(self.layer_map))) / len(self.layer_map)
         return out
 
-    def saa_target(self, i: int, teacher_out: Any, n_pos: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mapped teacher map M A_T, its rate code) for student layer i, each [B, H_s, n_pos, n_keys]."""
-        a_t = teacher_out.attentions[self.layer_map[i]][:, :, :n_pos, :n_keys].float()
-        mapped = torch.einsum("st,btqk->bsqk", self._mix(i).to(a_t.dtype), a_t)
-        return mapped, attention_rate_code(mapped, self.time_steps, self.lif)
+    def saa_target(self, i: int, targets: SpADTargets, n_pos: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mapped teacher map M A_T, its rate code) for student layer i, each [B, H_s, n_pos, n_keys].
+        Raises ValueError when targets.maps[i] has other heads than target_spec.map_heads."""
+        a_t = targets.maps[i][:, :, :n_pos, :n_keys].float()
+        if a_t.shape[1] != self.target_spec.map_heads:  # a map of other heads would broadcast or fail further on
+            raise ValueError(f"SAA targets of student layer {i} have {a_t.shape[1]} heads; head_mapping "
+                             f"{self.head_mapping!r} reads {self.target_spec.map_heads} (SpADTargets.maps)")
+        if self.head_mapping == "learned":
+            a_t = torch.einsum("st,btqk->bsqk", self.head_mix[i].to(a_t.dtype), a_t)
+        return a_t, attention_rate_code(a_t, self.time_steps, self.lif)
 
-    def _saa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
+    def _saa(self, i: int, student_out: Any, targets: SpADTargets, n_pos: int) -> torch.Tensor:
         steps = self.time_steps
         a_s = row_distribution(student_out.attentions[i][:, :, :n_pos].float(), steps)
-        mapped, rates = self.saa_target(i, teacher_out, n_pos, a_s.shape[-1])
+        mapped, rates = self.saa_target(i, targets, n_pos, a_s.shape[-1])
         rate = _row_distance(a_s, row_distribution(rates, steps))
         return (1.0 - self.rate_mix) * _row_distance(a_s, mapped) + self.rate_mix * rate
 
-    def sfa_target(self, i: int, teacher_out: Any, n_pos: int) -> torch.Tensor:
-        """The teacher state student layer i is aligned to, [B, n_pos, C_t] (LayerNorm'd if sfa_target_norm)."""
-        h_t = teacher_out.hidden_states[self.layer_map[i]][:, :n_pos].float()
-        return F.layer_norm(h_t, h_t.shape[-1:]) if self.sfa_target_norm else h_t
-
-    def _sfa(self, i: int, student_out: Any, teacher_out: Any, n_pos: int) -> torch.Tensor:
+    def _sfa(self, i: int, student_out: Any, targets: SpADTargets, n_pos: int) -> torch.Tensor:
         z = self.sfa_proj[i](student_out.hidden_states[i + 1][:, :n_pos].float())
-        h_t = self.sfa_target(i, teacher_out, n_pos)
+        h_t = targets.features[i][:, :n_pos].float()
         steps = self.time_steps
         rates = _token_mse(feature_rate_code(z, steps, self.lif), feature_rate_code(h_t, steps, self.lif))
         return (1.0 - self.rate_mix) * _token_mse(z, h_t) + self.rate_mix * rates
@@ -427,12 +527,13 @@ LOSS_TERMS = ("ea", "saa", "sfa", "sta", "hta")
 class DistillObjective(nn.Module):
     """The trainable part of a training stage: the student plus the SpAD projections, as one module.
 
-    forward(input_ids [B, L], targets=None, views=None) -> {"loss": weighted sum over next-token positions,
-    "ea", "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so DDP/FSDP/DeepSpeed
-    never wrap it) runs inside forward under no_grad; `targets` are cached sparse teacher targets
-    [B, L, k] which replace the online teacher's logits for the STA term (with neither, e.g. validation
-    rows of a cached run without a teacher, the STA term is left out). The trainer divides every sum by
-    the token count of the whole step.
+    forward(input_ids [B, L], targets=None, views=None, features=None) -> {"loss": weighted sum over next-token
+    positions, "ea", "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so
+    DDP/FSDP/DeepSpeed never wrap it) runs inside forward under no_grad; `targets` are cached sparse teacher
+    targets [B, L, k] which replace the online teacher's logits for the STA term, and `features` cached SpAD
+    targets (SpADTargets of the rows, teachers.feature_cache) which replace the online teacher for EA, SAA and
+    SFA, so that with both the teacher is never run. A term with neither (e.g. validation rows of a cached run
+    without a teacher) is left out. The trainer divides every sum by the token count of the whole step.
 
     subvocab: a teachers.subvocab.PieceTrie when the student's vocabulary is derived from the teacher's
     (student.vocab = subset:N | bytes): the teacher never reads the student's ids; the online STA target is
@@ -454,24 +555,31 @@ class DistillObjective(nn.Module):
     def teacher(self):
         return self._teacher[0]
 
-    def forward(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None) -> dict[str, torch.Tensor]:
-        sums = self.term_sums(input_ids, targets, views)
+    def forward(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None,
+                features: SpADTargets | None = None) -> dict[str, torch.Tensor]:
+        sums = self.term_sums(input_ids, targets, views, features)
         loss = sum(self.weights[_WEIGHT_OF[k]] * v for k, v in sums.items())
         return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
 
-    def term_sums(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None) -> dict[str, torch.Tensor]:
+    def term_sums(self, input_ids: torch.Tensor, targets: Any = None, views: Any = None,
+                  features: SpADTargets | None = None) -> dict[str, torch.Tensor]:
         """The unweighted sums that forward weights, each a scalar with its graph: "ea", "saa", "sfa" for the
-        SpAD terms with weight > 0, "kd" and "ce" when STA or HTA has one. With kd impl "fused" the head's
-        gradient is made for w_sta * kd + w_hta * ce only; backpropagating kd or ce alone needs impl "chunked"."""
+        SpAD terms with weight > 0 (when their targets exist: `features` or the online teacher), "kd" and "ce"
+        when STA or HTA has one. With kd impl "fused" the head's gradient is made for w_sta * kd + w_hta * ce
+        only; backpropagating kd or ce alone needs impl "chunked"."""
         spad = self.spad
         logit_terms = self.weights["sta"] > 0 or self.weights["hta"] > 0
-        out = self._student_forward(input_ids, spad)
-        n_pos = input_ids.shape[1] - 1
         online = self.teacher is not None and self.subvocab is None and (
-            spad is not None or (self.weights["sta"] > 0 and targets is None))
-        t_out = self.teacher(input_ids, logits=False, hidden_states=spad is not None and spad.needs_hidden_states) \
-            if online else None
-        sums: dict[str, torch.Tensor] = dict(spad(out, t_out, n_pos)) if spad is not None else {}
+            (spad is not None and features is None) or (self.weights["sta"] > 0 and targets is None))
+        spad_on = spad is not None and (features is not None or online)
+        out = self._student_forward(input_ids, spad if spad_on else None)
+        n_pos = input_ids.shape[1] - 1
+        t_out = self.teacher(input_ids, logits=False, hidden_states=spad_on and features is None
+                             and spad.needs_hidden_states) if online else None
+        sums: dict[str, torch.Tensor] = {}
+        if spad_on:
+            spad_targets = features if features is not None else spad.teacher_targets(t_out, n_pos, input_ids.shape[1])
+            sums.update(spad(out, spad_targets, n_pos))
         if logit_terms:
             sums.update(self._logit_terms(out.head_input, input_ids, t_out, targets, views))
         return sums

@@ -73,6 +73,10 @@ class TeacherCacheConfig:
     # data, k, value_dtype and distill.kd.temperature match (the cache manifest checks them; another one is
     # refused); null = inside the run directory
     dir: str | None = None
+    # also store the teacher's targets of distill's SpAD feature terms (input embeddings, the mapped layers'
+    # states, their attention maps; teachers/feature_cache.py) in <cache dir>/features, so that distill never
+    # runs the teacher; needs distill.weights ea, saa or sfa > 0. Arms without it never build or read them
+    features: bool = False
 
 
 @dataclass
@@ -321,6 +325,20 @@ def _check_cached_kind(recipe: Recipe) -> None:
           "teacher_cache.enabled=false to distill them from the online teacher", kd.kind)
 
 
+def _check_feature_cache(recipe: Recipe) -> None:
+    """teacher_cache.features stores distill's feature targets: it needs the cache read by distill and a feature
+    term to store."""
+    c = recipe.teacher_cache
+    if not c.features:
+        return
+    _need(c.enabled and recipe.distill.use_teacher_cache, "teacher_cache.features",
+          "false unless teacher_cache.enabled and distill.use_teacher_cache are true (distill reads the features "
+          "from the cache)", c.features)
+    w = recipe.distill.weights
+    _need(w.ea > 0 or w.saa > 0 or w.sfa > 0, "teacher_cache.features", "false when distill has no feature term "
+          "(distill.weights.ea, saa and sfa are 0: nothing to store)", c.features)
+
+
 def check_values(recipe: Recipe) -> None:
     """Raise ConfigError (one line, dotted key) for the first value outside its allowed range."""
     _need(bool(_RUN_NAME.match(recipe.run.name)), "run.name",
@@ -360,6 +378,7 @@ def check_values(recipe: Recipe) -> None:
     _need(kd.chunk_size > 0, "distill.kd.chunk_size", "> 0", kd.chunk_size)
     _check_choices(recipe)
     _check_cached_kind(recipe)
+    _check_feature_cache(recipe)
     if recipe.student.arch != "spikegpt":
         _need(not recipe.align.enabled, "align.enabled", f"false for student.arch={recipe.student.arch} (the "
               "SpAD alignment needs a spiking student)", recipe.align.enabled)

@@ -19,7 +19,8 @@ checkpoint, so an interrupted study continues where it stopped and nothing runs 
 go at once, each with cores/N threads (with one job: all cores, a fixed count, so that a rerun gives the same
 numbers; the thread count changes the floating-point sums); each shared teacher cache is built once, first in
 the queue, and the runs that read it wait for it while runs without one take the other slots, so no two runs
-build the same cache and no core idles while it is built.
+build the same cache and no core idles while it is built. A shared cache's feature targets
+(teacher_cache.features) are built once too, by the first run of an arm that asks for them, after its logits.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.recipe import load_recipe
 from pipeline.runner import plan_stages, read_done, stage_config_hash
 from pipeline.schema import lr_label
+from pipeline.stages.teacher_cache import FEATURES_DIR
 from pipeline.sweep import Sweep, lr_sweep, sweep_record, write_sweep_report
 
 
@@ -67,8 +69,9 @@ class Arm:
     """One arm of a study as its recipe (with the study's overrides) sets it.
 
     seeds: study.seeds, or (None,) for one run as the recipe is; grid: study.lr_grid (empty: no sweep);
-    lr_ratios: (optimiser section, its min_lr / lr) per study.lr_keys; cache: the shared teacher cache folder
-    it reads (resolved), or None; sweep_stages: the stages a sweep point runs (the enabled ones up to distill);
+    lr_ratios: (optimiser section, its min_lr / lr) per study.lr_keys; caches: what it reads of a shared
+    teacher cache, each built once: () or (its folder, resolved) and, with teacher_cache.features, also
+    "<folder>/features"; sweep_stages: the stages a sweep point runs (the enabled ones up to distill);
     last_stage: the last stage of a full run."""
 
     path: Path
@@ -77,7 +80,7 @@ class Arm:
     grid: tuple[float, ...]
     extensions: int
     lr_ratios: tuple[tuple[str, float], ...]
-    cache: str | None
+    caches: tuple[str, ...]
     sweep_stages: str
     last_stage: str
 
@@ -98,10 +101,13 @@ def _arm(path: Path, recipe) -> Arm:
     optim = {"distill.train.optim": recipe.distill.train.optim, "align.train.optim": recipe.align.train.optim}
     sections = [key.removesuffix(".lr") for key in recipe.study.lr_keys]
     cache = recipe.teacher_cache
+    caches: tuple[str, ...] = ()
+    if cache.enabled and cache.dir:
+        folder = str(Path(cache.dir).resolve())
+        caches = (folder, f"{folder}/{FEATURES_DIR}") if cache.features else (folder,)
     return Arm(path=path, name=recipe.run.name, seeds=tuple(recipe.study.seeds) or (None,),
                grid=tuple(recipe.study.lr_grid), extensions=recipe.study.lr_extensions,
-               lr_ratios=tuple((s, optim[s].min_lr / optim[s].lr) for s in sections),
-               cache=str(Path(cache.dir).resolve()) if cache.enabled and cache.dir else None,
+               lr_ratios=tuple((s, optim[s].min_lr / optim[s].lr) for s in sections), caches=caches,
                sweep_stages=",".join(stages[:stages.index("distill") + 1]), last_stage=stages[-1])
 
 
@@ -360,7 +366,7 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
         return work
 
     def tasks_of(arm: Arm, todo) -> list[Task]:
-        needs = {f"cache:{arm.cache}"} if arm.cache else set()
+        needs = {f"cache:{c}" for c in arm.caches}
         return [Task(f"{run.run.run}:{stages or 'all'}", needs,
                      go(arm, run, stages, "lr sweep point" if stages else "run"), priority)
                 for run, stages, priority in todo]
@@ -368,13 +374,16 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
     tasks, caches = [], set()
     for arm in plan.arms:
         todo = plan.next_runs(arm)
-        if arm.cache and todo and arm.cache not in caches:
-            # each shared teacher cache is built once, by the first run that reads it, first in the queue; the
-            # runs that read it wait for it while runs without a teacher cache take the other slots
-            caches.add(arm.cache)
+        for i, cache in enumerate(arm.caches if todo else ()):
+            if cache in caches:
+                continue
+            # each shared teacher cache (and its feature targets) is built once, by the first run that reads
+            # it, first in the queue, features after logits; the runs that read it wait for it while runs
+            # without a teacher cache take the other slots
+            caches.add(cache)
             builder = todo[0][0]
             built = plan.finished(builder, "teacher_cache") is not None
-            tasks.append(Task(f"cache:{arm.cache}", set(), list if built else
+            tasks.append(Task(f"cache:{cache}", {f"cache:{c}" for c in arm.caches[:i]}, list if built else
                               go(arm, builder, "prepare,teacher_cache", "teacher cache build"), -1))
         tasks += tasks_of(arm, todo)
     _schedule(tasks, jobs)

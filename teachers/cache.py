@@ -27,6 +27,9 @@ A dataset tokenized with a student vocabulary derived from the teacher's (meta.j
 bytes) gets the same format over the STUDENT's vocabulary: ids are student ids, the values the top-k of the
 tempered exact distribution of the next student token (teachers.subvocab), built from the rows' teacher
 views. Its key adds "vocab" (the spelling) and "targets" (SUBVOCAB_TARGETS, the derivation's format marker).
+
+The shard machinery (manifest and key check, resumable build, checksummed shards, a reader that verifies each
+shard once) is generic over a `ShardFormat`; teachers.feature_cache stores the teacher's SpAD targets with it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,24 +181,45 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_format(out_dir: Path, manifest: dict) -> None:
+@dataclass(frozen=True)
+class ShardFormat:
+    """One kind of sharded cache. version: its key's "format" (a cache of another version is refused);
+    about: what this version's shards hold, for that refusal; builder: what resumes an interrupted build;
+    shapes(key) -> {tensor name: shape of one dataset row} for every tensor a shard holds ([rows, *shape])."""
+
+    version: int | str
+    about: str
+    builder: str
+    shapes: Callable[[dict], dict[str, tuple[int, ...]]]
+
+
+def _logit_shapes(key: dict) -> dict[str, tuple[int, ...]]:
+    length, k = int(key["seq_len"]), int(key["k"])
+    return {"ids": (length, k), "logprobs": (length, k), "tail_mass": (length,)}
+
+
+LOGITS = ShardFormat(FORMAT_VERSION, "top-k of the teacher at the distillation temperature", "build_teacher_cache",
+                     _logit_shapes)
+
+
+def _check_format(out_dir: Path, manifest: dict, fmt: ShardFormat = LOGITS) -> None:
     """A cache of another format version is refused with one line (its targets mean something else)."""
     have = manifest.get("key", {}).get("format")
-    if have != FORMAT_VERSION:
-        raise CacheError(f"{out_dir}: teacher cache format {have}, this version reads format {FORMAT_VERSION} "
-                         "(top-k of the teacher at the distillation temperature); delete the directory and "
-                         "rebuild it (teacher_cache stage)")
+    if have != fmt.version:
+        raise CacheError(f"{out_dir}: teacher cache format {have}, this version reads format {fmt.version} "
+                         f"({fmt.about}); delete the directory and rebuild it (teacher_cache stage)")
 
 
 def _key_diff(have: dict, want: dict) -> list[str]:
     return [f"{name}={have.get(name)!r} (expected {want[name]!r})" for name in want if have.get(name) != want[name]]
 
 
-def _open_for_build(out_dir: Path, key: dict, n_rows: int, shard_rows: int, overwrite: bool) -> dict:
+def _open_for_build(out_dir: Path, fmt: ShardFormat, key: dict, n_rows: int, shard_rows: int,
+                    overwrite: bool) -> dict:
     """Existing manifest with the same key -> resume it; different key -> refuse (or wipe if overwrite)."""
     manifest = _read_manifest(out_dir)
     if manifest is not None and not overwrite:
-        _check_format(out_dir, manifest)
+        _check_format(out_dir, manifest, fmt)
     if manifest is not None and (_key_diff(manifest["key"], key) or manifest["shard_rows"] != shard_rows):
         if not overwrite:
             diff = _key_diff(manifest["key"], key) or [f"shard_rows={manifest['shard_rows']}"]
@@ -218,8 +243,9 @@ def _shard_path(out_dir: Path, i: int) -> Path:
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' bytes in name order (for the logit cache: ids, logprobs, tail_mass)."""
     h = hashlib.sha256()
-    for name in ("ids", "logprobs", "tail_mass"):
+    for name in sorted(tensors):
         h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -258,7 +284,8 @@ def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, trie)
 def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_row: int) -> None:
     path = _shard_path(out_dir, i)
     tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
-    meta = {"sha256": _checksum(tensors), "first_row": str(first_row), "rows": str(tensors["ids"].shape[0])}
+    rows = next(iter(tensors.values())).shape[0]
+    meta = {"sha256": _checksum(tensors), "first_row": str(first_row), "rows": str(rows)}
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -290,13 +317,9 @@ def build_teacher_cache(
     of the key). shard_size: dataset rows per shard. overwrite=True replaces a cache built for other inputs
     or in another format (otherwise CacheError). vocab: the teachers.vocab.VocabMap of a dataset tokenized
     with a derived student vocabulary (required then, CacheError otherwise): the cache holds the top-k of the
-    teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). Returns stats:
-    rows, tokens, shards_written, seconds,
-    tokens_per_s, bytes, bytes_per_token.
+    teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). Returns the
+    stats of `build_shards`.
     """
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
     try:
         ds = TokenDataset(dataset_dir, split)
     except DataError as exc:
@@ -307,30 +330,62 @@ def build_teacher_cache(
         from teachers.subvocab import PieceTrie
 
         trie = PieceTrie.from_vocab(vocab)
-    manifest = _open_for_build(out_dir, cache_key(teacher, dataset_dir, split, k, value_dtype, temperature),
-                               len(ds), int(shard_size), overwrite)
+    key = cache_key(teacher, dataset_dir, split, k, value_dtype, temperature)
+
+    def compute(rows: range) -> dict[str, torch.Tensor]:
+        return _compute_rows(teacher, ds, rows, k, batch_size, _VALUE_DTYPES[value_dtype], token_chunk, temperature,
+                             trie)
+
+    return build_shards(out_dir, LOGITS, key, len(ds), int(shard_size), ds.seq_len, compute, overwrite=overwrite,
+                        progress=progress, desc="teacher cache")
+
+
+def build_shards(out_dir: Path, fmt: ShardFormat, key: dict, n_rows: int, shard_rows: int, row_tokens: int,
+                 compute: Callable[[range], dict[str, torch.Tensor]], overwrite: bool = False,
+                 progress: bool = True, desc: str = "teacher cache") -> dict:
+    """Write the shards of a cache of `fmt` under `key` into out_dir, resuming at the first missing one.
+
+    compute(range of dataset rows) -> {tensor name: [rows, ...]} of those rows (fmt.shapes(key)); row_tokens:
+    token positions per row (for the statistics). A manifest with another key raises CacheError unless
+    overwrite. Marks the manifest complete and returns its stats: rows, tokens, shards, shards_written,
+    seconds, tokens_per_s, bytes, bytes_per_token, bytes_per_row.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    manifest = _open_for_build(out_dir, fmt, key, n_rows, shard_rows, overwrite)
     missing = [i for i in range(manifest["n_shards"]) if not _shard_path(out_dir, i).is_file()]
     t0, written_tokens = time.perf_counter(), 0
-    done_rows = len(ds) - sum(_rows_of(manifest, i)[1] - _rows_of(manifest, i)[0] for i in missing)
-    bar = tqdm(total=len(ds) * ds.seq_len, initial=done_rows * ds.seq_len, unit="tok", desc="teacher cache",
+    done_rows = n_rows - sum(_rows_of(manifest, i)[1] - _rows_of(manifest, i)[0] for i in missing)
+    bar = tqdm(total=n_rows * row_tokens, initial=done_rows * row_tokens, unit="tok", desc=desc,
                disable=not progress)
     for i in missing:
         lo, hi = _rows_of(manifest, i)
-        tensors = _compute_rows(teacher, ds, range(lo, hi), k, batch_size, _VALUE_DTYPES[value_dtype],
-                                token_chunk, temperature, trie)
+        tensors = compute(range(lo, hi))
+        _check_computed(out_dir, fmt.shapes(key), tensors, hi - lo)
         _write_shard(out_dir, i, tensors, lo)
-        written_tokens += (hi - lo) * ds.seq_len
-        bar.update((hi - lo) * ds.seq_len)
+        written_tokens += (hi - lo) * row_tokens
+        bar.update((hi - lo) * row_tokens)
     bar.close()
     seconds = time.perf_counter() - t0
     size = sum(_shard_path(out_dir, i).stat().st_size for i in range(manifest["n_shards"]))
-    stats = {"rows": len(ds), "tokens": len(ds) * ds.seq_len, "shards": manifest["n_shards"],
+    stats = {"rows": n_rows, "tokens": n_rows * row_tokens, "shards": manifest["n_shards"],
              "shards_written": len(missing), "seconds": seconds,
              "tokens_per_s": written_tokens / seconds if written_tokens else None,
-             "bytes": size, "bytes_per_token": size / (len(ds) * ds.seq_len)}
+             "bytes": size, "bytes_per_token": size / (n_rows * row_tokens), "bytes_per_row": size / n_rows}
     manifest.update(complete=True, stats=stats)
     _write_json(out_dir / _MANIFEST, manifest)
     return stats
+
+
+def _check_computed(out_dir: Path, shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor],
+                    rows: int) -> None:
+    """The tensors computed for a shard are those its key describes (names and shapes), else CacheError."""
+    have = {name: tuple(t.shape) for name, t in tensors.items()}
+    want = {name: (rows, *shape) for name, shape in shapes.items()}
+    if have != want:
+        raise CacheError(f"{out_dir}: the computed targets {have} do not match the cache key's {want}; "
+                         "nothing was written for them")
 
 
 def _rows_of(manifest: dict, i: int) -> tuple[int, int]:
@@ -338,28 +393,30 @@ def _rows_of(manifest: dict, i: int) -> tuple[int, int]:
     return lo, min(lo + manifest["shard_rows"], manifest["n_rows"])
 
 
-class TeacherCache:
-    """Reader of a finished cache: cache[i] -> SparseTargets [L, k] for dataset row i.
+class ShardReader:
+    """Reader of a finished cache of one ShardFormat: reader.row(i) -> {tensor name: tensor of dataset row i}.
 
-    expect: key fields the cache must carry (e.g. cache_key(...), which includes the temperature); any
-    difference is a CacheError, and so is a cache of another format version.
-    verify: check each shard's checksum the first time it is opened.
+    expect: key fields the cache must carry; any difference is a CacheError, and so is a cache of another
+    format version, an unfinished one or a missing manifest. verify: check each shard's shapes and checksum
+    the first time it is opened.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, expect: dict | None = None, verify: bool = True):
-        self.dir = Path(out_dir)
+    def __init__(self, out_dir: str | os.PathLike, fmt: ShardFormat, expect: dict | None = None,
+                 verify: bool = True):
+        self.dir, self.format = Path(out_dir), fmt
         manifest = _read_manifest(self.dir)
         if manifest is None:
             raise CacheError(f"{self.dir / _MANIFEST}: not found; build the cache first (teacher_cache stage)")
-        _check_format(self.dir, manifest)
+        _check_format(self.dir, manifest, fmt)
         if not manifest.get("complete"):
-            raise CacheError(f"{self.dir}: cache is incomplete (a build was interrupted); rerun "
-                             "build_teacher_cache with the same inputs to resume it")
+            raise CacheError(f"{self.dir}: cache is incomplete (a build was interrupted); rerun {fmt.builder} "
+                             "(the teacher_cache stage) with the same inputs to resume it")
         diff = _key_diff(manifest["key"], expect or {})
         if diff:
             raise CacheError(f"{self.dir}: built for other inputs ({'; '.join(diff[:2])}); rebuild it "
                              "(teacher_cache stage) or delete the directory")
         self.manifest, self.key, self.verify = manifest, manifest["key"], verify
+        self.shapes = fmt.shapes(self.key)
         # open shard handles, least recently used first; training reads rows in shuffled order, so one shard
         # at a time would reopen (and re-verify) a shard for almost every row
         self._open: OrderedDict[int, object] = OrderedDict()
@@ -367,15 +424,6 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
-
-    @property
-    def k(self) -> int:
-        return int(self.key["k"])
-
-    @property
-    def temperature(self) -> float:
-        """The temperature tau its targets are of (softmax(logits / tau))."""
-        return float(self.key["temperature"])
 
     @property
     def bytes_per_token(self) -> float:
@@ -402,25 +450,47 @@ class TeacherCache:
 
     def _verify(self, path: Path, handle, rows: int) -> None:
         try:
-            tensors = {name: handle.get_tensor(name) for name in ("ids", "logprobs", "tail_mass")}
+            tensors = {name: handle.get_tensor(name) for name in self.shapes}
         except (SafetensorError, RuntimeError) as exc:
             raise CacheError(f"{path}: corrupt shard ({exc}); delete it and rerun the cache build") from exc
-        want = (rows, int(self.key["seq_len"]), self.k)
-        if tuple(tensors["ids"].shape) != want or (handle.metadata() or {}).get("sha256") != _checksum(tensors):
+        shapes_ok = all(tuple(tensors[name].shape) == (rows, *shape) for name, shape in self.shapes.items())
+        if not shapes_ok or (handle.metadata() or {}).get("sha256") != _checksum(tensors):
             raise CacheError(f"{path}: corrupt shard (shape or checksum mismatch); delete it and rerun the "
                              "cache build to recompute it")
 
-    def __getitem__(self, row: int) -> SparseTargets:
+    def row(self, row: int) -> dict[str, torch.Tensor]:
+        """{tensor name: its slice of dataset row `row`} as stored (dtype of the shard)."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range for a cache of {len(self)} rows")
         i = row // self.manifest["shard_rows"]
         r = row - i * self.manifest["shard_rows"]
         handle = self._shard(i)
-        return SparseTargets(
-            handle.get_slice("ids")[r : r + 1][0].long(),
-            handle.get_slice("logprobs")[r : r + 1][0].float(),
-            handle.get_slice("tail_mass")[r : r + 1][0].float(),
-        )
+        return {name: handle.get_slice(name)[r : r + 1][0] for name in self.shapes}
+
+
+class TeacherCache(ShardReader):
+    """Reader of a finished top-k logit cache: cache[i] -> SparseTargets [L, k] for dataset row i.
+
+    expect: key fields the cache must carry (e.g. cache_key(...), which includes the temperature); any
+    difference is a CacheError, and so is a cache of another format version.
+    verify: check each shard's checksum the first time it is opened.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, expect: dict | None = None, verify: bool = True):
+        super().__init__(out_dir, LOGITS, expect, verify)
+
+    @property
+    def k(self) -> int:
+        return int(self.key["k"])
+
+    @property
+    def temperature(self) -> float:
+        """The temperature tau its targets are of (softmax(logits / tau))."""
+        return float(self.key["temperature"])
+
+    def __getitem__(self, row: int) -> SparseTargets:
+        t = self.row(row)
+        return SparseTargets(t["ids"].long(), t["logprobs"].float(), t["tail_mass"].float())
 
     def batch(self, rows: list[int]) -> SparseTargets:
         """SparseTargets [B, L, k] for the given dataset rows."""
@@ -432,5 +502,5 @@ def nominal_bytes_per_token(k: int, value_dtype: str = "bf16") -> int:
     return k * (4 + _VALUE_DTYPES[value_dtype].itemsize) + 4
 
 
-__all__ = ["SUBVOCAB_TARGETS", "CacheError", "SparseTargets", "TeacherCache", "build_teacher_cache", "cache_key",
-           "nominal_bytes_per_token", "topk_targets", "vocab_key"]
+__all__ = ["LOGITS", "SUBVOCAB_TARGETS", "CacheError", "ShardFormat", "ShardReader", "SparseTargets", "TeacherCache",
+           "build_shards", "build_teacher_cache", "cache_key", "nominal_bytes_per_token", "topk_targets", "vocab_key"]

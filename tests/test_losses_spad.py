@@ -84,6 +84,11 @@ def _spad(weights, layer_map=(0,), hs=1, ht=2, lif=STUDENT_LIF, time_steps=1, **
                     weights=weights, lif=lif, time_steps=time_steps, **kw)
 
 
+def _terms(spad, student_out, teacher_out, n_pos):
+    """The SpAD terms against an online teacher output (n_pos + 1 keys, as the objective passes them)."""
+    return spad(student_out, spad.teacher_targets(teacher_out, n_pos, n_pos + 1), n_pos)
+
+
 def test_ea_is_projected_mse_summed_over_the_first_n_positions():
     spad = _spad({"ea": 1.0})
     with torch.no_grad():
@@ -91,7 +96,7 @@ def test_ea_is_projected_mse_summed_over_the_first_n_positions():
         spad.ea_proj.bias.zero_()
     e_s = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])        # [B=1, L=3, C=2]
     e_t = torch.tensor([[[1.0, 1.0], [0.0, 3.0], [0.0, 0.0]]])
-    out = spad(SimpleNamespace(hidden_states=(e_s,)), SimpleNamespace(embeddings=e_t), n_pos=2)
+    out = _terms(spad, SimpleNamespace(hidden_states=(e_s,)), SimpleNamespace(embeddings=e_t), n_pos=2)
     # token 0: P e = (2, 0) vs (1, 1) -> (1 + 1)/2 = 1;  token 1: (0, 1) vs (0, 3) -> (0 + 4)/2 = 2
     assert set(out) == {"ea"} and out["ea"].item() == pytest.approx(3.0)
 
@@ -103,15 +108,15 @@ def test_saa_mixes_direct_and_rate_terms_by_hand(binary):
     # once each row is divided by its sum
     a_s = torch.tensor([[[[1.0, 0.0], [1.0, 1.0] if binary else [0.5, 0.5]]]])
     a_t = torch.tensor([[[[1.0, 0.0], [0.2, 0.8]], [[1.0, 0.0], [0.6, 0.4]]]])  # H_t = 2
-    out = spad(SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=2)
+    out = _terms(spad, SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=2)
     # mapped teacher = mean of its 2 heads: [[1, 0], [0.4, 0.6]]; uniform shares 1 and 1/2, so f = [1, 0] and
     # [0.8, 1.2]: at T = 1 only f >= 1 fires -> rate code [[1, 0], [0, 1]] (rows already distributions).
     # Student rows [1, 0] and [0.5, 0.5]; per query the squared distance summed over keys, summed over queries
     direct = 0 + (0.1**2 + 0.1**2)
     rate = 0 + (0.5**2 + 0.5**2)
     assert out["saa"].item() == pytest.approx(0.5 * direct + 0.5 * rate)
-    only_rate = _spad({"saa": 1.0}, rate_mix=1.0)(SimpleNamespace(attentions=(a_s,)),
-                                                   SimpleNamespace(attentions=(a_t,)), n_pos=2)
+    only_rate = _terms(_spad({"saa": 1.0}, rate_mix=1.0), SimpleNamespace(attentions=(a_s,)),
+                       SimpleNamespace(attentions=(a_t,)), n_pos=2)
     assert only_rate["saa"].item() == pytest.approx(rate)
 
 
@@ -123,7 +128,7 @@ def test_saa_per_query_is_a_distance_between_rows_whatever_the_context_length(le
     a_s = torch.zeros(1, 2, length, length)
     a_s[..., 0] = 1.0
     a_t = torch.eye(length).expand(1, 2, length, length)
-    out = spad(SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=length)
+    out = _terms(spad, SimpleNamespace(attentions=(a_s,)), SimpleNamespace(attentions=(a_t,)), n_pos=length)
     assert out["saa"].item() == pytest.approx(2.0 * (length - 1))
 
 
@@ -139,7 +144,7 @@ def test_sfa_uses_the_layer_map_and_the_rate_term(steps):
     gen = torch.Generator().manual_seed(0)
     h_s = [torch.randn(1, 3, 2, generator=gen) for _ in range(3)]      # embedding + 2 student layers
     h_t = [torch.randn(1, 3, 2, generator=gen) for _ in range(2)]
-    out = spad(SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), n_pos=3)
+    out = _terms(spad, SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), 3)
     want = 0.0
     for i, t in enumerate((1, 0)):  # student layer i (hidden_states[i + 1]) -> teacher layer t
         z = spad.sfa_proj[i](h_s[i + 1]).detach()
@@ -151,7 +156,7 @@ def test_sfa_uses_the_layer_map_and_the_rate_term(steps):
 def test_sfa_target_norm_compares_against_the_normalised_teacher_state():
     spad = _spad({"sfa": 1.0}, sfa_target_norm=True)
     h_s, h_t = [torch.randn(1, 2, 2) for _ in range(2)], [100.0 * torch.randn(1, 2, 2)]
-    out = spad(SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), n_pos=2)
+    out = _terms(spad, SimpleNamespace(hidden_states=tuple(h_s)), SimpleNamespace(hidden_states=tuple(h_t)), 2)
     z, t = spad.sfa_proj[0](h_s[1]).detach(), torch.nn.functional.layer_norm(h_t[0], (2,))
     rates = hand_feature_rate_code(z, 1) - hand_feature_rate_code(t, 1)
     want = 0.5 * ((z - t) ** 2).mean(-1).sum() + 0.5 * (rates**2).mean(-1).sum()
@@ -235,10 +240,11 @@ def test_rate_targets_of_the_bundled_teacher_are_not_all_zero(smollm2_outputs, s
                     student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights={"saa": 1.0, "sfa": 1.0},
                     lif=lif_kwargs(cfg), time_steps=steps, sfa_target_norm=True)
     for i in range(3):
-        _, rates = spad.saa_target(i, t_out, 64, 65)
+        targets = spad.teacher_targets(t_out, 64, 65)
+        _, rates = spad.saa_target(i, targets, 64, 65)
         beyond_sink = (rates[..., 1:] > 0).float().sum(-1).mean()  # keys other than the attention sink (key 0)
         assert (rates.sum(-1) > 0).all() and beyond_sink > 0.2, (i, float(beyond_sink))
-        features = feature_rate_code(spad.sfa_target(i, t_out, 64), steps, spad.lif)
+        features = feature_rate_code(targets.features[i], steps, spad.lif)
         assert 0.01 < float((features > 0).float().mean()) < 0.5
         assert set(rates.unique().tolist()) <= {k / steps for k in range(steps + 1)}
 
@@ -260,13 +266,13 @@ def test_one_step_on_the_rate_term_alone_moves_the_student_toward_the_targets(sm
 
     def loss_and_overlap():
         out = student(ids, output_hidden_states=True, output_attentions=True, skip_logits=True)
-        loss = spad(out, t_out, 64)[term]
+        loss = _terms(spad, out, t_out, 64)[term]
         if term == "saa":
             ours = row_distribution(out.attentions[0][:, :, :64].float(), steps)
-            target = row_distribution(spad.saa_target(0, t_out, 64, 65)[1], steps)
+            target = row_distribution(spad.saa_target(0, spad.teacher_targets(t_out, 64, 65), 64, 65)[1], steps)
         else:
             ours = feature_rate_code(spad.sfa_proj[0](out.hidden_states[1][:, :64].float()), steps, spad.lif)
-            target = feature_rate_code(spad.sfa_target(0, t_out, 64), steps, spad.lif)
+            target = feature_rate_code(spad.teacher_targets(t_out, 64, 65).features[0], steps, spad.lif)
         return loss, float((ours.detach() * target).sum())
 
     before, overlap_before = loss_and_overlap()

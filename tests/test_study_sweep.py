@@ -278,6 +278,26 @@ def test_study_with_two_jobs_builds_the_cache_first_and_never_idles_a_slot(tmp_p
     _check_order(stub.calls)
 
 
+def test_a_feature_arm_builds_its_features_once_after_the_shared_logits(tmp_path, monkeypatch):
+    """An arm with teacher_cache.features shares the cache folder: the logits are built once (by kd, the first
+    arm that reads them), the features once, by sj's first run, after the logits; every other sj run waits for
+    them, and no other arm builds or waits for features."""
+    from pipeline.study import execute_study
+
+    folder, runs = _stub_study(tmp_path), tmp_path / "runs"
+    (folder / "sj.yaml").write_text("base: _base.yaml\nrun: {name: sj}\nteacher_cache: {enabled: true, features: "
+                                    "true}\ndistill: {weights: {ea: 0.2, saa: 0.1, sfa: 0.1, sta: 0.3, hta: 0.3}}\n")
+    monkeypatch.setitem(CURVES, "sj", CURVES["kd"])
+    stub = StubRuns(runs)
+    execute_study(_plan(folder, runs), 2, stub)
+    builds = [(run, start, end) for run, stages, start, end in stub.calls if stages == "prepare,teacher_cache"]
+    assert [run for run, *_ in builds] == ["kd-lr1e-3-s0", "sj-lr1e-3-s0"]
+    assert builds[1][1] >= builds[0][2]
+    assert all(start >= builds[1][2] for run, stages, start, _ in stub.calls
+               if run.startswith("sj-") and stages != "prepare,teacher_cache")
+    assert {run.split("-")[0] for run, *_ in stub.calls} == {"hi", "kd", "lo", "sj"}
+
+
 def test_a_diverged_point_is_the_sweeps_worst_and_is_not_rerun(tmp_path):
     """hi's 8e-3 point stops on non-finite losses: 4e-3 wins inside 1e-3..8e-3, so no 1.6e-2 point is tried."""
     from pipeline.study import execute_study

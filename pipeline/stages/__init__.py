@@ -84,8 +84,19 @@ def _prepare_sections(r: Recipe) -> dict[str, Any]:
 
 def _cache_sections(r: Recipe) -> dict[str, Any]:
     # the cache holds the teacher at the distillation temperature (teachers.cache): another tau, another cache
-    return {"teacher_cache": r.teacher_cache, "teacher": r.teacher,
-            "distill.kd.temperature": r.distill.kd.temperature}
+    cache = asdict(r.teacher_cache)
+    sections = {"teacher_cache": cache, "teacher": r.teacher, "distill.kd.temperature": r.distill.kd.temperature}
+    if not r.teacher_cache.features:
+        del cache["features"]  # so that a logit cache keeps the hash it had before the key existed
+        return sections
+    # the feature targets depend on the terms, the student's layer and head counts (the layer map, the mapped
+    # heads) and two align settings (teacher.layer_map is in "teacher")
+    w = r.distill.weights
+    sections["features"] = {"terms": [k for k in ("ea", "saa", "sfa") if getattr(w, k) > 0],
+                            "student.preset": r.student.preset, "student.config": r.student.config,
+                            "align.head_mapping": r.align.head_mapping,
+                            "align.sfa_target_norm": r.align.sfa_target_norm}
+    return sections
 
 
 def _train_common(r: Recipe) -> dict[str, Any]:
@@ -101,6 +112,8 @@ def _align_sections(r: Recipe) -> dict[str, Any]:
 
 def _distill_sections(r: Recipe) -> dict[str, Any]:
     sections = {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
+    if r.teacher_cache.features:  # feature targets from the cache instead of the online teacher
+        sections["teacher_cache.features"] = True
     w = r.distill.weights
     if w.ea > 0 or w.saa > 0 or w.sfa > 0:  # distill's own SpAD terms read these two align settings
         sections.update({"align.head_mapping": r.align.head_mapping, "align.sfa_target_norm": r.align.sfa_target_norm})

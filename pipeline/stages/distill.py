@@ -8,8 +8,11 @@ teacher is not loaded at all unless a feature term needs it. With the cache, val
 targets: val metrics are CE (HTA) only, or with an online teacher loaded for feature terms, KD on its
 full-vocabulary logits.
 Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
-HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), their
-projections start from align's when it ran, and STA still reads the cache when it is enabled.
+HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), or
+with teacher_cache.features the feature cache the teacher_cache stage built (teachers.feature_cache), read
+beside the top-k targets, so the teacher is never run (it is loaded only, as for cached KD, to size a fresh
+student); their projections start from align's when it ran, and STA still reads the cache when it is enabled.
+With the feature cache, validation rows have no feature targets either: val metrics are CE only.
 With a student vocabulary derived from the teacher's (student.vocab = subset:N | bytes) the soft targets are
 the teacher's exact distributions over the student's vocabulary (teachers.subvocab): cached like any others,
 or online from each row's teacher view (train and validation rows carry their views, ViewRows).
@@ -35,35 +38,44 @@ from pipeline.build import (
     student_vocabulary,
     train_objective,
 )
-from pipeline.losses import DistillObjective
+from pipeline.losses import FEATURE_TERMS, DistillObjective, SpADTargets
 from pipeline.stages import StageContext, StageResult
 
 
 class CachedRows(Dataset):
-    """Training rows paired with their cached teacher targets: {"input_ids": [L], "targets": SparseTargets}."""
+    """Training rows paired with their cached teacher targets: {"input_ids": [L], "targets": SparseTargets
+    [L, k]}, plus "features" (teachers.feature_cache.FeatureCache row: {name: tensor}) with a feature cache."""
 
-    def __init__(self, rows: Dataset, cache: Any):
-        if len(cache) != len(rows):
-            from pipeline.errors import StageError
+    def __init__(self, rows: Dataset, cache: Any, features: Any = None):
+        for c in (cache, features):
+            if c is not None and len(c) != len(rows):
+                from pipeline.errors import StageError
 
-            raise StageError(f"{cache.dir}: cache has {len(cache)} rows, the dataset {len(rows)}; rerun the "
-                             "teacher_cache stage")
-        self.rows, self.cache = rows, cache
+                raise StageError(f"{c.dir}: cache has {len(c)} rows, the dataset {len(rows)}; rerun the "
+                                 "teacher_cache stage")
+        self.rows, self.cache, self.features = rows, cache, features
         self.bytes_per_token = rows.bytes_per_token
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.rows[i], "targets": self.cache[i]}
+        item = {"input_ids": self.rows[i], "targets": self.cache[i]}
+        if self.features is not None:
+            item["features"] = self.features[i]
+        return item
 
 
 def collate_cached(items: list[dict]) -> dict:
-    """Batch CachedRows items: input_ids [B, L] and SparseTargets [B, L, k]."""
+    """Batch CachedRows items: input_ids [B, L], SparseTargets [B, L, k] and, with a feature cache, SpADTargets."""
     from teachers.cache import SparseTargets
 
-    return {"input_ids": torch.stack([x["input_ids"] for x in items]),
-            "targets": SparseTargets.stack([x["targets"] for x in items])}
+    batch = {"input_ids": torch.stack([x["input_ids"] for x in items]),
+             "targets": SparseTargets.stack([x["targets"] for x in items])}
+    if "features" in items[0]:
+        batch["features"] = SpADTargets.from_tensors({name: torch.stack([x["features"][name] for x in items])
+                                                      for name in items[0]["features"]})
+    return batch
 
 
 class ViewRows(Dataset):
@@ -108,6 +120,28 @@ def _open_cache(ctx: StageContext, train) -> Any:
     return TeacherCache(ctx.upstream["teacher_cache"]["outputs"]["cache"], expect=expect)
 
 
+def _open_features(ctx: StageContext, train, spad: Any, sizes: Any) -> Any:
+    """The feature cache of the teacher_cache stage, checked against the targets `spad` reads (sizes: the
+    teacher's, a Teacher or TeacherShape)."""
+    from pipeline.stages.teacher_cache import teacher_dtype
+    from teachers.feature_cache import FeatureCache
+
+    r, built = ctx.recipe, ctx.upstream["teacher_cache"]
+    expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "value_dtype": r.teacher_cache.value_dtype,
+              "tokenizer_hash": train.meta["tokenizer_hash"],
+              "teacher_fingerprint": built["metrics"]["teacher_fingerprint"],
+              "teacher_dtype": str(teacher_dtype(r.teacher.dtype)).removeprefix("torch."),
+              "width": sizes.hidden_size, **spad.target_spec.key()}
+    return FeatureCache(built["outputs"]["features"], expect=expect)
+
+
+def _shape(ctx: StageContext) -> Any:
+    """The teacher's sizes as the teacher_cache stage recorded them (pipeline.build.TeacherShape)."""
+    from pipeline.build import TeacherShape
+
+    return TeacherShape(**ctx.upstream["teacher_cache"]["metrics"]["teacher_shape"])
+
+
 def _student(ctx: StageContext, teacher) -> Any:
     if "align" in ctx.upstream:
         from students import SpikeGPTForCausalLM
@@ -119,15 +153,18 @@ def _student(ctx: StageContext, teacher) -> Any:
     return build_student(ctx.recipe, vocab_size, teacher, ctx.log, teacher_ids)
 
 
-def _needs_teacher(ctx: StageContext, features: bool, use_cache: bool, derived: bool) -> bool:
-    """Whether distill loads the teacher: for feature terms, online soft targets or a fresh student with the
-    teacher's vocabulary (its size is the teacher's logit width) or inherited weights. A derived vocabulary
-    needs it for online soft targets and inheritance only (its size is the student tokenizer's)."""
+def _needs_teacher(ctx: StageContext, features: bool, cached_features: bool, use_cache: bool, derived: bool) -> bool:
+    """Whether distill loads the teacher: for feature terms (with the feature cache only for the EA projection's
+    inheritance), online soft targets or a fresh student with the teacher's vocabulary (its size is the
+    teacher's logit width) or inherited weights. A derived vocabulary needs it for online soft targets and
+    inheritance only (its size is the student tokenizer's)."""
+    r = ctx.recipe
     fresh = "align" not in ctx.upstream
-    online = ctx.recipe.distill.weights.sta > 0 and not use_cache
+    online = r.distill.weights.sta > 0 and not use_cache
     if derived:
-        return online or (fresh and ctx.recipe.student.init_from_teacher)
-    return features or not use_cache or fresh
+        return online or (fresh and r.student.init_from_teacher)
+    inherit_ea = cached_features and r.student.init_from_teacher and r.distill.weights.ea > 0
+    return (features and not cached_features) or inherit_ea or not use_cache or fresh
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -137,21 +174,24 @@ def run(ctx: StageContext) -> StageResult:
     r = ctx.recipe
     weights = asdict(r.distill.weights)
     use_cache = "teacher_cache" in ctx.upstream
-    features = any(weights[k] > 0 for k in ("ea", "saa", "sfa"))
+    features = any(weights[k] > 0 for k in FEATURE_TERMS)
+    cached_features = features and use_cache and r.teacher_cache.features
     derived = not parse_vocab(r.student.vocab).is_teacher
-    needs_teacher = _needs_teacher(ctx, features, use_cache, derived)
-    teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0) if needs_teacher else None
+    needs_teacher = _needs_teacher(ctx, features, cached_features, use_cache, derived)
+    teacher = load_stage_teacher(r, ctx.accelerator, attn_maps=weights["saa"] > 0 and not cached_features) \
+        if needs_teacher else None
     student = _student(ctx, teacher)
     if teacher is not None and not derived:
         from teachers import check_vocab
 
         check_vocab(student.config.vocab_size, teacher)
-    spad = build_spad(r, student, teacher, weights, ctx.log) if features else None
+    sizes = teacher if teacher is not None or not cached_features else _shape(ctx)
+    spad = build_spad(r, student, sizes, weights, ctx.log) if features else None
     if spad is not None and "projections" in ctx.upstream.get("align", {}).get("outputs", {}):
         load_projections(spad, ctx.upstream["align"]["outputs"]["projections"], ctx.log)
     kd = {"kind": r.distill.kd.kind, "temperature": r.distill.kd.temperature, "beta": r.distill.kd.jsd_beta,
           "chunk_size": r.distill.kd.chunk_size, "impl": r.distill.kd.impl}
-    online = teacher if features or not use_cache else None
+    online = teacher if (features and not cached_features) or not use_cache else None
     exact = stage_vocab(ctx, online) if derived and online is not None and weights["sta"] > 0 else None
     if derived and exact is None:
         online = None  # the teacher never reads a derived vocabulary's ids: CE only or cached targets
@@ -159,8 +199,12 @@ def run(ctx: StageContext) -> StageResult:
     train, val = datasets(ctx)
     collate = None
     if use_cache:
-        train, collate = CachedRows(train, _open_cache(ctx, train)), collate_cached
+        feats = _open_features(ctx, train, spad, sizes) if cached_features else None
+        train, collate = CachedRows(train, _open_cache(ctx, train), feats), collate_cached
         ctx.log.info("distill: soft targets from the teacher cache (k=%d)", r.teacher_cache.k)
+        if feats is not None:
+            ctx.log.info("distill: SpAD targets (%s) from the feature cache %s; the teacher is not run",
+                         ", ".join(spad.target_spec.terms), feats.dir)
     elif exact is not None:
         train, val, collate = ViewRows(train), (ViewRows(val) if val is not None else None), collate_views
         ctx.log.info("distill: online exact teacher targets over the student's vocabulary (%s)", exact.spec)
