@@ -68,7 +68,9 @@ def test_the_cache_holds_exact_top_k_over_the_student_vocabulary(runs, tiny_teac
     teacher = load_teacher(tiny_teacher_dir)
     student = AutoTokenizer.from_pretrained(run_dir / "prepare" / "tokenizer")
     trie = PieceTrie.from_vocab(VocabMap.build(teacher.tokenizer, student, "subset:290"))
-    expected = floored(exact_log_probs(teacher, trie, [dataset.teacher_view(1)]))[0]
+    # the cache holds the targets at the distillation temperature (the recipe's distill.kd.temperature)
+    exact = floored(exact_log_probs(teacher, trie, [dataset.teacher_view(1)]))[0]
+    expected = torch.log_softmax(exact.double() / cache.temperature, dim=-1).float()
     stored = cache[1]
     dense = torch.full_like(expected, float("nan")).scatter(-1, stored.ids, stored.logprobs)
     torch.testing.assert_close(dense, expected, atol=1e-5, rtol=0)
