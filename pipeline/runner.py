@@ -234,6 +234,18 @@ class StageSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def _with_schema_defaults(old: dict, defaults: dict) -> dict:
+    """A config.yaml written by an earlier version, with every key the schema gained since at its default (a key
+    added with a default that keeps the old behaviour is not a change of the run's config)."""
+    out = dict(old)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_schema_defaults(out[key], value)
+    return out
+
+
 def _check_config(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -242,7 +254,8 @@ def _check_config(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> N
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         old = None
-    changed = diff_keys(old if isinstance(old, dict) else {}, to_plain(recipe_to_dict(recipe)))
+    old = _with_schema_defaults(old, to_plain(recipe_to_dict(Recipe()))) if isinstance(old, dict) else {}
+    changed = diff_keys(old, to_plain(recipe_to_dict(recipe)))
     if not changed:
         return
     shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")

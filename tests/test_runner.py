@@ -257,3 +257,21 @@ def test_distill_hash_covers_the_align_settings_its_own_spad_terms_read():
         # without feature terms in distill (and no align stage) those settings reach nothing distill does
         plain = ["align.enabled=false"]
         assert stage_config_hash(_recipe(*plain), "distill") == stage_config_hash(_recipe(*plain, key), "distill")
+
+
+def test_a_key_the_schema_gained_since_the_run_is_not_a_change(tmp_path, stubs):
+    """A config.yaml written before a key existed (here: evaluate.stream and teacher_cache.features removed from
+    it) is the same config when the recipe leaves those keys at their defaults; the run is skipped, not refused.
+    A key it lacks but the recipe sets to another value is still a change."""
+    import yaml
+
+    run_pipeline(_recipe(), run_dir=tmp_path)
+    path = tmp_path / "config.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["evaluate"]["stream"], old["teacher_cache"]["features"]
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    stubs.calls.clear()
+    run_pipeline(_recipe(), run_dir=tmp_path)
+    assert stubs.calls == []
+    with pytest.raises(ConfigError, match=r"changed: evaluate\.stream"):
+        run_pipeline(_recipe("evaluate.stream=false"), run_dir=tmp_path)
