@@ -79,34 +79,48 @@ def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objecti
     assert torch.isfinite(kd["kd"]) and kd["kd"] > 0
 
 
+# Student tokens per teacher token on the study's text (the first 2,720,000 bytes of the bundled corpus),
+# `tokens_per_teacher_token` in meta.json after `spikedistill run recipes/study/<arm>.yaml --stages prepare`:
+# h_sub8k_ce 1.1706, i_sub4k_ce 1.2940, j_bytes_ce 4.3856
+TOKENS_PER_TEACHER_TOKEN = {"teacher": 1.0, "subset:8192": 1.1706, "subset:4096": 1.2940, "bytes": 4.3856}
+
+
 def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
-    """The shipped study: one student size and dataset (a byte cap, the same text under any vocabulary), a full
-    budget >= 4 x the old one (589,824 tokens), 3 seeds and one learning-rate sweep for every arm, and the 1/4
-    and 1/2 series of CE-only and of the inherit+KD arm."""
+    """The shipped study: one dataset (a byte cap: the same text under any vocabulary), one budget in rows of the
+    same text (an own vocabulary scales seq_len and the evaluation window by its tokens per teacher token), a
+    full budget >= 4 x the old one (589,824 tokens), 3 seeds and one learning-rate sweep for every arm, the 1/4
+    series of CE-only and of inheritance + KD, and one teacher cache folder per vocabulary."""
     from pipeline.study import study_arms, study_recipes
 
     arms = study_recipes(STUDY)
     runs_dir, planned = study_arms(arms)
     assert runs_dir == Path("runs/study")
     recipes = {p.stem: load_recipe(p) for p in arms}
-    tokens = {}
+    rows, caches = {}, {}
     for stem, r in recipes.items():
-        assert (r.student.preset, r.data.seq_len, r.data.max_train_bytes, r.data.max_train_tokens,
-                r.data.split_seed) == ("demo", 128, 2720000, None, 0)
-        assert r.teacher_cache.dir == "runs/study/_teacher_cache" and r.evaluate.teacher and r.evaluate.energy
+        ratio = TOKENS_PER_TEACHER_TOKEN[r.student.vocab]
+        assert (r.data.max_train_bytes, r.data.max_train_tokens, r.data.split_seed) == (2720000, None, 0)
+        assert r.data.seq_len == pytest.approx(128 * ratio, rel=0.01), stem
+        assert r.evaluate.context_length == pytest.approx(512 * ratio, rel=0.01), stem
+        assert r.evaluate.teacher and r.evaluate.energy and not r.evaluate.stream
         assert list(r.study.seeds) == [0, 1, 2] and list(r.study.lr_grid) == [1e-3, 2e-3, 4e-3]
         assert r.study.lr_extensions == 2 and r.distill.train.optim.min_lr / r.distill.train.optim.lr == 0.05
-        rows = r.distill.train.steps * r.distill.train.batch_size
-        if r.align.enabled:
-            rows += r.align.train.steps * r.align.train.batch_size
-        tokens[stem] = rows * r.data.seq_len
-    full = tokens["b_snn_ce"]
-    assert full >= 4 * 144 * 8 * 128
-    # a fraction of a pass over the training split: 620,207 tokens / 128 - 2% held out = 4,748 rows
-    assert full // 128 <= 4748
+        assert (r.distill.kd.kind, r.distill.kd.temperature, r.teacher_cache.k) == ("forward_kl", 1.0, 64)
+        assert not r.align.enabled
+        rows[stem] = r.distill.train.steps * r.distill.train.batch_size
+        if r.teacher_cache.enabled:
+            caches.setdefault(r.student.vocab, set()).add(r.teacher_cache.dir)
+    # one cache folder per vocabulary (a cache is keyed by its data), under the study's runs directory
+    assert all(len(dirs) == 1 for dirs in caches.values()) and len(set.union(*caches.values())) == len(caches)
+    assert all(next(iter(dirs)).startswith("runs/study/_teacher_cache") for dirs in caches.values())
+    full = rows["b_snn_ce"]
+    assert full * 128 >= 4 * 144 * 8 * 128
+    # at most one pass over the training split: 620,206 teacher tokens / 128 - 2% held out = 4,748 rows (4,737 of
+    # 166 subset:4096 tokens, the fewest)
+    assert full <= 4737
     for series in ("b_snn_ce", "f_inherit_kd"):
-        assert tokens.pop(f"{series}_quarter") == full // 4 and tokens.pop(f"{series}_half") == full // 2
-    assert set(tokens.values()) == {full}
+        assert rows.pop(f"{series}_quarter") == full // 4
+    assert set(rows.values()) == {full}
     assert [a.seeds for a in planned] == [(0, 1, 2)] * len(arms)
     r = recipes
     assert r["a_ann_ce"].student.arch == "llama" and r["a_ann_ce"].distill.weights.sta == 0
@@ -114,17 +128,24 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
     assert ann_kd.student.arch == "llama" and ann_kd.student.init_from_teacher and ann_kd.teacher_cache.enabled
     assert (ann_kd.distill.weights.sta, ann_kd.distill.weights.hta) == (r["f_inherit_kd"].distill.weights.sta,
                                                                         r["f_inherit_kd"].distill.weights.hta)
-    assert r["b_snn_ce"].distill.weights.sta == 0 and not r["b_snn_ce"].align.enabled
+    assert r["b_snn_ce"].distill.weights.sta == 0
     assert not r["b_snn_ce"].student.init_from_teacher and not r["b_snn_ce"].teacher_cache.enabled
-    assert r["c_snn_kd"].distill.weights.sta > 0 and not r["c_snn_kd"].align.enabled
-    assert r["d_snn_spad"].align.enabled and r["d_snn_spad"].distill.weights.sta > 0
+    assert r["c_snn_kd"].distill.weights.sta > 0
     # joint SpAD: the five terms at BiSpikCLM's weights throughout distill, no align stage, STA from the cache
     joint = r["g_snn_spad_joint"]
     assert vars(joint.distill.weights) == {"ea": 0.2, "saa": 0.1, "sfa": 0.1, "sta": 0.3, "hta": 0.3}
-    assert not joint.align.enabled and joint.teacher_cache.enabled and joint.distill.use_teacher_cache
+    assert joint.teacher_cache.enabled and joint.distill.use_teacher_cache
     assert r["e_inherit_ce"].student.init_from_teacher and r["e_inherit_ce"].distill.weights.sta == 0
     assert r["f_inherit_kd"].student.init_from_teacher and r["f_inherit_kd"].distill.weights.sta > 0
-    assert all(x.student.config == {} for x in r.values())
+    # the vocabulary arms: CE-only and inheritance + KD per vocabulary, everything else as the 49k arms
+    for ce, kd, vocab in (("h_sub8k_ce", "h_sub8k_inherit_kd", "subset:8192"),
+                          ("i_sub4k_ce", "i_sub4k_inherit_kd", "subset:4096"), ("j_bytes_ce", "j_bytes_inherit_kd", "bytes")):
+        assert r[ce].student.vocab == r[kd].student.vocab == vocab
+        assert r[ce].distill.weights.sta == 0 and not r[ce].student.init_from_teacher
+        assert vars(r[kd].distill.weights) == vars(r["f_inherit_kd"].distill.weights) and r[kd].student.init_from_teacher
+    wall = r["k_sub4k_inherit_kd_walltime"]
+    assert wall.student.config == {"n_layer": 7, "d_model": 256} and wall.student.vocab == "subset:4096"
+    assert all(x.student.config == {} and x.student.preset == "demo" for k, x in r.items() if "walltime" not in k)
     # held-out scores over at least 100 kB of each text (both texts are longer), the same cut for every arm
     from eval.bpb import cut_text, read_eval_text
 
