@@ -1,6 +1,7 @@
 """The event-driven linear layer (students/ops/event_linear): gather-add parity with the dense matmul, its
-dispatch (SPIKEDISTILL_SPARSE, gradients, dtypes, size and rate limits), the cached W^T, and that generate(),
-`spikedistill generate`, streaming bits/byte and the lm-eval adapter really take it."""
+dispatch (SPIKEDISTILL_SPARSE, gradients, dtypes), the cached W^T, and that generate(), `spikedistill generate`,
+streaming bits/byte and the lm-eval adapter really take it. The calibrated size and rate limits:
+tests/test_event_calibration.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from eval.testing import save_model_dir, tiny_student
 from students.layers import SpikeLinear
 from students.ops import event_linear
 from students.ops.csrc import library
+from students.ops.event_linear import calibrate
 from students.ops.event_linear import cpu as event_cpu
-from students.ops.event_linear import event_plan
 from students.ops.event_linear.cpu import event_linear_cpu
 
 pytestmark = pytest.mark.skipif(library() is None, reason="the CPU kernel library could not be built (no g++?)")
@@ -154,18 +155,6 @@ def test_dispatch_modes_gradients_and_dtypes(monkeypatch):
         event_linear(x, w)
 
 
-def test_auto_plan_follows_rows_and_layer_size(monkeypatch):
-    monkeypatch.delenv("SPIKEDISTILL_SPARSE", raising=False)
-    head = torch.randn(4096, 128)  # in * out >= MIN_WEIGHTS
-    with torch.no_grad():
-        assert event_plan(torch.zeros(1, 1, 128), head) == 0.7  # decode: any rate a LayerNorm-fed LIF reaches
-        assert event_plan(torch.zeros(1, 16, 128), head) == 0.4
-        assert event_plan(torch.zeros(2, 100, 128), head) == 0.2
-        assert event_plan(torch.zeros(4, 512, 128), head) is None  # many rows: the dense GEMM is faster
-        assert event_plan(torch.zeros(1, 1, 128), torch.randn(128, 128)) is None  # small layer: call overhead
-    assert event_plan(torch.zeros(1, 1, 128), head.requires_grad_()) is None  # grad mode on, weight trainable
-
-
 def test_event_weight_follows_the_weight(monkeypatch):
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "on")
     layer = SpikeLinear(40, 24, binary_input=True)
@@ -233,6 +222,8 @@ def test_generate_takes_the_event_path_in_auto_mode(student, monkeypatch):
     """Decode steps (one row) take it under the default mode wherever the layer is large enough."""
     monkeypatch.delenv("SPIKEDISTILL_SPARSE", raising=False)
     monkeypatch.setattr(sys.modules["students.ops.event_linear"], "MIN_WEIGHTS", 0)  # the tiny layers count as large
+    # this CPU's calibration as if it measured the event path faster at one row up to a rate of 0.7
+    monkeypatch.setattr(calibrate, "_tables", {torch.get_num_threads(): {"small": ((1, 0.7),), "large": ()}})
     ids = torch.randint(0, student.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "off")
     dense = student.generate(ids, max_new_tokens=12)

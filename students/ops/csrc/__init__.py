@@ -57,10 +57,14 @@ _RETURNS = {  # functions that return a value: (restype, argtypes)
 }
 
 
+def cache_root() -> Path:
+    """$SPIKEDISTILL_CACHE, default ~/.cache/spikedistill."""
+    return Path(os.environ.get("SPIKEDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "spikedistill"))
+
+
 def cache_dir() -> Path:
     """Where built libraries live: $SPIKEDISTILL_CACHE/cpu_kernels or ~/.cache/spikedistill/cpu_kernels."""
-    root = os.environ.get("SPIKEDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "spikedistill")
-    return Path(root) / "cpu_kernels"
+    return cache_root() / "cpu_kernels"
 
 
 def _cpu_model() -> str:
@@ -96,12 +100,17 @@ def _build(target: Path) -> None:
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+def library_key() -> str:
+    """The library's cache key: a hash of its sources, headers, compiler flags and the CPU model."""
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
     sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
-    key = hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
-    target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
+    return hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+    target = cache_dir() / f"spike_ops_{platform.machine()}_{library_key()}.so"
     try:
         if not target.exists():
             _build(target)
