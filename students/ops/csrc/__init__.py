@@ -1,5 +1,5 @@
-"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp and sparse_ops.cpp (plain C ABI,
-called through ctypes; all are linked into one library).
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp, sparse_ops.cpp and decode_ops.cpp
+(plain C ABI, called through ctypes; all are linked into one library).
 
 The library has no torch headers, so g++ builds it without torch's build machinery (tens of seconds of CPU
 once: students/ops/README.md, "The CPU library"). It is cached per source hash (lif_charge.h included) and CPU
@@ -22,7 +22,9 @@ import torch
 
 from ..threads import tick
 
-SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp", "decode_ops.cpp")
+]
 HEADERS = [Path(__file__).with_name("lif_charge.h")]  # included by the sources: part of the cache key
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
@@ -54,6 +56,7 @@ _SIGNATURES = {
 _RETURNS = {  # functions that return a value: (restype, argtypes)
     "spike_tile": (_I64, []),
     "event_linear": (_I, [_P] * 5 + [_I64] * 3 + [_I, _I, _D, _I]),
+    "decode_step": (_I, [_P, _P, _I64, _P, _P, _D, _I]),
 }
 
 
