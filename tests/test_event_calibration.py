@@ -120,6 +120,37 @@ def test_cache_per_thread_count_and_cpu(monkeypatch, tmp_path):
     assert calls == [1, 2, 1, 1] and len(list((tmp_path / "event_crossover").glob("*.json"))) == 2
 
 
+class Probe:
+    """Stands in for threads.ThreadGovernor: other processes used `busy` cores' worth of our CPUs meanwhile."""
+
+    def __init__(self, busy):
+        self.busy = busy
+
+    def __call__(self, threads):
+        return self
+
+    def others(self):
+        return self.busy
+
+
+def test_a_contended_multi_thread_measurement_is_used_but_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPIKEDISTILL_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(threads):
+        calls.append(threads)
+        return {"small": (), "large": ((1, 0.3),)}
+
+    busy, quiet = Probe(1.2), Probe(0.1)
+    assert calibrate.load_or_measure(2, measure, probe=busy) == {"small": (), "large": ((1, 0.3),)}
+    assert not calibrate.cache_file().exists()
+    calibrate.load_or_measure(1, measure, probe=busy)  # one thread: CPU time, the load does not matter
+    calibrate.load_or_measure(2, measure, probe=quiet)
+    calibrate.load_or_measure(2, measure, probe=busy)
+    assert calls == [2, 1, 2]  # the quiet two-thread measurement was kept
+    assert set(json.loads(calibrate.cache_file().read_text())["threads"]) == {"1", "2"}
+
+
 def test_unusable_timings_fall_back_and_are_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("SPIKEDISTILL_CACHE", str(tmp_path))
 

@@ -16,6 +16,12 @@ below WIN; the crossover of a row count is the last rate won before the first on
 higher rate than fewer (the table is made monotone), and a row count lost at the lowest rate ends the table:
 dense beyond it, and beyond the largest row count measured (ROWS, capped at MAX_WORK multiply-adds per call).
 
+At more than one thread a measurement taken while other processes kept this process's CPUs busy (at least
+CONTENDED cores' worth, from /proc/stat: threads.py) is used by this process but not cached: an OpenMP call that
+waits for a descheduled thread measures the load, not the CPU (on the 2-core machine at a load average of 7, a
+one-row gather-add over a 128 x 8192 layer on two threads took 26-50 ms of wall time; 0.04-0.17 ms of CPU time
+when both threads ran).
+
 Fallback (no kernel library, or timings that are not finite and positive): FALLBACK, the event path only at
 one row of a large layer (>= LARGE_WEIGHTS, beyond the L2 cache of x86 CPUs, so the dense matvec streams it
 from memory) up to a rate of 0.5, where it reads at most half the bytes the matvec reads. It is not cached: the
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 from ..csrc import cache_root, library, library_key
+from ..threads import ThreadGovernor
 
 Table = tuple[tuple[int, float], ...]  # (up to this many rows, take the event path up to this firing rate)
 TimePair = Callable[[int, float], tuple[float, float]]  # (rows, rate) -> (dense seconds, event seconds)
@@ -50,6 +57,7 @@ REPEATS = 5
 WIN = 0.9  # event / dense below this (median of the pairs) wins: noise alone does not tip a rate to the event path
 MAX_WORK = 1 << 26  # rows * in * out above this is not measured (a few ms per dense call)
 FALLBACK = {"small": (), "large": ((1, 0.5),)}
+CONTENDED = 0.5  # cores' worth of other processes' use of our CPUs above which a multi-thread measurement is not kept
 
 
 class CalibrationError(RuntimeError):
@@ -167,9 +175,13 @@ def _write(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_or_measure(threads: int, measure: Callable[[int], dict[str, Table]] = calibrate) -> dict[str, Table]:
-    """The tables for `threads` from the cache file, measured (and written) under its lock when absent or
-    malformed; FALLBACK when the kernel library is missing, the timings are unusable or the cache cannot be
+def load_or_measure(threads: int, measure: Callable[[int], dict[str, Table]] = calibrate,
+                    probe: Callable[[int], ThreadGovernor] = ThreadGovernor) -> dict[str, Table]:
+    """The tables for `threads` from the cache file, measured under its lock when absent or malformed, and then
+    written unless contended: at more than one thread, when other processes kept at least CONTENDED cores' worth
+    of this process's CPUs busy during the measurement (`probe(threads).others()`, threads.py), its wall-clock
+    times say more about them than about this CPU, so the tables serve this process only and a later one
+    measures again. FALLBACK when the kernel library is missing, the timings are unusable or the cache cannot be
     written."""
     if library() is None:
         return dict(FALLBACK)
@@ -181,10 +193,12 @@ def load_or_measure(threads: int, measure: Callable[[int], dict[str, Table]] = c
             data = _read(path)
             tables = _parse(data["threads"].get(str(threads))) if data else None
             if tables is None:
+                watch = probe(threads) if threads > 1 else None
                 tables = measure(threads)
-                data = data or {"cpu": cpu_signature().splitlines()[0], "threads": {}}
-                data["threads"][str(threads)] = {size: [list(p) for p in t] for size, t in tables.items()}
-                _write(path, data)
+                if watch is None or (watch.others() or 0.0) < CONTENDED:
+                    data = data or {"cpu": cpu_signature().splitlines()[0], "threads": {}}
+                    data["threads"][str(threads)] = {size: [list(p) for p in t] for size, t in tables.items()}
+                    _write(path, data)
             return tables
     except (OSError, CalibrationError):
         return dict(FALLBACK)
