@@ -58,6 +58,7 @@ constexpr int64_t kVecs = 8;
 constexpr int64_t kVecs = 4;
 #endif
 constexpr int64_t kTile = 16 * kVecs;
+constexpr int64_t kAddsPerThread = 1 << 18;  // head adds per OpenMP thread below which fewer threads run
 typedef float f32x16 __attribute__((vector_size(64)));
 
 inline f32x16 load16(const float* p) {
@@ -222,9 +223,9 @@ extern "C" {
 
 // One decode step for B rows. tokens [B] int64 -> head_spikes [B, C] (the head's binary input) and, when the
 // head's firing rate is at most head_max_rate, logits [B, V] = head_spikes W_head^T by the gather-add (OpenMP
-// over column tiles). Returns 0 when the logits are written; 1 when the rate is above head_max_rate (the state
-// has advanced and head_spikes is written: the caller runs the dense head); 2 when a token is outside
-// [0, V) (nothing is written).
+// over column tiles: at most nthreads threads, one per kAddsPerThread adds). Returns 0 when the logits are
+// written; 1 when the rate is above head_max_rate (the state has advanced and head_spikes is written: the
+// caller runs the dense head); 2 when a token is outside [0, V) (nothing is written).
 int decode_step(const DecodeModel* m, const int64_t* tokens, int64_t B, float* logits, float* head_spikes,
                 double head_max_rate, int nthreads) {
   const int64_t C = m->C, V = m->V;
@@ -240,7 +241,8 @@ int decode_step(const DecodeModel* m, const int64_t* tokens, int64_t B, float* l
   }
   if (static_cast<double>(total) > head_max_rate * static_cast<double>(B * C)) return 1;
   const int64_t tiles = (V + kTile - 1) / kTile;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, total * V / kAddsPerThread)));
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t c0 = t * kTile, w = std::min(kTile, V - c0);
     for (int64_t b = 0; b < B; ++b)

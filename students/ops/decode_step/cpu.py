@@ -53,7 +53,7 @@ def unsupported(model: nn.Module) -> str | None:
     if any(p.dtype != torch.float32 or not p.is_cpu for p in params):
         return "it needs fp32 weights on CPU"
     if any(getattr(m, "bias", None) is not None for m in model.modules() if isinstance(m, nn.Linear)):
-        return "its Linears have no bias"
+        return "it needs Linears without a bias"
     if model.emb.num_embeddings != model.lm_head.out_features:
         return "the embedding and the head must have the same vocabulary"
     if len({m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}) != 1:
