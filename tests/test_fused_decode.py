@@ -175,11 +175,13 @@ def test_auto_mode_runs_up_to_the_calibrated_rows(monkeypatch):
     spy = StepSpy(monkeypatch)
     decode(model, ids((2, 4), 300), ids((2, 3), 300))
     assert spy.rows == []  # two rows: the module path
+    set_tables(monkeypatch, small=((4, 0.3),))
+    decode(model, ids((2, 4), 300), ids((2, 3), 300))
+    assert spy.rows == [2, 2, 2]
+    set_tables(monkeypatch)  # the event path never wins here: one row still takes the fused step
+    decode(model, ids((2, 4), 300), ids((2, 3), 300))
     decode(model, ids((1, 4), 300), ids((1, 3), 300))
-    assert spy.rows == [1, 1, 1]
-    set_tables(monkeypatch)  # the event path never wins here
-    decode(model, ids((1, 4), 300), ids((1, 3), 300))
-    assert spy.rows == [1, 1, 1]
+    assert spy.rows == [2, 2, 2, 1, 1, 1]
 
 
 @pytest.mark.parametrize(

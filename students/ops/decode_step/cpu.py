@@ -124,7 +124,7 @@ class FusedDecoder:
             return None
         if mode == "on":
             return 1.0
-        if rows > max_event_rows():
+        if rows > 1 and rows > max_event_rows():  # one row: fused whatever the table (see __init__.py)
             return None
         weights = self.C * self.V
         return 1.0 if weights < MIN_WEIGHTS else (crossover(rows, weights) or 0.0)
