@@ -14,7 +14,7 @@ from transformers import initialization as init
 from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
-from .ops import spike
+from .ops import fused_decoder, spike
 from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, one_cache, state_of
 from .state import SpikeGPTState
 
@@ -171,6 +171,7 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         head_binary = config.spike_driven and config.time_steps == 1  # for T > 1 the head reads a spike rate
         self.lm_head = SpikeLinear(c, config.vocab_size, binary_input=head_binary)
         self._emb_rate: torch.Tensor | None = None
+        self._fused = None  # the fused decode step (ops.fused_decoder), set inside `decoding()`
         for name, module in self.named_modules():
             if hasattr(module, "state_key"):
                 module.state_key = name
@@ -211,6 +212,11 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         past = one_cache(cache, past_key_values)
         self._check_call(input_ids, labels, skip_logits or logits_to_keep > 0, past, attention_mask)
         steps, batch, length = self.config.time_steps, *input_ids.shape
+        if self._fused is not None and past is not None and length == 1 and labels is None and not skip_logits \
+                and not (output_hidden_states or output_attentions or torch.is_grad_enabled()):
+            fused = self._fused_step(input_ids, past, use_cache)
+            if fused is not None:
+                return fused
         state = past if past is not None else (SpikeGPTState() if use_cache else None)
         emb = self.emb(input_ids)
         if self.config.binary_embedding:
@@ -246,6 +252,16 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             head_input=head_input,
             **{CACHE_FIELD: state if use_cache else None},
         )
+
+    def _fused_step(self, input_ids: torch.LongTensor, state: SpikeGPTState, use_cache: bool):
+        """One decode step through the fused C step (students/ops/decode_step), or None where it does not run."""
+        head_max_rate = self._fused.runs_for(input_ids.shape[0])
+        result = None if head_max_rate is None else self._fused.step(input_ids, state, head_max_rate)
+        if result is None:
+            return None
+        state.seen_tokens += 1
+        logits, head_input = result
+        return SpikeGPTCausalLMOutput(logits=logits, head_input=head_input, **{CACHE_FIELD: state if use_cache else None})
 
     def _check_call(self, input_ids, labels, skip_logits, state, attention_mask) -> None:
         if input_ids.dim() != 2:
@@ -296,6 +312,21 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         finally:
             for m in modules:
                 del m.track_rate  # back to the class default (True)
+
+    @contextmanager
+    def decoding(self):
+        """Within this block forwards do not record firing rates, and a forward of one token per row that
+        continues a state, without gradients, runs as one fused C call where the model allows it (a spike-driven
+        srwkv student with T = 1 on CPU in fp32: students/ops/decode_step; SPIKEDISTILL_SPARSE=off keeps the module
+        path). The weights are read on entry: do not change them inside. generate()'s greedy and sampling loops
+        run inside it."""
+        before = self._fused
+        self._fused = fused_decoder(self)
+        try:
+            with self.rates_paused():
+                yield
+        finally:
+            self._fused = before
 
     def op_counts(self, context_length: int) -> list[dict]:
         """Every op per token of a forward over `context_length` tokens (T steps included); see opcount.py."""
@@ -378,10 +409,10 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
 
     @contextmanager
     def _optimize_model_for_decode(self):
-        """GenerationMixin's decode-loop context (sampling and greedy search): decode steps do not record firing
-        rates, so spike_rates() after generate() describes the prompt."""
+        """GenerationMixin's decode-loop context (sampling and greedy search): `decoding()`, so decode steps do not
+        record firing rates (spike_rates() after generate() describes the prompt) and take the fused step."""
         parent = getattr(super(), "_optimize_model_for_decode", None)
-        with parent() if parent is not None else nullcontext(), self.rates_paused():
+        with parent() if parent is not None else nullcontext(), self.decoding():
             yield
 
 

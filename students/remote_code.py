@@ -67,6 +67,7 @@ try:
     from students.ops import (
         EventWeight,
         event_linear,
+        fused_decoder,
         lif_scan,
         relu_square_lif,
         sfsa,
@@ -90,8 +91,12 @@ except ImportError:  # spikedistill is not installed here
         """The dense matmul (the event-driven path needs spikedistill's CPU kernels)."""
         return event_linear_reference(x, weight, bias)
 
-__all__ = ["FAST_KERNELS", "EventWeight", "event_linear", "lif_scan", "relu_square_lif", "sfsa", "sfsa_linear",
-           "sigmoid_gate_lif", "spike", "token_shift_lif", "wkv"]
+    def fused_decoder(model):
+        """None: the fused decode step needs spikedistill's CPU kernels; decode runs the module path."""
+        return None
+
+__all__ = ["FAST_KERNELS", "EventWeight", "event_linear", "fused_decoder", "lif_scan", "relu_square_lif", "sfsa",
+           "sfsa_linear", "sigmoid_gate_lif", "spike", "token_shift_lif", "wkv"]
 '''
 
 _RELATIVE = re.compile(r"^(\s*from\s+)(\.+[\w.]*)(\s+import\b)", flags=re.MULTILINE)

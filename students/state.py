@@ -30,6 +30,7 @@ class SpikeGPTState(Cache):
         self.tensors: dict[str, object] = {}
         self.seen_tokens = 0
         self.holds_beams = False  # set by reorder_cache: the rows are beam search's running beams
+        self.epoch = 0  # counts changes of the entries (not of their values): the fused decode step rebinds then
 
     def get(self, key: str):
         """The entry of module `key`, or None before its first forward."""
@@ -37,6 +38,7 @@ class SpikeGPTState(Cache):
 
     def set(self, key: str, value) -> None:
         self.tensors[key] = value
+        self.epoch += 1
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens consumed so far (the same for every layer)."""
@@ -56,6 +58,7 @@ class SpikeGPTState(Cache):
     def reset(self) -> None:
         """Forget everything: the next forward starts from zero state."""
         self.tensors.clear()
+        self.epoch += 1
         self.seen_tokens = 0
         self.holds_beams = False
 
@@ -77,6 +80,7 @@ class SpikeGPTState(Cache):
     def to(self, device: torch.device | str) -> SpikeGPTState:
         """Move every entry to `device` (in place); returns self."""
         self.tensors = {k: _apply(v, lambda t: t.to(device)) for k, v in self.tensors.items()}
+        self.epoch += 1
         return self
 
     @property
@@ -98,6 +102,7 @@ class SpikeGPTState(Cache):
 
         if batch > 0:
             self.tensors = {k: _apply(v, one) for k, v in self.tensors.items()}
+            self.epoch += 1
 
     def __repr__(self) -> str:
         return f"SpikeGPTState(seen_tokens={self.seen_tokens}, entries={len(self.tensors)})"

@@ -1,12 +1,12 @@
 """The event-driven linear layer (students/ops/event_linear): gather-add parity with the dense matmul, its
-dispatch (SPIKEDISTILL_SPARSE, gradients, dtypes, size and rate limits), the cached W^T, and that generate(),
-`spikedistill generate`, streaming bits/byte and the lm-eval adapter really take it."""
+dispatch (SPIKEDISTILL_SPARSE, gradients, dtypes), the cached W^T, and that generate(), `spikedistill generate`,
+streaming bits/byte and the lm-eval adapter really take it (generate's decode steps through the fused decode
+step, tests/test_fused_decode.py). The calibrated size and rate limits: tests/test_event_calibration.py."""
 
 from __future__ import annotations
 
 import copy
 import pickle
-import sys
 
 import pytest
 import torch
@@ -19,8 +19,9 @@ from eval.testing import save_model_dir, tiny_student
 from students.layers import SpikeLinear
 from students.ops import event_linear
 from students.ops.csrc import library
+from students.ops.decode_step.cpu import FusedDecoder
+from students.ops.event_linear import calibrate
 from students.ops.event_linear import cpu as event_cpu
-from students.ops.event_linear import event_plan
 from students.ops.event_linear.cpu import event_linear_cpu
 
 pytestmark = pytest.mark.skipif(library() is None, reason="the CPU kernel library could not be built (no g++?)")
@@ -154,18 +155,6 @@ def test_dispatch_modes_gradients_and_dtypes(monkeypatch):
         event_linear(x, w)
 
 
-def test_auto_plan_follows_rows_and_layer_size(monkeypatch):
-    monkeypatch.delenv("SPIKEDISTILL_SPARSE", raising=False)
-    head = torch.randn(4096, 128)  # in * out >= MIN_WEIGHTS
-    with torch.no_grad():
-        assert event_plan(torch.zeros(1, 1, 128), head) == 0.7  # decode: any rate a LayerNorm-fed LIF reaches
-        assert event_plan(torch.zeros(1, 16, 128), head) == 0.4
-        assert event_plan(torch.zeros(2, 100, 128), head) == 0.2
-        assert event_plan(torch.zeros(4, 512, 128), head) is None  # many rows: the dense GEMM is faster
-        assert event_plan(torch.zeros(1, 1, 128), torch.randn(128, 128)) is None  # small layer: call overhead
-    assert event_plan(torch.zeros(1, 1, 128), head.requires_grad_()) is None  # grad mode on, weight trainable
-
-
 def test_event_weight_follows_the_weight(monkeypatch):
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "on")
     layer = SpikeLinear(40, 24, binary_input=True)
@@ -229,28 +218,35 @@ def test_model_forward_equals_dense(student, monkeypatch):
     assert {c[1] for c in spy.taken()} == _binary_layers(student)  # every binary Linear, head included
 
 
+def _fused_steps(monkeypatch) -> list[int]:
+    """Records the rows of each fused decode step (students/ops/decode_step)."""
+    rows, real = [], FusedDecoder.step
+    monkeypatch.setattr(FusedDecoder, "step", lambda self, ids, *a: rows.append(ids.shape[0]) or real(self, ids, *a))
+    return rows
+
+
 def test_generate_takes_the_event_path_in_auto_mode(student, monkeypatch):
-    """Decode steps (one row) take it under the default mode wherever the layer is large enough."""
+    """Decode steps (one row) take the fused event-driven step under the default mode, where this CPU's
+    calibration says the event path wins at one row (injected here)."""
     monkeypatch.delenv("SPIKEDISTILL_SPARSE", raising=False)
-    monkeypatch.setattr(sys.modules["students.ops.event_linear"], "MIN_WEIGHTS", 0)  # the tiny layers count as large
+    monkeypatch.setattr(calibrate, "_tables", {torch.get_num_threads(): {"small": ((1, 0.5),), "large": ()}})
     ids = torch.randint(0, student.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "off")
     dense = student.generate(ids, max_new_tokens=12)
     monkeypatch.delenv("SPIKEDISTILL_SPARSE")
-    spy = _Spy(monkeypatch)
+    steps = _fused_steps(monkeypatch)
     sparse = student.generate(ids, max_new_tokens=12)
     assert torch.equal(sparse, dense)
-    head_rows = [c[0] for c in spy.taken(out=student.config.vocab_size)]
     new_tokens = sparse.shape[1] - ids.shape[1]  # generation may stop at EOS
-    assert new_tokens >= 3 and head_rows.count(1) == new_tokens  # one one-row head per new token
+    assert new_tokens >= 3 and steps == [1] * (new_tokens - 1)  # every decode step after the prefill
 
 
 def test_generate_command_takes_it(student_dir, monkeypatch, capsys):
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "on")
-    spy = _Spy(monkeypatch)
+    steps = _fused_steps(monkeypatch)
     assert eval_main(["generate", str(student_dir), "--prompt", "It is a truth", "--max-new-tokens", "6"]) == 0
     sparse_text = capsys.readouterr().out
-    assert len(spy.taken(out=320)) >= 6
+    assert len(steps) >= 5
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "off")
     assert eval_main(["generate", str(student_dir), "--prompt", "It is a truth", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == sparse_text
@@ -275,11 +271,10 @@ def test_lm_eval_adapter_takes_it(student, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "off")
     dense = lm.loglikelihood(reqs, disable_tqdm=True), lm.generate_until(gen, disable_tqdm=True)
     monkeypatch.setenv("SPIKEDISTILL_SPARSE", "on")
-    spy = _Spy(monkeypatch)
+    spy, steps = _Spy(monkeypatch), _fused_steps(monkeypatch)
     sparse = lm.loglikelihood(reqs, disable_tqdm=True)
-    assert {c[1] for c in spy.taken()} == _binary_layers(student)
-    n_scored = len(spy.calls)
+    assert {c[1] for c in spy.taken()} == _binary_layers(student) and steps == []
     assert lm.generate_until(gen, disable_tqdm=True) == dense[1]
-    assert len(spy.taken(out=320)) > len([c for c in spy.calls[:n_scored] if c[1] == 320])
+    assert len(steps) >= 1  # its decode steps: the fused step
     for (lp, greedy), (lp_d, greedy_d) in zip(sparse, dense[0]):
         assert lp == pytest.approx(lp_d, rel=1e-5) and greedy == greedy_d

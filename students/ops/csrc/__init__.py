@@ -1,5 +1,5 @@
-"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp and sparse_ops.cpp (plain C ABI,
-called through ctypes; all are linked into one library).
+"""Build-once loader for the fused CPU kernels in spike_ops.cpp, fused_ops.cpp, sparse_ops.cpp and decode_ops.cpp
+(plain C ABI, called through ctypes; all are linked into one library).
 
 The library has no torch headers, so g++ builds it without torch's build machinery (tens of seconds of CPU
 once: students/ops/README.md, "The CPU library"). It is cached per source hash (lif_charge.h included) and CPU
@@ -22,7 +22,9 @@ import torch
 
 from ..threads import tick
 
-SOURCES = [Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("spike_ops.cpp", "fused_ops.cpp", "sparse_ops.cpp", "decode_ops.cpp")
+]
 HEADERS = [Path(__file__).with_name("lif_charge.h")]  # included by the sources: part of the cache key
 # Compiled with -ffast-math but linked without it: a -ffast-math link adds crtfastmath.o, whose constructor
 # would switch the whole process to flush-denormals-to-zero and silently change torch's own numerics.
@@ -54,13 +56,18 @@ _SIGNATURES = {
 _RETURNS = {  # functions that return a value: (restype, argtypes)
     "spike_tile": (_I64, []),
     "event_linear": (_I, [_P] * 5 + [_I64] * 3 + [_I, _I, _D, _I]),
+    "decode_step": (_I, [_P, _P, _I64, _P, _P, _D, _I]),
 }
+
+
+def cache_root() -> Path:
+    """$SPIKEDISTILL_CACHE, default ~/.cache/spikedistill."""
+    return Path(os.environ.get("SPIKEDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "spikedistill"))
 
 
 def cache_dir() -> Path:
     """Where built libraries live: $SPIKEDISTILL_CACHE/cpu_kernels or ~/.cache/spikedistill/cpu_kernels."""
-    root = os.environ.get("SPIKEDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "spikedistill")
-    return Path(root) / "cpu_kernels"
+    return cache_root() / "cpu_kernels"
 
 
 def _cpu_model() -> str:
@@ -96,12 +103,17 @@ def _build(target: Path) -> None:
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+def library_key() -> str:
+    """The library's cache key: a hash of its sources, headers, compiler flags and the CPU model."""
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS)
     sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
-    key = hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
-    target = cache_dir() / f"spike_ops_{platform.machine()}_{key}.so"
+    return hashlib.sha256(sources + flags.encode() + _cpu_model().encode()).hexdigest()[:16]
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None (after one warning) if it cannot be built."""
+    target = cache_dir() / f"spike_ops_{platform.machine()}_{library_key()}.so"
     try:
         if not target.exists():
             _build(target)

@@ -1,11 +1,11 @@
 """Event-driven linear layer for binary spike inputs. Layers call `event_linear`; it picks the path.
 
 SPIKEDISTILL_SPARSE=auto|on|off (default auto): `auto` takes the gather-add (cpu.py) where it measured faster
-than the dense matmul on CPU (few rows, a large enough weight, a firing rate below the crossover for that row
-count: `event_plan`); `on` takes it whenever it can run (tests, benchmarks); `off` always runs the dense
-matmul (reference.py). The event path can run when the input is on CPU, fp32 or bf16 like the weight, no
-gradient is needed, the fused kernels are enabled (SPIKEDISTILL_KERNELS is not `reference`) and the input is
-binary (checked by the kernel, which falls back to dense otherwise).
+than the dense matmul on this CPU (a large enough weight, few enough rows, a firing rate below the crossover
+calibrate.py measured for that row count: `event_plan`); `on` takes it whenever it can run (tests, benchmarks);
+`off` always runs the dense matmul (reference.py). The event path can run when the input is on CPU, fp32 or bf16
+like the weight, no gradient is needed, the fused kernels are enabled (SPIKEDISTILL_KERNELS is not `reference`)
+and the input is binary (checked by the kernel, which falls back to dense otherwise).
 """
 import os
 
@@ -13,16 +13,13 @@ import torch
 
 from .._dispatch import select_backend
 from ..csrc import library
+from .calibrate import crossover
 from .cpu import EventWeight
 from .reference import event_linear_reference
 
 MODES = ("auto", "on", "off")
 EVENT_DTYPES = (torch.float32, torch.bfloat16)
-# Measured with bench/decode.py's kernel sweep (bench/README.md) on a 2-core AVX-512 CPU at 1 thread: the dense
-# GEMM gains on the gather-add as rows grow (it reuses each weight across rows) and as the firing rate rises;
-# the limits follow the large layers (heads, FFN), where the time goes.
-MIN_WEIGHTS = 1 << 17                                 # in * out below this: call overhead dominates, dense wins
-RATE_CROSSOVER = ((4, 0.7), (32, 0.4), (256, 0.2))   # (up to this many rows, take it up to this firing rate)
+MIN_WEIGHTS = 1 << 17  # in * out below this: the event call costs more than it saves, the dense matmul runs
 
 
 def sparse_mode() -> str:
@@ -34,20 +31,15 @@ def sparse_mode() -> str:
 
 
 def event_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float | None:
-    """The firing rate up to which the event path runs for this call (None: dense matmul, rate not counted)."""
+    """The firing rate up to which the event path runs for this call (None: dense matmul, rate not counted).
+
+    In `auto` mode the first call that needs it measures this CPU's crossover (calibrate.py, under a second,
+    cached on disk)."""
     mode = sparse_mode()
     if mode == "off":
         return None
-    if mode == "auto":  # cheapest tests first: this runs for every binary Linear
-        n_out, n_in = weight.shape
-        if n_in * n_out < MIN_WEIGHTS:
-            return None
-        rows = x.numel() // n_in
-        max_rate = next((rate for limit, rate in RATE_CROSSOVER if rows <= limit), None)
-        if max_rate is None:
-            return None
-    else:
-        max_rate = 1.0
+    if mode == "auto" and weight.dim() == 2 and weight.shape[0] * weight.shape[1] < MIN_WEIGHTS:
+        return None  # cheapest test first: this runs for every binary Linear
     if x.dtype not in EVENT_DTYPES or weight.dtype != x.dtype or not (x.is_cpu and weight.is_cpu):
         return None
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -56,8 +48,12 @@ def event_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return None
     choice = os.environ.get("SPIKEDISTILL_KERNELS", "auto").strip().lower()
     if choice in ("auto", "cpu", ""):  # CPU fp32/bf16 tensors: what select_backend decides, without its overhead
-        return max_rate if library() is not None else None
-    return max_rate if select_backend(x) == "cpu" else None
+        usable = library() is not None
+    else:
+        usable = select_backend(x) == "cpu"
+    if not usable:
+        return None
+    return crossover(x.numel() // weight.shape[1], weight.numel()) if mode == "auto" else 1.0
 
 
 def event_linear(
