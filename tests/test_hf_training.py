@@ -83,6 +83,19 @@ def test_the_spike_aware_head_runs_on_the_fused_path(monkeypatch):
     assert calls == [True]
 
 
+def test_fused_training_loss_is_fp32_math_inside_autocast():
+    # mixed-precision training runs the forward inside an autocast region; the fused loss keeps fp32 maths
+    model = make()
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels)
+    logits = out.head_input.detach().double() @ model.lm_head.weight.detach().double().t()
+    log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+    keep = labels[:, 1:] != -100
+    nll = -log_p.gather(-1, labels[:, 1:].clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep]
+    assert out.logits is None and float(out.loss.detach()) == pytest.approx(float(nll.mean()), rel=1e-6)
+
+
 @pytest.mark.parametrize("skip_logits", [None, False])
 def test_num_items_in_batch_divides_the_summed_loss(skip_logits):
     model = make()
