@@ -42,12 +42,17 @@ class Cpu:
             return self.mhz_max, "lscpu CPU max MHz"
         return self.mhz_now, "/proc/cpuinfo cpu MHz"
 
+    @property
+    def flops_per_cycle(self) -> int | None:
+        """fp32 flops per cycle and core at the FMA peak: FMA_UNITS x lanes x 2 (None: no FMA)."""
+        return None if self.fma_lanes is None else FMA_UNITS * self.fma_lanes * 2
+
     def fma_peak_gflops(self, cores: int = 1) -> float | None:
-        """Theoretical fp32 GFLOP/s of `cores` cores: FMA_UNITS x lanes x 2 flops x clock."""
+        """Theoretical fp32 GFLOP/s of `cores` cores: flops_per_cycle x clock."""
         mhz, _ = self.clock_mhz
-        if self.fma_lanes is None or mhz is None:
+        if self.flops_per_cycle is None or mhz is None:
             return None
-        return FMA_UNITS * self.fma_lanes * 2 * mhz * 1e-3 * cores
+        return self.flops_per_cycle * mhz * 1e-3 * cores
 
 
 def _cpuinfo() -> dict[str, str]:

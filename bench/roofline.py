@@ -148,18 +148,21 @@ def measure_vocab(spec: str, tokenizer, text: str, repeats: int) -> dict:
 
 
 def print_table(rows: list[dict], gemm_core: float, fma_core: float | None) -> None:
-    """One row per vocabulary; "per core" rates divide by process CPU seconds (the time the step's threads ran),
-    and are compared with the GEMM's rate per CPU second and with one core's FMA peak."""
-    print("| student.vocab | V | params | GFLOP/step (model) | wall s/step | CPU s/step | tokens/s | bytes/token "
-          "| kB of text/s | model GFLOP/s (wall) | executed GFLOP/s per core | of GEMM peak | of FMA peak | head rate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """One row per vocabulary. "per core" divides by process CPU seconds (the time the step's threads ran; with
+    one thread, the wall time of an idle machine) and is compared with the GEMM's GFLOP/s per CPU second at the
+    same thread count and with one core's FMA peak; "wall" divides by wall seconds."""
+    print("| student.vocab | V | params | GFLOP/step, model / executed | wall s | CPU s | tokens/s, wall / per core "
+          "| bytes/token | kB of text/s, wall / per core | GFLOP/s per core, model / executed "
+          "| executed, of GEMM / of FMA peak | head rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        per_core = r["executed_gflop"] / r["cpu"]
-        of_fma = f"{per_core / fma_core:.0%}" if fma_core else "n/a"
-        print(f"| {r['vocab']} | {r['size']:,} | {r['params'] / 1e6:.2f}M | {r['gflop']:.2f} | {r['wall']:.3f} | "
-              f"{r['cpu']:.3f} | {r['tokens_per_s']:,.0f} | {r['bytes_per_token']:.2f} | "
-              f"{r['bytes_per_s'] / 1e3:.1f} | {r['gflop'] / r['wall']:.1f} | {per_core:.1f} | "
-              f"{per_core / gemm_core:.0%} | {of_fma} | {r['head_rate']:.3f} |")  # fmt: skip
+        tokens, executed = BATCH * LENGTH, r["executed_gflop"] / r["cpu"]
+        of_fma = f"{executed / fma_core:.0%}" if fma_core else "n/a"
+        print(f"| {r['vocab']} | {r['size']:,} | {r['params'] / 1e6:.2f}M | {r['gflop']:.2f} / "
+              f"{r['executed_gflop']:.2f} | {r['wall']:.3f} | {r['cpu']:.3f} | {tokens / r['wall']:,.0f} / "
+              f"{tokens / r['cpu']:,.0f} | {r['bytes_per_token']:.2f} | {r['bytes_per_s'] / 1e3:.1f} / "
+              f"{tokens / r['cpu'] * r['bytes_per_token'] / 1e3:.1f} | {r['gflop'] / r['cpu']:.1f} / {executed:.1f} "
+              f"| {executed / gemm_core:.0%} / {of_fma} | {r['head_rate']:.3f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -174,7 +177,7 @@ def main() -> None:
     mhz, source = machine.clock_mhz
     print(describe_cpu(machine))
     print(f"torch {torch.__version__}; FMA peak assumption: 2 FMA units x {machine.fma_lanes} fp32 lanes x 2 flops "
-          f"per cycle per core at {mhz} MHz ({source})")  # fmt: skip
+          f"= {machine.flops_per_cycle} flops per cycle per core, at {mhz:.0f} MHz ({source})")  # fmt: skip
     text, toks = persuasion(), tokenizers(specs)
     print(f"study student: demo preset (4 x 128, srwkv, T = 1, spike-driven), batch {BATCH} x {LENGTH} of "
           f"Persuasion ({len(text.encode('utf-8')):,} bytes), step = forward + backward through model(ids, "
@@ -185,7 +188,10 @@ def main() -> None:
         gemm_wall, gemm_core = gemm_gflops(args.gemm_size, args.repeats)
         fma = machine.fma_peak_gflops(1)
         rows = [measure_vocab(spec, toks[spec], text, args.repeats) for spec in specs]
-        fma_text = f"{fma:.1f} GFLOP/s per core ({fma * n_threads:.1f} for {n_threads})" if fma else "unknown"
+        fma_text = "unknown"
+        if fma:
+            fma_text = (f"{fma:.1f} GFLOP/s per core ({fma * n_threads:.1f} for {n_threads}); the GEMM's rate per "
+                        f"core is that peak at {gemm_core / machine.flops_per_cycle:.2f} GHz")  # fmt: skip
         print(f"\n## {n_threads} thread(s): fp32 GEMM {args.gemm_size}^3 measured {gemm_wall:.1f} GFLOP/s (wall), "
               f"{gemm_core:.1f} per core (CPU time); theoretical FMA peak {fma_text}; load average {load:.1f} at "
               f"the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip

@@ -13,13 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the real check")
-
-
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the real check")
 def test_make_gpu_check_without_cuda_says_skipped_and_exits_0(tmp_path):
     proc = subprocess.run(["make", "-s", "gpu-check", f"PY={sys.executable}", f"OUT={tmp_path / 'out'}"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
