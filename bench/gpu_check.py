@@ -37,6 +37,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill-kernels", choices=("auto", "triton", "cpu", "reference"),
                         help="SPIKEDISTILL_KERNELS of the distill runs (the rehearsal: triton, interpreted; slow)")
     parser.add_argument("--hide-packages", default="", help="comma-separated packages to make unimportable")
+    parser.add_argument("--work", help="folder for the tiny teacher, its cache and the runs (default: a new "
+                        "temporary folder)")
     parser.add_argument("--subprocess-timeout", type=int, default=300, help="seconds per pipeline run")
     return parser.parse_args(argv)
 
@@ -107,7 +110,9 @@ class Check:
         self.args, self.hidden = args, hidden
         self.device = torch.device(args.device)
         self.out = Path(args.out).resolve()
-        self.work = self.out / "work"
+        self.out.mkdir(parents=True, exist_ok=True)
+        # the teacher, its cache and the runs' checkpoints stay out of OUT (which a GPU lender copies back)
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.steps = args.steps or (3 if args.quick else 50)
         self.results: dict[str, dict] = {}
@@ -133,7 +138,8 @@ class Check:
               + (f": {result['error']}" if "error" in result else ""), flush=True)  # fmt: skip
 
     def finish(self) -> int:
-        report = {"device": describe_device(self.device), "quick": self.args.quick, "sections": self.results}
+        report = {"device": describe_device(self.device), "quick": self.args.quick, "work": str(self.work),
+                  "sections": self.results}
         (self.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
         (self.out / "gpu_check.md").write_text(markdown(report))
         failed = [n for n, r in self.results.items() if r["status"] == "failed"]
@@ -224,7 +230,7 @@ class Check:
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False,
                               timeout=self.args.subprocess_timeout)  # fmt: skip
-        (self.work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        (self.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         summary = gpu_cases.distill_summary(run_dir)
         summary.update(command=" ".join(cmd), returncode=proc.returncode, wall_seconds=time.perf_counter() - start)
         done = summary.get("steps") == self.steps and summary.get("finite")

@@ -30,7 +30,8 @@ def test_make_gpu_check_without_cuda_says_skipped_and_exits_0(tmp_path):
 @pytest.mark.slow
 def test_cpu_rehearsal_runs_every_section_but_the_gpu(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.gpu_check", str(out), "--device", "cpu", "--triton-interpret", "--quick",
+    cmd = [sys.executable, "-m", "bench.gpu_check", str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
+           "--triton-interpret", "--quick",
            "--sections", "environment,parity,timing,distill,deepspeed", "--hide-packages",
            "datasets,lm_eval,deepspeed"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
@@ -46,7 +47,8 @@ def test_cpu_rehearsal_runs_every_section_but_the_gpu(tmp_path):
     assert {dtype for _, dtype in cases} == {"float32", "bfloat16"}
     distill = sections["distill"]["data"]
     assert distill["steps"] == 3 and distill["finite"] and "mixed_precision=bf16" in distill["command"]
-    assert "| parity case |" in (out / "gpu_check.md").read_text()
+    assert "| parity case |" in (out / "gpu_check.md").read_text() and (out / "bf16.log").is_file()
+    assert not (out / "work").exists() and (tmp_path / "work" / "teacher" / "config.json").is_file()
 
 
 @pytest.mark.slow
@@ -61,8 +63,9 @@ def test_a_broken_kernel_fails_the_parity_and_the_exit_code(tmp_path):
     )
     out = tmp_path / "out"
     env = {**_env(), "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(out), "--device", "cpu", "--quick", "--sections",
-                           "parity"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script, str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
+                           "--quick", "--sections", "parity"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
     report = json.loads((out / "gpu_check.json").read_text())
     failed = {c["case"] for c in report["sections"]["parity"]["data"]["cases"] if not c["ok"]}
     # exactly the cases that run the LIF kernel: itself and the fused producers composed with it on CUDA
