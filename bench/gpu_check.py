@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated sections to run")
     parser.add_argument("--distill-kernels", choices=("auto", "triton", "cpu", "reference"),
                         help="SPIKEDISTILL_KERNELS of the distill runs (the rehearsal: triton, interpreted; slow)")
+    parser.add_argument("--cases", default="", help="comma-separated parity cases to run (default: all)")
     parser.add_argument("--hide-packages", default="", help="comma-separated packages to make unimportable")
     parser.add_argument("--work", help="folder for the tiny teacher, its cache and the runs (default: a new "
                         "temporary folder)")
@@ -172,7 +173,10 @@ class Check:
 
         rows = []
         with gpu_cases.triton_backend():
+            wanted = {c.strip() for c in self.args.cases.split(",") if c.strip()}
             for case in gpu_cases.parity_cases(quick=self.args.quick):
+                if wanted and case.name not in wanted:
+                    continue
                 for dtype in case.dtypes:
                     rows.append(self._parity_case(case, dtype))
                     print(f"  {rows[-1]['case']} {rows[-1]['dtype']}: {'ok' if rows[-1]['ok'] else 'FAILED'}",

@@ -64,12 +64,13 @@ def test_a_broken_kernel_fails_the_parity_and_the_exit_code(tmp_path):
     out = tmp_path / "out"
     env = {**_env(), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", script, str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
-                           "--quick", "--sections", "parity"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
+                           "--quick", "--sections", "parity", "--cases", "lif,relu_square_lif,wkv"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     report = json.loads((out / "gpu_check.json").read_text())
-    failed = {c["case"] for c in report["sections"]["parity"]["data"]["cases"] if not c["ok"]}
-    # exactly the cases that run the LIF kernel: itself and the fused producers composed with it on CUDA
-    assert failed == {"lif", "lif soft reset", "sigmoid_gate_lif", "relu_square_lif", "token_shift_lif"}, failed
+    ok = {(c["case"], c["dtype"]): c["ok"] for c in report["sections"]["parity"]["data"]["cases"]}
+    # the cases that run the LIF kernel fail (itself, and a fused producer composed with it on CUDA); WKV passes
+    assert ok == {(case, dtype): case == "wkv" for case in ("lif", "relu_square_lif", "wkv")
+                  for dtype in ("float32", "bfloat16")}, ok  # fmt: skip
     assert proc.returncode == 1
 
 
