@@ -1,5 +1,6 @@
 """GPU check: the Triton kernels compiled, checked against their references and timed, then short bf16 distill
-runs from cached teacher targets, on one CUDA GPU in a few minutes. Results: one JSON and a markdown table.
+runs from cached teacher targets, on one CUDA GPU (sized for under 8 minutes on an H100; not yet run on one).
+Results: one JSON and a markdown table.
 
     make gpu-check [OUT=DIR]                        # python3 -m bench.gpu_check [OUT_DIR]
     python3 -m bench.gpu_check OUT_DIR --device cpu --triton-interpret --quick   # the rehearsal on a CPU
