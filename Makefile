@@ -12,7 +12,7 @@ LOCK := requirements/lock.txt
 PIP_QUIET ?= --quiet --disable-pip-version-check
 VENV_LATEST ?= .venv-latest
 
-.PHONY: venv test test-latest lock demo distill eval bench leaderboard study faults lint clean
+.PHONY: venv test test-latest lock demo distill eval bench leaderboard study faults lint clean gpu-check gpu-wheels
 
 # Everything a venv holds comes from requirements/lock.txt: exact versions with sha256 hashes, torch included,
 # installed without dependency resolution, so an upstream release cannot change what a fresh clone gets.
@@ -91,6 +91,16 @@ bench: venv
 	$(PY) -m bench.teacher
 	$(PY) -m bench.kd
 	$(PY) -m bench.kd_cache
+
+# The GPU check (bench/README.md "gpu_check.py"): runs on a CUDA machine with the interpreter it finds there
+# (python3, or PY=...), never building .venv; OUT=DIR (default $$OUT, else bench/gpu_check_out). Without CUDA it
+# says so and exits 0. gpu-wheels prepares .whl/ here: the wheels that machine lacks, at the lock's versions.
+GPU_CHECK_PY := $(if $(filter command line environment,$(origin PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) -m bench.gpu_check $(OUT)
+
+gpu-wheels: venv
+	$(PY) -m bench.gpu_wheels
 
 # Fault injection, bad input and safety (docs/reliability.md): exactly the tests marked `faults`.
 faults: venv

@@ -1,12 +1,14 @@
 """Fused spike kernels against their references and against what a user would otherwise pick, in one run.
 
-    .venv/bin/python bench/kernels.py [--threads 1,2] [--repeats 3] [--skip-step] [--skip-kd]
+    .venv/bin/python bench/kernels.py [--threads 1,2] [--repeats 3] [--skip-step] [--skip-kd] [--device cuda]
 
 For each thread count: fwd+bwd time of the LIF scan, WKV, SFSA and sfsa_linear (reference vs the backend the
 dispatch picks on this device), spikingjelly's multi-step LIFNode (torch backend; optional, bench-only) and
-transformers' RWKV CPU WKV; the fused head+KD loss (time and peak RSS, each variant in its own subprocess);
-and a full distill step (student forward + head/KD/CE loss + backward) with SPIKEDISTILL_KERNELS=reference
-+ chunked losses vs auto + fused loss. Times are medians of --repeats runs after one warm-up.
+transformers' RWKV CPU WKV; the fused head+KD loss (time and peak RSS, each variant in its own subprocess;
+CPU only); and a full distill step (student forward + head/KD/CE loss + backward) with
+SPIKEDISTILL_KERNELS=reference + chunked losses vs auto + fused loss. Times are medians of --repeats runs after
+two warm-ups. --device cuda (the default where CUDA is available) puts the tensors on the GPU, so "auto" is the
+Triton kernels; CUDA work is synchronised before each clock reading.
 """
 from __future__ import annotations
 
@@ -32,22 +34,31 @@ WKV_SHAPE = (8, 512, 512)  # B, L, C
 SFSA_SHAPE = (8, 4, 512, 64)  # B, H, L, D (d_model 256)
 KD_SHAPE = (2048, 512, 49152)  # N tokens, C, V
 STEP_SHAPE = (2, 256)  # B, L of the distill step (vocab 49,152, d_model 256, 4 layers)
+OP_SHAPES = {"lif": LIF_SHAPE, "wkv": WKV_SHAPE, "sfsa": SFSA_SHAPE}
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
+def median_time(fn, repeats: int, warmup: int = 2, device: str = "cpu") -> float:
     """Median wall seconds of fn() over `repeats` calls, after `warmup` untimed calls.
 
     Two warm-up calls, not one: the first few calls of a path that allocates fresh multi-MB buffers pay page
     faults while the allocator's heap grows (measured: a 5 ms LIF fwd+bwd times at ~10 ms on its second call).
+    On CUDA (`device`) the queued work is waited for before each clock reading.
     """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _fwd_bwd(fn, inputs):
@@ -63,40 +74,48 @@ def _fwd_bwd(fn, inputs):
     return run
 
 
-def bench_ops(repeats: int) -> list[tuple[str, str, float]]:
-    """[(op, implementation, seconds)] for the spike ops at the demo shapes."""
+def bench_ops(repeats: int, device: str = "cpu", shapes: dict | None = None) -> list[tuple[str, str, float]]:
+    """[(op, implementation, seconds)] for the spike ops, tensors on `device`, at `shapes` (default OP_SHAPES:
+    {"lif": (B, S, N), "wkv": (B, L, C), "sfsa": (B, H, L, D)})."""
+    shapes = shapes or OP_SHAPES
     from students.ops import lif_scan, sfsa, sfsa_linear, wkv
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(LIF_SHAPE, generator=gen) + 0.8).requires_grad_()
+
+    def leaf(t):
+        return t.to(device).requires_grad_()
+
+    def timed(fn, inputs):
+        return median_time(_fwd_bwd(fn, inputs), repeats, device=device)
+
+    x = leaf(torch.randn(shapes["lif"], generator=gen) + 0.8)
     fast = select_backend(x)
-    rows.append(("lif", "reference", median_time(_fwd_bwd(lif_scan_reference, [x]), repeats)))
-    rows.append(("lif", fast, median_time(_fwd_bwd(lif_scan, [x]), repeats)))
+    rows.append(("lif", "reference", timed(lif_scan_reference, [x])))
+    rows.append(("lif", fast, timed(lif_scan, [x])))
     sj = _spikingjelly_lif()
     if sj is not None:
-        x_tm = x.detach().transpose(0, 1).contiguous().requires_grad_()  # spikingjelly is time-major
-        rows.append(("lif", "spikingjelly", median_time(_fwd_bwd(sj, [x_tm]), repeats)))
+        x_tm = leaf(x.detach().transpose(0, 1).contiguous())  # spikingjelly is time-major
+        rows.append(("lif", "spikingjelly", timed(sj, [x_tm])))
 
-    B, L, C = WKV_SHAPE
-    td, tf = torch.randn(C, generator=gen).requires_grad_(), torch.randn(C, generator=gen).requires_grad_()
-    k, v = (torch.randn(B, L, C, generator=gen).requires_grad_() for _ in range(2))
-    rows.append(("wkv", "reference", median_time(_fwd_bwd(wkv_reference, [td, tf, k, v]), repeats)))
-    rows.append(("wkv", fast, median_time(_fwd_bwd(wkv, [td, tf, k, v]), repeats)))
+    B, L, C = shapes["wkv"]
+    td, tf = leaf(torch.randn(C, generator=gen)), leaf(torch.randn(C, generator=gen))
+    k, v = (leaf(torch.randn(B, L, C, generator=gen)) for _ in range(2))
+    rows.append(("wkv", "reference", timed(wkv_reference, [td, tf, k, v])))
+    rows.append(("wkv", fast, timed(wkv, [td, tf, k, v])))
     hf = _hf_rwkv_wkv()
     if hf is not None:
-        rows.append(("wkv", "transformers-rwkv", median_time(_fwd_bwd(hf, [td, tf, k, v]), repeats)))
+        rows.append(("wkv", "transformers-rwkv", timed(hf, [td, tf, k, v])))
 
-    q, kk, vv = ((torch.rand(SFSA_SHAPE, generator=gen) < 0.2).float().requires_grad_() for _ in range(3))
+    q, kk, vv = (leaf((torch.rand(shapes["sfsa"], generator=gen) < 0.2).float()) for _ in range(3))
 
     def attn(ref):
         return lambda a, b, c: (sfsa_reference if ref else sfsa)(a, b, c, 4.0)
 
-    rows.append(("sfsa", "reference", median_time(_fwd_bwd(attn(True), [q, kk, vv]), repeats)))
-    rows.append(("sfsa", fast, median_time(_fwd_bwd(attn(False), [q, kk, vv]), repeats)))
-    rows.append(("sfsa_linear", "reference",
-                 median_time(_fwd_bwd(sfsa_linear_reference, [q, kk, vv]), repeats)))  # fmt: skip
-    rows.append(("sfsa_linear", fast, median_time(_fwd_bwd(sfsa_linear, [q, kk, vv]), repeats)))
+    rows.append(("sfsa", "reference", timed(attn(True), [q, kk, vv])))
+    rows.append(("sfsa", fast, timed(attn(False), [q, kk, vv])))
+    rows.append(("sfsa_linear", "reference", timed(sfsa_linear_reference, [q, kk, vv])))
+    rows.append(("sfsa_linear", fast, timed(sfsa_linear, [q, kk, vv])))
     return rows
 
 
@@ -187,7 +206,7 @@ def bench_kd(threads: int) -> dict[str, dict]:
     return results
 
 
-def bench_step(repeats: int) -> list[tuple[str, str, float]]:
+def bench_step(repeats: int, device: str = "cpu") -> list[tuple[str, str, float]]:
     """Tokens/s of one distill step per mixer: reference kernels + chunked loss vs auto kernels + fused loss."""
     from pipeline.fused_kd import fused_head_kd_loss
     from pipeline.losses import chunked_logit_losses
@@ -197,10 +216,10 @@ def bench_step(repeats: int) -> list[tuple[str, str, float]]:
     rows = []
     for mixer in ("srwkv", "sfsa"):
         cfg = SpikeGPTConfig.from_preset("demo", vocab_size=49152, d_model=256, token_mixer=mixer)
-        model = SpikeGPTForCausalLM(cfg)
+        model = SpikeGPTForCausalLM(cfg).to(device)
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 49152, (B, L), generator=gen)
-        labels, teacher = ids.roll(-1, 1).reshape(-1), torch.randn(B * L, 49152, generator=gen)
+        ids = torch.randint(0, 49152, (B, L), generator=gen).to(device)
+        labels, teacher = ids.roll(-1, 1).reshape(-1), torch.randn(B * L, 49152, generator=gen).to(device)
 
         def step(fused, model=model, ids=ids, labels=labels, teacher=teacher):
             model.zero_grad(set_to_none=True)
@@ -213,7 +232,7 @@ def bench_step(repeats: int) -> list[tuple[str, str, float]]:
 
         for backend, fused in (("reference", False), ("auto", True)):
             os.environ["SPIKEDISTILL_KERNELS"] = backend
-            seconds = median_time(lambda f=fused: step(f), repeats, warmup=1)
+            seconds = median_time(lambda f=fused: step(f), repeats, warmup=1, device=device)
             rows.append((f"step {mixer}", backend, B * L / seconds))
         os.environ.pop("SPIKEDISTILL_KERNELS")
     return rows
@@ -225,13 +244,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-kd", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the tensors live (default: cuda when available)")
     parser.add_argument("--kd-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kd_child:
         print(json.dumps(kd_child(args.kd_child, int(args.threads))))
         return
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, no GPU" if not torch.cuda.is_available()
-          else f"torch {torch.__version__}, {torch.cuda.get_device_name()}")  # fmt: skip
+    cuda = torch.device(args.device).type == "cuda"
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}" if cuda
+          else f"torch {torch.__version__}, {os.cpu_count()} CPUs, no GPU")  # fmt: skip
     print(f"shapes: lif {LIF_SHAPE} [B,S,N]; wkv {WKV_SHAPE} [B,L,C]; sfsa {SFSA_SHAPE} [B,H,L,D] binary p=0.2; "
           f"kd {KD_SHAPE} [N,C,V]; step {STEP_SHAPE} [B,L] d_model 256 4 layers V 49152")  # fmt: skip
     for threads in (int(t) for t in args.threads.split(",")):
@@ -239,11 +261,11 @@ def main() -> None:
         print(f"\n## {threads} thread(s), median of {args.repeats}")
         print(f"| {'what':<14} | {'implementation':<18} | {'fwd+bwd ms':>11} | {'speed-up vs reference':>21} |")
         print(f"|{'-' * 16}|{'-' * 20}|{'-' * 13}|{'-' * 23}|")
-        ops = bench_ops(args.repeats)
+        ops = bench_ops(args.repeats, args.device)
         ref = {op: s for op, impl, s in ops if impl == "reference"}
         for op, impl, s in ops:
             print(f"| {op:<14} | {impl:<18} | {s * 1e3:>11.1f} | {ref[op] / s:>20.2f}x |")
-        if not args.skip_kd:
+        if not args.skip_kd and not cuda:  # peak RSS of CPU runs
             kd = bench_kd(threads)
             naive = kd["naive"]
             print(f"\n| fused KD loss {KD_SHAPE} | seconds | time vs naive | peak RSS MB | memory vs naive |")
@@ -252,7 +274,7 @@ def main() -> None:
                 print(f"| {mode} | {r['seconds']:.2f} | {naive['seconds'] / r['seconds']:.2f}x faster | "
                       f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / naive['peak_rss_mb']:.2f} |")  # fmt: skip
         if not args.skip_step:
-            steps = bench_step(max(1, args.repeats - 2))
+            steps = bench_step(max(1, args.repeats - 2), args.device)
             print(f"\n| distill step {STEP_SHAPE} | kernels | tokens/s | speed-up |")
             print("|---|---|---|---|")
             base = {name: tps for name, impl, tps in steps if impl == "reference"}

@@ -1,15 +1,19 @@
 """Training step of the spiking student against an HF Llama of equal size, side by side in one process.
 
-    .venv/bin/python -m bench.train_step [--threads 1,2] [--pairs 5] [--profile] [--sweep-rate]
+    .venv/bin/python -m bench.train_step [--threads 1,2] [--pairs 5] [--profile] [--sweep-rate] [--rows ...]
 
 Models: random-init fp32 SpikeGPT student (srwkv, spike-driven, T = 1) and HF LlamaForCausalLM, both vocab
-49,152, width 256, 4 layers, FFN 1024, 4 heads. The same batch (4 x 512 random token ids, seed 0) and the same
-loss for every row: mean next-token cross-entropy over the 4 x 511 predicted positions (labels = input ids,
-shifted inside, last position ignored). One step = zero_grad + forward + loss + backward; no optimizer step for
-any model. Rows:
-  student (train path)  model(ids, skip_logits=True), then students.ops.linear_cross_entropy on head_input
-                        (fused head + CE; spike-aware head matmuls when head_input is binary)
-  student (HF path)     model(ids, labels=ids): full logits + F.cross_entropy (the path before this bench)
+49,152, width 256, 4 layers, FFN 1024, 4 heads, in training mode. The same batch (4 x 512 random token ids,
+seed 0) and the same loss for every row: mean next-token cross-entropy over the 4 x 511 predicted positions
+(labels = input ids, shifted inside, last position ignored). One step = zero_grad + forward + loss + backward;
+no optimizer step for any model. Rows:
+  student (HF-style)    model(ids, labels=ids): in training mode the model's loss goes through the fused head + CE
+                        (students.ops.linear_cross_entropy; spike-aware head matmuls when head_input is binary)
+                        and returns no logits; what transformers' Trainer and most users run
+  student (train path)  model(ids, skip_logits=True), then the same linear_cross_entropy on head_input, called
+                        by hand (how the pipeline's distill stage calls its fused loss)
+  student (logits)      model(ids, labels=ids, skip_logits=False): full logits + F.cross_entropy (the
+                        HF-style path before the fused one)
   Llama (HF path)       model(ids, labels=ids): HF's own loss, what a user of transformers trains with
   Llama + fused CE      model.model(ids) then the same linear_cross_entropy (dense: its input is not binary)
 Steps are paired: each pair times every row once (order rotated per pair); the ratio is the median over pairs
@@ -30,11 +34,13 @@ from contextlib import contextmanager
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.machine import describe_cpu
 from students import SpikeGPTConfig, SpikeGPTForCausalLM
 from students.ops import linear_cross_entropy
 
 VOCAB, WIDTH, LAYERS, FFN, HEADS = 49152, 256, 4, 1024, 4
 BATCH, LENGTH = 4, 512
+ROWS = ("student (HF-style)", "student (train path)", "student (logits)", "Llama (HF path)", "Llama + fused CE")
 
 
 def student() -> SpikeGPTForCausalLM:
@@ -61,6 +67,10 @@ def student_train_loss(model: SpikeGPTForCausalLM, ids: torch.Tensor) -> torch.T
 
 def hf_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, labels=ids).loss
+
+
+def student_logits_loss(model: SpikeGPTForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, labels=ids, skip_logits=False).loss
 
 
 def llama_fused_loss(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -190,18 +200,28 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5, help="paired steps per thread count (>= 5)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per model")
     parser.add_argument("--sweep-rate", action="store_true", help="head + CE time against the head input rate")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows to time (Llama (HF path), the baseline, always runs): {ROWS}")
+    parser.add_argument("--skip-split", action="store_true", help="skip the body / head split")
     args = parser.parse_args()
     torch.manual_seed(0)
-    spiking, hf = student(), llama()
+    spiking, hf = student().train(), llama().train()
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
-    rows = {
+    every = {
+        "student (HF-style)": (spiking, hf_loss),
         "student (train path)": (spiking, student_train_loss),
-        "student (HF path)": (spiking, hf_loss),
+        "student (logits)": (spiking, student_logits_loss),
         "Llama (HF path)": (hf, hf_loss),
         "Llama + fused CE": (hf, llama_fused_loss),
     }
+    wanted = {name.strip() for name in args.rows.split(",")} | {"Llama (HF path)"}
+    unknown = wanted - set(every)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)}; choose among {ROWS}")
+    rows = {name: row for name, row in every.items() if name in wanted}
     losses = {name: step(model, fn, ids) for name, (model, fn) in rows.items()}
     rate = spiking.spike_rates()["head_neuron"]
+    print(describe_cpu())
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; fp32; vocab {VOCAB}, width {WIDTH}, {LAYERS} layers, "
           f"FFN {FFN}; batch {BATCH} x {LENGTH}; loss: mean next-token CE over {BATCH} x {LENGTH - 1} positions; "
           "step = zero_grad + forward + loss + backward, no optimizer step for any model")
@@ -210,10 +230,11 @@ def main() -> None:
     tokens = BATCH * LENGTH
     for n_threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(n_threads)
+        load = os.getloadavg()[0]
         times = paired_steps(rows, ids, args.pairs)
         base = times["Llama (HF path)"]
-        load = os.getloadavg()[0]
-        print(f"\n## {n_threads} thread(s), {args.pairs} paired steps (medians); load average {load:.1f} at the start")
+        print(f"\n## {n_threads} thread(s), {args.pairs} paired steps (medians); load average {load:.1f} at the "
+              f"start, {os.getloadavg()[0]:.1f} at the end")
         print("| row | wall s/step | tokens/s | vs Llama (HF), wall | CPU s/step | vs Llama (HF), CPU |")
         print("|---|---|---|---|---|---|")
         for name, runs in times.items():
@@ -224,15 +245,16 @@ def main() -> None:
             lo, hi = min(b[0] / r[0] for b, r in zip(base, runs)), max(b[0] / r[0] for b, r in zip(base, runs))
             print(f"| {name} | {wall:.3f} | {tokens / wall:.0f} | {ratio_wall:.2f}x ({lo:.2f}-{hi:.2f}) | {cpu:.3f} "
                   f"| {ratio_cpu:.2f}x |")  # fmt: skip
-        print("\n| model | part | wall s | CPU s |")
-        print("|---|---|---|---|")
-        for label, model in (("student", spiking), ("Llama", hf)):
-            for part, (wall, cpu) in body_and_head(model, ids, 3).items():
-                print(f"| {label} | {part} | {wall:.3f} | {cpu:.3f} |")
+        if not args.skip_split:
+            print("\n| model | part | wall s | CPU s |")
+            print("|---|---|---|---|")
+            for label, model in (("student", spiking), ("Llama", hf)):
+                for part, (wall, cpu) in body_and_head(model, ids, 3).items():
+                    print(f"| {label} | {part} | {wall:.3f} | {cpu:.3f} |")
         if args.profile:
-            for name in ("student (train path)", "Llama (HF path)"):
+            for name in ("student (HF-style)", "Llama (HF path)"):
                 print(f"\n### torch.profiler, one step of {name}, {n_threads} thread(s)")
-                print(profile_table(*rows[name], ids))
+                print(profile_table(*every[name], ids))
         if args.sweep_rate:
             print(f"\n### head + CE fwd+bwd against the head input firing rate, {n_threads} thread(s)")
             sweep_rate(args.pairs)

@@ -10,6 +10,7 @@ weight; the backward recomputes each chunk's logits and writes the closed-form g
             P_b the tempered student's mass in bucket b(j) of token j, the k ids and one tail bucket, e_b = dD/du_b
             for bucket logits u with P = softmax(u); an id's share p_j / P_b is 1, a tail token's p_j / P_tail)
 straight into grad_input and grad_weight. Peak memory is a few [chunk, V] buffers instead of a dozen [N, V].
+The maths are fp32 whatever the input dtype, also inside an autocast region (mixed-precision training).
 A callable teacher is called once per chunk in the forward and once more in the backward. On CPU each chunk's
 rows go through the C row kernels (students/ops/csrc/spike_ops.cpp: kd_dense_rows, and kd_sparse_rows for
 cached top-k targets, which sums the tail bucket in the same pass as CE's softmax); elsewhere
@@ -72,7 +73,9 @@ def fused_head_kd_loss(
     if is_sparse(target):
         _check_sparse(target, head_input.shape[0], vocab)
     opts = _Opts(kind, float(temperature), int(chunk_size), float(jsd_beta), loss_weights)
-    kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
+    # fp32 maths under mixed precision too: autocast would run the chunks' head matmuls in bf16 / fp16
+    with torch.autocast(head_input.device.type, enabled=False):
+        kd_sum, ce_sum = _FusedHeadKD.apply(head_input, head_weight, labels, target, opts)
     return {"kd_sum": kd_sum, "ce_sum": ce_sum, "n_tokens": (labels != IGNORE_INDEX).sum()}
 
 

@@ -65,10 +65,15 @@ class SpikeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
         if self.track_rate:
-            self._rate = x.detach().mean()
+            self.record_rate(x)
         if self.binary_input:
             return event_linear(x, self.weight, self.bias, self._event_weight)
         return super().forward(x)
+
+    def record_rate(self, x: torch.Tensor) -> None:
+        """Record x [..., in] as this layer's input (`input_rate`), for a caller that applies the weight itself
+        (the model's fused LM head + cross-entropy)."""
+        self._rate = x.detach().mean()
 
     @property
     def input_rate(self) -> float | None:

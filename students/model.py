@@ -14,9 +14,11 @@ from transformers import initialization as init
 from .config import SpikeGPTConfig, StudentError
 from .layers import LIF, SpikeGPTBlock, SpikeLinear, SpikingRWKV, SpikingSelfAttention, TokenShift
 from .opcount import count_ops
-from .ops import fused_decoder, spike
+from .ops import fused_decoder, linear_cross_entropy, spike
 from .outputs import CACHE_FIELD, SpikeGPTCausalLMOutput, cache_kwargs, one_cache, state_of
 from .state import SpikeGPTState
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (transformers' and PyTorch's convention)
 
 
 class SpikeGPTPreTrainedModel(PreTrainedModel):
@@ -194,23 +196,36 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = False,
         cache: SpikeGPTState | None = None,
         use_cache: bool | None = False,
-        skip_logits: bool = False,
+        skip_logits: bool | None = None,
         logits_to_keep: int = 0,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = True,
         past_key_values: SpikeGPTState | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> SpikeGPTCausalLMOutput:
         """input_ids [B, L] -> SpikeGPTCausalLMOutput.
 
-        labels [B, L]: shifted cross-entropy (labels = input_ids), mean over tokens, -100 ignored.
+        labels [B, L]: the next-token cross-entropy (HF convention: labels = input_ids, shifted inside, so
+            position t is scored against labels[:, t+1]; -100 ignored), the mean over the scored positions, or
+            their sum / num_items_in_batch when that is given (transformers' Trainer passes the count of the
+            whole accumulated batch, so gradient accumulation equals one large batch).
+        skip_logits: whether to skip the [B, L, V] logits (Liger-Kernel's convention). None (default): skip them
+            exactly when the model is in training mode and labels are given. True: logits=None; with labels the
+            loss goes through the fused LM head + cross-entropy (`ops.linear_cross_entropy`: rows in chunks,
+            the spike-aware head matmuls when the head input is binary), which never holds the logits; without
+            labels only `head_input` is returned, for a caller that applies `lm_head` itself. False: the
+            logits are computed (and the loss from them), as eval mode and generation do.
         cache: a SpikeGPTState from an earlier call with use_cache=True; the call continues it and updates it in
             place. `past_key_values` is accepted as its older name (transformers < 5.24); passing both raises.
-        skip_logits: return logits=None (and no loss) so a caller can apply `lm_head` to `head_input` in chunks.
         logits_to_keep: > 0 computes logits for the last that many tokens only (generation).
+        Raises StudentError for labels that are not [B, L] token ids in [0, V) or -100, labels together with
+        logits_to_keep > 0, padding in attention_mask, or a context beyond config.max_position.
         """
         past = one_cache(cache, past_key_values)
-        self._check_call(input_ids, labels, skip_logits or logits_to_keep > 0, past, attention_mask)
+        self._check_call(input_ids, labels, logits_to_keep, past, attention_mask)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
         steps, batch, length = self.config.time_steps, *input_ids.shape
         if self._fused is not None and past is not None and length == 1 and labels is None and not skip_logits \
                 and not (output_hidden_states or output_attentions or torch.is_grad_enabled()):
@@ -243,7 +258,9 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         if not skip_logits:
             logits = self.lm_head(head_input[:, -logits_to_keep:] if logits_to_keep else head_input)
             if labels is not None:
-                loss = shifted_cross_entropy(logits, labels)
+                loss = shifted_cross_entropy(logits, labels, num_items_in_batch)
+        elif labels is not None:
+            loss = self._fused_loss(head_input, labels, num_items_in_batch)
         return SpikeGPTCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -263,13 +280,21 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
         logits, head_input = result
         return SpikeGPTCausalLMOutput(logits=logits, head_input=head_input, **{CACHE_FIELD: state if use_cache else None})
 
-    def _check_call(self, input_ids, labels, skip_logits, state, attention_mask) -> None:
+    def _fused_loss(self, head_input: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """shifted_cross_entropy of the logits head_input [B, L, C] @ lm_head.weight^T, without holding them."""
+        if self.lm_head.track_rate:
+            self.lm_head.record_rate(head_input)
+        x = head_input.reshape(-1, head_input.shape[-1])
+        targets = next_token_targets(labels).reshape(-1)
+        if num_items_in_batch is None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
+        return linear_cross_entropy(x, self.lm_head.weight, targets, reduction="sum") / _on(num_items_in_batch, x)
+
+    def _check_call(self, input_ids, labels, logits_to_keep, state, attention_mask) -> None:
         if input_ids.dim() != 2:
             raise StudentError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if labels is not None and skip_logits:
-            raise StudentError(
-                "labels with skip_logits=True or logits_to_keep > 0: compute the loss from head_input, or drop them"
-            )
+        if labels is not None:
+            self._check_labels(input_ids, labels, logits_to_keep)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise StudentError("attention_mask has padding: the student is recurrent; pass unpadded sequences")
         rows = state.batch_size if state is not None else -1
@@ -285,6 +310,20 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             raise StudentError(
                 f"context {seen + input_ids.shape[1]} exceeds config.max_position={limit}; "
                 "raise max_position or shorten the input"
+            )
+
+    def _check_labels(self, input_ids, labels, logits_to_keep) -> None:
+        if logits_to_keep > 0:
+            raise StudentError("labels with logits_to_keep > 0: the loss needs every position's logits; drop one")
+        if labels.shape != input_ids.shape:
+            raise StudentError(
+                f"labels must be [B, L] like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+            )
+        vocab = self.config.vocab_size
+        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()):
+            raise StudentError(
+                f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored); check that the tokenizer "
+                "matches the model's vocab_size"
             )
 
     def spike_rates(self) -> dict[str, float]:
@@ -416,8 +455,24 @@ class SpikeGPTForCausalLM(SpikeGPTPreTrainedModel, GenerationMixin):
             yield
 
 
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits [B, L, V] at position t predict labels [B, L] at t+1; -100 ignored."""
-    # Shift the labels, not the logits: slicing [B, L, V] would copy it forward and backward.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, L] -> targets [B, L]: position t is scored against labels[:, t+1]; the last position is -100.
+
+    Shifting the labels, not the logits, spares a copy of [B, L, V] forward and backward."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of logits [B, L, V] against labels [B, L] (see `next_token_targets`; -100
+    ignored): the mean over scored positions, or their sum / num_items_in_batch when that is given."""
+    flat, targets = logits.reshape(-1, logits.shape[-1]).float(), next_token_targets(labels).reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX)
+    summed = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / _on(num_items_in_batch, summed)
+
+
+def _on(count: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor | int:
+    """num_items_in_batch on the device of `like` (Trainer may hand it over on another device)."""
+    return count.to(like.device) if torch.is_tensor(count) else count

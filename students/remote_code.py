@@ -29,6 +29,7 @@ SOURCES: dict[str, str] = {
     "spikegpt_sfsa_reference": "ops/sfsa/reference.py",
     "spikegpt_fused_lif_reference": "ops/fused_lif/reference.py",
     "spikegpt_event_linear_reference": "ops/event_linear/reference.py",
+    "spikegpt_linear_ce_reference": "ops/linear_ce/reference.py",
 }
 
 # (source file, relative module as written there) -> exported module
@@ -59,6 +60,7 @@ from .spikegpt_event_linear_reference import event_linear_reference
 from .spikegpt_fused_lif_reference import relu_square_lif_reference, sigmoid_gate_lif_reference
 from .spikegpt_fused_lif_reference import token_shift_lif_reference
 from .spikegpt_lif_reference import lif_scan_reference
+from .spikegpt_linear_ce_reference import linear_cross_entropy_reference
 from .spikegpt_sfsa_reference import sfsa_linear_reference, sfsa_reference
 from .spikegpt_surrogate import spike
 from .spikegpt_wkv_reference import wkv_reference
@@ -69,6 +71,7 @@ try:
         event_linear,
         fused_decoder,
         lif_scan,
+        linear_cross_entropy,
         relu_square_lif,
         sfsa,
         sfsa_linear,
@@ -95,8 +98,13 @@ except ImportError:  # spikedistill is not installed here
         """None: the fused decode step needs spikedistill's CPU kernels; decode runs the module path."""
         return None
 
-__all__ = ["FAST_KERNELS", "EventWeight", "event_linear", "fused_decoder", "lif_scan", "relu_square_lif", "sfsa",
-           "sfsa_linear", "sigmoid_gate_lif", "spike", "token_shift_lif", "wkv"]
+    def linear_cross_entropy(x, weight, labels, reduction="mean", chunk_size=256):
+        """The training loss through the plain path: logits x W^T [N, V] in fp32, then cross-entropy (the
+        chunked, fused head + cross-entropy needs spikedistill)."""
+        return linear_cross_entropy_reference(x, weight, labels, reduction)
+
+__all__ = ["FAST_KERNELS", "EventWeight", "event_linear", "fused_decoder", "lif_scan", "linear_cross_entropy",
+           "relu_square_lif", "sfsa", "sfsa_linear", "sigmoid_gate_lif", "spike", "token_shift_lif", "wkv"]
 '''
 
 _RELATIVE = re.compile(r"^(\s*from\s+)(\.+[\w.]*)(\s+import\b)", flags=re.MULTILINE)

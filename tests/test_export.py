@@ -35,8 +35,12 @@ ops = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".spike
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0].tolist()
 out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+train = model.train()(torch.tensor([ids]), labels=torch.tensor([ids]))  # HF-style training: loss, no logits
+train.loss.backward()
+grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
 print(json.dumps({"logits": logits, "generated": out[0].tolist(), "module": type(model).__module__,
-                  "fast_kernels": ops.FAST_KERNELS, "eos": tok.eos_token_id,
+                  "fast_kernels": ops.FAST_KERNELS, "eos": tok.eos_token_id, "train_loss": train.loss.item(),
+                  "train_logits": train.logits is not None, "grad_norms": grads,
                   "importable": sorted(m for m in ("students", "teachers", "pipeline", "eval", "lm_eval",
                                                    "accelerate", "spikedistill")
                                        if importlib.util.find_spec(m) is not None)}))
@@ -121,6 +125,30 @@ def _ours(model, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
     return logits, generated[0].tolist()
 
 
+def _ours_training(model, ids: list[int]) -> tuple[float, dict[str, float]]:
+    """Today's loss path (logits materialised, then F.cross_entropy) in training mode: loss, gradient norms."""
+    model.train()
+    try:
+        model.zero_grad(set_to_none=True)
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids]), skip_logits=False).loss
+        loss.backward()
+        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+    return loss.item(), grads
+
+
+def _check_training(got: dict, model, ids: list[int]) -> None:
+    """The folder's HF-style training call returns no logits and today's loss and gradients."""
+    loss, grads = _ours_training(model, ids)
+    assert got["train_logits"] is False
+    assert got["train_loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["grad_norms"].keys() == grads.keys() and len(grads) > 10
+    for name, norm in grads.items():
+        assert got["grad_norms"][name] == pytest.approx(norm, rel=1e-4, abs=1e-7), name
+
+
 def test_loads_and_matches_without_spikedistill(exported, tiny_tokenizer, tmp_path):
     model, folder = exported
     ids = tiny_tokenizer.encode(PROMPT)
@@ -131,6 +159,7 @@ def test_loads_and_matches_without_spikedistill(exported, tiny_tokenizer, tmp_pa
     assert (torch.tensor(got["logits"]) - logits).abs().max() <= 1e-5
     assert got["generated"] == generated and len(generated) > len(ids)
     assert got["eos"] == tiny_tokenizer.eos_token_id
+    _check_training(got, model, ids)  # the plain-PyTorch reference of the head + cross-entropy
 
 
 def test_folder_code_uses_the_fused_kernels_where_spikedistill_is_importable(exported, tiny_tokenizer, tmp_path):
@@ -141,6 +170,7 @@ def test_folder_code_uses_the_fused_kernels_where_spikedistill_is_importable(exp
     logits, generated = _ours(model, ids)
     assert (torch.tensor(got["logits"]) - logits).abs().max() <= 1e-5
     assert got["generated"] == generated
+    _check_training(got, model, ids)  # spikedistill's fused head + cross-entropy
 
 
 def test_exported_code_is_the_package_source(exported):

@@ -105,6 +105,24 @@ def test_fused_bf16_inputs():
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # the C rows and the plain-torch chunk maths
+@pytest.mark.parametrize("target_kind", ["dense", "top5"])
+def test_fused_is_fp32_inside_autocast(monkeypatch, backend, target_kind):
+    # mixed-precision training (accelerate's bf16) runs the loss inside an autocast region, which would make
+    # the chunks' head matmuls bf16 (on CPU the C rows then refused them); the sums stay those of fp32 maths
+    monkeypatch.setenv("SPIKEDISTILL_KERNELS", backend)
+    h, w, labels, teacher = _setup(6)
+    target = teacher if target_kind == "dense" else _sparse(teacher, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_head_kd_loss(h, w, labels, target, "forward_kl", 2.0, 8, loss_weights=(0.5, 0.5))
+    kd_ref, ce_ref = _naive(h, w, labels, target, "forward_kl", 2.0, 0.5)
+    torch.testing.assert_close(out["kd_sum"], kd_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["ce_sum"], ce_ref, rtol=1e-5, atol=1e-4)
+    g_ref = torch.autograd.grad(0.5 * kd_ref + 0.5 * ce_ref, (h, w))
+    for a, b in zip(g_ref, torch.autograd.grad(0.5 * out["kd_sum"] + 0.5 * out["ce_sum"], (h, w))):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_rejects_bad_arguments():
     h, w, labels, teacher = _setup()
     with pytest.raises(ConfigError, match="distill.kd.kind"):

@@ -252,7 +252,7 @@ def test_student_loss_and_gradients_match_reference_kernels(monkeypatch, overrid
     model = SpikeGPTForCausalLM(cfg)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
     fast_loss, fast_grads = _student_loss_and_grads(model, ids)
-    hf_loss = model(ids, labels=ids).loss  # the model's own loss: full logits + F.cross_entropy
+    hf_loss = model(ids, labels=ids, skip_logits=False).loss  # the model's plain loss: logits + F.cross_entropy
     monkeypatch.setenv("SPIKEDISTILL_KERNELS", "reference")
     ref_loss, ref_grads = _student_loss_and_grads(model, ids)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)

@@ -293,8 +293,8 @@ def test_bad_calls_raise_one_line_errors():
         model(ids_for(length=9))
     with pytest.raises(StudentError, match="padding"):
         model(ids_for(length=4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
-    with pytest.raises(StudentError, match="skip_logits"):
-        model(ids_for(length=4), labels=ids_for(length=4), skip_logits=True)
+    with pytest.raises(StudentError, match="logits_to_keep"):
+        model(ids_for(length=4), labels=ids_for(length=4), logits_to_keep=1)
 
 
 def test_srwkv_is_stable_at_context_4096():
