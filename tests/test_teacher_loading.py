@@ -170,7 +170,7 @@ def test_too_long_input_is_a_clear_error(tiny_teacher_dir, tmp_path):
     t = load_teacher(tiny_teacher_dir, cache_dir=tmp_path)
     with pytest.raises(TeacherError) as exc:
         t(torch.ones(1, 257, dtype=torch.long))
-    assert "257 tokens exceed the teacher's max_length 256; lower data.seq_len" in _one_line(exc)
+    assert "257 positions exceed the teacher's max_length 256; lower data.seq_len" in _one_line(exc)
 
 
 def test_gguf_is_converted_once_and_keyed_by_content(tiny_teacher_dir, tmp_path, monkeypatch):
