@@ -37,6 +37,7 @@ from teachers.errors import CacheError, DataError
 FORMAT_VERSION = 1
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
+TOKEN_CHUNK = 1024  # token rows per teacher-head call: [TOKEN_CHUNK, V] fp32 logits at a time
 OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
 
 
@@ -200,7 +201,7 @@ def build_teacher_cache(
     shard_size: int = 256,
     progress: bool = True,
     overwrite: bool = False,
-    token_chunk: int = 1024,
+    token_chunk: int = TOKEN_CHUNK,
 ) -> dict:
     """Write top-k teacher log-probs for every token of dataset_dir/split into out_dir (resumable).
 
