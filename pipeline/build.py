@@ -97,16 +97,22 @@ def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) ->
         return None
     cfg = student.config
     mapping = layer_map(cfg.n_layer, teacher.num_layers, dict(recipe.teacher.layer_map))  # logs the map
-    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=mapping,
-                    student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
-                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
-                    sfa_target_norm=recipe.align.sfa_target_norm)
+    spad = spad_module(recipe, cfg, mapping, teacher.hidden_size, teacher.num_heads, weights)
     if recipe.student.init_from_teacher and weights["ea"] > 0:
         from pipeline.inherit import init_ea_projection
 
         explained = init_ea_projection(spad.ea_proj, student, teacher.model.get_input_embeddings().weight)
         log.info("SpAD: EA projection = least-squares decoder of the student's embedding (R^2 %.3f)", explained)
     return spad
+
+
+def spad_module(recipe: Any, cfg: Any, mapping: list[int], teacher_hidden: int, teacher_heads: int,
+                weights: dict[str, float]) -> SpADLoss:
+    """The SpADLoss of a student config and a teacher's width and heads, for the layer map `mapping`."""
+    return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher_hidden, layer_map=mapping,
+                    student_heads=cfg.n_head, teacher_heads=teacher_heads, weights=weights,
+                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
+                    sfa_target_norm=recipe.align.sfa_target_norm)
 
 
 def datasets(ctx: StageContext):
