@@ -37,6 +37,7 @@ CASES = {
     "small-cpu-distill": (SMALL, [TINY, "align.enabled=false"], "distill", "prepare,teacher_cache"),
     "small-cpu-distill-online": (SMALL, [TINY, "align.enabled=false", "teacher_cache.enabled=false"], "distill",
                                  "prepare"),
+    "study-a-distill": (STUDY + "a_ann_ce.yaml", [FEW], "distill", "prepare"),
     "study-b-distill": (STUDY + "b_snn_ce.yaml", [FEW], "distill", "prepare"),
     "study-c-distill-online": (STUDY + "c_snn_kd.yaml", [FEW, "teacher_cache.enabled=false"], "distill", "prepare"),
     "study-d-align": (STUDY + "d_snn_spad.yaml", [FEW], "align", "prepare"),

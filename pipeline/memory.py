@@ -25,8 +25,8 @@ on a GPU (none here): with CUDA the same estimate is compared with the device's 
 
 Available memory: the smaller of /proc/meminfo MemAvailable and the cgroup limit minus its usage (v2
 memory.max / memory.current, v1 memory.limit_in_bytes / memory.usage_in_bytes); with CUDA, the device's free
-memory. SPIKEDISTILL_MEMORY_AVAILABLE (bytes, or with a K/M/G/T suffix, e.g. 12G) replaces the measured
-figure: to test the refusal, or to let through a run that the estimate refuses.
+memory. SPIKEDISTILL_MEMORY_AVAILABLE (bytes, or with a K/M/G/T suffix: 12G = 12e9, 12GiB = 12 x 2^30)
+replaces the measured figure: to test the refusal, or to let through a run that the estimate refuses.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ INHERIT_COPIES = 5  # float64 [V, C_t] copies alive in weight inheritance's SVD 
 PROBE_LENGTHS = (8, 16, 24)
 PROBE_VOCAB = 64
 ENV_AVAILABLE = "SPIKEDISTILL_MEMORY_AVAILABLE"
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -81,11 +81,13 @@ def gb(n: float) -> str:
 
 # --------------------------------------------------------------------------------------------- available
 def parse_bytes(text: str) -> int:
-    """'12G' -> 12 * 2**30; a plain number is bytes. ConfigError for anything else."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), flags=re.IGNORECASE)
+    """'12G' or '12GB' -> 12e9 (decimal, as the messages print), '12GiB' -> 12 * 2**30; a plain number is
+    bytes. ConfigError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?)?\s*", str(text), flags=re.IGNORECASE)
     if not m:
         raise ConfigError(f"{ENV_AVAILABLE}={text!r}: expected bytes or a number with K/M/G/T, e.g. 12G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    unit = (m.group(2) or "").upper()
+    return int(float(m.group(1)) * (2 ** (10 * "KMGT".find(unit) + 10) if m.group(3) else _UNITS[unit]))
 
 
 def _read_int(path: Path) -> int | None:

@@ -68,8 +68,8 @@ def test_weight_inheritance_adds_its_set_up_peak(tiny_teacher_dir, setting):
                                                                     vars(inherit.align.weights).items()}))
 
 
-@pytest.mark.parametrize("text, expected", [("12G", 12 * 2**30), ("512M", 512 * 2**20), ("1.5g", int(1.5 * 2**30)),
-                                            ("4096", 4096), ("2TiB", 2 * 2**40)])
+@pytest.mark.parametrize("text, expected", [("12G", 12 * 10**9), ("512MB", 512 * 10**6), ("1.5g", int(1.5e9)),
+                                            ("4096", 4096), ("2TiB", 2 * 2**40), ("3 GiB", 3 * 2**30)])
 def test_available_memory_override(monkeypatch, text, expected):
     monkeypatch.setenv(memory.ENV_AVAILABLE, text)
     assert memory.available_memory() == (expected, memory.ENV_AVAILABLE)
