@@ -62,7 +62,7 @@ test-latest:
 demo: venv
 	$(VENV)/bin/spikedistill run recipes/demo.yaml $(OVERRIDES)
 
-# Any recipe: make distill RECIPE=recipes/smollm2-spikegpt-small.yaml OVERRIDES="distill.train.steps=100"
+# Any recipe: make distill RECIPE=recipes/smollm2-spikegpt-small-cpu.yaml OVERRIDES="distill.train.steps=100"
 distill: venv
 	$(VENV)/bin/spikedistill run $(RECIPE) $(OVERRIDES)
 

@@ -146,10 +146,7 @@ def build_spad(recipe: Any, student, teacher, weights: dict[str, float], log) ->
         return None
     cfg = student.config
     spec = spad_target_spec(recipe, cfg, teacher, weights)
-    spad = SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher.hidden_size, layer_map=list(spec.layer_map),
-                    student_heads=cfg.n_head, teacher_heads=teacher.num_heads, weights=weights,
-                    head_mapping=spec.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
-                    sfa_target_norm=spec.sfa_target_norm)
+    spad = spad_module(recipe, cfg, list(spec.layer_map), teacher.hidden_size, teacher.num_heads, weights)
     if recipe.student.init_from_teacher and weights["ea"] > 0:
         from pipeline.inherit import init_ea_projection
 
@@ -166,6 +163,16 @@ class TeacherShape:
     num_layers: int
     hidden_size: int
     num_heads: int
+
+
+def spad_module(recipe: Any, cfg: Any, mapping: list[int], teacher_hidden: int, teacher_heads: int,
+                weights: dict[str, float]) -> SpADLoss:
+    """The SpADLoss of a student config and a teacher's width and heads, for the layer map `mapping`
+    (student layer -> teacher layer)."""
+    return SpADLoss(student_dim=cfg.d_model, teacher_dim=teacher_hidden, layer_map=mapping,
+                    student_heads=cfg.n_head, teacher_heads=teacher_heads, weights=weights,
+                    head_mapping=recipe.align.head_mapping, lif=lif_kwargs(cfg), time_steps=cfg.time_steps,
+                    sfa_target_norm=recipe.align.sfa_target_norm)
 
 
 def datasets(ctx: StageContext):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.argtypes import OneLineParser, int_range
+from pipeline import launch
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -60,8 +61,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if exc.code == 143:  # the trainer's SIGTERM exit, after its checkpoint
             _report_stop(run_dir, args, "stopped by SIGTERM")
         raise
-    print(format_summary(rows))
-    print(format_outputs(recipe, run_dir, args))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, not one per rank
+        print(format_summary(rows))
+        print(format_outputs(recipe, run_dir, args))
     return 0
 
 
@@ -75,8 +77,9 @@ def _shown(path: str | Path) -> str:
 
 
 def _run_command(args: argparse.Namespace, overrides: list[str] | None = None, extend: bool = False) -> str:
-    """The `spikedistill run` command line of `args` (without --force, which would start over)."""
-    argv = ["spikedistill", "run", args.recipe, *(args.overrides if overrides is None else overrides)]
+    """The `spikedistill run` command line of `args` (without --force, which would start over), under the
+    launcher this run was started with, if any (pipeline.launch)."""
+    argv = ["run", args.recipe, *(args.overrides if overrides is None else overrides)]
     if args.stages:
         argv += ["--stages", args.stages]
     if args.run_dir:
@@ -85,7 +88,7 @@ def _run_command(args: argparse.Namespace, overrides: list[str] | None = None, e
         argv.append("--resume")
     if args.extend or extend:
         argv.append("--extend")
-    return shlex.join(argv)
+    return shlex.join(launch.command(argv))
 
 
 def _report_stop(run_dir: Path, args: argparse.Namespace, how: str) -> None:
@@ -142,18 +145,22 @@ def format_outputs(recipe, run_dir: Path, args: argparse.Namespace) -> str:
     if done["export"]:
         model = _shown(done["export"]["outputs"]["model"])
         prompt = recipe.evaluate.sample_prompt or "Once upon a time"
-        lines.append(f"  {shlex.join(['spikedistill', 'generate', model, '--prompt', prompt])}")
-        evaluate = ["spikedistill", "eval", model, "--tasks", "spikedistill_mc", "--teacher", recipe.teacher.spec,
-                    "--limit", "100"]
-        lines.append(f"  {shlex.join(evaluate)}")
+        lines.append(f"  {_single(['generate', model, '--prompt', prompt])}")
+        evaluate = ["eval", model, "--tasks", "spikedistill_mc", "--teacher", recipe.teacher.spec, "--limit", "100"]
+        lines.append(f"  {_single(evaluate)}")
     if done["evaluate"]:
-        lines.append(f"  {shlex.join(['spikedistill', 'leaderboard', _shown(run_dir.resolve().parent)])}")
+        lines.append(f"  {_single(['leaderboard', _shown(run_dir.resolve().parent)])}")
     if done["distill"]:
         key = "distill.train.steps"
         more = [o for o in args.overrides if not o.startswith(key + "=")]
         more.append(f"{key}={2 * recipe.distill.train.steps}")
         lines.append(f"  {_run_command(args, more, extend=True)}   # train longer, from the last checkpoint")
     return "\n".join(lines)
+
+
+def _single(words: list[str]) -> str:
+    """A one-process command of this program, as the user can type it (pipeline.launch.program_words)."""
+    return shlex.join(launch.command(words, launched=False))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

@@ -137,14 +137,31 @@ def _apply_file(cfg: DictConfig, path: Path, chain: tuple[Path, ...]) -> DictCon
         if base_path in chain or base_path == path.resolve():
             raise ConfigError(f"{path}: base {base!r} includes itself (a cycle of base: keys); fix the chain")
         cfg = _apply_file(cfg, base_path, (*chain, path.resolve()))
+    _file_relative(data, path)
     return _merge(cfg, data, str(path))
+
+
+def _file_relative(data: dict, path: Path) -> None:
+    """A recipe file's `distributed.deepspeed_config`, like its `base:`, is relative to the file; it is stored
+    as the path from the working directory (absolute when outside it). On the command line it stays relative
+    to the working directory, like every other path."""
+    dist = data.get("distributed")
+    value = dist.get("deepspeed_config") if isinstance(dist, dict) else None
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return
+    full = (path.parent / value).resolve()
+    try:
+        dist["deepspeed_config"] = str(full.relative_to(Path.cwd()))
+    except ValueError:
+        dist["deepspeed_config"] = str(full)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load `path` (None = schema defaults), apply `key=value` overrides, validate; returns a Recipe.
 
     A recipe may start with `base: other.yaml` (relative to itself): that recipe is loaded first and this
-    file's keys are merged over it (lists are replaced, not appended), recursively.
+    file's keys are merged over it (lists are replaced, not appended), recursively. A file's
+    `distributed.deepspeed_config` is relative to that file too (overrides: to the working directory).
 
     Raises ConfigError with one line naming the file, the override or the dotted key.
     """

@@ -319,25 +319,29 @@ def _check_student_vocab(recipe: Recipe) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool) -> None:
+def preflight(recipe: Recipe, planned: list[str], prepare_runs: bool, fresh: list[str] | None = None) -> None:
     """Check, before any stage runs, the files the planned stages will read.
 
     prepare_runs: whether prepare will (re)run; then data.sources are checked (teachers.data.check_sources:
     every file exists and is readable as what it claims, the text field is there) and the teacher spec
-    (teachers.check_spec: a path exists, a bundled alias is installed); a stage that runs the teacher on rows
-    of data.seq_len checks them against a local teacher's positions; a derived student.vocab is checked against
-    the teacher's tokenizer when prepare runs. Raises ConfigError, DataError or TeacherError naming the key
+    (teachers.check_spec: a path exists, a bundled alias is installed), and a derived student.vocab against the
+    teacher's tokenizer. fresh: the planned stages not already done with this config (default: all); for those
+    that run the teacher or train, pipeline.preflight checks the launcher, the teacher against the recipe
+    (positions, width for init_from_teacher; a Hub id must be reachable or cached) and the memory they need.
+    Raises ConfigError, DataError or TeacherError naming the key
     or file. evaluate.texts and evaluate.tasks are checked when evaluate is planned.
     """
+    from pipeline.preflight import check_launcher, check_teacher_stages
     from teachers import check_spec
     from teachers.data import check_sources
 
+    fresh = planned if fresh is None else fresh
+    check_launcher(recipe, fresh)
     if prepare_runs:
         check_spec(recipe.teacher.spec)
         check_sources(list(recipe.data.sources), recipe.data.text_field)
         _check_student_vocab(recipe)
-    if any(s in planned for s in ("teacher_cache", "align", "distill")):
-        check_spec(recipe.teacher.spec, seq_len=recipe.data.seq_len)  # rows of seq_len go through the teacher
+    check_teacher_stages(recipe, fresh)
     if "evaluate" in planned:
         _check_eval_texts(recipe)
         _check_eval_tasks(recipe)
@@ -446,6 +450,26 @@ class Runner:
         write_json_atomic(marker, started)
         return stage_dir
 
+    def check_resume_world(self, planned: list[str]) -> None:
+        """StageError, before anything is written, when a planned training stage would resume a checkpoint
+        written by another number of processes (pipeline.trainer.world_mismatch). A stage that will be
+        skipped (done with this config) or start over (its checkpoints are of another config) is not
+        resuming anything."""
+        from pipeline.trainer import world_mismatch
+
+        for name in (s for s in planned if SPECS[s].training and not self.force):
+            current = stage_config_hash(self.recipe, name)
+            done = read_done(self.run_dir / name) or {}
+            if done.get("config_hash") == current:
+                continue
+            found = ckpt.load_latest(self.run_dir / name / "checkpoints")
+            resumable = {current, done.get("config_hash")} if self.extend else {current}
+            if found is None or found.trainer_state.get("config_hash") not in resumable:
+                continue
+            problem = world_mismatch(found, self.world, getattr(self.recipe, name).train, name)
+            if problem:
+                raise StageError(problem)
+
     def _accelerator_for(self, name: str):
         if SPECS[name].training or self.world > 1:
             train = getattr(self.recipe, name).train if SPECS[name].training else None
@@ -520,6 +544,13 @@ class Runner:
                 "run_id": uuid.uuid4().hex}
         write_json_atomic(stage_dir / "done.json", done)
 
+    def fresh(self, planned: list[str]) -> list[str]:
+        """The planned stages not already done with this recipe's config (they will run, or may)."""
+        if self.force:
+            return list(planned)
+        return [s for s in planned if (read_done(self.run_dir / s) or {}).get("config_hash")
+                != stage_config_hash(self.recipe, s)]
+
     def prepare_runs(self, planned: list[str]) -> bool:
         """Whether the prepare stage is planned and will not be skipped."""
         if "prepare" not in planned:
@@ -531,10 +562,11 @@ class Runner:
         """Check the recipe's inputs and the run directory, take the lock (main process), write config.yaml,
         run the stages."""
         planned = plan_stages(self.recipe, requested)
-        preflight(self.recipe, planned, self.prepare_runs(planned))
+        preflight(self.recipe, planned, self.prepare_runs(planned), self.fresh(planned))
         lock = RunLock(self.run_dir)
         # every rank checks, so all stop together
         _check_config(self.run_dir, self.recipe, resume or self.extend, self.force)
+        self.check_resume_world(planned)
         if self.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -623,21 +655,26 @@ def in_progress(run_dir: Path) -> dict | None:
 _SHOWN = {
     "prepare": ("documents", "tokens.packed", "n_seqs.train", "n_seqs.val"),
     "align": ("val_loss", "loss", "tokens_seen", "tokens_per_s"),
-    "distill": ("val_bits_per_byte", "val_loss", "tokens_seen", "tokens_per_s"),
+    "distill": ("val_bits_per_byte", "val_ce", "tokens_seen", "tokens_per_s"),
     "export": ("parameters",),
 }
+# names as the table prints them: a stage's "loss" is its weighted objective (the sum of its weighted terms,
+# per token), not a cross-entropy; val_ce is the plain next-token CE in nats per token
+_LABELS = {"val_loss": "val_objective", "loss": "objective"}
 _NOT_SHOWN = ("tokens", "step", "seconds", "format", "skipped")  # per-step or bookkeeping values
 
 
 def format_summary(rows: list[StageSummary]) -> str:
-    """A plain-text table: stage, status, seconds, reason, a few scalar metrics."""
+    """A plain-text table: stage, status, seconds, reason, a few scalar metrics (a training stage's weighted
+    objective is labelled `objective`, its plain cross-entropy `val_ce`)."""
     lines = [f"{'stage':<14}{'status':<9}{'time':>9}  reason / metrics"]
     for row in rows:
         flat = {f"{k}.{sub}" if isinstance(v, dict) else k: (v[sub] if isinstance(v, dict) else v)
                 for k, v in row.metrics.items() for sub in (v if isinstance(v, dict) else [None])}
         scalar = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         keys = [k for k in _SHOWN.get(row.name, ()) if k in scalar] or [k for k in scalar if k not in _NOT_SHOWN]
-        shown = [f"{k}={_fmt(scalar[k])}" for k in keys[:4]]
+        labels = _LABELS if SPECS[row.name].training else {}
+        shown = [f"{labels.get(k, k)}={_fmt(scalar[k])}" for k in keys[:4]]
         detail = row.reason + (" | " + " ".join(shown) if shown else "")
         lines.append(f"{row.name:<14}{row.status:<9}{row.seconds:>8.1f}s  {detail}")
     return "\n".join(lines)

@@ -272,15 +272,15 @@ class Trainer:
 
     def _load(self, found: ckpt.Checkpoint) -> None:
         st = found.trainer_state
+        problem = world_mismatch(found, self.world, self.cfg, self.name)
+        if problem:
+            raise TrainingError(problem)
         self.step, self.position = st["step"], st["position"]
         self.bad_total, self.bad_run = st["bad_total"], st["bad_run"]
         self.tokens_seen, self.train_seconds = st.get("tokens_seen", 0.0), st.get("train_seconds", 0.0)
         model_state = found.model_state()
         optim_state = found.optimizer_state(self.rank)
         if self.deepspeed:
-            if st["world_size"] != self.world:
-                raise TrainingError(f"{found.path}: written by {st['world_size']} DeepSpeed ranks, this run has "
-                                    f"{self.world}; resume with the same number of processes")
             self.acc.unwrap_model(self.model).load_state_dict(model_state)
             _deepspeed_load_optimizer(self.optimizer, optim_state)
         else:
@@ -491,6 +491,19 @@ class Trainer:
     def _restore_sigterm(previous) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def world_mismatch(found: ckpt.Checkpoint, world: int, cfg: Any, name: str) -> str | None:
+    """Why a checkpoint written by another number of processes must not be resumed by `world` of them (the
+    global batch, batch_size x grad_accum x processes, and the data order would silently change, and ZeRO
+    shards would not fit), as one line; None when the counts agree. cfg: the stage's train section."""
+    written = int(found.trainer_state.get("world_size", 1))
+    if written == world:
+        return None
+    rows = cfg.batch_size * cfg.grad_accum
+    return (f"{name}: {found.path} was written by {written} process(es) (global batch {rows * written} rows), "
+            f"this run has {world} ({rows * world} rows); resume it with the launcher it was started with "
+            f"({written} processes: the command the run printed), or pass --force to start over")
 
 
 def _fully_shard(model: nn.Module, world: int) -> None:

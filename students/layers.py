@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import SpikeGPTConfig
 from .ops import (
@@ -196,6 +197,9 @@ class SpikingRWKV(nn.Module):
         """The weights the WKV puts on each earlier token, averaged over each head's channels.
 
         k [B', L, C] -> [B', H, L, L], rows sum to 1 (tokens of this call only, not an earlier state).
+        Each head's map goes through a per-channel softmax over [B', L, L, C/H]; with gradients on, that is
+        recomputed in the backward (activation checkpointing) instead of kept: autograd would otherwise keep
+        L^2 x C floats per row and layer (0.5 GB at L = 512, C = 512), against L^2 x H for the maps themselves.
         """
         length = k.shape[1]
         t = torch.arange(length, device=k.device, dtype=torch.float32)
@@ -208,9 +212,18 @@ class SpikingRWKV(nn.Module):
             torch.exp(self.time_decay.float()).chunk(self.n_head),
             self.time_first.float().chunk(self.n_head),
         ):
-            logits = kh[:, None] + torch.where(diag, u, -dist * w)
-            maps.append(torch.softmax(logits.masked_fill(future, float("-inf")), dim=2).mean(-1))
+            if torch.is_grad_enabled():
+                maps.append(checkpoint(_head_attention, kh, w, u, dist, diag, future, use_reentrant=False))
+            else:
+                maps.append(_head_attention(kh, w, u, dist, diag, future))
         return torch.stack(maps, 1).to(k.dtype)
+
+
+def _head_attention(kh, w, u, dist, diag, future) -> torch.Tensor:
+    """One head's implied attention: softmax over keys of k_i + (u on the diagonal, else -(t-1-i) w) per
+    channel, future keys masked, averaged over the head's channels. kh [B', L, D] -> [B', L, L]."""
+    logits = kh[:, None] + torch.where(diag, u, -dist * w)
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=2).mean(-1)
 
 
 class SpikingSelfAttention(nn.Module):

@@ -7,6 +7,7 @@ from teachers.errors import CacheError, DataError, TeacherError
 from teachers.layer_map import layer_map
 from teachers.loading import check_spec, check_vocab, load_teacher
 from teachers.outputs import Teacher, TeacherOutput
+from teachers.shape import TeacherShape, describe_teacher
 
-__all__ = ["CacheError", "DataError", "Teacher", "TeacherError", "TeacherOutput", "check_spec", "check_vocab",
-           "layer_map", "load_teacher"]
+__all__ = ["CacheError", "DataError", "Teacher", "TeacherError", "TeacherOutput", "TeacherShape", "check_spec",
+           "check_vocab", "describe_teacher", "layer_map", "load_teacher"]

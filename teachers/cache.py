@@ -56,6 +56,7 @@ FORMAT_VERSION = 2  # 2: targets of the tempered teacher, keyed by temperature
 SUBVOCAB_TARGETS = "exact-subset/1"  # bump when teachers.subvocab's targets change
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
+TOKEN_CHUNK = 1024  # token rows per teacher-head call: [TOKEN_CHUNK, V] fp32 logits at a time
 OPEN_SHARDS = 16  # shard handles a reader keeps open (memory-mapped, so cheap)
 
 
@@ -306,7 +307,7 @@ def build_teacher_cache(
     shard_size: int = 256,
     progress: bool = True,
     overwrite: bool = False,
-    token_chunk: int = 1024,
+    token_chunk: int = TOKEN_CHUNK,
     temperature: float = 1.0,
     vocab=None,
 ) -> dict:

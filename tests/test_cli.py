@@ -82,6 +82,87 @@ def test_run_prints_the_summary(capsys, tmp_path, monkeypatch):
             register_stage(name, None)
 
 
+def test_the_summary_labels_the_weighted_objective_and_shows_the_plain_ce():
+    from pipeline.runner import StageSummary, format_summary
+
+    text = format_summary([
+        StageSummary("align", "ran", "not run yet", 1.0, {"val_loss": 0.7, "loss": 0.9}),
+        StageSummary("distill", "ran", "not run yet", 1.0, {"val_bits_per_byte": 1.25, "val_loss": 3.1,
+                                                            "val_ce": 2.5, "tokens_seen": 100}),
+    ])
+    align, distill = text.splitlines()[1:]
+    assert "val_objective=0.7" in align and "objective=0.9" in align and "val_loss" not in align
+    assert "val_bits_per_byte=1.25" in distill and "val_ce=2.5" in distill
+    assert "val_loss" not in distill and "3.1" not in distill
+
+
+def test_only_rank_0_prints_the_end_of_run_summary(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "make_accelerator", lambda recipe, train=None: None)
+
+    def stub(ctx):
+        out = ctx.stage_dir / "x"
+        if ctx.is_main:
+            out.write_text("x")
+        return StageResult(outputs={"x": str(out)}, metrics={"loss": 1.5})
+
+    for name in STAGE_ORDER:
+        register_stage(name, stub)
+    try:
+        argv = ["run", DEMO, "--run-dir", str(tmp_path / "r"), "--stages", "prepare"]
+        assert main(argv) == 0
+        assert "stage" in capsys.readouterr().out
+        monkeypatch.setenv("RANK", "1")  # a second rank of the same run: skips, and says nothing on stdout
+        assert main(argv) == 0
+        assert capsys.readouterr().out == ""
+    finally:
+        for name in STAGE_ORDER:
+            register_stage(name, None)
+
+
+LAUNCHES = [  # (parent command line, this rank's argv, expected launcher words)
+    (["/v/bin/python3", "/v/bin/accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "pipeline",
+      "run", "r.yaml", "k=1"], ["/x/pipeline/__main__.py", "run", "r.yaml", "k=1"],
+     ["/v/bin/accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "pipeline"]),
+    (["/v/bin/python3", "/v/bin/torchrun", "--standalone", "--nproc_per_node", "2", "/v/bin/spikedistill", "run",
+      "r.yaml"], ["/v/bin/spikedistill", "run", "r.yaml"],
+     ["/v/bin/torchrun", "--standalone", "--nproc_per_node", "2", "/v/bin/spikedistill"]),
+    (["/v/bin/python3", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", "run", "r.yaml"],
+     ["/x/pipeline/__main__.py", "run", "r.yaml"],
+     ["/v/bin/python3", "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline"]),
+    (["bash"], ["/v/bin/spikedistill", "run", "r.yaml"], []),  # typed in a shell
+    (["timeout", "60", "/v/bin/spikedistill", "run", "r.yaml"], ["/v/bin/spikedistill", "run", "r.yaml"], []),
+    (["/v/bin/python3", "/v/bin/accelerate", "launch", "-m", "pipeline", "run", "other.yaml"],  # not our words
+     ["/x/pipeline/__main__.py", "run", "r.yaml"], []),
+]
+
+
+@pytest.mark.parametrize("parent, argv, expected", LAUNCHES)
+def test_the_launcher_is_read_from_the_parent_command_line(parent, argv, expected, monkeypatch):
+    from pipeline import launch
+
+    monkeypatch.setenv("PATH", "/nowhere")  # nothing on PATH: executables keep their paths
+    assert launch.launcher_words(parent, argv) == expected
+
+
+def test_an_executable_is_named_as_the_user_can_type_it(tmp_path, monkeypatch):
+    from pipeline import launch
+
+    exe = tmp_path / "bin" / "spikedistill"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nowhere")
+    assert launch.typed(str(exe)) == "bin/spikedistill"  # not on PATH: its path, from the working directory
+    monkeypatch.setenv("PATH", str(exe.parent))
+    assert launch.typed(str(exe)) == "spikedistill"  # an activated venv: its name
+    other = tmp_path / "other" / "spikedistill"  # PATH finds a different one: keep the path
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    assert launch.typed(str(other)) == "other/spikedistill"
+
+
 def test_missing_upstream_exits_2(capsys, tmp_path):
     err = _fails_with_one_line(capsys, ["run", DEMO, "--run-dir", str(tmp_path), "--stages", "export"])
     assert "needs stage prepare" in err

@@ -166,7 +166,7 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(recipe, reference, tmp_p
     assert term.returncode == 143, term.stderr[-2000:]
     assert "SIGTERM received; checkpoint written at step 3" in term.stderr
     assert "stopped by SIGTERM: stage distill stopped; its last checkpoint is step 3 of 6" in term.stderr
-    assert "resume with: spikedistill run" in term.stderr
+    assert re.search(r"^resume with: \S*spikedistill run ", term.stderr, flags=re.MULTILINE), term.stderr[-2000:]
     assert steps_of(run_dir) == [2, 3]
     assert not (run_dir / "distill" / "done.json").exists()
     assert not (run_dir / "lock").exists()  # released on the way out

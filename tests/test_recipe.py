@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,71 @@ def test_defaults_are_the_agreed_ones():
 def test_every_shipped_recipe_loads(path):
     r = load_recipe(path)
     assert r.run.name == path.stem
+
+
+# every recipe a user may run: the top-level ones and the study's arms (files starting with "_" are bases)
+RUNNABLE = SHIPPED + sorted(p for p in (ROOT / "recipes" / "study").glob("*.yaml") if not p.name.startswith("_"))
+
+
+def stated(path: Path) -> dict[str, str]:
+    """The `# machine:`, `# memory:` and `# time:` lines of a recipe's header comment."""
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^# (machine|memory|time): +(.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
+def test_each_runnable_recipe_states_its_machine_memory_and_time(path):
+    says = stated(path)
+    assert set(says) == {"machine", "memory", "time"}, path
+    assert re.search(r"\b\d+ GB\b", says["machine"]), says["machine"]  # the machine's memory
+    assert re.search(r"\bGB\b", says["memory"]) and re.search(r"\d", says["time"]), says
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
+def test_each_runnable_recipe_passes_the_preflight_check_offline(path, monkeypatch):
+    """On the machine the recipe names (its memory), with no network: the check passes, or for a Hub teacher
+    that is not cached says "no network" in one line (never that a path does not exist)."""
+    import huggingface_hub.constants
+
+    from pipeline.memory import ENV_AVAILABLE
+    from pipeline.runner import plan_stages, preflight
+    from teachers import TeacherError
+    from teachers.loading import ALIASES
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv(ENV_AVAILABLE, re.search(r"\b(\d+) GB\b", stated(path)["machine"]).group(1) + "G")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():  # as under a launcher (a DeepSpeed recipe needs one)
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(path)
+    try:
+        preflight(recipe, plan_stages(recipe, None), prepare_runs=True)
+    except TeacherError as exc:
+        message = str(exc)
+        assert recipe.teacher.spec not in ALIASES and "\n" not in message, message
+        assert message.startswith(f"{recipe.teacher.spec}: a Hub id that is not in the local cache"), message
+        assert "no network" in message and "does not exist" not in message
+
+
+def test_deepspeed_config_is_relative_to_the_recipe_that_names_it(tmp_path, monkeypatch):
+    ds = tmp_path / "cfg" / "ds" / "zero.json"
+    ds.parent.mkdir(parents=True)
+    ds.write_text("{}")
+    (tmp_path / "cfg" / "base.yaml").write_text("distributed: {strategy: deepspeed, deepspeed_config: ds/zero.json}\n")
+    child = tmp_path / "elsewhere" / "run.yaml"
+    child.parent.mkdir()
+    child.write_text("base: ../cfg/base.yaml\nrun: {name: x}\n")
+    monkeypatch.chdir(child.parent)  # neither file's folder
+    assert Path(load_recipe(child).distributed.deepspeed_config).resolve() == ds.resolve()
+    # on the command line a path is relative to the working directory, as everywhere else
+    assert load_recipe(child, ["distributed.deepspeed_config=mine.json"]).distributed.deepspeed_config == "mine.json"
+    shipped = load_recipe(ROOT / "recipes" / "bispikclm-1b.yaml").distributed.deepspeed_config
+    assert Path(shipped).resolve() == ROOT / "recipes" / "deepspeed" / "zero2.json"
 
 
 def test_shipped_students_are_valid_configs():

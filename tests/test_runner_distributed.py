@@ -1,10 +1,13 @@
 """The runner under a real 2-process launch (torchrun, gloo on CPU): only rank 0 writes config.yaml and
-done.json and runs the non-training stages; every rank runs the training stages; a rerun skips on all ranks."""
+done.json and runs the non-training stages; every rank runs the training stages; a rerun skips on all ranks.
+Through the real CLI: one end-of-run summary, printed commands that keep the launcher, and a resume on
+another number of processes refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +65,45 @@ def test_two_ranks_share_one_run_directory(tmp_path):
     for rank in (0, 1):
         assert json.loads((run_dir / f"summary-rank{rank}-again.json").read_text()) == ["skipped"] * 5
     assert Path(run_dir / "prepare" / "out").read_text() == "prepare"
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_prints_one_summary_and_commands_that_keep_its_launcher(tmp_path, tiny_teacher_dir):
+    """After `torchrun ... -m pipeline run`, the printed --extend command starts with the same launcher and
+    continues at the same global batch; run on one process instead, it is refused in one line."""
+    import shlex
+
+    sys.path.insert(0, str(Path(__file__).parent / "fault_scripts"))
+    from common import ROOT, write_recipe
+
+    recipe = write_recipe(tmp_path / "recipe", tiny_teacher_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "pipeline"]
+    args = ["run", str(recipe), "--run-dir", "run", "--stages", "prepare,distill", "align.enabled=false",
+            "teacher_cache.enabled=false", "distill.train.steps=2", "distill.train.checkpoint_every=1"]
+
+    def launch(argv):
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400, check=False)
+
+    def tokens() -> float:
+        return json.loads((tmp_path / "run" / "distill" / "done.json").read_text())["metrics"]["tokens_seen"]
+
+    first = launch([*launcher, *args])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("reason / metrics") == 1 and first.stdout.count("next:") == 1, first.stdout
+    assert tokens() == 2 * 2 * 2 * 15  # steps x ranks x batch 2 x 15 next-token targets per 16-token row
+    line = next(x for x in first.stdout.splitlines() if "# train longer" in x)
+    printed = shlex.split(line.split("#")[0])
+    assert printed[1:len(launcher)] == launcher[1:], printed
+    assert os.path.samefile(shutil.which(printed[0]) or printed[0], sys.executable)
+    assert "--extend" in printed and "distill.train.steps=4" in printed
+    alone = launch([sys.executable, "-m", "pipeline", *printed[len(launcher):]])
+    errors = [x for x in alone.stderr.splitlines() if x.startswith("spikedistill: error:")]
+    assert alone.returncode == 2 and len(errors) == 1, alone.stderr[-3000:]
+    assert "was written by 2 process(es) (global batch 4 rows), this run has 1 (2 rows)" in errors[0]
+    assert tokens() == 2 * 2 * 2 * 15  # nothing trained
+    again = launch(printed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert tokens() == 4 * 2 * 2 * 15  # 2 more steps at the same global batch

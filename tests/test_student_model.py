@@ -365,3 +365,48 @@ def test_neuron_variants_train_and_stream():
         rest = model(ids[:, 3:], cache=state_of(first), use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=1e-4, atol=1e-4)
     assert "emb" not in model.spike_rates()
+
+
+def _implied_attention_float64(k, time_decay, time_first, n_head):
+    """SRWKV's implied attention written out in float64: query t puts exp(k_i - (t-1-i) w) on key i < t and
+    exp(k_t + u) on itself, per channel, normalised over the keys, then averaged over each head's channels."""
+    b, length, c = k.shape
+    w, u = torch.exp(time_decay.double()), time_first.double()
+    out = torch.zeros(b, n_head, length, length, dtype=torch.float64)
+    d = c // n_head
+    for t in range(length):
+        logits = torch.stack([k[:, i].double() - (t - 1 - i) * w for i in range(t)] + [k[:, t].double() + u], 1)
+        weights = torch.softmax(logits, dim=1)  # [B, t + 1, C]
+        out[:, :, t, : t + 1] = weights.view(b, t + 1, n_head, d).mean(-1).transpose(1, 2)
+    return out
+
+
+def test_srwkv_implied_attention_keeps_maps_not_per_channel_scores():
+    torch.manual_seed(0)
+    mixer = SpikingRWKV(SpikeGPTConfig.from_preset("tiny", d_model=16, n_head=2, vocab_size=VOCAB), 0)
+    with torch.no_grad():
+        mixer.time_decay.normal_(0, 0.5)
+        mixer.time_first.normal_(0, 0.5)
+    k = torch.randn(2, 12, 16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        maps = mixer.implied_attention(k)
+    # the per-channel softmax over [B, L, L, C/H] of every head (2 x 12 x 12 x 16 floats = 18 KiB in all) is
+    # recomputed in the backward, not kept: what is kept is of the order of k itself (2 x 12 x 16 floats)
+    assert sum(saved.values()) < 2 * 12 * 12 * 16 * 4 / 2, saved
+    weights = torch.randn(maps.shape)
+    (maps * weights).sum().backward()
+    k64 = k.detach().double().requires_grad_(True)
+    decay64 = mixer.time_decay.detach().double().requires_grad_(True)
+    first64 = mixer.time_first.detach().double().requires_grad_(True)
+    ref = _implied_attention_float64(k64, decay64, first64, 2)
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(maps.double(), ref, rtol=1e-5, atol=1e-6)
+    for got, want in ((k.grad, k64.grad), (mixer.time_decay.grad, decay64.grad), (mixer.time_first.grad,
+                                                                                   first64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

@@ -140,11 +140,99 @@ def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TeacherError) as exc:
         load_teacher("no-such-org/no-such-model", cache_dir=tmp_path)
-    assert "no-such-org/no-such-model: not a bundled alias (smollm2-135m, gemma3-270m), local directory" in _one_line(exc)
-    assert "did you mean" not in _one_line(exc)  # nothing close to suggest
+    msg = _one_line(exc)
+    assert msg.startswith("no-such-org/no-such-model: a Hub id that is not in the local cache")
+    assert "HF_HUB_OFFLINE is set, so no network is used" in msg and str(tmp_path / "hub") in msg
+    assert "did you mean" not in msg  # nothing close to suggest
     with pytest.raises(TeacherError) as exc:
         load_teacher("smollm2-135", cache_dir=tmp_path)
     assert _one_line(exc).endswith("did you mean the bundled alias 'smollm2-135m'?")
+
+
+# The Hub ids of the issue: one "/" and a dot in the name (the loader used to read ".3b" as a file suffix)
+DOTTED_HUB_IDS = ["facebook/opt-1.3b", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "EleutherAI/pythia-1.4b"]
+
+
+@pytest.mark.parametrize("spec", DOTTED_HUB_IDS)
+def test_org_name_with_a_dot_is_a_hub_id(spec, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from teachers import check_spec, describe_teacher
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    check_spec(spec)  # not refused as a missing path
+    for load in (load_teacher, describe_teacher):
+        with pytest.raises(TeacherError) as exc:
+            load(spec, cache_dir=tmp_path)
+        msg = _one_line(exc)
+        assert msg.startswith(f"{spec}: a Hub id that is not in the local cache") and "no network" in msg
+        assert "does not exist" not in msg
+
+
+def test_no_network_without_offline_mode_is_named(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # what snapshot_download raises when the Hub cannot be reached
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(TeacherError) as exc:
+        load_teacher("facebook/opt-1.3b", cache_dir=tmp_path)
+    assert "no network: the Hub could not be reached" in _one_line(exc)
+
+
+def test_local_folder_named_like_a_hub_id_and_gguf_paths_stay_paths(tiny_teacher_dir, tmp_path, monkeypatch):
+    from teachers import check_spec
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_teacher_dir, tmp_path / "facebook" / "opt-1.3b")
+    assert load_teacher("facebook/opt-1.3b", cache_dir=tmp_path).vocab_size == 320  # exists: a local path
+    for path in ("facebook/model.gguf", "model.gguf", "weights.safetensors"):
+        with pytest.raises(TeacherError) as exc:
+            check_spec(path)
+        assert path in _one_line(exc) and "Hub" not in _one_line(exc).split(";")[0]
+
+
+def test_an_exported_spiking_student_is_refused_as_a_teacher(tmp_path, tiny_tokenizer):
+    import students  # registers spikegpt, as every spikedistill command does
+    from teachers import describe_teacher
+
+    model = students.SpikeGPTForCausalLM(students.SpikeGPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer)))
+    model.save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    for load in (load_teacher, describe_teacher):
+        with pytest.raises(TeacherError) as exc:
+            load(tmp_path / "student", cache_dir=tmp_path)
+        assert "a spikedistill spiking student (model_type spikegpt), not a teacher" in _one_line(exc)
+
+
+def test_a_backbone_without_last_hidden_state_is_a_teacher_error(tiny_teacher_dir, tmp_path):
+    t = load_teacher(tiny_teacher_dir, cache_dir=tmp_path)
+
+    class NoHidden(torch.nn.Module):  # a backbone whose output has logits only, like SpikeGPT's
+        def forward(self, **kwargs):
+            from transformers.modeling_outputs import CausalLMOutput
+
+            return CausalLMOutput(logits=torch.zeros(1, 3, 320))
+
+    t.model.base_model_prefix, t.model.model = "model", NoHidden()
+    with pytest.raises(TeacherError) as exc:
+        t(torch.tensor([[1, 2, 3]]))
+    assert "returns no last_hidden_state; this architecture is not supported as a teacher" in _one_line(exc)
+
+
+def test_describe_teacher_counts_parameters_from_the_safetensors_headers(tiny_teacher_dir, tmp_path):
+    from teachers import describe_teacher
+
+    shape = describe_teacher(tiny_teacher_dir, cache_dir=tmp_path)
+    # hand count of the conftest Llama: embed + head 320 x 32 each; per layer q 32x32, k and v 32x16 (2 KV heads
+    # of 8), o 32x32, gate/up/down 3 x 32x64, two RMSNorm gains of 32; the final norm 32
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32
+    assert shape.parameters == 2 * 320 * 32 + 2 * per_layer + 32
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.intermediate, shape.vocab,
+            shape.max_positions) == (2, 32, 4, 2, 64, 320, 256)
 
 
 def test_concurrent_conversion_keeps_the_finished_directory(tmp_path):

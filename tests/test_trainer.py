@@ -126,6 +126,19 @@ def test_checkpoints_from_another_config_are_not_resumed(tmp_path):
     assert ckpt.load_latest(tmp_path / "checkpoints").trainer_state["config_hash"] == "other"
 
 
+def test_resuming_on_another_number_of_processes_is_refused(tmp_path):
+    # written by one process with batch 4; a second run on 2 processes would silently train at global batch 8
+    _train(tmp_path, _cfg(steps=4))
+    trainer = Trainer(ToyLM(), _cfg(steps=6), Accelerator(cpu=True), tmp_path, ToyData(), config_hash="h",
+                      accept_hashes=())
+    trainer.world = 2  # what a second rank would report; the checkpoint says 1
+    with pytest.raises(TrainingError) as exc:
+        trainer.fit()
+    msg = str(exc.value)
+    assert "was written by 1 process(es) (global batch 4 rows), this run has 2 (8 rows)" in msg
+    assert "resume it with the launcher it was started with (1 processes" in msg and "\n" not in msg
+
+
 def test_a_nan_step_is_skipped_and_counted(tmp_path):
     model = ToyLM(nan_at_calls=(3,))
     before = {}

@@ -58,6 +58,14 @@ def fails(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
+def after_program(argv: list[str]) -> list[str]:
+    """The words of a printed command after its program (`spikedistill`, a path to it, or `python -m pipeline`)."""
+    for i, word in enumerate(argv):
+        if Path(word).name == "spikedistill" or (word == "pipeline" and argv[i - 1] == "-m"):
+            return argv[i + 1:]
+    raise AssertionError(f"no spikedistill program in {argv}")
+
+
 def done(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "done.json").read_text())
 
@@ -84,16 +92,38 @@ def test_the_end_of_a_run_says_what_it_made_and_what_to_run_next(full_run, monke
     assert (cwd / shown["model"]).resolve() == Path(done(run_dir, "export")["outputs"]["model"])
     assert (cwd / shown["results"]).resolve() == run_dir / "evaluate" / "results.json"
     assert (cwd / shown["energy"]).is_file() and (cwd / shown["run"] / "config.yaml").is_file()
-    commands = [shlex.split(line) for line in out.split("next:\n", 1)[1].splitlines() if line.strip()]
-    by_name = {c[1]: c for c in commands}
+    commands = [after_program(shlex.split(line)) for line in out.split("next:\n", 1)[1].splitlines() if line.strip()]
+    by_name = {c[0]: c for c in commands}
     assert set(by_name) == {"generate", "eval", "leaderboard", "run"}
     assert by_name["eval"][by_name["eval"].index("--teacher") + 1] == str(Path(done(run_dir, "prepare")["config"]
                                                                                 ["teacher.spec"]))
     assert "--extend" in by_name["run"] and "distill.train.steps=12" in by_name["run"]
     monkeypatch.chdir(cwd)  # the printed commands run as printed, from where the run was started
     for name in ("generate", "leaderboard"):
-        assert main(by_name[name][1:] + (["--max-new-tokens", "2"] if name == "generate" else [])) == 0, name
+        assert main(by_name[name] + (["--max-new-tokens", "2"] if name == "generate" else [])) == 0, name
     assert (run_dir.parent / "leaderboard" / "leaderboard.md").is_file()
+
+
+def test_printed_commands_run_as_printed_without_an_activated_venv(full_run, recipe):
+    """`make demo` runs .venv/bin/spikedistill with the venv not on PATH: the printed commands must name the
+    executable by its path then (and by its name when PATH finds it: an activated venv), and run as printed."""
+    cwd, _, _ = full_run
+    script = Path(sys.executable).with_name("spikedistill")
+    bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if p and Path(p).resolve() != script.parent.resolve())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": bare,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    printed = {}
+    for path, first in ((bare, str(script)), (f"{script.parent}{os.pathsep}{bare}", "spikedistill")):
+        proc = subprocess.run([str(script), "run", str(recipe), "--run-dir", "runs/tiny", *EVAL], cwd=cwd,
+                              env={**env, "PATH": path}, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        printed[first] = [shlex.split(x) for x in proc.stdout.split("next:\n", 1)[1].splitlines() if x.strip()]
+        assert {c[0] for c in printed[first]} == {first}, printed[first]
+    generate = next(c for c in printed[str(script)] if c[1] == "generate")
+    as_printed = subprocess.run([*generate, "--max-new-tokens", "2"], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=300, check=False)
+    assert as_printed.returncode == 0, as_printed.stderr[-2000:]
 
 
 def test_third_party_noise_is_silenced_and_our_own_lines_are_not(full_run):
@@ -164,7 +194,7 @@ def test_ctrl_c_says_what_was_saved_and_the_printed_command_resumes(recipe, tmp_
     assert "finished stages are kept (prepare, teacher_cache, align)" in stopped.stderr
     command = re.search(r"^resume with: (.*)$", stopped.stderr, flags=re.MULTILINE).group(1)
     argv = shlex.split(command)
-    assert argv[:2] == ["spikedistill", "run"]
+    assert Path(argv[0]).name == "spikedistill" and argv[1] == "run"
     assert main(argv[1:]) == 0
     assert [r["step"] for r in _train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]  # resumed at 5, not from 1 again
     # the wall time counts both invocations of distill; the leaderboard sums every stage's
@@ -227,7 +257,7 @@ def test_extend_continues_a_finished_run_from_its_last_checkpoint(recipe, tmp_pa
     err = capsys.readouterr().err
     assert "last checkpoint is step 10 of 14" in err
     command = shlex.split(re.search(r"^resume with: (.*)$", err, flags=re.MULTILINE).group(1))
-    assert main(command[1:]) == 0
+    assert main(after_program(command)) == 0
     rows = _train_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 15))
     _check_schedule(rows, 10, 14, recipe)
