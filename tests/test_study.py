@@ -85,11 +85,16 @@ def test_the_matched_llama_has_the_students_shape_and_trains_through_the_objecti
 TOKENS_PER_TEACHER_TOKEN = {"teacher": 1.0, "subset:8192": 1.1706, "subset:4096": 1.2940, "bytes": 4.3856}
 
 
+# arms that no goal of docs/results compares, cut to their sweep seed to keep the study near its time budget
+ONE_SEED = {"a_ann_ce", "b_snn_ce_quarter"}
+
+
 def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
     """The shipped study: one dataset (a byte cap: the same text under any vocabulary), one budget in rows of the
     same text (an own vocabulary scales seq_len and the evaluation window by its tokens per teacher token), a
-    full budget >= 4 x the old one (589,824 tokens), 3 seeds and one learning-rate sweep for every arm, the 1/4
-    series of CE-only and of inheritance + KD, and one teacher cache folder per vocabulary."""
+    full budget >= 4 x the old one (589,824 tokens), one learning-rate sweep for every arm, 3 seeds for every arm
+    a goal compares (one for the CE-only ANN and the CE-only 1/4 budget, which no goal reads), the 1/4 series of
+    CE-only and of inheritance + KD, and one teacher cache folder per vocabulary."""
     from pipeline.study import study_arms, study_recipes
 
     arms = study_recipes(STUDY)
@@ -103,7 +108,8 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
         assert r.data.seq_len == pytest.approx(128 * ratio, rel=0.01), stem
         assert r.evaluate.context_length == pytest.approx(512 * ratio, rel=0.01), stem
         assert r.evaluate.teacher and r.evaluate.energy and not r.evaluate.stream
-        assert list(r.study.seeds) == [0, 1, 2] and list(r.study.lr_grid) == [1e-3, 2e-3, 4e-3]
+        assert list(r.study.seeds) == ([0] if stem in ONE_SEED else [0, 1, 2]), stem
+        assert list(r.study.lr_grid) == [1e-3, 2e-3, 4e-3]
         assert r.study.lr_extensions == 2 and r.distill.train.optim.min_lr / r.distill.train.optim.lr == 0.05
         assert (r.distill.kd.kind, r.distill.kd.temperature, r.teacher_cache.k) == ("forward_kl", 1.0, 64)
         assert not r.align.enabled
@@ -121,7 +127,7 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
     for series in ("b_snn_ce", "f_inherit_kd"):
         assert rows.pop(f"{series}_quarter") == full // 4
     assert set(rows.values()) == {full}
-    assert [a.seeds for a in planned] == [(0, 1, 2)] * len(arms)
+    assert {a.name: a.seeds for a in planned} == {p.stem: (0,) if p.stem in ONE_SEED else (0, 1, 2) for p in arms}
     r = recipes
     assert r["a_ann_ce"].student.arch == "llama" and r["a_ann_ce"].distill.weights.sta == 0
     ann_kd = r["a_ann_inherit_kd"]
