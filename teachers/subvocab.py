@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,29 @@ class RowPlan:
     @property
     def n_branches(self) -> int:
         return int(self.branch_at.numel())
+
+
+@dataclass
+class BranchCount:
+    """Branch tokens of `exact_log_probs` calls, summed over them: positions (student positions derived), needed
+    (positions whose emitted pieces spell a shorter teacher token, each one branch token), evaluated (those
+    run), skipped_share (the sum over the others of their relative ending mass q_j(t_pi) / M_j(pi), each the
+    bound on its position's total-variation error) and max_skipped (the largest of them; 0: none skipped)."""
+
+    positions: int = 0
+    needed: int = 0
+    evaluated: int = 0
+    skipped_share: float = 0.0
+    max_skipped: float = 0.0
+
+    def add(self, plan: RowPlan, share: torch.Tensor, skip: torch.Tensor) -> None:
+        """Count one row: its plan before skipping, the branches' relative ending mass [n_b] and skip [n_b]."""
+        self.positions += int(plan.node.numel())
+        self.needed += plan.n_branches
+        self.evaluated += plan.n_branches - int(skip.sum())
+        if bool(skip.any()):
+            self.skipped_share += float(share[skip].sum())
+            self.max_skipped = max(self.max_skipped, float(share[skip].max()))
 
 
 class PieceTrie:
@@ -182,10 +205,7 @@ class PieceTrie:
         branch tokens); V may exceed the pieces table (padded heads: those columns are dropped). rows: the
         output row each logprobs row belongs to (default 0..R-1), e.g. `rows_needed(plan)`.
         """
-        lookup = None
-        if rows is not None:
-            lookup = torch.full((plan.n_main + plan.n_branches,), -1, dtype=torch.long)
-            lookup[rows] = torch.arange(rows.numel())
+        lookup = _row_lookup(plan, rows)
         logprobs = logprobs[:, : self.n_teacher]
         out = torch.empty(plan.node.numel(), self.n_student, dtype=torch.float32)
         for c in range(0, plan.node.numel(), POSITION_CHUNK):
@@ -198,6 +218,34 @@ class PieceTrie:
                                    plan.first[span])
             out[span] = (num.log() - num.sum(-1, keepdim=True).log()).float()
         return out
+
+    def ending_share(self, plan: RowPlan, logprobs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Relative ending mass of each branch of a plan -> [n_b] float64: q_j(t_pi) / M_j(pi), the share of the
+        mass of the teacher tokens whose pieces start with the emitted pieces pi that t_pi, the shorter token
+        they spell, holds. logprobs and rows as in `derive`; only q rows are read (no branch rows)."""
+        at = torch.nonzero(plan.next_row >= plan.n_main).squeeze(1)  # the branch positions, in branch order
+        lookup = _row_lookup(plan, rows)
+        q_row = plan.q_row[at] if lookup is None else lookup[plan.q_row[at]]
+        logprobs = logprobs[:, : self.n_teacher]
+        share = torch.empty(at.numel(), dtype=torch.float64)
+        for c in range(0, at.numel(), POSITION_CHUNK):
+            span = slice(c, c + POSITION_CHUNK)
+            owner, token, _ = self._continuations(plan.node[at[span]])
+            going_on = torch.zeros(q_row[span].numel(), dtype=torch.float64).index_add_(
+                0, owner, logprobs[q_row[span][owner], token].double().exp())
+            ending = logprobs[q_row[span], plan.end_tok[at[span]]].double().exp()
+            share[span] = ending / (ending + going_on)
+        return share
+
+    def skip_branches(self, plan: RowPlan, skip: torch.Tensor) -> RowPlan:
+        """The plan without the branch tokens where skip [n_b] is True: their ending mass q_j(t_pi) is split by
+        the next-token distribution after T_j itself (T_j's own row, q_{j+1}) instead of the one after t_pi.
+        The kept branches keep their order (output rows n_main, n_main + 1, ...)."""
+        at = torch.nonzero(plan.next_row >= plan.n_main).squeeze(1)
+        next_row = plan.next_row.clone()
+        next_row[at[skip]] = plan.branch_at[skip]  # T_j's own output row: the distribution after T_j
+        next_row[at[~skip]] = plan.n_main + torch.arange(int((~skip).sum()))
+        return replace(plan, next_row=next_row, branch_at=plan.branch_at[~skip], branch_tok=plan.branch_tok[~skip])
 
     def _numerators(self, node, end_tok, q_row, next_row, logprobs, first) -> torch.Tensor:
         """Unnormalised next-student-token masses C(s) + E(s) -> [n, V_s] float64."""
@@ -230,24 +278,61 @@ class PieceTrie:
         return out.index_add_(1, self.first_piece, p)[:, : self.n_student].double()
 
 
-def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any]) -> torch.Tensor:
+def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any], branch_floor: float = 0.0,
+                    count: BranchCount | None = None) -> torch.Tensor:
     """The teacher's log-probabilities of the next student token at every position of each view -> [B, L, V_s].
 
-    teacher: teachers.Teacher; views: B teacher views (ids [T_w], pos [L], piece [L], equal L, any T_w). One
-    teacher forward for the whole batch (rows padded, branch tokens appended with a 4D attention mask; see
-    Teacher.branched), then the head only on the rows the targets read. Raises DataError for views of
-    different L or malformed views.
+    teacher: teachers.Teacher; views: B teacher views (ids [T_w], pos [L], piece [L], equal L, any T_w). Two
+    teacher passes for the whole batch: the rows (Teacher.prefill, keeping the KV cache), which gives every
+    q_j; then the branch tokens as one step over that cache (Teacher.branch_step), only those whose relative
+    ending mass q_j(t_pi) / M_j(pi) (`PieceTrie.ending_share`) is at least branch_floor; the others' ending
+    mass is split by the distribution after T_j itself (`PieceTrie.skip_branches`), which moves that
+    position's distribution by at most its relative ending mass in total variation (module docstring).
+    branch_floor 0 evaluates every branch: the exact targets. The head runs only on the rows the targets read.
+    count: a BranchCount to add this batch's branch tokens to. Raises DataError for views of different L or
+    malformed views, ValueError for a branch_floor outside [0, 1].
     """
+    if not 0.0 <= branch_floor < 1.0:
+        raise ValueError(f"branch_floor={branch_floor!r}: must be in [0, 1) (teacher_cache.branch_floor)")
     if len({int(v.pos.numel()) for v in views}) > 1:
         raise DataError("teacher views of one batch must have the same number of student positions")
     plans = [trie.plan(v) for v in views]
-    states = teacher.branched([v.ids for v in views], [(p.branch_at, p.branch_tok) for p in plans])
+    prefill = teacher.prefill([v.ids for v in views])
+    main = [_row_logprobs(teacher, h, _main_rows(plan)) for plan, h in zip(plans, prefill.states)]
+    for i, (rows, logprobs) in enumerate(main):
+        share = trie.ending_share(plans[i], logprobs, rows)
+        skip = share < branch_floor
+        if count is not None:
+            count.add(plans[i], share, skip)
+        plans[i] = trie.skip_branches(plans[i], skip)
+    steps = teacher.branch_step(prefill, [(p.branch_at, p.branch_tok) for p in plans])
     out = []
-    for plan, h in zip(plans, states):
-        rows = trie.rows_needed(plan)
-        logprobs = torch.log_softmax(teacher.head(h[rows.to(h.device)]).float(), dim=-1).cpu()
-        out.append(trie.derive(plan, logprobs, rows))
+    for plan, (rows, logprobs), h in zip(plans, main, steps):
+        branch_rows = plan.n_main + torch.arange(plan.n_branches)
+        branch = _row_logprobs(teacher, h, torch.arange(plan.n_branches))[1]
+        out.append(trie.derive(plan, torch.cat([logprobs, branch]), torch.cat([rows, branch_rows])))
     return torch.stack(out)
+
+
+def _main_rows(plan: RowPlan) -> torch.Tensor:
+    """The row's own output rows a plan may read (sorted, unique): q rows, T_j's rows at boundaries and at
+    branch positions (where a skipped branch reads them)."""
+    ends = plan.next_row[(plan.next_row >= 0) & (plan.next_row < plan.n_main)]
+    return torch.unique(torch.cat([plan.q_row, ends, plan.branch_at]))
+
+
+def _row_logprobs(teacher: Any, states: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, the teacher's next-token log-softmax at those rows of states [T, H] -> [n, V] float32 on CPU)."""
+    return rows, torch.log_softmax(teacher.head(states[rows.to(states.device)]).float(), dim=-1).cpu()
+
+
+def _row_lookup(plan: RowPlan, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Output row -> its index among `rows` (-1: absent); None when rows is None (logprobs hold every row)."""
+    if rows is None:
+        return None
+    lookup = torch.full((plan.n_main + plan.n_branches,), -1, dtype=torch.long)
+    lookup[rows] = torch.arange(rows.numel())
+    return lookup
 
 
 def floored(logprobs: torch.Tensor) -> torch.Tensor:
@@ -257,4 +342,4 @@ def floored(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logprobs.clamp_min(math.log(MASS_FLOOR)), dim=-1)
 
 
-__all__ = ["MASS_FLOOR", "PieceTrie", "RowPlan", "exact_log_probs", "floored"]
+__all__ = ["MASS_FLOOR", "BranchCount", "PieceTrie", "RowPlan", "exact_log_probs", "floored"]
