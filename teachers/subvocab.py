@@ -97,8 +97,9 @@ class BranchCount:
     skipped_share: float = 0.0
     max_skipped: float = 0.0
 
-    def add(self, plan: RowPlan, share: torch.Tensor, skip: torch.Tensor) -> None:
-        """Count one row: its plan before skipping, the branches' relative ending mass [n_b] and skip [n_b]."""
+    def add(self, plan: RowPlan, share: torch.Tensor | None, skip: torch.Tensor) -> None:
+        """Count one row: its plan before skipping, the branches' relative ending mass [n_b] (None when nothing
+        is skipped) and skip [n_b]."""
         self.positions += int(plan.node.numel())
         self.needed += plan.n_branches
         self.evaluated += plan.n_branches - int(skip.sum())
@@ -300,8 +301,8 @@ def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any], branch_
     prefill = teacher.prefill([v.ids for v in views])
     main = [_row_logprobs(teacher, h, _main_rows(plan)) for plan, h in zip(plans, prefill.states)]
     for i, (rows, logprobs) in enumerate(main):
-        share = trie.ending_share(plans[i], logprobs, rows)
-        skip = share < branch_floor
+        share = trie.ending_share(plans[i], logprobs, rows) if branch_floor > 0 else None
+        skip = share < branch_floor if share is not None else torch.zeros(plans[i].n_branches, dtype=torch.bool)
         if count is not None:
             count.add(plans[i], share, skip)
         plans[i] = trie.skip_branches(plans[i], skip)
