@@ -14,7 +14,8 @@ pieces start with pi. Two teacher tokens then decide the next student token s:
     q_j(t_pi) * (the teacher's next-token distribution after t_pi, summed by first piece). At T_j's own end
     (pi = pieces(T_j)) that distribution is q_{j+1}, from the same forward; where pi is a strict prefix of
     T_j's pieces ("the" inside "there") it comes from a BRANCH token t_pi at T_j's position that sees T_<j,
-    one extra evaluation (`Teacher.branched`).
+    one extra evaluation (`Teacher.branch_step`: one token of a decode step over the KV cache that the rows'
+    own pass, `Teacher.prefill`, left).
   P(s) = (C(s) + E(s)) / sum over s' of (C(s') + E(s')), the mass of the teacher tokens whose pieces start
 with pi (tokens without pieces, e.g. special tokens the student lacks, drop out of both). Student tokens that
 no teacher token spells (bytes the teacher lacks) get probability 0 (log-prob -inf). A row prefix token at
@@ -31,6 +32,22 @@ conditions on T_<j again. On the first 20 kB of Persuasion with SmolLM2-135M the
 (subset:1024) / 0.30% (subset:8192) of the actual next token's mass, and the teacher's bits/byte through these
 targets is 0.63% / 0.17% below its own: exactly sum log(1 + alternative / kept) plus row-edge terms
 (tests/test_subvocab.py::test_invariant_bits_per_byte_on_persuasion, pytest -s prints them).
+
+Branch floor (an approximation, off by default). A branch token costs one teacher evaluation, and with `bytes`
+most positions inside a teacher token need one. Write
+r = q_j(t_pi) / M_j(pi) for its relative ending mass, M_j(pi) the q_j mass of every teacher token whose pieces
+start with pi (C's total plus q_j(t_pi)). With branch_floor eps > 0 a branch with r < eps is not evaluated: its
+ending mass q_j(t_pi) is split instead by the distribution after T_j itself (q_{j+1}, T_j's own row, already
+computed). Bound: the exact target is P = (1 - w) P_C + w Q, P_C the continuing mass normalised, Q the branch's
+first-piece distribution (normalised) and w its share of the normaliser; the approximation is (1 - w') P_C +
+w' Q' with Q' from q_{j+1}. Both w and w' are at most r (a first-piece sum has total at most 1), and for
+w >= w' the difference is w' (Q - Q') + (w - w') (Q - P_C), so TV(P, P') <= max(w, w') <= r < eps; positions
+without a skipped branch are unchanged. Every rule for the skipped mass meets this bound; on the first 20 kB of
+Persuasion with SmolLM2-135M the TV reaches 0.79-0.93 of r on average (bench/subvocab.py), and of the cheap rules
+this one came out closest, ahead of dropping the mass (renormalising the rest) and of the distribution after
+t_pi alone (no context). The relative ending masses there are seldom tiny, so a floor at a negligible change skips
+only part of the branches (the table in bench/README.md). branch_floor = 0 evaluates every branch (the exact
+targets above).
 
 The continuing mass is a range sum: the teacher's tokens sorted lexicographically by their pieces form a trie
 in which the tokens whose pieces start with a prefix are one contiguous range (on SmolLM2 a few to a few
