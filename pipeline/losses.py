@@ -539,13 +539,15 @@ class DistillObjective(nn.Module):
     (student.vocab = subset:N | bytes): the teacher never reads the student's ids; the online STA target is
     the teacher's exact distribution over the student's vocabulary at each position, [B * (L - 1), V_s] dense,
     derived from `views` (B teachers.data.TeacherView of the rows; zero-mass tokens floored, see
-    teachers.subvocab.floored).
+    teachers.subvocab.floored). branch_floor: skip the branch tokens of relative ending mass below it
+    (teachers.subvocab.exact_log_probs; recipe key teacher_cache.branch_floor, 0 = exact).
     """
 
     def __init__(self, student: nn.Module, weights: dict[str, float], *, teacher: Any = None,
-                 spad: SpADLoss | None = None, kd: dict[str, Any] | None = None, subvocab: Any = None):
+                 spad: SpADLoss | None = None, kd: dict[str, Any] | None = None, subvocab: Any = None,
+                 branch_floor: float = 0.0):
         super().__init__()
-        self.student, self.spad, self.subvocab = student, spad, subvocab
+        self.student, self.spad, self.subvocab, self.branch_floor = student, spad, subvocab, float(branch_floor)
         self.weights = {k: float(weights.get(k, 0.0)) for k in LOSS_TERMS}
         self.kd = {"kind": "forward_kl", "temperature": 1.0, "chunk_size": 1024, "beta": 0.5, "impl": "fused",
                    **(kd or {})}
@@ -622,7 +624,7 @@ class DistillObjective(nn.Module):
         """The teacher's exact next-student-token log-probs of the rows' positions but the last -> [N, V_s]."""
         from teachers.subvocab import exact_log_probs, floored
 
-        lp = floored(exact_log_probs(self.teacher, self.subvocab, list(views)))
+        lp = floored(exact_log_probs(self.teacher, self.subvocab, list(views), self.branch_floor))
         return lp[:, :-1].reshape(-1, lp.shape[-1])
 
 

@@ -77,6 +77,10 @@ class TeacherCacheConfig:
     # states, their attention maps; teachers/feature_cache.py) in <cache dir>/features, so that distill never
     # runs the teacher; needs distill.weights ea, saa or sfa > 0. Arms without it never build or read them
     features: bool = False
+    # with a derived student.vocab, cached and online: skip the branch tokens (one teacher evaluation each, where
+    # the pieces emitted inside a teacher token spell a shorter one) whose relative ending mass is below this
+    # floor; each such target moves by at most that mass in total variation (teachers/subvocab.py). 0 = exact
+    branch_floor: float = 0.0
 
 
 @dataclass
@@ -367,6 +371,7 @@ def check_values(recipe: Recipe) -> None:
     c = recipe.teacher_cache
     _need(c.k > 0, "teacher_cache.k", "> 0", c.k)
     _need(c.batch_size > 0, "teacher_cache.batch_size", "> 0", c.batch_size)
+    _need(0 <= c.branch_floor < 1, "teacher_cache.branch_floor", "in [0, 1) (0: exact targets)", c.branch_floor)
     _check_train("align.train", recipe.align.train)
     if recipe.align.enabled:
         _check_weights("align.weights", recipe.align.weights)

@@ -26,7 +26,11 @@ temperature-1 targets and tempered the buckets; it is refused.
 A dataset tokenized with a student vocabulary derived from the teacher's (meta.json "vocab" = subset:N |
 bytes) gets the same format over the STUDENT's vocabulary: ids are student ids, the values the top-k of the
 tempered exact distribution of the next student token (teachers.subvocab), built from the rows' teacher
-views. Its key adds "vocab" (the spelling) and "targets" (SUBVOCAB_TARGETS, the derivation's format marker).
+views. Its key adds "vocab" (the spelling) and "targets" (SUBVOCAB_TARGETS, the derivation's format marker,
+followed by " branch_floor=<eps>" when the branch tokens of relative ending mass below eps were skipped, so that
+caches of different floors are never read for one another; teachers.subvocab.exact_log_probs). The build's
+stats (the teacher_cache stage's metrics) add "branches": its BranchCount (positions, branch tokens needed and
+evaluated, the skipped branches' summed and largest relative ending mass, i.e. total-variation bounds).
 
 The shard machinery (manifest and key check, resumable build, checksummed shards, a reader that verifies each
 shard once) is generic over a `ShardFormat`; teachers.feature_cache stores the teacher's SpAD targets with it.
@@ -41,7 +45,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -108,17 +112,21 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0) -> Spar
     return SparseTargets(ids, values, tail)
 
 
-def vocab_key(meta: dict) -> dict:
+def vocab_key(meta: dict, branch_floor: float = 0.0) -> dict:
     """The key fields a dataset's student vocabulary adds: none for the teacher's own, else "vocab" and
-    "targets" (so a cache of exact subset-vocabulary targets is never read for other targets)."""
+    "targets" (so a cache of exact subset-vocabulary targets is never read for other targets, nor for those of
+    another branch_floor: teacher_cache.branch_floor, ignored for the teacher's own vocabulary)."""
     vocab = meta.get("vocab", "teacher")
-    return {} if vocab == "teacher" else {"vocab": vocab, "targets": SUBVOCAB_TARGETS}
+    if vocab == "teacher":
+        return {}
+    targets = SUBVOCAB_TARGETS if branch_floor == 0 else f"{SUBVOCAB_TARGETS} branch_floor={float(branch_floor)!r}"
+    return {"vocab": vocab, "targets": targets}
 
 
 def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value_dtype: str,
-              temperature: float = 1.0) -> dict:
-    """The manifest key a cache of `teacher` over dataset_dir/split at `temperature` must carry (pass as
-    TeacherCache expect)."""
+              temperature: float = 1.0, branch_floor: float = 0.0) -> dict:
+    """The manifest key a cache of `teacher` over dataset_dir/split at `temperature` (and, over a derived
+    student vocabulary, `branch_floor`) must carry (pass as TeacherCache expect)."""
     meta = TokenDataset(dataset_dir, split).meta
     return {
         "format": FORMAT_VERSION,
@@ -131,7 +139,7 @@ def cache_key(teacher, dataset_dir: str | os.PathLike, split: str, k: int, value
         "k": int(k),
         "value_dtype": value_dtype,
         "temperature": float(temperature),
-        **vocab_key(meta),
+        **vocab_key(meta, branch_floor),
     }
 
 
@@ -140,8 +148,11 @@ def _check_temperature(temperature: float) -> None:
         raise CacheError(f"temperature={temperature!r}: must be a finite number > 0 (distill.kd.temperature)")
 
 
-def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float, vocab) -> None:
+def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float, vocab,
+                  branch_floor: float) -> None:
     _check_temperature(temperature)
+    if isinstance(branch_floor, bool) or not isinstance(branch_floor, (int, float)) or not 0 <= branch_floor < 1:
+        raise CacheError(f"branch_floor={branch_floor!r}: must be a number in [0, 1) (teacher_cache.branch_floor)")
     if value_dtype not in _VALUE_DTYPES:
         raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
     size = teacher.vocab_size if vocab is None else vocab.student_size
@@ -252,15 +263,14 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: int, value_dtype: torch.dtype,
-                  token_chunk: int, temperature: float, trie=None) -> dict[str, torch.Tensor]:
+                  token_chunk: int, temperature: float, exact=None) -> dict[str, torch.Tensor]:
     """Top-k targets at `temperature` of dataset rows -> {"ids" [R, L, k], "logprobs" [R, L, k],
-    "tail_mass" [R, L]}; with a teachers.subvocab.PieceTrie, of the exact targets over the student's
-    vocabulary."""
+    "tail_mass" [R, L]}; with `exact` (an _Exact), of the exact targets over the student's vocabulary."""
     ids, values, tails = [], [], []
     for start in range(rows.start, rows.stop, batch_size):
         batch = range(start, min(start + batch_size, rows.stop))
         # The head runs on token chunks so [B * L, V] logits never exist at once.
-        for logits in _row_logits(teacher, ds, batch, token_chunk, trie):
+        for logits in _row_logits(teacher, ds, batch, token_chunk, exact):
             t = topk_targets(logits, k, temperature)
             ids.append(t.ids.to("cpu", torch.int32))
             values.append(t.logprobs.to("cpu", value_dtype))
@@ -270,16 +280,27 @@ def _compute_rows(teacher, ds: TokenDataset, rows: range, k: int, batch_size: in
             "tail_mass": torch.cat(tails).reshape(shape)}
 
 
-def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, trie):
+@dataclass
+class _Exact:
+    """How a build derives targets over a student vocabulary: the teachers.subvocab.PieceTrie, the branch floor
+    and the BranchCount the build adds its branch tokens to."""
+
+    trie: object
+    branch_floor: float
+    count: object
+
+
+def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, exact: _Exact | None):
     """Chunks of [n, V] next-token logits of the batch's positions, row-major: the teacher's own head, or the
     exact log-probs over the student's vocabulary (zero-mass tokens at log MASS_FLOOR)."""
-    if trie is None:
+    if exact is None:
         h = teacher(torch.stack([ds[i] for i in batch]), logits=False, hidden_states=False).last_hidden_state
         flat = h.reshape(-1, h.shape[-1])
         return (teacher.head(flat[c:c + token_chunk]) for c in range(0, flat.shape[0], token_chunk))
     from teachers.subvocab import exact_log_probs, floored
 
-    return [floored(exact_log_probs(teacher, trie, [ds.teacher_view(i) for i in batch])).flatten(0, 1)]
+    views = [ds.teacher_view(i) for i in batch]
+    return [floored(exact_log_probs(teacher, exact.trie, views, exact.branch_floor, exact.count)).flatten(0, 1)]
 
 
 def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_row: int) -> None:
@@ -310,6 +331,7 @@ def build_teacher_cache(
     token_chunk: int = TOKEN_CHUNK,
     temperature: float = 1.0,
     vocab=None,
+    branch_floor: float = 0.0,
 ) -> dict:
     """Write the top-k targets of the tempered teacher, softmax(logits / temperature) (`topk_targets`), for
     every token of dataset_dir/split into out_dir (resumable).
@@ -318,27 +340,33 @@ def build_teacher_cache(
     of the key). shard_size: dataset rows per shard. overwrite=True replaces a cache built for other inputs
     or in another format (otherwise CacheError). vocab: the teachers.vocab.VocabMap of a dataset tokenized
     with a derived student vocabulary (required then, CacheError otherwise): the cache holds the top-k of the
-    teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). Returns the
-    stats of `build_shards`.
+    teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). branch_floor
+    (with vocab only; ignored without it): skip the branch tokens whose relative ending mass is below it, which
+    moves each such position's distribution by at most that mass in total variation (0: exact; part of the key).
+    Returns the stats of `build_shards`, with vocab plus "branches" (the build's BranchCount as a dict: over the
+    shards written in this call). Raises CacheError for a branch_floor outside [0, 1).
     """
     try:
         ds = TokenDataset(dataset_dir, split)
     except DataError as exc:
         raise CacheError(str(exc)) from exc
-    _check_inputs(teacher, ds, k, value_dtype, temperature, vocab)
-    trie = None
+    _check_inputs(teacher, ds, k, value_dtype, temperature, vocab, branch_floor)
+    exact = None
     if vocab is not None:
-        from teachers.subvocab import PieceTrie
+        from teachers.subvocab import BranchCount, PieceTrie
 
-        trie = PieceTrie.from_vocab(vocab)
-    key = cache_key(teacher, dataset_dir, split, k, value_dtype, temperature)
+        exact = _Exact(PieceTrie.from_vocab(vocab), float(branch_floor), BranchCount())
+    key = cache_key(teacher, dataset_dir, split, k, value_dtype, temperature, branch_floor if vocab is not None else 0.0)
 
     def compute(rows: range) -> dict[str, torch.Tensor]:
         return _compute_rows(teacher, ds, rows, k, batch_size, _VALUE_DTYPES[value_dtype], token_chunk, temperature,
-                             trie)
+                             exact)
 
-    return build_shards(out_dir, LOGITS, key, len(ds), int(shard_size), ds.seq_len, compute, overwrite=overwrite,
-                        progress=progress, desc="teacher cache")
+    stats = build_shards(out_dir, LOGITS, key, len(ds), int(shard_size), ds.seq_len, compute, overwrite=overwrite,
+                         progress=progress, desc="teacher cache")
+    if exact is not None:
+        stats["branches"] = asdict(exact.count)
+    return stats
 
 
 def build_shards(out_dir: Path, fmt: ShardFormat, key: dict, n_rows: int, shard_rows: int, row_tokens: int,

@@ -9,13 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from teachers.errors import TeacherError
 
 log = logging.getLogger(__name__)
+# the forward argument and output field of a KV cache: transformers 5.24 renamed `past_key_values` to `cache`
+# (the old name only a deprecated property of ModelOutput from then on)
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
 
 
 @dataclass
@@ -30,6 +35,25 @@ class TeacherOutput:
     hidden_states: tuple[torch.Tensor, ...] | None
     attentions: tuple[torch.Tensor, ...] | None
     last_hidden_state: torch.Tensor
+
+
+@dataclass
+class Prefill:
+    """Token rows after `Teacher.prefill`: rows B x LongTensor [T_i]; states B x [T_i, H], their last hidden
+    states; cache: the model's KV cache of the rows right-padded to `length` = max T_i (None where branch tokens
+    run as separate forwards)."""
+
+    rows: list[torch.Tensor]
+    states: list[torch.Tensor]
+    cache: Any
+    length: int
+
+
+def _right_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B x [T_i] -> ids [B, T] (padded with 0), attention mask [B, T] (1 = real token)."""
+    ids = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True)
+    lengths = torch.tensor([len(r) for r in rows])
+    return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
 
 
 def _first_tensor(x):
@@ -106,10 +130,7 @@ class Teacher:
         logits=False skips the LM head (o.logits None; use head() on chunks); hidden_states=False skips
         collecting per-layer outputs (o.hidden_states None). Attention maps come only with attn_maps=True.
         """
-        span = input_ids.shape[-1] if position_ids is None else int(position_ids.max()) + 1
-        if self.max_length is not None and span > self.max_length:
-            raise TeacherError(f"{self.spec}: {span} positions exceed the teacher's max_length "
-                               f"{self.max_length}; lower data.seq_len")
+        self._check_span(input_ids.shape[-1] if position_ids is None else int(position_ids.max()) + 1)
         captured: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
         ids = input_ids.to(self.device)
@@ -148,70 +169,108 @@ class Teacher:
             for handle in handles:
                 handle.remove()
 
+    def prefill(self, rows: list[torch.Tensor]) -> Prefill:
+        """Last hidden states of token rows, keeping what a later `branch_step` needs.
+
+        rows: B x LongTensor [T_i]. One forward of the rows right-padded to T = max T_i; where the model honours
+        a 4D mask with position ids over its KV cache (`tree_mask_ok`), with use_cache, so that branch tokens
+        later cost one decode step and the rows are never recomputed. Returns a Prefill (states B x [T_i, H]).
+        """
+        cached = self.tree_mask_ok()
+        return self._prefill(rows, cached)
+
+    def branch_step(self, prefill: Prefill, branches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Last hidden states of branch tokens, each seeing a prefix of its prefilled row.
+
+        branches: B x (at [n_i], tokens [n_i]): branch token tokens[k] stands at position at[k] (0 <= at[k] <=
+        T_i) and sees row[:at[k]] and itself, as if the row were cut there and tokens[k] appended. Returns B x
+        [n_i, H]. With the prefill's KV cache: one step of all B rows' branch tokens (position ids at, a 4D mask
+        letting branch k attend to cached keys < at[k] and to itself); without it, one batched forward of the
+        cut-and-appended rows. A cached Prefill takes one step (the step grows its cache): TeacherError after.
+        """
+        if sum(int(at.numel()) for at, _ in branches) == 0:
+            return [prefill.states[0].new_zeros(0, prefill.states[0].shape[-1]) for _ in branches]
+        if prefill.cache is None:
+            return self._branches_separately(prefill.rows, branches)
+        return self._branches_cached(prefill, branches)
+
     def branched(self, rows: list[torch.Tensor],
                  branches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Last hidden states of token rows plus branch tokens, each branch token seeing a prefix of its row.
-
-        rows: B x LongTensor [T_i]; branches: B x (at [n_i], tokens [n_i]): branch token tokens[k] stands at
-        position at[k] (0 <= at[k] <= T_i) and sees row[:at[k]] and itself, as if the row were cut there and
-        tokens[k] appended. Returns B x [T_i + n_i, H]: the row's own states, then its branch tokens'.
-        One padded forward with a 4D attention mask and explicit position ids where the model honours them
-        (`tree_mask_ok`), else one forward per row and one batched forward of its cut-and-appended branches.
-        """
-        if self.tree_mask_ok():
-            return self._branched_masked(rows, branches)
-        return [self._branched_separately(row, at, tok) for row, (at, tok) in zip(rows, branches)]
+        """`prefill` then `branch_step`: B x [T_i + n_i, H], the row's own states, then its branch tokens'."""
+        prefill = self.prefill(rows)
+        steps = self.branch_step(prefill, branches)
+        return [torch.cat([own, extra]) for own, extra in zip(prefill.states, steps)]
 
     def tree_mask_ok(self) -> bool:
-        """Whether this model honours a 4D attention mask with position ids, checked once on a few tokens
-        against separate forwards (a model that ignores or rejects them, or a sliding-window model, gets
-        False and the separate-forward path)."""
+        """Whether this model honours a 4D attention mask with position ids over its KV cache, checked once on a
+        few tokens against separate forwards (a model that ignores or rejects them, or a sliding-window model,
+        gets False: branch tokens then run as separate forwards)."""
         if self._tree_ok is None:
             self._tree_ok = self._probe_tree_mask()
             if not self._tree_ok:
-                log.warning("teacher %s: no tree-shaped attention (4D mask + position ids); branch tokens run "
-                            "as separate forwards (slower)", self.spec)
+                log.warning("teacher %s: no branch step over the KV cache (4D mask + position ids); branch tokens "
+                            "run as separate forwards (slower)", self.spec)
         return self._tree_ok
 
     def _probe_tree_mask(self) -> bool:
         if getattr(self.config, "sliding_window", None):
             return False  # a 4D mask replaces the model's own sliding-window masks
-        row = (torch.arange(6) * 7 + 3).remainder(self.vocab_size)
-        at, tok = torch.tensor([2, 4]), (torch.tensor([5, 11]) * 13).remainder(self.vocab_size)
+        rows = [(torch.arange(6) * 7 + 3).remainder(self.vocab_size), torch.arange(3).remainder(self.vocab_size)]
+        branches = [(torch.tensor([2, 4, 6]), (torch.tensor([5, 11, 2]) * 13).remainder(self.vocab_size)),
+                    (torch.tensor([1]), torch.tensor([4]).remainder(self.vocab_size))]
         try:
-            ours = self._branched_masked([row], [(at, tok)])[0]
-        except (RuntimeError, ValueError, TypeError, IndexError):
+            ours = self._branches_cached(self._prefill(rows, cached=True), branches)
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, TeacherError):
             return False
-        ref = self._branched_separately(row, at, tok)
-        return bool(((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1.0)) < 1e-2)
+        ref = self._branches_separately(rows, branches)
+        return all(bool(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)) < 1e-2)
+                   for a, b in zip(ours, ref))
 
-    def _branched_masked(self, rows, branches) -> list[torch.Tensor]:
-        lengths = [len(r) + len(b[0]) for r, b in zip(rows, branches)]
-        size = max(lengths)
-        ids = torch.zeros(len(rows), size, dtype=torch.long)
-        positions = torch.zeros(len(rows), size, dtype=torch.long)
-        keep = torch.eye(size, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself
-        for i, (row, (at, tok)) in enumerate(zip(rows, branches)):
-            n = len(row)
-            ids[i, :n], ids[i, n:lengths[i]] = row, tok
-            positions[i, :n], positions[i, n:lengths[i]] = torch.arange(n), at
-            keep[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-            keep[i, n:lengths[i], :n] = torch.arange(n)[None, :] < at[:, None]
+    def _base(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
+        """The decoder (no head) on ids [B, L] with an attention mask [B, L] or [B, 1, L, K], no graph."""
+        with torch.no_grad():
+            return self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         return_dict=True, **kwargs)
+
+    def _prefill(self, rows: list[torch.Tensor], cached: bool) -> Prefill:
+        ids, mask = _right_padded(rows)
+        self._check_span(ids.shape[1])
+        out = self._base(ids, mask, use_cache=cached)
+        states = [out.last_hidden_state[i, : len(r)] for i, r in enumerate(rows)]
+        cache = getattr(out, CACHE_FIELD) if cached else None
+        return Prefill(rows=list(rows), states=states, cache=cache, length=ids.shape[1])
+
+    def _branches_cached(self, prefill: Prefill, branches) -> list[torch.Tensor]:
+        if prefill.cache.get_seq_length() != prefill.length:
+            raise TeacherError("this Prefill's KV cache already took a branch step; prefill the rows again")
+        counts = [int(at.numel()) for at, _ in branches]
+        size, past = max(counts), prefill.length
+        ids = torch.zeros(len(branches), size, dtype=torch.long)
+        positions = torch.zeros(len(branches), size, dtype=torch.long)
+        keep = torch.zeros(len(branches), size, past + size, dtype=torch.bool)
+        keep[:, :, past:] = torch.eye(size, dtype=torch.bool)  # each branch token (and padding) sees itself
+        for i, (at, tok) in enumerate(branches):
+            ids[i, : counts[i]], positions[i, : counts[i]] = tok, at
+            keep[i, : counts[i], :past] = torch.arange(past)[None, :] < at[:, None]
         mask = torch.zeros(keep.shape, dtype=self.dtype).masked_fill(~keep, torch.finfo(self.dtype).min)
-        h = self(ids, attention_mask=mask[:, None], position_ids=positions, logits=False,
-                 hidden_states=False).last_hidden_state
-        return [h[i, :n] for i, n in enumerate(lengths)]
+        self._check_span(int(positions.max()) + 1)
+        h = self._base(ids, mask[:, None], position_ids=positions.to(self.device), use_cache=True,
+                       **{CACHE_FIELD: prefill.cache}).last_hidden_state
+        return [h[i, :n] for i, n in enumerate(counts)]
 
-    def _branched_separately(self, row: torch.Tensor, at: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        own = self(row[None], logits=False, hidden_states=False).last_hidden_state[0]
-        if at.numel() == 0:
-            return own
-        cut = [torch.cat([row[:a], tok[k:k + 1]]) for k, a in enumerate(at.tolist())]
-        length = torch.tensor([len(c) for c in cut])
-        ids = torch.nn.utils.rnn.pad_sequence(cut, batch_first=True)
-        mask = (torch.arange(ids.shape[1])[None, :] < length[:, None]).long()
-        h = self(ids, attention_mask=mask, logits=False, hidden_states=False).last_hidden_state
-        return torch.cat([own, h[torch.arange(len(cut)), length.to(h.device) - 1]])
+    def _branches_separately(self, rows: list[torch.Tensor], branches) -> list[torch.Tensor]:
+        cut = [torch.cat([row[:a], tok[k:k + 1]]) for row, (at, tok) in zip(rows, branches)
+               for k, a in enumerate(at.tolist())]
+        ids, mask = _right_padded(cut)
+        self._check_span(ids.shape[1])
+        h = self._base(ids, mask, use_cache=False).last_hidden_state
+        last = h[torch.arange(len(cut)), mask.sum(1).to(h.device) - 1]
+        return list(last.split([int(at.numel()) for at, _ in branches]))
+
+    def _check_span(self, span: int) -> None:
+        if self.max_length is not None and span > self.max_length:
+            raise TeacherError(f"{self.spec}: {span} positions exceed the teacher's max_length "
+                               f"{self.max_length}; lower data.seq_len")
 
     def check_head(self) -> None:
         """Check head(last_hidden_state) reproduces the model's own logits on a few tokens, so chunked

@@ -14,7 +14,8 @@ pieces start with pi. Two teacher tokens then decide the next student token s:
     q_j(t_pi) * (the teacher's next-token distribution after t_pi, summed by first piece). At T_j's own end
     (pi = pieces(T_j)) that distribution is q_{j+1}, from the same forward; where pi is a strict prefix of
     T_j's pieces ("the" inside "there") it comes from a BRANCH token t_pi at T_j's position that sees T_<j,
-    one extra evaluation (`Teacher.branched`).
+    one extra evaluation (`Teacher.branch_step`: one token of a decode step over the KV cache that the rows'
+    own pass, `Teacher.prefill`, left).
   P(s) = (C(s) + E(s)) / sum over s' of (C(s') + E(s')), the mass of the teacher tokens whose pieces start
 with pi (tokens without pieces, e.g. special tokens the student lacks, drop out of both). Student tokens that
 no teacher token spells (bytes the teacher lacks) get probability 0 (log-prob -inf). A row prefix token at
@@ -32,6 +33,22 @@ conditions on T_<j again. On the first 20 kB of Persuasion with SmolLM2-135M the
 targets is 0.63% / 0.17% below its own: exactly sum log(1 + alternative / kept) plus row-edge terms
 (tests/test_subvocab.py::test_invariant_bits_per_byte_on_persuasion, pytest -s prints them).
 
+Branch floor (an approximation, off by default). A branch token costs one teacher evaluation, and with `bytes`
+most positions inside a teacher token need one. Write
+r = q_j(t_pi) / M_j(pi) for its relative ending mass, M_j(pi) the q_j mass of every teacher token whose pieces
+start with pi (C's total plus q_j(t_pi)). With branch_floor eps > 0 a branch with r < eps is not evaluated: its
+ending mass q_j(t_pi) is split instead by the distribution after T_j itself (q_{j+1}, T_j's own row, already
+computed). Bound: the exact target is P = (1 - w) P_C + w Q, P_C the continuing mass normalised, Q the branch's
+first-piece distribution (normalised) and w its share of the normaliser; the approximation is (1 - w') P_C +
+w' Q' with Q' from q_{j+1}. Both w and w' are at most r (a first-piece sum has total at most 1), and for
+w >= w' the difference is w' (Q - Q') + (w - w') (Q - P_C), so TV(P, P') <= max(w, w') <= r < eps; positions
+without a skipped branch are unchanged. Every rule for the skipped mass meets this bound; on the first 20 kB of
+Persuasion with SmolLM2-135M the TV reaches 0.79-0.93 of r on average (bench/subvocab.py), and of the cheap rules
+this one came out closest, ahead of dropping the mass (renormalising the rest) and of the distribution after
+t_pi alone (no context). The relative ending masses there are seldom tiny, so a floor at a negligible change skips
+only part of the branches (the table in bench/README.md). branch_floor = 0 evaluates every branch (the exact
+targets above).
+
 The continuing mass is a range sum: the teacher's tokens sorted lexicographically by their pieces form a trie
 in which the tokens whose pieces start with a prefix are one contiguous range (on SmolLM2 a few to a few
 hundred tokens), gathered and summed by next piece in float64; the ending mass sums the whole next-token
@@ -42,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +99,30 @@ class RowPlan:
     @property
     def n_branches(self) -> int:
         return int(self.branch_at.numel())
+
+
+@dataclass
+class BranchCount:
+    """Branch tokens of `exact_log_probs` calls, summed over them: positions (student positions derived), needed
+    (positions whose emitted pieces spell a shorter teacher token, each one branch token), evaluated (those
+    run), skipped_share (the sum over the others of their relative ending mass q_j(t_pi) / M_j(pi), each the
+    bound on its position's total-variation error) and max_skipped (the largest of them; 0: none skipped)."""
+
+    positions: int = 0
+    needed: int = 0
+    evaluated: int = 0
+    skipped_share: float = 0.0
+    max_skipped: float = 0.0
+
+    def add(self, plan: RowPlan, share: torch.Tensor | None, skip: torch.Tensor) -> None:
+        """Count one row: its plan before skipping, the branches' relative ending mass [n_b] (None when nothing
+        is skipped) and skip [n_b]."""
+        self.positions += int(plan.node.numel())
+        self.needed += plan.n_branches
+        self.evaluated += plan.n_branches - int(skip.sum())
+        if bool(skip.any()):
+            self.skipped_share += float(share[skip].sum())
+            self.max_skipped = max(self.max_skipped, float(share[skip].max()))
 
 
 class PieceTrie:
@@ -182,10 +223,7 @@ class PieceTrie:
         branch tokens); V may exceed the pieces table (padded heads: those columns are dropped). rows: the
         output row each logprobs row belongs to (default 0..R-1), e.g. `rows_needed(plan)`.
         """
-        lookup = None
-        if rows is not None:
-            lookup = torch.full((plan.n_main + plan.n_branches,), -1, dtype=torch.long)
-            lookup[rows] = torch.arange(rows.numel())
+        lookup = _row_lookup(plan, rows)
         logprobs = logprobs[:, : self.n_teacher]
         out = torch.empty(plan.node.numel(), self.n_student, dtype=torch.float32)
         for c in range(0, plan.node.numel(), POSITION_CHUNK):
@@ -198,6 +236,34 @@ class PieceTrie:
                                    plan.first[span])
             out[span] = (num.log() - num.sum(-1, keepdim=True).log()).float()
         return out
+
+    def ending_share(self, plan: RowPlan, logprobs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Relative ending mass of each branch of a plan -> [n_b] float64: q_j(t_pi) / M_j(pi), the share of the
+        mass of the teacher tokens whose pieces start with the emitted pieces pi that t_pi, the shorter token
+        they spell, holds. logprobs and rows as in `derive`; only q rows are read (no branch rows)."""
+        at = torch.nonzero(plan.next_row >= plan.n_main).squeeze(1)  # the branch positions, in branch order
+        lookup = _row_lookup(plan, rows)
+        q_row = plan.q_row[at] if lookup is None else lookup[plan.q_row[at]]
+        logprobs = logprobs[:, : self.n_teacher]
+        share = torch.empty(at.numel(), dtype=torch.float64)
+        for c in range(0, at.numel(), POSITION_CHUNK):
+            span = slice(c, c + POSITION_CHUNK)
+            owner, token, _ = self._continuations(plan.node[at[span]])
+            going_on = torch.zeros(q_row[span].numel(), dtype=torch.float64).index_add_(
+                0, owner, logprobs[q_row[span][owner], token].double().exp())
+            ending = logprobs[q_row[span], plan.end_tok[at[span]]].double().exp()
+            share[span] = ending / (ending + going_on)
+        return share
+
+    def skip_branches(self, plan: RowPlan, skip: torch.Tensor) -> RowPlan:
+        """The plan without the branch tokens where skip [n_b] is True: their ending mass q_j(t_pi) is split by
+        the next-token distribution after T_j itself (T_j's own row, q_{j+1}) instead of the one after t_pi.
+        The kept branches keep their order (output rows n_main, n_main + 1, ...)."""
+        at = torch.nonzero(plan.next_row >= plan.n_main).squeeze(1)
+        next_row = plan.next_row.clone()
+        next_row[at[skip]] = plan.branch_at[skip]  # T_j's own output row: the distribution after T_j
+        next_row[at[~skip]] = plan.n_main + torch.arange(int((~skip).sum()))
+        return replace(plan, next_row=next_row, branch_at=plan.branch_at[~skip], branch_tok=plan.branch_tok[~skip])
 
     def _numerators(self, node, end_tok, q_row, next_row, logprobs, first) -> torch.Tensor:
         """Unnormalised next-student-token masses C(s) + E(s) -> [n, V_s] float64."""
@@ -230,24 +296,61 @@ class PieceTrie:
         return out.index_add_(1, self.first_piece, p)[:, : self.n_student].double()
 
 
-def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any]) -> torch.Tensor:
+def exact_log_probs(teacher: Any, trie: PieceTrie, views: Sequence[Any], branch_floor: float = 0.0,
+                    count: BranchCount | None = None) -> torch.Tensor:
     """The teacher's log-probabilities of the next student token at every position of each view -> [B, L, V_s].
 
-    teacher: teachers.Teacher; views: B teacher views (ids [T_w], pos [L], piece [L], equal L, any T_w). One
-    teacher forward for the whole batch (rows padded, branch tokens appended with a 4D attention mask; see
-    Teacher.branched), then the head only on the rows the targets read. Raises DataError for views of
-    different L or malformed views.
+    teacher: teachers.Teacher; views: B teacher views (ids [T_w], pos [L], piece [L], equal L, any T_w). Two
+    teacher passes for the whole batch: the rows (Teacher.prefill, keeping the KV cache), which gives every
+    q_j; then the branch tokens as one step over that cache (Teacher.branch_step), only those whose relative
+    ending mass q_j(t_pi) / M_j(pi) (`PieceTrie.ending_share`) is at least branch_floor; the others' ending
+    mass is split by the distribution after T_j itself (`PieceTrie.skip_branches`), which moves that
+    position's distribution by at most its relative ending mass in total variation (module docstring).
+    branch_floor 0 evaluates every branch: the exact targets. The head runs only on the rows the targets read.
+    count: a BranchCount to add this batch's branch tokens to. Raises DataError for views of different L or
+    malformed views, ValueError for a branch_floor outside [0, 1].
     """
+    if not 0.0 <= branch_floor < 1.0:
+        raise ValueError(f"branch_floor={branch_floor!r}: must be in [0, 1) (teacher_cache.branch_floor)")
     if len({int(v.pos.numel()) for v in views}) > 1:
         raise DataError("teacher views of one batch must have the same number of student positions")
     plans = [trie.plan(v) for v in views]
-    states = teacher.branched([v.ids for v in views], [(p.branch_at, p.branch_tok) for p in plans])
+    prefill = teacher.prefill([v.ids for v in views])
+    main = [_row_logprobs(teacher, h, _main_rows(plan)) for plan, h in zip(plans, prefill.states)]
+    for i, (rows, logprobs) in enumerate(main):
+        share = trie.ending_share(plans[i], logprobs, rows) if branch_floor > 0 else None
+        skip = share < branch_floor if share is not None else torch.zeros(plans[i].n_branches, dtype=torch.bool)
+        if count is not None:
+            count.add(plans[i], share, skip)
+        plans[i] = trie.skip_branches(plans[i], skip)
+    steps = teacher.branch_step(prefill, [(p.branch_at, p.branch_tok) for p in plans])
     out = []
-    for plan, h in zip(plans, states):
-        rows = trie.rows_needed(plan)
-        logprobs = torch.log_softmax(teacher.head(h[rows.to(h.device)]).float(), dim=-1).cpu()
-        out.append(trie.derive(plan, logprobs, rows))
+    for plan, (rows, logprobs), h in zip(plans, main, steps):
+        branch_rows = plan.n_main + torch.arange(plan.n_branches)
+        branch = _row_logprobs(teacher, h, torch.arange(plan.n_branches))[1]
+        out.append(trie.derive(plan, torch.cat([logprobs, branch]), torch.cat([rows, branch_rows])))
     return torch.stack(out)
+
+
+def _main_rows(plan: RowPlan) -> torch.Tensor:
+    """The row's own output rows a plan may read (sorted, unique): q rows, T_j's rows at boundaries and at
+    branch positions (where a skipped branch reads them)."""
+    ends = plan.next_row[(plan.next_row >= 0) & (plan.next_row < plan.n_main)]
+    return torch.unique(torch.cat([plan.q_row, ends, plan.branch_at]))
+
+
+def _row_logprobs(teacher: Any, states: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, the teacher's next-token log-softmax at those rows of states [T, H] -> [n, V] float32 on CPU)."""
+    return rows, torch.log_softmax(teacher.head(states[rows.to(states.device)]).float(), dim=-1).cpu()
+
+
+def _row_lookup(plan: RowPlan, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Output row -> its index among `rows` (-1: absent); None when rows is None (logprobs hold every row)."""
+    if rows is None:
+        return None
+    lookup = torch.full((plan.n_main + plan.n_branches,), -1, dtype=torch.long)
+    lookup[rows] = torch.arange(rows.numel())
+    return lookup
 
 
 def floored(logprobs: torch.Tensor) -> torch.Tensor:
@@ -257,4 +360,4 @@ def floored(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logprobs.clamp_min(math.log(MASS_FLOOR)), dim=-1)
 
 
-__all__ = ["MASS_FLOOR", "PieceTrie", "RowPlan", "exact_log_probs", "floored"]
+__all__ = ["MASS_FLOOR", "BranchCount", "PieceTrie", "RowPlan", "exact_log_probs", "floored"]

@@ -231,3 +231,49 @@ def test_a_cache_of_the_previous_format_is_refused(teacher, prepared, tmp_path):
         assert "\n" not in str(exc.value) and str(out) in str(exc.value)
     stats = _build(teacher, prepared, out, overwrite=True)
     assert stats["shards_written"] == stats["shards"] and TeacherCache(out).temperature == 1.0
+
+
+@pytest.fixture(scope="module")
+def bytes_prepared(teacher, tmp_path_factory):
+    """TEXT prepared with the tiny teacher's bytes vocabulary: (dataset dir, VocabMap)."""
+    from teachers.vocab import VocabMap, student_tokenizer
+
+    root = tmp_path_factory.mktemp("bytes")
+    vocab = VocabMap.build(teacher.tokenizer, student_tokenizer(teacher.tokenizer, "bytes", cache_dir=root), "bytes")
+    (root / "doc.txt").write_text(TEXT)
+    prepare_corpus([root / "doc.txt"], vocab.student_tokenizer, root / "data", seq_len=48, val_fraction=0.0,
+                   vocab=vocab)
+    return root / "data", vocab
+
+
+def test_a_branch_floor_has_its_own_key_and_moves_targets_within_it(teacher, bytes_prepared, tmp_path):
+    """Over a derived vocabulary the floor is part of the targets marker: a cache of one floor is refused for
+    another, both ways. With k = the whole student vocabulary (temperature 1) the stored targets are the
+    floored distributions, so two floors' caches differ by at most the largest skipped relative ending mass (below
+    the floor) in total variation."""
+    data, vocab = bytes_prepared
+    size = vocab.student_size
+    stats = {floor: _build(teacher, data, tmp_path / str(floor), k=size, value_dtype="fp32", vocab=vocab,
+                           branch_floor=floor) for floor in (0.0, 0.3)}
+    exact, skipped = (stats[f]["branches"] for f in (0.0, 0.3))
+    assert exact["evaluated"] == exact["needed"] == skipped["needed"] > skipped["evaluated"] > 0
+    assert exact["positions"] == stats[0.0]["tokens"] and 0 < skipped["max_skipped"] < 0.3
+    keys = {f: cache_key(teacher, data, "train", size, "fp32", branch_floor=f) for f in (0.0, 0.3)}
+    assert keys[0.0]["targets"] == cache_mod.SUBVOCAB_TARGETS
+    assert keys[0.3]["targets"] == f"{cache_mod.SUBVOCAB_TARGETS} branch_floor=0.3"
+    for have, want in ((0.0, 0.3), (0.3, 0.0)):
+        with pytest.raises(CacheError, match="targets=") as exc:
+            TeacherCache(tmp_path / str(have), expect=keys[want])
+        assert "\n" not in str(exc.value)
+    caches = {f: TeacherCache(tmp_path / str(f), expect=keys[f]) for f in (0.0, 0.3)}
+    for row in range(len(caches[0.0])):
+        dense = [torch.zeros(48, size).scatter(-1, c[row].ids, c[row].logprobs.exp()) for c in caches.values()]
+        assert float(((dense[0] - dense[1]).abs().sum(-1) / 2).max()) <= skipped["max_skipped"] + 1e-6
+    with pytest.raises(CacheError, match="teacher_cache.branch_floor"):
+        _build(teacher, data, tmp_path / "bad", k=size, vocab=vocab, branch_floor=1.0)
+
+
+def test_the_branch_floor_is_ignored_for_the_teachers_own_vocabulary(teacher, prepared, tmp_path):
+    stats = _build(teacher, prepared, tmp_path / "c", branch_floor=0.5)
+    assert "branches" not in stats
+    assert TeacherCache(tmp_path / "c", expect=cache_key(teacher, prepared, "train", 8, "bf16")).k == 8

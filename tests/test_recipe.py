@@ -154,6 +154,8 @@ def test_wrong_type(tmp_path):
     ("run.name=a/b", "run.name"),
     ("distill.weights.sta=-1", "distill.weights.sta"),
     ("data.max_train_bytes=0", "data.max_train_bytes"),
+    ("teacher_cache.branch_floor=-0.1", "teacher_cache.branch_floor"),
+    ("teacher_cache.branch_floor=1.0", "teacher_cache.branch_floor"),
 ])
 def test_bad_values_name_the_key(override, key):
     msg = _one_line_error(None, [override])
@@ -191,6 +193,26 @@ def test_the_teacher_cache_stage_depends_on_the_kd_temperature():
     at = {tau: load_recipe(None, ["teacher_cache.enabled=true", f"distill.kd.temperature={tau}"]) for tau in (1, 2)}
     assert stage_config_hash(at[1], "teacher_cache") != stage_config_hash(at[2], "teacher_cache")
     assert stage_config_hash(at[1], "prepare") == stage_config_hash(at[2], "prepare")
+
+
+def test_the_branch_floor_enters_the_hashes_only_where_it_changes_targets():
+    """A floor changes the targets over a derived vocabulary, cached (teacher_cache) or online (distill); at 0,
+    or with the teacher's own vocabulary, the hashes stay those of runs made before the key existed."""
+    from pipeline.runner import stage_config_hash
+    from pipeline.stages import SPECS
+
+    def hashes(*overrides):
+        r = load_recipe(None, ["teacher_cache.enabled=true", "align.enabled=false", *overrides])
+        return {stage: stage_config_hash(r, stage) for stage in ("prepare", "teacher_cache", "distill")}
+
+    assert "branch_floor" not in SPECS["teacher_cache"].sections(load_recipe(None, []))["teacher_cache"]
+    assert hashes("teacher_cache.branch_floor=1e-4") == hashes()  # the teacher's own vocabulary
+    derived = ["student.vocab=subset:300"]
+    exact, floored = hashes(*derived), hashes(*derived, "teacher_cache.branch_floor=1e-4")
+    assert floored["prepare"] == exact["prepare"]
+    assert floored["teacher_cache"] != exact["teacher_cache"]
+    online = ["distill.use_teacher_cache=false", "teacher_cache.enabled=false"]
+    assert hashes(*derived, *online, "teacher_cache.branch_floor=1e-4")["distill"] != hashes(*derived, *online)["distill"]
 
 
 def test_deepspeed_needs_a_config_file():

@@ -14,8 +14,8 @@ import torch
 
 from teachers import load_teacher
 from teachers.data import TeacherView, bundled_corpus, read_text
-from teachers.errors import DataError
-from teachers.subvocab import PieceTrie, exact_log_probs
+from teachers.errors import DataError, TeacherError
+from teachers.subvocab import BranchCount, PieceTrie, exact_log_probs
 from teachers.vocab import VocabMap, student_tokenizer
 
 EOT = "<|endoftext|>"  # the tiny teacher's document separator, id 0
@@ -269,6 +269,37 @@ def test_branch_tokens_equal_separate_forwards(tiny):
                 torch.testing.assert_close(tiny.head(h[len(row) + k]), alone, atol=1e-5, rtol=0)
 
 
+def test_a_prefill_takes_one_branch_step(tiny):
+    """The step appends the branch tokens to the prefill's KV cache: a second step would see them."""
+    prefill = tiny.prefill([torch.tensor([5, 17, 40, 3])])
+    assert prefill.cache is not None and [h.shape[0] for h in prefill.states] == [4]
+    tiny.branch_step(prefill, [(torch.tensor([2]), torch.tensor([60]))])
+    with pytest.raises(TeacherError, match="prefill the rows again"):
+        tiny.branch_step(prefill, [(torch.tensor([3]), torch.tensor([61]))])
+
+
+@pytest.mark.slow
+def test_branch_step_equals_separate_forwards_on_smollm2(smollm2):
+    """The bundled teacher (Llama architecture, fp32): each branch token's logits after the prefill and one
+    cached step equal a separate forward of its prefix + token within 1e-5 of the logits' scale (measured
+    3.3e-6: fp32 rounding of differently shaped matmuls; the one-forward 4D-mask path it replaced differed as
+    much), and its next-token distribution within 1e-5 in total variation."""
+    ids = encode(smollm2, "It is a truth universally acknowledged, that a single man")
+    rows = [ids, ids[:7]]
+    branches = [(torch.tensor([1, 5, 5, len(ids)]), torch.tensor([256, 1030, 30, 9])),
+                (torch.tensor([3, 7]), torch.tensor([88, 17]))]
+    assert smollm2.tree_mask_ok()
+    prefill = smollm2.prefill(rows)
+    assert prefill.cache is not None
+    for row, (at, tok), h in zip(rows, branches, smollm2.branch_step(prefill, branches)):
+        for k, (a, b) in enumerate(zip(at.tolist(), tok.tolist())):
+            with torch.no_grad():
+                alone = smollm2.model(torch.cat([row[:a], torch.tensor([b])])[None]).logits[0, -1].double()
+            ours = smollm2.head(h[k]).double()
+            assert float((ours - alone).abs().max() / alone.abs().max()) < 1e-5
+            assert float((ours.softmax(-1) - alone.softmax(-1)).abs().sum() / 2) < 1e-5
+
+
 def test_a_model_ignoring_the_4d_mask_gets_separate_forwards(tiny_teacher_dir, monkeypatch):
     teacher, reference = load_teacher(tiny_teacher_dir), load_teacher(tiny_teacher_dir)
     base = teacher.model.base_model
@@ -283,6 +314,113 @@ def test_a_model_ignoring_the_4d_mask_gets_separate_forwards(tiny_teacher_dir, m
     rows, branches = [torch.tensor([5, 17, 40, 3])], [(torch.tensor([2, 3]), torch.tensor([60, 61]))]
     torch.testing.assert_close(teacher.branched(rows, branches)[0], reference.branched(rows, branches)[0],
                                atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- branch floor
+# A hand-made teacher vocabulary over student pieces a, b, c, d (ids 0-3): "a" and "ab" are teacher tokens, so
+# the first two pieces of "abc" and "abd" are branch positions.
+HAND_PIECES = [(3,), (0,), (0, 1), (0, 1, 2), (0, 1, 3), (1,), (2,)]  # d, a, ab, abc, abd, b, c
+HAND_Q = torch.tensor([  # q rows 0-3 over the 7 teacher tokens: q_1, q_2, q_3, and the distribution after T_3
+    [0.1, 0.01, 0.09, 0.5, 0.2, 0.05, 0.05],
+    [0.2, 0.3, 0.001, 0.2, 0.1, 0.1, 0.099],
+    [0.05, 1e-4, 0.4, 0.1, 0.4, 0.0498, 1e-4],
+    [0.3, 0.1, 0.1, 0.1, 0.1, 0.2, 0.1],
+], dtype=torch.float64)
+
+
+def hand_case() -> tuple[PieceTrie, TeacherView, torch.Tensor]:
+    ids = torch.tensor([0, 3, 3, 4])  # d | abc | abc | abd: every piece of the last three is a position
+    view = TeacherView(ids, torch.tensor([1, 1, 1, 2, 2, 2, 3, 3, 3]), torch.tensor([0, 1, 2] * 3))
+    return PieceTrie(HAND_PIECES, 4), view, HAND_Q.log().float()
+
+
+def test_skipped_branches_counted_by_hand():
+    """Relative ending masses, by hand (q of the shorter token / q of every token starting with its pieces):
+    T_1 = abc under q_1: a .01/.80, ab .09/.79; T_2 = abc under q_2: a .3/.601, ab .001/.301; T_3 = abd under q_3:
+    a 1e-4/.9001, ab .4/.9. Below 0.01: 2 of them; below 0.1: 3; below 0.5: all 6."""
+    trie, view, logprobs = hand_case()
+    plan = trie.plan(view)
+    assert plan.branch_at.tolist() == [1, 1, 2, 2, 3, 3] and plan.branch_tok.tolist() == [1, 2] * 3
+    hand = torch.tensor([0.01 / 0.8, 0.09 / 0.79, 0.3 / 0.601, 0.001 / 0.301, 1e-4 / 0.9001, 0.4 / 0.9],
+                        dtype=torch.float64)
+    share = trie.ending_share(plan, logprobs)
+    torch.testing.assert_close(share, hand, atol=1e-6, rtol=1e-5)
+    for floor, skipped in ((0.0, 0), (0.01, 2), (0.1, 3), (0.5, 6)):
+        skip = share < floor
+        count = BranchCount()
+        count.add(plan, share, skip)
+        assert (count.positions, count.needed, count.evaluated) == (9, 6, 6 - skipped), floor
+        assert count.skipped_share == pytest.approx(float(hand[hand < floor].sum()), rel=1e-5)
+        kept = trie.skip_branches(plan, skip)
+        assert kept.n_branches == 6 - skipped and kept.branch_at.tolist() == plan.branch_at[~skip].tolist()
+        # a skipped branch reads T_j's own row (the distribution after T_j); kept ones the branch rows in order
+        inner = torch.tensor([0, 1, 3, 4, 6, 7])
+        assert kept.next_row[inner][skip].tolist() == plan.branch_at[skip].tolist()
+        assert kept.next_row[inner][~skip].tolist() == list(range(4, 4 + 6 - skipped))
+
+
+def test_a_skipped_branch_splits_its_ending_mass_by_the_distribution_after_the_whole_token():
+    """At T_1 = abc after its first piece a (skipped at floor 0.1): continuing mass b: .09 + .5 + .2 (ab, abc,
+    abd); the ending mass q_1(a) = .01 is split by q_2 (after abc, T_1's own row) summed by first piece: a-tokens
+    .601, b .1, c .099, d .2."""
+    trie, view, logprobs = hand_case()
+    plan = trie.plan(view)
+    skipped = trie.skip_branches(plan, trie.ending_share(plan, logprobs) < 0.1)
+    derived = trie.derive(skipped, logprobs[: plan.n_main], torch.arange(plan.n_main))[0].double().exp()
+    hand = torch.tensor([0.0, 0.79, 0.0, 0.0], dtype=torch.float64) + 0.01 * torch.tensor([0.601, 0.1, 0.099, 0.2],
+                                                                                            dtype=torch.float64)
+    torch.testing.assert_close(derived, hand / hand.sum(), atol=1e-6, rtol=0)
+
+
+def independent_shares(model, pieces, view: TeacherView) -> torch.Tensor:
+    """Per position: q_j(t_pi) / (mass of the teacher tokens whose pieces start with pi) where the emitted pieces
+    pi spell a shorter teacher token t_pi inside T_j, else NaN; from a plain float64 forward and the pieces list."""
+    q = torch.softmax(model(view.ids[None]).logits[0].double(), -1)
+    spelled = {tuple(p): t for t, p in enumerate(pieces) if p}
+    out = torch.full((len(view.pos),), float("nan"), dtype=torch.float64)
+    for i, (j, p) in enumerate(zip(view.pos.tolist(), view.piece.tolist())):
+        own = tuple(pieces[int(view.ids[j])])
+        shorter = spelled.get(own[: p + 1])
+        if p + 1 < len(own) and shorter is not None:
+            under = [t for t, x in enumerate(pieces) if tuple(x[: p + 1]) == own[: p + 1]]
+            out[i] = q[j - 1, shorter] / q[j - 1, under].sum()
+    return out
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.3])
+def test_branch_floor_moves_each_target_by_at_most_its_ending_share(tiny, vocab, floor):
+    """Skipping a branch of relative ending mass r moves that position's distribution by at most r in total
+    variation (module docstring), so by less than the floor; positions without a skipped branch are unchanged.
+    The branches skipped are exactly those an independent count finds below the floor."""
+    pieces, _, trie = vocab
+    total = BranchCount()
+    for text in TEXTS:
+        view = full_view(encode(tiny, text), pieces)
+        exact = exact_log_probs(tiny, trie, [view])[0].double().exp()
+        count = BranchCount()
+        approx = exact_log_probs(tiny, trie, [view], branch_floor=floor, count=count)[0].double().exp()
+        tv = (approx - exact).abs().sum(-1) / 2
+        with torch.no_grad():
+            share = independent_shares(tiny.model, pieces, view)
+        skipped = share < floor  # NaN (no branch) compares False
+        assert (count.needed, count.needed - count.evaluated) == (int((~share.isnan()).sum()), int(skipped.sum()))
+        assert count.max_skipped == pytest.approx(float(share[skipped].max()) if skipped.any() else 0.0, rel=1e-4)
+        assert float(tv.max()) <= floor
+        assert bool((tv[skipped] <= share[skipped] + 1e-6).all()) and float(tv[~skipped].max()) < 1e-6
+        total.needed += count.needed
+        total.evaluated += count.evaluated
+    assert 0 < total.evaluated < total.needed  # the floor skipped some branches and kept others
+
+
+def test_branch_floor_zero_evaluates_every_branch(tiny, vocab):
+    pieces, _, trie = vocab
+    view = full_view(encode(tiny, TEXTS[0]), pieces)
+    count = BranchCount()
+    exact = exact_log_probs(tiny, trie, [view], branch_floor=0.0, count=count)
+    assert count.evaluated == count.needed > 0 and count.skipped_share == 0.0
+    assert torch.equal(exact, exact_log_probs(tiny, trie, [view]))
+    with pytest.raises(ValueError, match="branch_floor"):
+        exact_log_probs(tiny, trie, [view], branch_floor=1.0)
 
 
 # ------------------------------------------------------------------------------------------- invariant

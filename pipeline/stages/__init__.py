@@ -85,6 +85,8 @@ def _prepare_sections(r: Recipe) -> dict[str, Any]:
 def _cache_sections(r: Recipe) -> dict[str, Any]:
     # the cache holds the teacher at the distillation temperature (teachers.cache): another tau, another cache
     cache = asdict(r.teacher_cache)
+    if cache["branch_floor"] == 0 or r.student.vocab == "teacher":
+        del cache["branch_floor"]  # exact (or unused): the hash a cache had before the key existed
     sections = {"teacher_cache": cache, "teacher": r.teacher, "distill.kd.temperature": r.distill.kd.temperature}
     if not r.teacher_cache.features:
         del cache["features"]  # so that a logit cache keeps the hash it had before the key existed
@@ -114,6 +116,8 @@ def _distill_sections(r: Recipe) -> dict[str, Any]:
     sections = {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
     if r.teacher_cache.features:  # feature targets from the cache instead of the online teacher
         sections["teacher_cache.features"] = True
+    if r.teacher_cache.branch_floor != 0 and r.student.vocab != "teacher":  # online targets over a derived vocab
+        sections["teacher_cache.branch_floor"] = r.teacher_cache.branch_floor
     w = r.distill.weights
     if w.ea > 0 or w.saa > 0 or w.sfa > 0:  # distill's own SpAD terms read these two align settings
         sections.update({"align.head_mapping": r.align.head_mapping, "align.sfa_target_norm": r.align.sfa_target_norm})

@@ -112,7 +112,8 @@ def _open_cache(ctx: StageContext, train) -> Any:
     r = ctx.recipe
     expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
               "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"],
-              "temperature": float(r.distill.kd.temperature), **vocab_key(train.meta)}
+              "temperature": float(r.distill.kd.temperature),
+              **vocab_key(train.meta, r.teacher_cache.branch_floor)}
     # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
     built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
     if built_by:
@@ -195,7 +196,8 @@ def run(ctx: StageContext) -> StageResult:
     exact = stage_vocab(ctx, online) if derived and online is not None and weights["sta"] > 0 else None
     if derived and exact is None:
         online = None  # the teacher never reads a derived vocabulary's ids: CE only or cached targets
-    objective = DistillObjective(student, weights, teacher=online, spad=spad, kd=kd, subvocab=_trie(exact))
+    objective = DistillObjective(student, weights, teacher=online, spad=spad, kd=kd, subvocab=_trie(exact),
+                                 branch_floor=r.teacher_cache.branch_floor)
     train, val = datasets(ctx)
     collate = None
     if use_cache:

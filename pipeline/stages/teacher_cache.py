@@ -55,7 +55,8 @@ def run(ctx: StageContext) -> StageResult:
     dataset = ctx.upstream["prepare"]["outputs"]["dataset"]
     stats = build_teacher_cache(teacher, dataset, out, k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size,
                                 split="train", value_dtype=r.teacher_cache.value_dtype,
-                                temperature=r.distill.kd.temperature, vocab=stage_vocab(ctx, teacher))
+                                temperature=r.distill.kd.temperature, vocab=stage_vocab(ctx, teacher),
+                                branch_floor=r.teacher_cache.branch_floor)
     outputs = {"cache": str(out)}
     metrics = {"teacher_fingerprint": teacher.fingerprint, **dict(stats)}
     if r.teacher_cache.features:
