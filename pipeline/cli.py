@@ -145,7 +145,10 @@ def format_outputs(recipe, run_dir: Path, args: argparse.Namespace) -> str:
     if done["export"]:
         model = _shown(done["export"]["outputs"]["model"])
         prompt = recipe.evaluate.sample_prompt or "Once upon a time"
-        lines.append(f"  {_single(['generate', model, '--prompt', prompt])}")
+        generate = ["generate", model, "--prompt", prompt]
+        if recipe.evaluate.sample_repetition_penalty != 1.0:  # as the evaluate stage's sample was decoded
+            generate += ["--repetition-penalty", f"{recipe.evaluate.sample_repetition_penalty:g}"]
+        lines.append(f"  {_single(generate)}")
         evaluate = ["eval", model, "--tasks", "spikedistill_mc", "--teacher", recipe.teacher.spec, "--limit", "100"]
         lines.append(f"  {_single(evaluate)}")
     if done["evaluate"]:
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_spikegpt(sub)
     _add_eval_commands(sub)
     for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of one-line errors")
     return parser
 
 

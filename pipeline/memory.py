@@ -359,9 +359,15 @@ def check_memory(recipe: Any, stages: list[str], shape: Any) -> list[Estimate]:
 
 
 def _refusal(est: Estimate, local: int, available: int, source: str, fits: int | None) -> str:
+    procs = f" x {local} processes" if local > 1 else ""
+    if est.setup * local > available:  # weight inheritance's float64 set-up, whatever the batch
+        return (f"{est.stage}: estimated peak memory {gb(est.setup)}{procs} while the student inherits the "
+                f"teacher's embedding (student.init_from_teacher: float64 copies of its [V, C] embedding matrix for "
+                f"the projection) exceeds the {gb(available)} available ({source}); a smaller batch does not "
+                f"help: set student.init_from_teacher=false, or run once where it fits (the projection is cached "
+                f"per teacher; set {ENV_AVAILABLE} to override the check)")
     big = sorted(est.parts().items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{k} {gb(v)}" for k, v in big)
-    procs = f" x {local} processes" if local > 1 else ""
     head = (f"{est.stage}: estimated peak memory {gb(est.total())}{procs} (largest: {parts}) exceeds the "
             f"{gb(available)} available ({source}) at {est.batch_key}={est.batch}; ")
     if fits is None:

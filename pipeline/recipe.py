@@ -53,6 +53,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r}: the value is not valid YAML (quote it)") from None
+    if isinstance(value, dict) and raw.strip().endswith(":") and not raw.strip().startswith("{"):
+        value = raw.strip()  # `student.vocab=subset:` is a word ending in a colon, not a one-key mapping
     return [int(p) if p.isdigit() else p for p in key.split(".")], value
 
 

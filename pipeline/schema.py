@@ -286,6 +286,9 @@ def _check_vocab(recipe: Recipe) -> None:
     except TeacherError as exc:
         raise ConfigError(f"{exc} (fix the recipe or the override)") from None
     if spec.is_teacher:
+        _need(recipe.teacher_cache.branch_floor == 0, "teacher_cache.branch_floor",
+              "0 with student.vocab=teacher (it skips the branch tokens of a derived student vocabulary; the "
+              "teacher's own vocabulary has none)", recipe.teacher_cache.branch_floor)
         return
     why = (f"false with student.vocab={spec} (SpAD compares student and teacher features position by position, "
            "and a derived vocabulary has other positions)")

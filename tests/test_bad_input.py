@@ -338,3 +338,27 @@ def test_exit_code_and_debug_in_a_real_process(recipe, tmp_path):
     debug = subprocess.run(args + ["--debug"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
     assert "ConfigError: distill.train.optim.lr" in debug.stderr
+
+
+def test_weight_inheritance_that_will_not_fit_names_init_from_teacher(monkeypatch):
+    """When the set-up peak of weight inheritance (float64 copies of the teacher's embedding matrix) is what
+    exceeds the memory, no batch size helps: the line names student.init_from_teacher, not a batch size (the
+    README's demo on a 2 GB box: 1.5 GB of training state, a 2.3 GB set-up)."""
+    from pipeline import memory
+    from pipeline.errors import ConfigError
+
+    est = memory.Estimate("align", "align.train.batch_size", 4, {"baseline": 0.6e9, "teacher weights": 0.5e9},
+                          {"activations": 0.1e9}, setup=2.3e9)
+    monkeypatch.setattr(memory, "estimate_stage", lambda recipe, stage, shape, world=1: est)
+    monkeypatch.setenv(memory.ENV_AVAILABLE, "2G")
+    with pytest.raises(ConfigError) as exc:
+        memory.check_memory(None, ["align"], None)
+    err = str(exc.value)
+    assert "\n" not in err and "estimated peak memory 2.3 GB" in err and "student.init_from_teacher=false" in err
+    assert "batch_size" not in err, err
+    monkeypatch.setenv(memory.ENV_AVAILABLE, "1.5G")  # the training peak (1.5 GB at 4 rows) no longer fits either:
+    with pytest.raises(ConfigError) as exc:  # the set-up is still what no batch size can fix
+        memory.check_memory(None, ["align"], None)
+    assert "student.init_from_teacher=false" in str(exc.value)
+    monkeypatch.setenv(memory.ENV_AVAILABLE, "2.4G")  # the set-up fits, 4 rows (1.5 GB) fit: no refusal
+    assert memory.check_memory(None, ["align"], None) == [est]

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.faults  # docs/reliability.md cites these tests; `make 
 
 EVAL = ["evaluate.texts=persuasion", "evaluate.max_text_bytes=600", "evaluate.context_length=64",
         "evaluate.energy=true", "evaluate.teacher=true", "evaluate.tasks=spikedistill_persuasion_cloze",
-        "evaluate.limit=2", "evaluate.sample_tokens=2"]
+        "evaluate.limit=2", "evaluate.sample_tokens=2", "evaluate.sample_repetition_penalty=1.3"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,8 @@ def test_the_end_of_a_run_says_what_it_made_and_what_to_run_next(full_run, monke
     assert by_name["eval"][by_name["eval"].index("--teacher") + 1] == str(Path(done(run_dir, "prepare")["config"]
                                                                                 ["teacher.spec"]))
     assert "--extend" in by_name["run"] and "distill.train.steps=12" in by_name["run"]
+    # generate decodes as the evaluate stage's sample did: with the recipe's repetition penalty
+    assert by_name["generate"][-2:] == ["--repetition-penalty", "1.3"]
     monkeypatch.chdir(cwd)  # the printed commands run as printed, from where the run was started
     for name in ("generate", "leaderboard"):
         assert main(by_name[name] + (["--max-new-tokens", "2"] if name == "generate" else [])) == 0, name

@@ -53,7 +53,8 @@ def fails(capsys, argv: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------ the recipe key
-@pytest.mark.parametrize("override", ["student.vocab=subset:abc", "student.vocab=subset", "student.vocab=byte"])
+@pytest.mark.parametrize("override", ["student.vocab=subset:abc", "student.vocab=subset", "student.vocab=byte",
+                                      "student.vocab=subset:", "student.vocab=bytes:"])
 def test_a_misspelt_vocab_is_one_line_naming_the_key_and_the_spellings(override):
     with pytest.raises(ConfigError) as exc:
         load_recipe(None, [override])
