@@ -2,7 +2,7 @@
 
     spikedistill run RECIPE.yaml [key=value ...] [--stages a,b] [--run-dir DIR] [--resume] [--force] [--extend]
                      [--debug]
-    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [--jobs N] [key=value ...]
+    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [--jobs N] [--archive DIR] [key=value ...]
     spikedistill export MODEL_DIR --out DIR [--dtype fp32|bf16|fp16] [--tokenizer SPEC]
     spikedistill import-spikegpt CKPT.pth --out DIR [--tokenizer SPEC] [--float-embedding]
     spikedistill eval | generate | energy | leaderboard ...   (from eval/cli.py)
@@ -187,7 +187,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     print_leaderboard(run_study(args.folder, args.out, only=only, report_only=args.report_only,
-                                overrides=args.overrides, jobs=args.jobs))
+                                overrides=args.overrides, jobs=args.jobs, archive=args.archive))
     return 0
 
 
@@ -201,6 +201,11 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int_range(1), default=1,
                    help="runs trained at once, each with cores/jobs threads and its output in <run>/study.log "
                    "(shared teacher caches are built first, one at a time)")
+    p.add_argument("--archive", metavar="DIR",
+                   help="folder of finished runs' records (configs, done.json, metrics, evaluate results; no "
+                   "weights, ~20 kB a run) to keep in git: restored into the runs directory first, so a fresh "
+                   "clone or machine goes on where the study stopped, and updated as runs finish "
+                   "(make study: docs/results/runs)")
     p.set_defaults(func=_cmd_study)
 
 

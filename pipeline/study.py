@@ -15,7 +15,9 @@ answered, learning curves and token efficiency with error bands) into --out.
 
 Every run is an ordinary resumable run: rerunning the command skips finished runs (their last stage's
 done.json matches the recipe) and sweep points (their distill's), and resumes an interrupted run from its last
-checkpoint, so an interrupted study continues where it stopped and nothing runs twice. With --jobs N, N runs
+checkpoint, so an interrupted study continues where it stopped and nothing runs twice. With --archive DIR the
+finished runs' records (no weights; pipeline/study_archive.py) are kept in DIR, e.g. in git, and restored first,
+so the study goes on from a fresh clone or another machine. With --jobs N, N runs
 go at once, each with cores/N threads (with one job: all cores, a fixed count, so that a rerun gives the same
 numbers; the thread count changes the floating-point sums); each shared teacher cache is built once, first in
 the queue, and the runs that read it wait for it while runs without one take the other slots, so no two runs
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -43,6 +46,7 @@ from pipeline.recipe import load_recipe
 from pipeline.runner import plan_stages, read_done, stage_config_hash
 from pipeline.schema import lr_label
 from pipeline.stages.teacher_cache import FEATURES_DIR
+from pipeline.study_archive import archive_run, is_restored, restore_runs
 from pipeline.sweep import Sweep, lr_sweep, sweep_record, write_sweep_report
 
 
@@ -149,8 +153,8 @@ class StudyPlan:
     runs at the chosen rate (every run at once for an arm without a sweep). Sweep results are read from the
     runs' distill done.json, so a rerun finds the points that finished before."""
 
-    def __init__(self, runs_dir: Path, arms: list[Arm], overrides: list[str]):
-        self.runs_dir, self.arms, self.overrides = runs_dir, arms, overrides
+    def __init__(self, runs_dir: Path, arms: list[Arm], overrides: list[str], archive: Path | None = None):
+        self.runs_dir, self.arms, self.overrides, self.archive = runs_dir, arms, overrides, archive
         self.lock = threading.Lock()
         self.queued: set[tuple[str, str | None]] = set()
         self._recipes: dict[str, object] = {}
@@ -231,7 +235,33 @@ class StudyPlan:
             # a sweep point (through distill) and the same run in full (the chosen rate's first seed) are two
             todo = [t for t in todo if (t[0].run.run, t[1]) not in self.queued]
             self.queued.update((t[0].run.run, t[1]) for t in todo)
+            for run, stages, _ in todo:
+                # records restored from an archive, without weights: a run that must go further starts over
+                # (the chosen sweep point's full run retrains its distill; its other points are all done)
+                if is_restored(self.runs_dir / run.run.run):
+                    shutil.rmtree(self.runs_dir / run.run.run)
             return todo
+
+    def finished_runs(self) -> list[PlannedRun]:
+        """The runs whose records the study reads: each arm's sweep points with a result (distill done, or
+        diverged) and its runs at the chosen rate that finished their last stage; each run once."""
+        out: dict[str, PlannedRun] = {}
+        for arm in self.arms:
+            if arm.grid:
+                _, results = self.sweep(arm)
+                out.update((r.run.run, r) for r in (arm_run(arm, arm.seeds[0], lr) for lr in results))
+            out.update((r.run.run, r) for r in self.final_runs(arm) or []
+                       if self.finished(r, arm.last_stage) is not None)
+        return list(out.values())
+
+    def archive_all(self) -> list[str]:
+        """Copy every finished run's records into the archive (pipeline.study_archive); returns their names."""
+        if self.archive is None:
+            return []
+        runs = self.finished_runs()
+        for run in runs:
+            archive_run(self.runs_dir / run.run.run, self.archive)
+        return [r.run.run for r in runs]
 
     def records(self) -> list[dict]:
         """sweep.json's rows: one per arm with a sweep (pipeline.sweep.sweep_record)."""
@@ -362,6 +392,8 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
                     raise
                 ended = "diverged (non-finite losses: the sweep's worst point)"
             print(f"=== {planned.run.run}: {what} {ended} in {time.perf_counter() - t0:.0f} s ===", flush=True)
+            if plan.archive is not None and what != "teacher cache build":
+                archive_run(plan.runs_dir / planned.run.run, plan.archive)
             return [] if stages != arm.sweep_stages else tasks_of(arm, plan.next_runs(arm))
         return work
 
@@ -391,15 +423,20 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
 
 def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[str] | None = None,
               report_only: bool = False, overrides: list[str] | None = None, jobs: int = 1,
-              run_fn: RunFn | None = None) -> dict:
+              run_fn: RunFn | None = None, archive: str | Path | None = None) -> dict:
     """Run every arm's sweep and seeds (see the module docstring), then build the report; returns its rows
-    and files. `run_fn` replaces the `spikedistill run` subprocess (tests)."""
+    and files. `archive`: a folder of finished runs' records (pipeline.study_archive), restored into the runs
+    directory first and updated as runs finish. `run_fn` replaces the `spikedistill run` subprocess (tests)."""
     from eval.leaderboard import build_leaderboard
     from eval.study_report import write_study_report
 
     overrides = list(overrides or [])
     runs_dir, arms = study_arms(study_recipes(folder, only), overrides)
-    plan = StudyPlan(runs_dir, arms, overrides)
+    plan = StudyPlan(runs_dir, arms, overrides, None if archive is None else Path(archive))
+    if archive is not None:
+        restored = restore_runs(archive, runs_dir)
+        if restored:
+            print(f"=== restored {len(restored)} finished run(s) from {archive} (records only, no weights) ===")
     if not report_only:
         env = _thread_env(jobs)
 
@@ -414,6 +451,8 @@ def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[
         if final is None:
             print(f"=== {arm.path.stem}: its learning-rate sweep has not finished; left out of the report ===")
         runs += [r.run for r in final or []]
+    if archive is not None:
+        print(f"=== {len(plan.archive_all())} finished run(s) archived in {archive} ===")
     sweep_files = write_sweep_report(plan.records(), out) if any(a.grid for a in arms) else {}
     board = build_leaderboard(runs_dir, out, only={run.run for run in runs})
     board["files"].update(sweep_files)

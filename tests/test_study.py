@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,19 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
     done = {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students}
     assert main(["study", str(folder), "--out", str(report)]) == 0  # resumable: all skipped
     assert {r: (runs / r / "distill" / "done.json").stat().st_mtime_ns for r in students} == done
+
+    # archived records (no weights) rebuild the same report on a machine without the runs directory
+    archive = tmp_path / "archive"
+    assert main(["study", str(folder), "--out", str(report), "--report-only", "--archive", str(archive)]) == 0
+    assert {p.name for p in archive.iterdir()} == set(students)
+    assert not list(archive.rglob("*.safetensors")) and not list(archive.rglob("*.pt"))
+    shutil.rmtree(runs)
+    again = tmp_path / "report_again"
+    assert main(["study", str(folder), "--out", str(again), "--report-only", "--archive", str(archive)]) == 0
+    assert json.loads((again / "summary.json").read_text()) == summary
+    assert (again / "study.md").read_text() == study_md
+    rows = json.loads((again / "leaderboard.json").read_text())["rows"]
+    assert rows == board["rows"]
 
 
 @pytest.mark.slow

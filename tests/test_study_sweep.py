@@ -129,6 +129,9 @@ class StubRuns:
         if planned.run.run in self.fail:
             self.fail.discard(planned.run.run)
             raise RuntimeError(f"{planned.run.run}: stub failure")
+        if (self.runs_dir / planned.run.run / "restored.json").is_file():
+            # a real run would skip the restored distill (done, same config) and find no weights to export
+            raise PipelineError(f"{planned.run.run}: distill/student/model.safetensors not found (exit 2)")
         if planned.run.run not in self.recipes:
             self.recipes[planned.run.run] = load_recipe(planned.path, list(planned.extra))
         recipe = self.recipes[planned.run.run]
@@ -155,12 +158,12 @@ class StubRuns:
         return [(run, stages) for run, stages, *_ in self.calls]
 
 
-def _plan(folder: Path, runs_dir: Path):
+def _plan(folder: Path, runs_dir: Path, archive: Path | None = None):
     from pipeline.study import StudyPlan, study_arms, study_recipes
 
     found, arms = study_arms(study_recipes(folder))
     assert found == runs_dir
-    return StudyPlan(runs_dir, arms, [])
+    return StudyPlan(runs_dir, arms, [], archive)
 
 
 CE, KD = "prepare,distill", "prepare,teacher_cache,distill"
@@ -318,6 +321,92 @@ def test_a_diverged_point_is_the_sweeps_worst_and_is_not_rerun(tmp_path):
 
     assert "| hi | 0 | 1e-3: 11.0000, 2e-3: 6.0000, **4e-3: 3.0000**, 8e-3: diverged | 4e-3 | no |" in sweep_markdown(
         [row])
+
+
+def test_an_archived_study_goes_on_on_a_fresh_machine_without_rerunning_what_finished(tmp_path):
+    """The first machine stops when kd's chosen point (2e-3) is to go on to export and evaluate; its records go to
+    the archive as runs end. A second machine starts with no runs directory: it restores the records, runs only
+    what was left (the chosen point in full, retraining its distill since no weights were archived, and the
+    second seeds), and never a finished sweep point again."""
+    import shutil
+
+    from pipeline.study import execute_study
+    from pipeline.study_archive import restore_runs
+
+    folder, runs, archive = _stub_study(tmp_path), tmp_path / "runs", tmp_path / "archive"
+
+    def stop(run, stages):
+        if (run, stages) == ("kd-lr2e-3-s0", None):
+            raise RuntimeError("machine lost")
+
+    first = StubRuns(runs, hold=stop)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        execute_study(_plan(folder, runs, archive), 1, first)
+    finished = {x for x in first.names() if x != ("kd-lr2e-3-s0", None)}
+    assert {(r, CE if r.startswith(("hi", "lo")) else KD) for r in (p.name for p in archive.iterdir())} <= finished
+    assert {p.name for p in archive.iterdir()} >= {f"kd-lr{x}-s0" for x in ("1e-3", "2e-3", "4e-3")}
+
+    shutil.rmtree(runs)  # the next machine: a fresh clone with the archive
+    restored = restore_runs(archive, runs)
+    assert sorted(restored) == sorted(p.name for p in archive.iterdir())
+    second = StubRuns(runs)
+    execute_study(_plan(folder, runs, archive), 1, second)
+    assert not {x for x in second.names() if x[1] != "prepare,teacher_cache"} & finished
+    assert ("kd-lr2e-3-s0", None) in second.names() and ("kd-lr2e-3-s0", KD) not in second.names()
+    assert {x for x in finished | set(second.names()) if x[1] != "prepare,teacher_cache"} == {
+        x for x in EXPECTED if x[1] != "prepare,teacher_cache"}
+    assert not (runs / "kd-lr2e-3-s0" / "restored.json").exists()
+    plan = _plan(folder, runs, archive)
+    assert {r["arm"]: r["chosen_lr"] for r in plan.records()} == {"hi": 8e-3, "kd": 2e-3, "lo": 2.5e-4}
+    # the archive now holds every run the study reads, and a third machine has nothing left to run
+    assert {p.name for p in archive.iterdir()} == {r.run.run for r in plan.finished_runs()}
+    shutil.rmtree(runs)
+    restore_runs(archive, runs)
+    third = StubRuns(runs)
+    execute_study(_plan(folder, runs, archive), 1, third)
+    assert third.calls == []
+
+
+def test_restore_keeps_the_furthest_copy_of_a_run_and_archives_records_only(tmp_path):
+    from pipeline.study_archive import archive_run, record_files, restore_runs
+
+    run = tmp_path / "runs" / "x-s0"
+    for stage in ("prepare", "distill", "evaluate"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "done.json").write_text("{}")
+        (run / stage / "metrics.jsonl").write_text("{}\n")
+    (run / "config.yaml").write_text("run: {}\n")
+    (run / "evaluate" / "results.json").write_text("{}")
+    (run / "distill" / "student").mkdir()
+    (run / "distill" / "student" / "model.safetensors").write_bytes(b"w" * 100)
+    (run / "distill" / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "distill" / "checkpoints" / "step-1" / "trainer.json").write_text("{}")
+    (run / "prepare" / "dataset").mkdir()
+    (run / "prepare" / "dataset" / "meta.json").write_text("{}")
+    archive = tmp_path / "archive"
+    archive_run(run, archive)
+    assert [str(p) for p in record_files(archive / "x-s0")] == [
+        "config.yaml", "distill/done.json", "distill/metrics.jsonl", "evaluate/done.json",
+        "evaluate/metrics.jsonl", "evaluate/results.json", "prepare/done.json", "prepare/metrics.jsonl"]
+    assert sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file()) == [
+        f"x-s0/{p}" for p in record_files(archive / "x-s0")]  # no weights, checkpoints or datasets
+
+    fresh = tmp_path / "fresh"
+    (fresh / "x-s0" / "prepare").mkdir(parents=True)  # an interrupted copy: fewer stages done
+    (fresh / "x-s0" / "prepare" / "done.json").write_text('{"local": 1}')
+    (fresh / "y-s0" / "distill").mkdir(parents=True)  # not in the archive: left alone
+    assert restore_runs(archive, fresh) == ["x-s0"]
+    assert (fresh / "x-s0" / "evaluate" / "results.json").is_file()
+    assert json.loads((fresh / "x-s0" / "restored.json").read_text())["stages"] == ["distill", "evaluate",
+                                                                                    "prepare"]
+    assert (fresh / "y-s0" / "distill").is_dir()
+    (fresh / "x-s0" / "export").mkdir()  # the local copy went further: kept
+    (fresh / "x-s0" / "export" / "done.json").write_text("{}")
+    assert restore_runs(archive, fresh) == [] and (fresh / "x-s0" / "export" / "done.json").is_file()
+    assert restore_runs(tmp_path / "none", fresh) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="--archive .*file: not a folder"):
+        restore_runs(tmp_path / "file", fresh)
 
 
 def test_an_unfinished_sweep_is_reported_as_such(tmp_path):
