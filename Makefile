@@ -79,13 +79,14 @@ leaderboard: venv
 # seeds at the chosen rate (resumable: rerun to continue; recipes/README.md), then the sweep's table, the results
 # table, summary.json and plots in docs/results. Each finished run's records (no weights) go to
 # docs/results/runs, kept in git: on a fresh clone, make study restores them and goes on where it stopped
-# (ONLY=a,b limits a session to some arms). STUDY_JOBS runs train side by side, the cores
+# (ONLY=a,b limits a session to some arms; CACHE_ALL_CORES=1 builds each teacher cache on every core, alone,
+# for a session that must finish a cache and its runs before the machine goes). STUDY_JOBS runs train side by side, the cores
 # split between them (2 x 1 thread beat 1 x 2 threads by ~13% on a 2-core CPU). Its time is in
 # docs/results/README.md; run it alone on the machine.
 STUDY_JOBS ?= 2
 study: venv
 	$(VENV)/bin/spikedistill study recipes/study --out docs/results --archive docs/results/runs \
-		--jobs $(STUDY_JOBS) $(if $(ONLY),--only $(ONLY)) $(OVERRIDES)
+		--jobs $(STUDY_JOBS) $(if $(ONLY),--only $(ONLY)) $(if $(CACHE_ALL_CORES),--cache-all-cores) $(OVERRIDES)
 
 # Benchmarks print ratios measured side by side in one run (see bench/README.md); they assert nothing.
 bench: venv

@@ -2,7 +2,8 @@
 
     spikedistill run RECIPE.yaml [key=value ...] [--stages a,b] [--run-dir DIR] [--resume] [--force] [--extend]
                      [--debug]
-    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [--jobs N] [--archive DIR] [key=value ...]
+    spikedistill study FOLDER [--out DIR] [--only a,b] [--report-only] [--jobs N] [--archive DIR]
+                       [--cache-all-cores] [key=value ...]
     spikedistill export MODEL_DIR --out DIR [--dtype fp32|bf16|fp16] [--tokenizer SPEC]
     spikedistill import-spikegpt CKPT.pth --out DIR [--tokenizer SPEC] [--float-embedding]
     spikedistill eval | generate | energy | leaderboard ...   (from eval/cli.py)
@@ -187,7 +188,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     print_leaderboard(run_study(args.folder, args.out, only=only, report_only=args.report_only,
-                                overrides=args.overrides, jobs=args.jobs, archive=args.archive))
+                                overrides=args.overrides, jobs=args.jobs, archive=args.archive,
+                                cache_all_cores=args.cache_all_cores))
     return 0
 
 
@@ -206,6 +208,10 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    "weights, ~20 kB a run) to keep in git: restored into the runs directory first, so a fresh "
                    "clone or machine goes on where the study stopped, and updated as runs finish "
                    "(make study: docs/results/runs)")
+    p.add_argument("--cache-all-cores", action="store_true",
+                   help="build each shared teacher cache on every core, with no run beside it: the cache is "
+                   "done sooner (for a session that must also train the runs that read it); the default "
+                   "builds it on one job's share while other runs train")
     p.set_defaults(func=_cmd_study)
 
 

@@ -21,7 +21,9 @@ so the study goes on from a fresh clone or another machine. With --jobs N, N run
 go at once, each with cores/N threads (with one job: all cores, a fixed count, so that a rerun gives the same
 numbers; the thread count changes the floating-point sums); each shared teacher cache is built once, first in
 the queue, and the runs that read it wait for it while runs without one take the other slots, so no two runs
-build the same cache and no core idles while it is built. A shared cache's feature targets
+build the same cache and no core idles while it is built. With --cache-all-cores a build instead takes every
+slot and every core: no run trains beside it, but it ends sooner, which is what counts when a session must
+finish a cache and the runs that read it (its shards are lost with the machine). A shared cache's feature targets
 (teacher_cache.features) are built once too, by the first run of an arm that asks for them, after its logits.
 """
 
@@ -279,20 +281,25 @@ class StudyPlan:
 
 
 class Task(NamedTuple):
-    """A unit of scheduled work: `work()` may return new tasks, queued when it ends. Lower priority first."""
+    """A unit of scheduled work: `work()` may return new tasks, queued when it ends. Lower priority first.
+    slots: how many of the `jobs` slots it occupies while it runs (1, or more for a build on more cores)."""
 
     name: str
     needs: set[str]
     work: Callable[[], list | None]
     priority: float = 0
+    slots: int = 1
 
 
 def _schedule(tasks: list, jobs: int) -> None:
-    """Runs Task(name, needs, work[, priority]) items on `jobs` threads: each worker takes the pending task of
-    lowest priority (then first queued) whose `needs` (names of other tasks) have all finished, so a task that
-    waits never holds a slot that another could use. The tasks a finished work() returns join the queue.
-    After a failure no new task starts; the first error is raised once the running ones end."""
+    """Runs Task(name, needs, work[, priority[, slots]]) items on `jobs` slots: each free worker takes the
+    pending task of lowest priority (then first queued) whose `needs` (names of other tasks) have all
+    finished, so a task that waits never holds a slot that another could use. A task of several slots starts
+    when that many are free; until then no task behind it starts (the slots it waits for are kept for it).
+    The tasks a finished work() returns join the queue. After a failure no new task starts; the first error
+    is raised once the running ones end."""
     pending, done, errors, running = [Task(*t) for t in tasks], set(), [], [0]
+    busy = [0]
     cond = threading.Condition()
 
     def take() -> Task | None:
@@ -303,10 +310,12 @@ def _schedule(tasks: list, jobs: int) -> None:
                 ready = [t for t in pending if t.needs <= done]
                 if ready:
                     task = min(ready, key=lambda t: t.priority)  # min keeps the first of equals
-                    pending.remove(task)
-                    running[0] += 1
-                    return task
-                if not running[0]:  # nothing runs that could satisfy them: a bug, not a wait
+                    if busy[0] + min(task.slots, jobs) <= jobs:
+                        pending.remove(task)
+                        running[0] += 1
+                        busy[0] += min(task.slots, jobs)
+                        return task
+                if not running[0] and not ready:  # nothing runs that could satisfy them: a bug, not a wait
                     errors.append(PipelineError(f"study: {', '.join(t.name for t in pending)} wait for tasks "
                                                 "that never ran"))
                     cond.notify_all()
@@ -321,12 +330,14 @@ def _schedule(tasks: list, jobs: int) -> None:
                 with cond:
                     errors.append(exc)
                     running[0] -= 1
+                    busy[0] -= min(task.slots, jobs)
                     cond.notify_all()
                 return
             with cond:
                 pending.extend(Task(*t) for t in new)
                 done.add(task.name)
                 running[0] -= 1
+                busy[0] -= min(task.slots, jobs)
                 cond.notify_all()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
@@ -358,35 +369,38 @@ def _run_one(path: Path, run: StudyRun, extra: list[str], overrides: list[str], 
     return time.perf_counter() - t0
 
 
-def _thread_env(jobs: int) -> dict:
-    """The environment of each run: with several jobs, the cores are split between them; with one, it gets
-    every core (or OMP_NUM_THREADS when set). Either way a fixed count: the thread governor would change it
-    with the machine's load, and so the floating-point sums of a rerun."""
+def _thread_env(jobs: int, slots: int = 1) -> dict:
+    """The environment of a run that occupies `slots` of `jobs`: with several jobs, the cores are split
+    between them, `slots` shares of cores/jobs each; with one, it gets every core (or OMP_NUM_THREADS when
+    set). Either way a fixed count: the thread governor would change it with the machine's load, and so the
+    floating-point sums of a rerun."""
     from students.ops.threads import available_cores
 
     env = os.environ.copy()
     if jobs > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // jobs) * min(slots, jobs))
     else:
         env.setdefault("OMP_NUM_THREADS", str(available_cores()))
     return env
 
 
-RunFn = Callable[[PlannedRun, "str | None", "Path | None"], None]
+RunFn = Callable[[PlannedRun, "str | None", "Path | None", int], None]
 
 
-def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
-    """Run every arm's sweep and runs (see the module docstring) through `run_fn(run, stages, log)`: stages
-    "a,b,..." or None (a full run), log the file for its output or None (the console, with one job)."""
+def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn, cache_slots: int = 1) -> None:
+    """Run every arm's sweep and runs (see the module docstring) through `run_fn(run, stages, log, slots)`:
+    stages "a,b,..." or None (a full run), log the file for its output or None (the console, with one job),
+    slots how many of the `jobs` slots the run occupies (its share of the cores). cache_slots: the slots of
+    each shared teacher-cache build (`jobs`: every core, while no run trains beside it)."""
 
-    def go(arm: Arm, planned: PlannedRun, stages: str | None, what: str) -> Callable[[], list]:
+    def go(arm: Arm, planned: PlannedRun, stages: str | None, what: str, slots: int = 1) -> Callable[[], list]:
         """The work of one run; after a sweep point, the arm's next runs (more points or its seeds)."""
         def work() -> list:
             log = None if jobs == 1 else plan.runs_dir / planned.run.run / "study.log"
             print(f"=== {planned.run.run}: {what} started{'' if log is None else f' ({log})'} ===", flush=True)
             t0, ended = time.perf_counter(), "done"
             try:
-                run_fn(planned, stages, log)
+                run_fn(planned, stages, log, slots)
             except PipelineError:
                 if stages != arm.sweep_stages or not plan.diverged(planned):
                     raise
@@ -416,17 +430,20 @@ def execute_study(plan: StudyPlan, jobs: int, run_fn: RunFn) -> None:
             builder = todo[0][0]
             built = plan.finished(builder, "teacher_cache") is not None
             tasks.append(Task(f"cache:{cache}", {f"cache:{c}" for c in arm.caches[:i]}, list if built else
-                              go(arm, builder, "prepare,teacher_cache", "teacher cache build"), -1))
+                              go(arm, builder, "prepare,teacher_cache", "teacher cache build", cache_slots), -1,
+                              1 if built else cache_slots))
         tasks += tasks_of(arm, todo)
     _schedule(tasks, jobs)
 
 
 def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[str] | None = None,
               report_only: bool = False, overrides: list[str] | None = None, jobs: int = 1,
-              run_fn: RunFn | None = None, archive: str | Path | None = None) -> dict:
+              run_fn: RunFn | None = None, archive: str | Path | None = None,
+              cache_all_cores: bool = False) -> dict:
     """Run every arm's sweep and seeds (see the module docstring), then build the report; returns its rows
     and files. `archive`: a folder of finished runs' records (pipeline.study_archive), restored into the runs
-    directory first and updated as runs finish. `run_fn` replaces the `spikedistill run` subprocess (tests)."""
+    directory first and updated as runs finish. cache_all_cores: each shared teacher-cache build runs on every
+    core, alone (see execute_study). `run_fn` replaces the `spikedistill run` subprocess (tests)."""
     from eval.leaderboard import build_leaderboard
     from eval.study_report import write_study_report
 
@@ -438,12 +455,11 @@ def run_study(folder: str | Path, out_dir: str | Path | None = None, only: list[
         if restored:
             print(f"=== restored {len(restored)} finished run(s) from {archive} (records only, no weights) ===")
     if not report_only:
-        env = _thread_env(jobs)
+        def subprocess_run(planned: PlannedRun, stages: str | None, log: Path | None, slots: int) -> None:
+            _run_one(planned.path, planned.run, list(planned.extra), overrides, _thread_env(jobs, slots), log,
+                     stages)
 
-        def subprocess_run(planned: PlannedRun, stages: str | None, log: Path | None) -> None:
-            _run_one(planned.path, planned.run, list(planned.extra), overrides, env, log, stages)
-
-        execute_study(plan, jobs, run_fn or subprocess_run)
+        execute_study(plan, jobs, run_fn or subprocess_run, cache_slots=jobs if cache_all_cores else 1)
     out = Path(out_dir or runs_dir / "leaderboard")
     runs = []
     for arm in arms:

@@ -117,10 +117,12 @@ class StubRuns:
                  diverge: set[str] | frozenset = frozenset()):
         self.runs_dir, self.fail, self.hold, self.diverge = runs_dir, set(fail), hold, set(diverge)
         self.calls: list[tuple[str, str | None, float, float]] = []
+        self.slots: dict[tuple[str, str | None], int] = {}
         self.recipes: dict = {}
         self.lock = threading.Lock()
 
-    def __call__(self, planned, stages, log):
+    def __call__(self, planned, stages, log, slots=1):
+        self.slots[(planned.run.run, stages)] = slots
         from pipeline.runner import plan_stages, stage_config_hash
 
         start = time.monotonic()
@@ -442,6 +444,42 @@ def test_schedule_runs_the_tasks_that_work_returns_by_priority_and_refuses_unmee
         _schedule([Task("x", {"never"}, step("x"))], jobs=2)
 
 
+def test_with_cache_all_cores_a_build_runs_alone_on_every_slot(tmp_path):
+    """cache_slots=2 of 2: the build waits for no running run (none started before it: it is first in the
+    queue), nothing starts until it ends, and it is handed both slots; every other run one slot."""
+    from pipeline.study import execute_study
+
+    folder, runs = _stub_study(tmp_path), tmp_path / "runs"
+    stub = StubRuns(runs, hold=lambda run, stages: time.sleep(0.05 if stages == "prepare,teacher_cache" else 0.01))
+    execute_study(_plan(folder, runs), 2, stub, cache_slots=2)
+    assert sorted(stub.names(), key=str) == sorted(EXPECTED, key=str)
+    _check_order(stub.calls)
+    (build,) = [c for c in stub.calls if c[1] == "prepare,teacher_cache"]
+    overlapping = [c[:2] for c in stub.calls if c is not build and c[2] < build[3] and c[3] > build[2]]
+    assert overlapping == []
+    assert stub.slots.pop((build[0], build[1])) == 2 and set(stub.slots.values()) == {1}
+
+
+def test_a_task_of_two_slots_waits_for_both_and_keeps_them_from_later_tasks():
+    """Slot accounting by hand: x (1 slot) runs; the 2-slot build, first in priority, waits for x to end, and
+    y (1 slot, ready all along) does not take the free slot meanwhile; y runs after the build."""
+    from pipeline.study import Task, _schedule
+
+    log = []
+
+    def step(name, seconds=0.02):
+        def work():
+            log.append(f"{name}+")
+            time.sleep(seconds)
+            log.append(f"{name}-")
+        return work
+
+    # x runs 0.1 s: the build and y are queued and ready meanwhile, with one slot free
+    _schedule([Task("x", set(), step("x", 0.1), -2), Task("build", set(), step("build"), -1, 2),
+               Task("y", set(), step("y"), 0)], jobs=2)
+    assert log == ["x+", "x-", "build+", "build-", "y+", "y-"]
+
+
 def test_a_study_run_gets_a_fixed_thread_count(monkeypatch):
     """With one job too: the thread governor would vary the count with the load, and so the sums of a rerun."""
     from pipeline.study import _thread_env
@@ -450,6 +488,7 @@ def test_a_study_run_gets_a_fixed_thread_count(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert _thread_env(1)["OMP_NUM_THREADS"] == str(available_cores())
     assert _thread_env(2)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))
+    assert _thread_env(2, slots=2)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2) * 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _thread_env(1)["OMP_NUM_THREADS"] == "3"
 
@@ -543,3 +582,21 @@ def test_a_tiny_study_sweeps_chooses_by_validation_and_resumes(tmp_path, tiny_te
     (report / "summary.json").unlink()
     assert main(["study", str(folder), "--out", str(report), "--report-only"]) == 0
     assert json.loads((report / "summary.json").read_text()) == summary
+
+
+def test_study_command_passes_archive_and_cache_all_cores(monkeypatch, tmp_path):
+    import pipeline.study
+    from pipeline.cli import main
+
+    seen = {}
+
+    def fake_run_study(folder, out, **kw):
+        seen.update(kw, folder=folder)
+        return {"rows": [], "files": {}}
+
+    monkeypatch.setattr(pipeline.study, "run_study", fake_run_study)
+    monkeypatch.setattr("eval.cli.print_leaderboard", lambda board: None)
+    assert main(["study", "recipes/study", "--archive", str(tmp_path), "--cache-all-cores", "--jobs", "2"]) == 0
+    assert (seen["archive"], seen["cache_all_cores"], seen["jobs"]) == (str(tmp_path), True, 2)
+    assert main(["study", "recipes/study"]) == 0
+    assert (seen["archive"], seen["cache_all_cores"]) == (None, False)
