@@ -25,6 +25,10 @@ Record (docs/results/summary.json, one per run; None where a run lacks the figur
     ternary_compute_pj_per_byte, ternary_memory_pj_per_byte (the run's bit-matched ternary ANN: same
               vocabulary, so the same tokens per byte), mean_firing_rate
     params, params_embedding, params_head, params_body (eval.leaderboard.param_split)
+    code_commit, code_dirty: the git commit of the code that trained the run and whether its tracked files
+              differed from it (the distill stage's done.json "code", pipeline/provenance.py; None for runs
+              trained before it was recorded): a study run over several sessions says which code each number
+              came from
 """
 
 from __future__ import annotations
@@ -219,8 +223,30 @@ def summary_records(rows: list[dict], runs: list[StudyRun], runs_dir: str | Path
     by_run = {r["run"]: r for r in rows if r["role"] == "student"}
     records = [_record(sr, by_run[sr.run], _run_config(Path(runs_dir), sr.run))
                for sr in sorted(runs, key=lambda r: (r.arm, -1 if r.seed is None else r.seed)) if sr.run in by_run]
+    for r in records:
+        code = _run_code(Path(runs_dir), r["run"])
+        r["code_commit"], r["code_dirty"] = code.get("commit"), code.get("dirty")
     _set_budgets(records)
     return records
+
+
+def _run_code(runs_dir: Path, run: str) -> dict:
+    """The distill stage's done.json "code" record ({} when absent: trained before it was recorded)."""
+    try:
+        return json.loads((runs_dir / run / "distill" / "done.json").read_text()).get("code") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def code_markdown(records: list[dict]) -> str:
+    """One line: how many runs each code commit trained (short hashes; "+ local changes" when dirty)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        commit = r.get("code_commit")
+        name = "not recorded" if not commit else commit[:10] + (" + local changes" if r.get("code_dirty") else "")
+        counts[name] = counts.get(name, 0) + 1
+    parts = [f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in sorted(counts.items())]
+    return "Code that trained the runs (git commit, from each run's distill/done.json): " + ", ".join(parts) + "."
 
 
 SUMMARY_KEYS = (
@@ -229,6 +255,7 @@ SUMMARY_KEYS = (
     "tokens_per_byte", "train_tokens_per_byte", "train_tokens_per_s", "train_bytes_per_s", "train_seconds",
     "energy_pj", "memory_inclusive_pj", "compute_pj_per_byte", "memory_pj_per_byte", "ternary_compute_pj_per_byte",
     "ternary_memory_pj_per_byte", "mean_firing_rate", "params", "params_embedding", "params_head", "params_body",
+    "code_commit", "code_dirty",
 )
 NUMERIC = (
     "lr", "budget", "train_tokens", "train_bytes", "val_bpb", *(f"bpb_{t}" for t in TEXTS), "vocab_size",
@@ -690,7 +717,8 @@ def write_study_report(rows: list[dict], runs: list[StudyRun], runs_dir, out_dir
     protocol = next((r.get("bpb_protocol") for r in rows if r.get("bpb_protocol")), None)
     text_bytes = next((r.get("bpb_bytes") for r in rows if r["role"] == "student" and r.get("bpb_bytes")), None)
     files["study"].write_text("# Study results (written by `make study`)\n\n"
-                              + study_markdown(stats, goals(stats), references, protocol, text_bytes))
+                              + study_markdown(stats, goals(stats), references, protocol, text_bytes)
+                              + "\n" + code_markdown(records) + "\n")
     plot_learning_bands(records, files["learning_curves"])
     plot_token_efficiency_bands(records, files["token_efficiency"])
     return {k: str(v) for k, v in files.items()}

@@ -32,6 +32,7 @@ import yaml
 
 from pipeline import checkpoint as ckpt
 from pipeline.errors import ConfigError, PipelineError, StageError
+from pipeline.provenance import code_version
 from pipeline.recipe import did_you_mean, diff_keys, recipe_to_dict, recipe_to_yaml, stable_hash, to_plain
 from pipeline.schema import Recipe, TrainConfig
 from pipeline.stages import SPECS, STAGE_ORDER, StageContext, StageResult, get_stage
@@ -541,7 +542,7 @@ class Runner:
         done = {"stage": name, "config_hash": config_hash, "inputs": inputs, "outputs": outputs,
                 "metrics": metrics, "config": sections, "seconds": round(seconds, 3),
                 "wall_seconds": round(attempt_seconds(stage_dir), 3), "finished_at": _now(),
-                "run_id": uuid.uuid4().hex}
+                "run_id": uuid.uuid4().hex, "code": code_version()}
         write_json_atomic(stage_dir / "done.json", done)
 
     def fresh(self, planned: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,11 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
         assert rec["bpb_persuasion"] == students[run]["bits_per_byte"]["persuasion"] and rec["bpb_hamlet"] > 0
     study_md = (report / "study.md").read_text()
     assert "| c_kd | snn_distill | teacher | 1.00 | 0.0006 | 0,1 |" in study_md and "Goals" in study_md
+    # every run says which code trained it: this checkout's commit (read here with git, independently)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    assert {r["code_commit"] for r in summary} == {head} and all(isinstance(r["code_dirty"], bool) for r in summary)
+    assert f"Code that trained the runs (git commit, from each run's distill/done.json): {head[:10]}" in study_md
     # energy-only reference rows: the teacher once, the student's quantised matched ANN (int8, ternary)
     assert study_md.count("(teacher) |") == 1 and study_md.count("(quantised ANN) |") == 2
     for name in ("leaderboard.md", "bpb_vs_energy.png", "learning_curves.png", "token_efficiency.png"):
