@@ -205,7 +205,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    "(shared teacher caches are built first, one at a time)")
     p.add_argument("--archive", metavar="DIR",
                    help="folder of finished runs' records (configs, done.json, metrics, evaluate results; no "
-                   "weights, ~20 kB a run) to keep in git: restored into the runs directory first, so a fresh "
+                   "weights, 30-40 kB a run) to keep in git: restored into the runs directory first, so a fresh "
                    "clone or machine goes on where the study stopped, and updated as runs finish "
                    "(make study: docs/results/runs)")
     p.add_argument("--cache-all-cores", action="store_true",

@@ -4,8 +4,8 @@ A study on a CPU takes longer than one working session, and a fresh machine (a n
 scratch disk) starts with an empty runs directory. `spikedistill study ... --archive DIR` keeps, in DIR, what
 each finished run left that the study and its report read: the resolved config.yaml and, per stage, done.json,
 stage.json, metrics.jsonl and attempts.jsonl, plus evaluate's results.json and energy.md. No weights, no
-checkpoints, no datasets and no teacher cache: about 20 kB per run, so DIR can live in git beside the report
-(`make study` uses docs/results/runs).
+checkpoints, no datasets and no teacher cache: 30-40 kB per run of the study, so DIR can live in git beside
+the report (`make study` uses docs/results/runs).
 
 - restore_runs (at the start of a study): every archived run that the runs directory lacks, or holds with fewer
   finished stages, is copied into it with a restored.json marker. The study then treats it like any finished
