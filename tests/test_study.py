@@ -267,7 +267,10 @@ def test_study_runs_every_arm_and_seed_reports_and_resumes(tmp_path, tiny_teache
     assert main(["study", str(folder), "--out", str(report), "--report-only", "--archive", str(archive)]) == 0
     assert {p.name for p in archive.iterdir()} == set(students)
     assert not list(archive.rglob("*.safetensors")) and not list(archive.rglob("*.pt"))
+    # another machine: no runs directory, and the study's folders elsewhere (a clone at another path)
     shutil.rmtree(runs)
+    base = (folder / "_base.yaml").read_text()
+    (folder / "_base.yaml").write_text(base.replace(str(runs), str(tmp_path / "elsewhere" / "runs")))
     again = tmp_path / "report_again"
     assert main(["study", str(folder), "--out", str(again), "--report-only", "--archive", str(archive)]) == 0
     assert json.loads((again / "summary.json").read_text()) == summary
