@@ -112,7 +112,7 @@ def test_shipped_study_arms_share_size_data_budget_seeds_and_sweep():
         assert r.evaluate.teacher and r.evaluate.energy and not r.evaluate.stream
         assert list(r.study.seeds) == ([0] if stem in ONE_SEED else [0, 1, 2]), stem
         assert list(r.study.lr_grid) == [1e-3, 2e-3, 4e-3]
-        assert r.study.lr_extensions == 2 and r.distill.train.optim.min_lr / r.distill.train.optim.lr == 0.05
+        assert r.study.lr_extensions == 3 and r.distill.train.optim.min_lr / r.distill.train.optim.lr == 0.05
         assert (r.distill.kd.kind, r.distill.kd.temperature, r.teacher_cache.k) == ("forward_kl", 1.0, 64)
         assert not r.align.enabled
         rows[stem] = r.distill.train.steps * r.distill.train.batch_size
