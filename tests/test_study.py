@@ -571,3 +571,15 @@ def test_evaluate_stage_scores_with_intervals_and_the_teacher_once(tmp_path, tin
     assert sorted((tmp_path / "cache" / "teacher_scores").glob("*.json")) == scores  # nothing new: cached
     again = json.loads((runs / "two" / "evaluate" / "results.json").read_text())
     assert again["teacher"]["bpb"] == res["teacher"]["bpb"] and again["student"]["bpb"] != student["bpb"]
+
+
+def test_make_studys_archive_folder_is_kept_by_git():
+    """The records make study archives must reach git: a folder that .gitignore matches (as `runs/` once
+    matched docs/results/runs) would leave a fresh clone nothing to restore."""
+    root = Path(__file__).resolve().parent.parent
+    make = (root / "Makefile").read_text()
+    folder = make.split("--archive ", 1)[1].split()[0]
+    assert folder == "docs/results/runs"
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/a-run/distill/done.json"], cwd=root,
+                             check=False).returncode
+    assert ignored == 1  # 1: not ignored; 0 would mean git drops the archive
