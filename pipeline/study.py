@@ -298,8 +298,11 @@ def _schedule(tasks: list, jobs: int) -> None:
     when that many are free; until then no task behind it starts (the slots it waits for are kept for it).
     The tasks a finished work() returns join the queue. After a failure no new task starts; the first error
     is raised once the running ones end."""
-    pending, done, errors, running = [Task(*t) for t in tasks], set(), [], [0]
-    busy = [0]
+    def task(t) -> Task:  # a task of more slots than there are takes them all
+        t = Task(*t)
+        return t._replace(slots=min(t.slots, jobs))
+
+    pending, done, errors, running, busy = [task(t) for t in tasks], set(), [], [0], [0]
     cond = threading.Condition()
 
     def take() -> Task | None:
@@ -309,12 +312,12 @@ def _schedule(tasks: list, jobs: int) -> None:
                     return None
                 ready = [t for t in pending if t.needs <= done]
                 if ready:
-                    task = min(ready, key=lambda t: t.priority)  # min keeps the first of equals
-                    if busy[0] + min(task.slots, jobs) <= jobs:
-                        pending.remove(task)
+                    first = min(ready, key=lambda t: t.priority)  # min keeps the first of equals
+                    if busy[0] + first.slots <= jobs:
+                        pending.remove(first)
                         running[0] += 1
-                        busy[0] += min(task.slots, jobs)
-                        return task
+                        busy[0] += first.slots
+                        return first
                 if not running[0] and not ready:  # nothing runs that could satisfy them: a bug, not a wait
                     errors.append(PipelineError(f"study: {', '.join(t.name for t in pending)} wait for tasks "
                                                 "that never ran"))
@@ -323,21 +326,21 @@ def _schedule(tasks: list, jobs: int) -> None:
                 cond.wait()
 
     def worker() -> None:
-        while (task := take()) is not None:
+        while (current := take()) is not None:
             try:
-                new = task.work() or []
+                new = current.work() or []
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other workers stop
                 with cond:
                     errors.append(exc)
                     running[0] -= 1
-                    busy[0] -= min(task.slots, jobs)
+                    busy[0] -= current.slots
                     cond.notify_all()
                 return
             with cond:
-                pending.extend(Task(*t) for t in new)
-                done.add(task.name)
+                pending.extend(task(t) for t in new)
+                done.add(current.name)
                 running[0] -= 1
-                busy[0] -= min(task.slots, jobs)
+                busy[0] -= current.slots
                 cond.notify_all()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
