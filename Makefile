@@ -8,6 +8,9 @@ OVERRIDES ?=
 MODEL ?=
 RUNS ?= runs
 PYTEST_ARGS ?=
+# make test spreads the suite over the cores with pytest-xdist: `auto` is one worker per physical core, at most
+# 8 (each worker imports torch and transformers, about 0.5 GB). PYTEST_JOBS=0 runs it in this process.
+PYTEST_JOBS ?= auto
 LOCK := requirements/lock.txt
 PIP_QUIET ?= --quiet --disable-pip-version-check
 VENV_LATEST ?= .venv-latest
@@ -30,7 +33,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_JOBS) --maxprocesses 8 $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check students teachers pipeline eval bench tests
