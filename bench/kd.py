@@ -15,8 +15,10 @@ then see the same load, which one-after-the-other runs do not. Figures per run: 
 and its median over repeats, per distill.kd.impl.
 
 Part 2, in process: the same comparison without the CLI around it: objective steps (forward, backward, AdamW)
-of CE only and of cached top-64 KD alternated on one batch, --inprocess-steps each per impl. Wall seconds,
-and CPU seconds of this process, which a busy shared machine disturbs less than wall time.
+of CE only, of cached top-64 KD and of KD from a hidden store (teacher_cache.store=hidden: bf16 hidden states
+of SmolLM2-135M's width 576, its full logits recomputed by a [49,152 x 576] head inside the loss) rotated on one
+batch, --inprocess-steps each per impl. Wall seconds, and CPU seconds of this process, which a busy shared
+machine disturbs less than wall time.
 
 Part 3, in process: --online-steps steps of the distill objective with the online teacher (STA + HTA, no
 cache), the same shapes, timed per part: teacher (body forward, and its head's logits made chunk by chunk
@@ -191,10 +193,11 @@ def bench_online(args) -> None:
 
 
 def bench_inprocess(args) -> None:
-    """CE-only and cached top-64 KD objective steps alternated in one process: wall and CPU seconds."""
+    """CE-only, cached top-64 KD and hidden-store KD objective steps rotated in one process: wall and CPU
+    seconds."""
     from pipeline.losses import DistillObjective
     from students import SpikeGPTConfig, SpikeGPTForCausalLM
-    from teachers.cache import SparseTargets
+    from teachers.cache import HiddenTargets, SparseTargets, TeacherHead
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -204,30 +207,37 @@ def bench_inprocess(args) -> None:
     ids = torch.randint(0, vocab, (BATCH, SEQ_LEN + 1), generator=gen)
     # top-64 of a random teacher distribution, stored as the cache stores them (ids, log-probs, tail mass)
     top = (torch.randn(BATCH, SEQ_LEN + 1, vocab, generator=gen) * 3).log_softmax(-1).topk(64, -1)
-    targets = SparseTargets(top.indices, top.values.bfloat16().float(), (1 - top.values.exp().sum(-1)).clamp(0, 1))
+    targets = {"kd": SparseTargets(top.indices, top.values.bfloat16().float(),
+                                   (1 - top.values.exp().sum(-1)).clamp(0, 1)),
+               "hidden": HiddenTargets(torch.randn(BATCH, SEQ_LEN + 1, 576, generator=gen).bfloat16(),
+                                       TeacherHead(torch.randn(vocab, 576, generator=gen) / 24))}
     kd = {"kind": "forward_kl", "temperature": 2.0, "chunk_size": 512}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     print(f"## in process: one objective step (forward, backward, AdamW) of the demo student, batch {BATCH} x "
-          f"{SEQ_LEN}, CE only vs STA on top-64 targets + HTA, alternating, {args.threads} thread(s), "
-          f"median of {args.inprocess_steps} steps each after one warm-up")
-    print("| impl | CE wall s | KD wall s | KD / CE tokens/s (wall) | CE CPU s | KD CPU s | KD / CE tokens/s (CPU) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{SEQ_LEN}: CE only, STA on top-64 targets + HTA (kd), STA from a hidden store + HTA (hidden), "
+          f"rotated, {args.threads} thread(s), median of {args.inprocess_steps} steps each after one warm-up")
+    print("| impl | CE wall s | kd wall s | hidden wall s | kd / CE tokens/s (wall) | hidden / CE (wall) | "
+          "hidden / kd (wall) | hidden / kd (CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
     for impl in args.impls.split(","):
         arms = {"ce": DistillObjective(student, {"sta": 0.0, "hta": 1.0}, kd={**kd, "impl": impl}),
-                "kd": DistillObjective(student, {"sta": 0.3, "hta": 0.3}, kd={**kd, "impl": impl})}
-        times: dict[str, list[tuple[float, float]]] = {"ce": [], "kd": []}
+                "kd": DistillObjective(student, {"sta": 0.3, "hta": 0.3}, kd={**kd, "impl": impl}),
+                "hidden": DistillObjective(student, {"sta": 0.3, "hta": 0.3}, kd={**kd, "impl": impl})}
+        times: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
         for step in range(args.inprocess_steps + 1):
-            for arm in (("ce", "kd") if step % 2 else ("kd", "ce")):
+            order = list(arms)[step % 3:] + list(arms)[:step % 3]
+            for arm in order:
                 wall, cpu = time.perf_counter(), time.process_time()
-                out = arms[arm](ids, targets=targets if arm == "kd" else None)
+                out = arms[arm](ids, targets=targets.get(arm))
                 (out["loss"] / (BATCH * SEQ_LEN)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if step:
                     times[arm].append((time.perf_counter() - wall, time.process_time() - cpu))
         med = {arm: [statistics.median(t[i] for t in v) for i in range(2)] for arm, v in times.items()}
-        print(f"| {impl} | {med['ce'][0]:.2f} | {med['kd'][0]:.2f} | {med['ce'][0] / med['kd'][0]:.2f}x | "
-              f"{med['ce'][1]:.2f} | {med['kd'][1]:.2f} | {med['ce'][1] / med['kd'][1]:.2f}x |", flush=True)
+        print(f"| {impl} | {med['ce'][0]:.2f} | {med['kd'][0]:.2f} | {med['hidden'][0]:.2f} | "
+              f"{med['ce'][0] / med['kd'][0]:.2f}x | {med['ce'][0] / med['hidden'][0]:.2f}x | "
+              f"{med['kd'][0] / med['hidden'][0]:.2f}x | {med['kd'][1] / med['hidden'][1]:.2f}x |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ vocabulary (float64, written here), and of
   new         pipeline.losses.kd_loss on teachers.cache.topk_targets(z, k, tau), the format-2 cache's targets
   old         the format-1 cache: temperature-1 top-k, both sides bucketed at temperature 1, then tempered as
               buckets (written here)
-  hidden      no top-k at all, for comparison: the teacher's final hidden state rounded to bf16 (what a cache of
-              it would hold, C_t x 2 bytes per token), through the teacher's head, then the online loss
+  hidden      the hidden store (teacher_cache.store=hidden, teachers.cache): the teacher's final hidden state
+              rounded to bf16 (C_t x 2 bytes per token), through the teacher's head, then the online loss
 with each gradient's norm relative to the online one (|new|, |old|, |hidden|).
 """
 

@@ -34,3 +34,8 @@ class SparseRows(NamedTuple):
 def is_sparse(target: Any) -> bool:
     """True for teachers.cache.SparseTargets (or anything with ids, logprobs and tail_mass)."""
     return all(hasattr(target, name) for name in ("ids", "logprobs", "tail_mass"))
+
+
+def is_hidden(target: Any) -> bool:
+    """True for teachers.cache.HiddenTargets (a hidden store's rows: a hidden tensor and the teacher's head)."""
+    return hasattr(target, "hidden") and hasattr(target, "head")

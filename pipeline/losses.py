@@ -27,7 +27,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.fused_kd import fused_head_kd_loss
-from pipeline.kd_targets import IGNORE_INDEX, KD_KINDS, TAIL_FLOOR, SparseRows, TeacherLogits, is_sparse
+from pipeline.kd_targets import (
+    IGNORE_INDEX,
+    KD_KINDS,
+    TAIL_FLOOR,
+    SparseRows,
+    TeacherLogits,
+    is_hidden,
+    is_sparse,
+)
 
 
 def _masked_sum(terms: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
@@ -530,7 +538,8 @@ class DistillObjective(nn.Module):
     forward(input_ids [B, L], targets=None, views=None, features=None) -> {"loss": weighted sum over next-token
     positions, "ea", "saa", "sfa", "kd", "ce": unweighted sums}. The teacher (frozen, not a submodule, so
     DDP/FSDP/DeepSpeed never wrap it) runs inside forward under no_grad; `targets` are cached sparse teacher
-    targets [B, L, k] which replace the online teacher's logits for the STA term, and `features` cached SpAD
+    targets [B, L, k], or a hidden store's HiddenTargets [B, L, C_t] (the full logits are made from them chunk
+    by chunk), which replace the online teacher's logits for the STA term, and `features` cached SpAD
     targets (SpADTargets of the rows, teachers.feature_cache) which replace the online teacher for EA, SAA and
     SFA, so that with both the teacher is never run. A term with neither (e.g. validation rows of a cached run
     without a teacher) is left out. The trainer divides every sum by the token count of the whole step.
@@ -599,7 +608,10 @@ class DistillObjective(nn.Module):
         h = head_input[:, :-1].reshape(-1, head_input.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         teacher: Any = None
-        if self.weights["sta"] > 0 and targets is not None:
+        if self.weights["sta"] > 0 and targets is not None and is_hidden(targets):
+            # a hidden store: the teacher's full logits again, one chunk at a time, as from the online teacher
+            teacher = _head_logits(targets.hidden[:, :-1].reshape(-1, targets.hidden.shape[-1]), targets.head)
+        elif self.weights["sta"] > 0 and targets is not None:
             k = targets.ids.shape[-1]
             teacher = SparseRows(targets.ids[:, :-1].reshape(-1, k), targets.logprobs[:, :-1].reshape(-1, k),
                                  targets.tail_mass[:, :-1].reshape(-1))
@@ -607,10 +619,7 @@ class DistillObjective(nn.Module):
             teacher = self._exact_targets(views).to(h.device)
         elif self.weights["sta"] > 0 and t_out is not None:
             last = t_out.last_hidden_state[:, :-1].reshape(-1, t_out.last_hidden_state.shape[-1])
-            head = self.teacher.head
-
-            def teacher(rows: slice) -> torch.Tensor:  # teacher logits are made one chunk at a time
-                return head(last[rows])
+            teacher = _head_logits(last, self.teacher.head)
         kd = self.kd
         # forward() backpropagates w_sta * kd + w_hta * ce (times the trainer's 1 / tokens): the fused path
         # may then compute the head's gradient in its forward
@@ -626,6 +635,16 @@ class DistillObjective(nn.Module):
 
         lp = floored(exact_log_probs(self.teacher, self.subvocab, list(views), self.branch_floor))
         return lp[:, :-1].reshape(-1, lp.shape[-1])
+
+
+def _head_logits(last: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> TeacherLogits:
+    """The teacher's logits of token rows, made one chunk at a time: rows (slice) -> head(last[rows]) [n, V],
+    from its last hidden states last [N, C_t] (online, or a hidden store's) and its head."""
+
+    def teacher(rows: slice) -> torch.Tensor:
+        return head(last[rows])
+
+    return teacher
 
 
 class _HeadInput:

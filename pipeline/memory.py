@@ -321,7 +321,10 @@ def estimate_stage(recipe: Any, stage: str, shape: Any, world: int = 1) -> Estim
 
     if stage == "teacher_cache":
         fixed, per_row = _teacher_parts(recipe, shape, {"hidden_states": False, "attentions": False})
-        fixed["logits"] = 3 * 4.0 * TOKEN_CHUNK * shape.vocab  # logits, log-softmax, top-k work: [chunk, V] fp32
+        if recipe.teacher_cache.store == "topk":
+            fixed["logits"] = 3 * 4.0 * TOKEN_CHUNK * shape.vocab  # logits, log-softmax, top-k: [chunk, V] fp32
+        else:
+            fixed["teacher head"] = 2 * 4.0 * shape.vocab * shape.hidden  # its fp32 copy and checksum bytes
         return Estimate(stage, "teacher_cache.batch_size", recipe.teacher_cache.batch_size,
                         {"baseline": BASELINE_BYTES, **fixed}, per_row)
     section = getattr(recipe, stage)
@@ -333,6 +336,11 @@ def estimate_stage(recipe: Any, stage: str, shape: Any, world: int = 1) -> Estim
         keep = {"hidden_states": weights["ea"] > 0 or weights["sfa"] > 0, "attentions": weights["saa"] > 0}
         t_fixed, t_rows = _teacher_parts(recipe, shape, keep)
         fixed, per_row = {**fixed, **t_fixed}, {**per_row, **t_rows}
+    elif stage == "distill" and recipe.teacher_cache.store == "hidden" and weights["sta"] > 0:
+        # the hidden store's head (fp32) and the teacher logits of one loss chunk (logits, softmax: [chunk, V])
+        fixed["teacher head"] = 4.0 * shape.vocab * shape.hidden
+        fixed["teacher logits"] = 2 * 4.0 * recipe.distill.kd.chunk_size * shape.vocab
+        per_row["teacher hidden"] = 4.0 * recipe.data.seq_len * shape.hidden
     return Estimate(stage, f"{stage}.train.batch_size", section.train.batch_size,
                     {"baseline": BASELINE_BYTES, **fixed}, per_row, _setup_peak(recipe, stage, shape, n_params))
 

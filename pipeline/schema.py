@@ -81,6 +81,11 @@ class TeacherCacheConfig:
     # the pieces emitted inside a teacher token spell a shorter one) whose relative ending mass is below this
     # floor; each such target moves by at most that mass in total variation (teachers/subvocab.py). 0 = exact
     branch_floor: float = 0.0
+    # what the cache keeps of the teacher: topk (its k most probable tokens at distill.kd.temperature + one tail
+    # bucket; forward KL only, exact in gradient at temperature 1 only) | hidden (its last hidden state and LM
+    # head, so distill recomputes the full-vocabulary logits: exact KD at any temperature and kind, ~3x the disk
+    # for SmolLM2-135M and one teacher-head matmul per step; student.vocab=teacher only; teachers/cache.py)
+    store: str = "topk"
 
 
 @dataclass
@@ -220,6 +225,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.arch": ("spikegpt", "llama"),
     "teacher.dtype": ("fp32", "bf16", "fp16"),
     "teacher_cache.value_dtype": ("fp32", "bf16", "fp16"),
+    "teacher_cache.store": ("topk", "hidden"),
     "align.head_mapping": ("mean", "learned"),
     "distill.kd.kind": ("forward_kl", "reverse_kl", "jsd"),
     "distill.kd.impl": ("chunked", "fused"),
@@ -285,6 +291,9 @@ def _check_vocab(recipe: Recipe) -> None:
         spec = parse_vocab(recipe.student.vocab)
     except TeacherError as exc:
         raise ConfigError(f"{exc} (fix the recipe or the override)") from None
+    _need(spec.is_teacher or recipe.teacher_cache.store == "topk", "teacher_cache.store",
+          f"topk with student.vocab={spec} (a hidden store keeps one teacher position per token; exact targets "
+          "over a derived vocabulary mix several)", recipe.teacher_cache.store)
     if spec.is_teacher:
         _need(recipe.teacher_cache.branch_floor == 0, "teacher_cache.branch_floor",
               "0 with student.vocab=teacher (it skips the branch tokens of a derived student vocabulary; the "
@@ -321,15 +330,17 @@ def _check_study(recipe: Recipe) -> None:
 
 
 def _check_cached_kind(recipe: Recipe) -> None:
-    """Cached top-k targets carry forward KL only: the tail bucket hides the per-token log-ratios that reverse KL
-    and JSD weight by the student's own tail mass, so their cached gradients point elsewhere (bench/kd_cache.py
-    measures it on the bundled teacher). JSD at beta 0 is forward KL (pipeline.losses)."""
+    """Cached top-k targets (teacher_cache.store=topk) carry forward KL only: the tail bucket hides the per-token
+    log-ratios that reverse KL and JSD weight by the student's own tail mass, so their cached gradients point
+    elsewhere (bench/kd_cache.py measures it on the bundled teacher). JSD at beta 0 is forward KL
+    (pipeline.losses). The hidden store gives the full logits back, so every kind is exact with it."""
     kd = recipe.distill.kd
-    cached = recipe.teacher_cache.enabled and recipe.distill.use_teacher_cache
+    cached = recipe.teacher_cache.enabled and recipe.distill.use_teacher_cache and recipe.teacher_cache.store == "topk"
     forward = kd.kind == "forward_kl" or (kd.kind == "jsd" and kd.jsd_beta == 0)
-    _need(not cached or forward, "distill.kd.kind", "forward_kl while teacher_cache.enabled is true (a top-k "
-          "cache's tail bucket leaves reverse KL and JSD far from their online forms, bench/kd_cache.py); set "
-          "teacher_cache.enabled=false to distill them from the online teacher", kd.kind)
+    _need(not cached or forward, "distill.kd.kind", "forward_kl while teacher_cache.enabled is true with "
+          "teacher_cache.store=topk (a top-k cache's tail bucket leaves reverse KL and JSD far from their online "
+          "forms, bench/kd_cache.py); set teacher_cache.store=hidden (exact for every kind) or "
+          "teacher_cache.enabled=false", kd.kind)
 
 
 def _check_feature_cache(recipe: Recipe) -> None:

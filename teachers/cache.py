@@ -32,6 +32,21 @@ caches of different floors are never read for one another; teachers.subvocab.exa
 stats (the teacher_cache stage's metrics) add "branches": its BranchCount (positions, branch tokens needed and
 evaluated, the skipped branches' summed and largest relative ending mass, i.e. total-variation bounds).
 
+The hidden store (build_teacher_cache(store="hidden"), recipe key teacher_cache.store) keeps instead what
+the teacher's LM head reads, its last hidden state (after the final norm), and the head itself, so the loss
+recomputes the teacher's full-vocabulary logits z = head(h) chunk by chunk, exactly as the online teacher
+does: KD at any temperature and of any kind (forward KL, reverse KL, JSD) equals the online loss up to the
+stored dtype's rounding of h, which the top-k store cannot reach at tau >= 2 (the tail's inner shape is lost).
+Its price: [L, C_t] values per row instead of [L, k] ids + values (576 bf16 = 1,152 bytes a token for
+SmolLM2-135M against 388 for k = 64) and one [N, C_t] x [C_t, V] teacher-head matmul per step. Directory:
+  manifest.json           key: format HIDDEN_FORMAT, teacher fingerprint and dtype, tokenizer and data hashes,
+                          split, seq_len, value_dtype, width C_t, vocab V, the head's sha256 and soft-cap; no k
+                          and no temperature (one cache serves every temperature and KD kind)
+  head.safetensors        weight fp32 [V, C_t] (and bias [V] if the head has one), written before any shard
+  shard_00000.safetensors hidden bf16|fp16|fp32 [rows, L, C_t], same shard machinery as above.
+It is built over the teacher's own vocabulary only: exact targets over a derived student vocabulary are mixtures
+of several teacher positions (teachers.subvocab), which no single hidden state gives.
+
 The shard machinery (manifest and key check, resumable build, checksummed shards, a reader that verifies each
 shard once) is generic over a `ShardFormat`; teachers.feature_cache stores the teacher's SpAD targets with it.
 """
@@ -57,6 +72,9 @@ from teachers.errors import CacheError, DataError
 from teachers.hashing import tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: targets of the tempered teacher, keyed by temperature
+HIDDEN_FORMAT = "hidden/1"  # the hidden store: the teacher head's input and the head
+STORES = ("topk", "hidden")
+_HEAD_FILE = "head.safetensors"
 SUBVOCAB_TARGETS = "exact-subset/1"  # bump when teachers.subvocab's targets change
 _VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _MANIFEST = "manifest.json"
@@ -304,17 +322,21 @@ def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, exact
 
 
 def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_row: int) -> None:
-    path = _shard_path(out_dir, i)
-    tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
     rows = next(iter(tensors.values())).shape[0]
     meta = {"sha256": _checksum(tensors), "first_row": str(first_row), "rows": str(rows)}
+    _write_file(_shard_path(out_dir, i), tensors, meta)
+
+
+def _write_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Save tensors to a temp name, then rename: a cache file is always whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except OSError as exc:  # disk full or quota: drop the partial temp file, keep the finished shards
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"{path}: cannot write the cache shard ({exc.strerror or exc}); free disk space, "
-                         "then rerun (finished shards are kept)") from exc
+        raise CacheError(f"{path}: cannot write it ({exc.strerror or exc}); free disk space, then rerun "
+                         "(finished shards are kept)") from exc
 
 
 def build_teacher_cache(
@@ -332,6 +354,7 @@ def build_teacher_cache(
     temperature: float = 1.0,
     vocab=None,
     branch_floor: float = 0.0,
+    store: str = "topk",
 ) -> dict:
     """Write the top-k targets of the tempered teacher, softmax(logits / temperature) (`topk_targets`), for
     every token of dataset_dir/split into out_dir (resumable).
@@ -343,9 +366,16 @@ def build_teacher_cache(
     teacher's tempered exact distributions over the student's vocabulary (teachers.subvocab). branch_floor
     (with vocab only; ignored without it): skip the branch tokens whose relative ending mass is below it, which
     moves each such position's distribution by at most that mass in total variation (0: exact; part of the key).
+    store: "topk" (the above) or "hidden": the teacher's last hidden states and its head instead
+    (`build_hidden_cache`; k, temperature and branch_floor are then unused).
     Returns the stats of `build_shards`, with vocab plus "branches" (the build's BranchCount as a dict: over the
-    shards written in this call). Raises CacheError for a branch_floor outside [0, 1).
+    shards written in this call). Raises CacheError for a branch_floor outside [0, 1) or an unknown store.
     """
+    if store not in STORES:
+        raise CacheError(f"teacher_cache.store={store!r}: use one of {'|'.join(STORES)}")
+    if store == "hidden":
+        return build_hidden_cache(teacher, dataset_dir, out_dir, batch_size, split, value_dtype, shard_size,
+                                  progress, overwrite, vocab)
     try:
         ds = TokenDataset(dataset_dir, split)
     except DataError as exc:
@@ -526,10 +556,170 @@ class TeacherCache(ShardReader):
         return SparseTargets.stack([self[r] for r in rows])
 
 
+# ------------------------------------------------------------------------------------------- the hidden store
+
+
+class TeacherHead:
+    """The teacher's LM head as the hidden store keeps it: logits = h W^T (+ b), then the final soft-cap
+    c tanh(z / c) when the teacher has one (Gemma 2's final_logit_softcapping), as teachers.outputs.Teacher.head.
+
+    weight: fp32 [V, C_t]; bias: fp32 [V] or None; softcap: c or None. Calling it on h [n, C_t] (any float
+    dtype, any device) gives fp32 logits [n, V] without a graph; the weight is copied to h's device once.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, softcap: float | None = None):
+        self.weight, self.bias, self.softcap = weight.float(), None if bias is None else bias.float(), softcap
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if h.device not in self._on:
+            self._on[h.device] = (self.weight.to(h.device), None if self.bias is None else self.bias.to(h.device))
+        w, b = self._on[h.device]
+        with torch.no_grad():
+            z = h.float() @ w.t()
+            if b is not None:
+                z = z + b
+            if self.softcap:
+                z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+@dataclass
+class HiddenTargets:
+    """Rows of a hidden store: hidden [..., L, C_t] (the teacher head's input at each position, as stored) and
+    the shared TeacherHead that turns them into the teacher's full-vocabulary logits."""
+
+    hidden: torch.Tensor
+    head: TeacherHead
+
+    @classmethod
+    def stack(cls, items: list[HiddenTargets]) -> HiddenTargets:
+        """Stack per-row targets [L, C_t] into a batch [B, L, C_t] (one head, shared)."""
+        return cls(torch.stack([t.hidden for t in items]), items[0].head)
+
+    def to(self, device: str | torch.device) -> HiddenTargets:
+        return HiddenTargets(self.hidden.to(device), self.head)
+
+
+def _teacher_head(teacher) -> TeacherHead:
+    """The teacher's output embedding as a TeacherHead (fp32 copies; the soft-cap from its config)."""
+    module = teacher.model.get_output_embeddings()
+    bias = getattr(module, "bias", None)
+    return TeacherHead(module.weight.detach().float().cpu().clone(),
+                       None if bias is None else bias.detach().float().cpu().clone(),
+                       getattr(teacher.config, "final_logit_softcapping", None) or None)
+
+
+def _head_tensors(head: TeacherHead) -> dict[str, torch.Tensor]:
+    return {"weight": head.weight.contiguous(), **({} if head.bias is None else {"bias": head.bias.contiguous()})}
+
+
+def hidden_cache_key(teacher, dataset_dir: str | os.PathLike, split: str, value_dtype: str,
+                     head: TeacherHead | None = None) -> dict:
+    """The manifest key of a hidden store of `teacher` over dataset_dir/split (pass as HiddenCache expect);
+    head: the teacher's TeacherHead when the caller has it already."""
+    head = head or _teacher_head(teacher)
+    key = cache_key(teacher, dataset_dir, split, 1, value_dtype)
+    for name in ("k", "temperature"):
+        del key[name]
+    key.update(format=HIDDEN_FORMAT, width=teacher.hidden_size, vocab_size=head.vocab_size,
+               head_sha256=_checksum(_head_tensors(head)), softcap=head.softcap)
+    return key
+
+
+def _hidden_shapes(key: dict) -> dict[str, tuple[int, ...]]:
+    return {"hidden": (int(key["seq_len"]), int(key["width"]))}
+
+
+HIDDEN = ShardFormat(HIDDEN_FORMAT, "the teacher's last hidden states and its LM head", "build_teacher_cache",
+                     _hidden_shapes)
+
+
+def build_hidden_cache(teacher, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, batch_size: int = 8,
+                       split: str = "train", value_dtype: str = "bf16", shard_size: int = 256,
+                       progress: bool = True, overwrite: bool = False, vocab=None) -> dict:
+    """Write the teacher's last hidden states of every token of dataset_dir/split, and its LM head, into
+    out_dir (resumable; the hidden store of the module docstring). Returns `build_shards`' stats with the
+    head's bytes added to "bytes". Raises CacheError for a dataset tokenized with a derived student vocabulary
+    (vocab given, or the dataset's meta says so), an unknown value_dtype or another key in out_dir."""
+    try:
+        ds = TokenDataset(dataset_dir, split)
+    except DataError as exc:
+        raise CacheError(str(exc)) from exc
+    if vocab is not None or ds.meta.get("vocab", "teacher") != "teacher":
+        raise CacheError(f"{ds.dir}: teacher_cache.store=hidden needs student.vocab=teacher (exact targets over "
+                         "a derived vocabulary mix several teacher positions); use teacher_cache.store=topk")
+    if value_dtype not in _VALUE_DTYPES:
+        raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
+    _check_tokenizer(teacher, ds, None)
+    if len(ds) == 0:
+        raise CacheError(f"{ds.dir}: split {ds.split!r} has no rows; nothing to cache")
+    head = _teacher_head(teacher)
+    key = hidden_cache_key(teacher, dataset_dir, split, value_dtype, head)
+    out = Path(out_dir)
+    # the head first, so a cache with shards always has its head; its checksum is in the key
+    _open_for_build(out, HIDDEN, key, len(ds), int(shard_size), overwrite)
+    head_path = out / _HEAD_FILE
+    if not head_path.is_file() or _checksum(_read_head_tensors(head_path)) != key["head_sha256"]:
+        _write_file(head_path, _head_tensors(head), {"sha256": key["head_sha256"]})
+    dtype = _VALUE_DTYPES[value_dtype]
+
+    def compute(rows: range) -> dict[str, torch.Tensor]:
+        parts = []
+        for start in range(rows.start, rows.stop, batch_size):
+            batch = torch.stack([ds[i] for i in range(start, min(start + batch_size, rows.stop))])
+            h = teacher(batch, logits=False, hidden_states=False).last_hidden_state
+            parts.append(h.to("cpu", dtype))
+        return {"hidden": torch.cat(parts)}
+
+    stats = build_shards(out, HIDDEN, key, len(ds), int(shard_size), ds.seq_len, compute, overwrite=overwrite,
+                         progress=progress, desc="teacher cache (hidden)")
+    stats["bytes"] += head_path.stat().st_size
+    return stats
+
+
+def _read_head_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (OSError, SafetensorError) as exc:
+        raise CacheError(f"{path}: missing or corrupt teacher head ({exc}); delete the cache directory and "
+                         "rebuild it (teacher_cache stage)") from exc
+
+
+class HiddenCache(ShardReader):
+    """Reader of a finished hidden store: cache[i] -> HiddenTargets ([L, C_t] of dataset row i, the head).
+
+    expect: key fields the cache must carry (hidden_cache_key(...)); any difference is a CacheError, and so is
+    a cache of another format (a top-k cache), or a head whose checksum differs from the key's.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, expect: dict | None = None, verify: bool = True):
+        super().__init__(out_dir, HIDDEN, expect, verify)
+        tensors = _read_head_tensors(self.dir / _HEAD_FILE)
+        if _checksum(tensors) != self.key["head_sha256"]:
+            raise CacheError(f"{self.dir / _HEAD_FILE}: its checksum differs from the manifest's head_sha256 "
+                             "(corrupt or from another teacher); delete the directory and rebuild the cache")
+        self.head = TeacherHead(tensors["weight"], tensors.get("bias"), self.key.get("softcap"))
+
+    def __getitem__(self, row: int) -> HiddenTargets:
+        return HiddenTargets(self.row(row)["hidden"], self.head)
+
+    def batch(self, rows: list[int]) -> HiddenTargets:
+        """HiddenTargets [B, L, C_t] for the given dataset rows."""
+        return HiddenTargets.stack([self[r] for r in rows])
+
+
 def nominal_bytes_per_token(k: int, value_dtype: str = "bf16") -> int:
     """k int32 ids + k values + one fp32 tail per token (shard headers excluded)."""
     return k * (4 + _VALUE_DTYPES[value_dtype].itemsize) + 4
 
 
-__all__ = ["LOGITS", "SUBVOCAB_TARGETS", "CacheError", "ShardFormat", "ShardReader", "SparseTargets", "TeacherCache",
-           "build_shards", "build_teacher_cache", "cache_key", "nominal_bytes_per_token", "topk_targets", "vocab_key"]
+__all__ = ["HIDDEN", "LOGITS", "STORES", "SUBVOCAB_TARGETS", "CacheError", "HiddenCache", "HiddenTargets", "ShardFormat",
+           "ShardReader", "SparseTargets", "TeacherCache", "TeacherHead", "build_hidden_cache", "build_shards",
+           "build_teacher_cache", "cache_key", "hidden_cache_key", "nominal_bytes_per_token",
+           "topk_targets", "vocab_key"]

@@ -130,3 +130,21 @@ def test_the_student_head_is_counted_at_the_student_vocabulary(tiny_teacher_dir,
     est = memory.estimate_stage(recipe, "distill", shape)
     # independent figure: three fp32 [chunk_size, V] buffers (HEAD_BUFFERS), counted by hand
     assert est.fixed["logits"] == 3 * 4 * recipe.distill.kd.chunk_size * expected
+
+
+def test_the_hidden_store_adds_the_teacher_head_not_the_teacher(tiny_teacher_dir, setting):
+    """Distill from a hidden store holds the teacher's head (fp32 [V, C_t]), one chunk of its logits and the
+    rows' hidden states, never the teacher's body; the top-k cache holds none of them."""
+    _, shape, _, _ = setting
+    base = [f"teacher.spec={tiny_teacher_dir}", "teacher.dtype=fp32", *HYBRID, "align.enabled=false",
+            "teacher_cache.enabled=true"]
+    topk = memory.estimate_stage(load_recipe(None, base), "distill", shape)
+    recipe = load_recipe(None, [*base, "teacher_cache.store=hidden"])
+    hidden = memory.estimate_stage(recipe, "distill", shape)
+    assert "teacher weights" not in hidden.fixed and "teacher head" not in topk.fixed
+    chunk, length = recipe.distill.kd.chunk_size, recipe.data.seq_len
+    assert hidden.fixed["teacher head"] == 4 * shape.vocab * shape.hidden  # by hand: fp32 V x C_t
+    assert hidden.fixed["teacher logits"] == 2 * 4 * chunk * shape.vocab
+    assert hidden.per_row["teacher hidden"] == 4 * length * shape.hidden
+    assert hidden.total(2) - topk.total(2) == pytest.approx(
+        4 * shape.vocab * shape.hidden + 8 * chunk * shape.vocab + 2 * 4 * length * shape.hidden)

@@ -157,6 +157,7 @@ def test_wrong_type(tmp_path):
     ("teacher_cache.branch_floor=-0.1", "teacher_cache.branch_floor"),
     ("teacher_cache.branch_floor=1.0", "teacher_cache.branch_floor"),
     ("teacher_cache.branch_floor=1e-3", "teacher_cache.branch_floor"),  # the teacher's vocabulary has no branches
+    ("teacher_cache.store=sparse", "teacher_cache.store"),
 ])
 def test_bad_values_name_the_key(override, key):
     msg = _one_line_error(None, [override])
@@ -185,6 +186,36 @@ def test_cached_kd_is_forward_kl_only(kind):
     assert load_recipe(None, ["teacher_cache.enabled=true", f"distill.kd.kind={kind}",
                               "distill.use_teacher_cache=false"])
     assert load_recipe(None, [f"distill.kd.kind={kind}"]).distill.kd.kind == kind  # online: any kind
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_the_hidden_store_takes_every_kd_kind(kind):
+    # it gives the full logits back (teachers.cache), so nothing is lost to a tail bucket
+    r = load_recipe(None, ["teacher_cache.enabled=true", "teacher_cache.store=hidden", f"distill.kd.kind={kind}"])
+    assert (r.teacher_cache.store, r.distill.kd.kind) == ("hidden", kind)
+
+
+def test_the_hidden_store_needs_the_teachers_vocabulary():
+    msg = _one_line_error(None, ["teacher_cache.enabled=true", "teacher_cache.store=hidden", "student.vocab=bytes"])
+    assert msg.startswith("teacher_cache.store: must be topk with student.vocab=bytes"), msg
+
+
+def test_the_hidden_store_is_hashed_without_k_or_temperature():
+    from pipeline.runner import stage_config_hash
+    from pipeline.stages import SPECS
+
+    def cache_hash(*extra):
+        return stage_config_hash(load_recipe(None, ["teacher_cache.enabled=true", *extra]), "teacher_cache")
+
+    hidden = cache_hash("teacher_cache.store=hidden")
+    assert hidden == cache_hash("teacher_cache.store=hidden", "distill.kd.temperature=4", "teacher_cache.k=8")
+    assert hidden != cache_hash() and cache_hash() != cache_hash("distill.kd.temperature=4")
+    # the default store keeps the hash caches had before the key existed: the study's finished runs stay valid
+    r = load_recipe(None, ["teacher_cache.enabled=true"])
+    assert "store" not in SPECS["teacher_cache"].sections(r)["teacher_cache"]
+    dist = {s: stage_config_hash(load_recipe(None, ["teacher_cache.enabled=true", f"teacher_cache.store={s}"]),
+                                 "distill") for s in ("topk", "hidden")}
+    assert dist["topk"] != dist["hidden"]
 
 
 def test_the_teacher_cache_stage_depends_on_the_kd_temperature():

@@ -100,6 +100,33 @@ def test_distill_from_the_teacher_cache_without_align(tmp_path, tiny_teacher_dir
     assert Path(res.outputs["student"], "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("kind, tau", [("forward_kl", 2.0), ("reverse_kl", 1.0)])
+def test_distill_from_the_hidden_store_is_distill_from_the_online_teacher(tmp_path, tiny_teacher_dir, prepared,
+                                                                         kind, tau):
+    """teacher_cache.store=hidden (fp32) recomputes the teacher's full logits: the same KD and CE at every step
+    as the online teacher, at a temperature and a kind a top-k cache cannot give."""
+    from pipeline.stages import distill
+    from teachers import load_teacher
+    from teachers.cache import build_teacher_cache
+
+    runs = {}
+    for store in ("online", "hidden"):
+        r = _recipe(tiny_teacher_dir, steps=3)
+        r.align.enabled = False
+        r.distill.kd.kind, r.distill.kd.temperature = kind, tau
+        up = {"prepare": {"outputs": {"dataset": str(prepared)}}}
+        if store == "hidden":
+            r.teacher_cache.enabled, r.teacher_cache.store, r.teacher_cache.value_dtype = True, "hidden", "fp32"
+            build_teacher_cache(load_teacher(str(tiny_teacher_dir)), prepared, tmp_path / "cache", batch_size=4,
+                                value_dtype="fp32", progress=False, store="hidden")
+            up["teacher_cache"] = {"outputs": {"cache": str(tmp_path / "cache")}}
+        distill.run(_ctx(r, tmp_path / store, "distill", up))
+        runs[store] = [x for x in _rows(tmp_path / store / "distill" / "metrics.jsonl") if x["split"] == "train"]
+    assert len(runs["hidden"]) == 3 and runs["hidden"][0]["kd"] > 0
+    for a, b in zip(runs["hidden"], runs["online"], strict=True):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+
+
 @pytest.mark.parametrize("normed", [True, False])
 def test_align_sfa_target_norm_reaches_the_loss(tiny_teacher_dir, normed):
     from pipeline.build import build_spad, build_student

@@ -88,6 +88,10 @@ def _cache_sections(r: Recipe) -> dict[str, Any]:
     if cache["branch_floor"] == 0 or r.student.vocab == "teacher":
         del cache["branch_floor"]  # exact (or unused): the hash a cache had before the key existed
     sections = {"teacher_cache": cache, "teacher": r.teacher, "distill.kd.temperature": r.distill.kd.temperature}
+    if cache["store"] == "topk":
+        del cache["store"]  # the default: the hash a cache had before the key existed
+    else:  # the hidden store keeps no top-k and no temperature: one cache serves every k and tau
+        del cache["k"], sections["distill.kd.temperature"]
     if not r.teacher_cache.features:
         del cache["features"]  # so that a logit cache keeps the hash it had before the key existed
         return sections
@@ -116,6 +120,8 @@ def _distill_sections(r: Recipe) -> dict[str, Any]:
     sections = {"distill": r.distill, "teacher_cache.enabled": _uses_cache(r), **_train_common(r)}
     if r.teacher_cache.features:  # feature targets from the cache instead of the online teacher
         sections["teacher_cache.features"] = True
+    if _uses_cache(r) and r.teacher_cache.store != "topk":  # the full logits from the hidden store
+        sections["teacher_cache.store"] = r.teacher_cache.store
     if r.teacher_cache.branch_floor != 0 and r.student.vocab != "teacher":  # online targets over a derived vocab
         sections["teacher_cache.branch_floor"] = r.teacher_cache.branch_floor
     w = r.distill.weights

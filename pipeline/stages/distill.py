@@ -4,7 +4,8 @@ Starts from align's student (or a fresh one when align.enabled is false). Soft t
 online teacher (its logits made chunk by chunk from its last hidden state) or, with teacher_cache.enabled
 and distill.use_teacher_cache, from the cached sparse top-k targets of the teacher at distill.kd.temperature
 (k tokens + one tail bucket; see pipeline.losses.kd_loss; a cache of another temperature is refused) so the
-teacher is not loaded at all unless a feature term needs it. With the cache, validation rows have no cached
+teacher is not loaded at all unless a feature term needs it. With teacher_cache.store=hidden the cache holds
+the teacher's last hidden states and head instead, and the loss recomputes its full logits (exact at any tau). With the cache, validation rows have no cached
 targets: val metrics are CE (HTA) only, or with an online teacher loaded for feature terms, KD on its
 full-vocabulary logits.
 Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
@@ -67,11 +68,10 @@ class CachedRows(Dataset):
 
 
 def collate_cached(items: list[dict]) -> dict:
-    """Batch CachedRows items: input_ids [B, L], SparseTargets [B, L, k] and, with a feature cache, SpADTargets."""
-    from teachers.cache import SparseTargets
-
+    """Batch CachedRows items: input_ids [B, L], SparseTargets [B, L, k] (or, from a hidden store,
+    HiddenTargets [B, L, C_t]) and, with a feature cache, SpADTargets."""
     batch = {"input_ids": torch.stack([x["input_ids"] for x in items]),
-             "targets": SparseTargets.stack([x["targets"] for x in items])}
+             "targets": type(items[0]["targets"]).stack([x["targets"] for x in items])}
     if "features" in items[0]:
         batch["features"] = SpADTargets.from_tensors({name: torch.stack([x["features"][name] for x in items])
                                                       for name in items[0]["features"]})
@@ -107,18 +107,23 @@ def collate_views(items: list[dict]) -> dict:
 
 
 def _open_cache(ctx: StageContext, train) -> Any:
-    from teachers.cache import TeacherCache, vocab_key
+    """The teacher_cache stage's cache, checked against this run's data and recipe: a TeacherCache (top-k) or,
+    with teacher_cache.store=hidden, a HiddenCache (temperature-free)."""
+    from teachers.cache import HiddenCache, TeacherCache, vocab_key
 
     r = ctx.recipe
-    expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "k": r.teacher_cache.k,
-              "value_dtype": r.teacher_cache.value_dtype, "tokenizer_hash": train.meta["tokenizer_hash"],
-              "temperature": float(r.distill.kd.temperature),
-              **vocab_key(train.meta, r.teacher_cache.branch_floor)}
+    expect = {"data_hash": train.data_hash, "seq_len": train.seq_len, "value_dtype": r.teacher_cache.value_dtype,
+              "tokenizer_hash": train.meta["tokenizer_hash"]}
     # the teacher is not loaded here; the cache must at least be the one its stage built and recorded
     built_by = ctx.upstream["teacher_cache"].get("metrics", {}).get("teacher_fingerprint")
     if built_by:
         expect["teacher_fingerprint"] = built_by
-    return TeacherCache(ctx.upstream["teacher_cache"]["outputs"]["cache"], expect=expect)
+    path = ctx.upstream["teacher_cache"]["outputs"]["cache"]
+    if r.teacher_cache.store == "hidden":
+        return HiddenCache(path, expect=expect)
+    expect.update(k=r.teacher_cache.k, temperature=float(r.distill.kd.temperature),
+                  **vocab_key(train.meta, r.teacher_cache.branch_floor))
+    return TeacherCache(path, expect=expect)
 
 
 def _open_features(ctx: StageContext, train, spad: Any, sizes: Any) -> Any:
@@ -203,7 +208,8 @@ def run(ctx: StageContext) -> StageResult:
     if use_cache:
         feats = _open_features(ctx, train, spad, sizes) if cached_features else None
         train, collate = CachedRows(train, _open_cache(ctx, train), feats), collate_cached
-        ctx.log.info("distill: soft targets from the teacher cache (k=%d)", r.teacher_cache.k)
+        ctx.log.info("distill: soft targets from the teacher cache (%s)", f"top-{r.teacher_cache.k}"
+                     if r.teacher_cache.store == "topk" else "hidden states: the full logits, recomputed")
         if feats is not None:
             ctx.log.info("distill: SpAD targets (%s) from the feature cache %s; the teacher is not run",
                          ", ".join(spad.target_spec.terms), feats.dir)

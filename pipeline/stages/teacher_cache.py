@@ -6,6 +6,9 @@ tau) over the full vocabulary (teachers.cache.topk_targets), so the cached KD lo
 distributions, as online (up to the tail bucket).
 Output: {"cache": dir} in teachers.cache format, keyed by teacher fingerprint, tokenizer, data, k and tau so
 the distill stage refuses a cache that does not match. A killed build resumes at its first missing shard.
+With teacher_cache.store=hidden the cache keeps the teacher's last hidden states and its LM head instead
+(teachers.cache.build_hidden_cache), keyed without k or tau: distill recomputes the full logits, exact at any
+temperature and KD kind.
 With teacher_cache.dir set, the cache lives in that shared directory: the first run builds it, later runs
 with the same key find every shard there and only check the manifest (another key: a one-line error).
 With teacher_cache.features, also {"features": <cache dir>/features} in teachers.feature_cache format: what
@@ -56,7 +59,7 @@ def run(ctx: StageContext) -> StageResult:
     stats = build_teacher_cache(teacher, dataset, out, k=r.teacher_cache.k, batch_size=r.teacher_cache.batch_size,
                                 split="train", value_dtype=r.teacher_cache.value_dtype,
                                 temperature=r.distill.kd.temperature, vocab=stage_vocab(ctx, teacher),
-                                branch_floor=r.teacher_cache.branch_floor)
+                                branch_floor=r.teacher_cache.branch_floor, store=r.teacher_cache.store)
     outputs = {"cache": str(out)}
     metrics = {"teacher_fingerprint": teacher.fingerprint, **dict(stats)}
     if r.teacher_cache.features:
