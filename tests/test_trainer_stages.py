@@ -234,3 +234,33 @@ def test_joint_spad_trains_checkpoints_resumes_and_exports_the_student_alone(tmp
     assert not any("proj" in k or k.startswith("spad") for k in exported)
     model = SpikeGPTForCausalLM.from_pretrained(run / "export" / "model")
     assert all(torch.equal(v, student[k]) for k, v in model.state_dict().items() if k in student)
+
+
+HIDDEN_RECIPE = """\
+run: {{name: hidden, seed: 0}}
+data: {{sources: [{corpus}], seq_len: 16, val_fraction: 0.1}}
+teacher: {{spec: {teacher}, dtype: fp32}}
+student: {{preset: tiny, config: {{n_layer: 2, d_model: 16, n_head: 2}}}}
+teacher_cache: {{enabled: true, store: hidden, value_dtype: bf16, batch_size: 4}}
+align: {{enabled: false}}
+distill:
+  train: {{steps: 2, batch_size: 2, eval_every: 2, eval_batches: 1, checkpoint_every: 2, log_every: 1}}
+  kd: {{kind: jsd, temperature: 4.0, chunk_size: 7}}
+"""
+
+
+def test_a_recipe_with_the_hidden_store_runs_through_the_pipeline(tmp_path, tiny_teacher_dir):
+    """teacher_cache.store reaches the stage: the cache holds hidden states and the head, and distill trains
+    JSD at tau 4 from it (a kind and temperature a top-k cache refuses or cannot give)."""
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_pipeline
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "r.yaml").write_text(HIDDEN_RECIPE.format(corpus=tmp_path / "corpus.txt", teacher=tiny_teacher_dir))
+    run = tmp_path / "run"
+    run_pipeline(load_recipe(tmp_path / "r.yaml"), run_dir=run, stages=["prepare", "teacher_cache", "distill"])
+    cache = run / "teacher_cache" / "cache"
+    key = json.loads((cache / "manifest.json").read_text())["key"]
+    assert key["format"] == "hidden/1" and (cache / "head.safetensors").is_file()
+    train = [x for x in _rows(run / "distill" / "metrics.jsonl") if x["split"] == "train"]
+    assert len(train) == 2 and all(x["kd"] > 0 for x in train)
