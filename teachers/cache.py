@@ -232,9 +232,21 @@ LOGITS = ShardFormat(FORMAT_VERSION, "top-k of the teacher at the distillation t
                      _logit_shapes)
 
 
+# what a shard that fails its check needs: the teacher_cache stage is done, so a plain rerun skips it
+REBUILD = ("rerun the teacher_cache stage (spikedistill run <recipe> --stages teacher_cache --force; a shared "
+           "teacher_cache.dir keeps its other shards and recomputes only the missing ones)")
+_STORE_OF_FORMAT = {FORMAT_VERSION: "topk", HIDDEN_FORMAT: "hidden"}
+
+
 def _check_format(out_dir: Path, manifest: dict, fmt: ShardFormat = LOGITS) -> None:
-    """A cache of another format version is refused with one line (its targets mean something else)."""
+    """A cache of another format version is refused with one line (its targets mean something else); one of the
+    other teacher_cache.store is named as such, since deleting a shared one would be the wrong fix."""
     have = manifest.get("key", {}).get("format")
+    stores = (_STORE_OF_FORMAT.get(have), _STORE_OF_FORMAT.get(fmt.version))
+    if have != fmt.version and None not in stores:
+        raise CacheError(f"{out_dir}: holds a teacher cache of teacher_cache.store={stores[0]}, this run asks for "
+                         f"store={stores[1]}; set teacher_cache.store={stores[0]} to read it, or choose another "
+                         "teacher_cache.dir")
     if have != fmt.version:
         raise CacheError(f"{out_dir}: teacher cache format {have}, this version reads format {fmt.version} "
                          f"({fmt.about}); delete the directory and rebuild it (teacher_cache stage)")
@@ -497,7 +509,7 @@ class ShardReader:
         try:
             handle = safe_open(str(path), framework="pt")
         except (OSError, SafetensorError) as exc:
-            raise CacheError(f"{path}: missing or corrupt shard ({exc}); rebuild the cache") from exc
+            raise CacheError(f"{path}: missing or corrupt shard ({exc}); {REBUILD}") from exc
         if self.verify and i not in self._verified:  # each shard's checksum once per reader
             lo, hi = _rows_of(self.manifest, i)
             self._verify(path, handle, hi - lo)
@@ -511,11 +523,10 @@ class ShardReader:
         try:
             tensors = {name: handle.get_tensor(name) for name in self.shapes}
         except (SafetensorError, RuntimeError) as exc:
-            raise CacheError(f"{path}: corrupt shard ({exc}); delete it and rerun the cache build") from exc
+            raise CacheError(f"{path}: corrupt shard ({exc}); delete it, then {REBUILD}") from exc
         shapes_ok = all(tuple(tensors[name].shape) == (rows, *shape) for name, shape in self.shapes.items())
         if not shapes_ok or (handle.metadata() or {}).get("sha256") != _checksum(tensors):
-            raise CacheError(f"{path}: corrupt shard (shape or checksum mismatch); delete it and rerun the "
-                             "cache build to recompute it")
+            raise CacheError(f"{path}: corrupt shard (shape or checksum mismatch); delete it, then {REBUILD}")
 
     def row(self, row: int) -> dict[str, torch.Tensor]:
         """{tensor name: its slice of dataset row `row`} as stored (dtype of the shard)."""
@@ -643,8 +654,9 @@ def build_hidden_cache(teacher, dataset_dir: str | os.PathLike, out_dir: str | o
                        split: str = "train", value_dtype: str = "bf16", shard_size: int = 256,
                        progress: bool = True, overwrite: bool = False, vocab=None) -> dict:
     """Write the teacher's last hidden states of every token of dataset_dir/split, and its LM head, into
-    out_dir (resumable; the hidden store of the module docstring). Returns `build_shards`' stats with the
-    head's bytes added to "bytes". Raises CacheError for a dataset tokenized with a derived student vocabulary
+    out_dir (resumable; the hidden store of the module docstring; a missing or damaged head is rewritten).
+    Returns `build_shards`' stats (their "bytes" and per-token figures: the shards) plus "head_bytes", the
+    head file's size (fp32 whatever value_dtype: 113 MB for SmolLM2-135M). Raises CacheError for a dataset tokenized with a derived student vocabulary
     (vocab given, or the dataset's meta says so), an unknown value_dtype or another key in out_dir."""
     try:
         ds = TokenDataset(dataset_dir, split)
@@ -664,7 +676,7 @@ def build_hidden_cache(teacher, dataset_dir: str | os.PathLike, out_dir: str | o
     # the head first, so a cache with shards always has its head; its checksum is in the key
     _open_for_build(out, HIDDEN, key, len(ds), int(shard_size), overwrite)
     head_path = out / _HEAD_FILE
-    if not head_path.is_file() or _checksum(_read_head_tensors(head_path)) != key["head_sha256"]:
+    if not _head_matches(head_path, key["head_sha256"]):  # missing, damaged or another teacher's: (re)write it
         _write_file(head_path, _head_tensors(head), {"sha256": key["head_sha256"]})
     dtype = _VALUE_DTYPES[value_dtype]
 
@@ -678,8 +690,15 @@ def build_hidden_cache(teacher, dataset_dir: str | os.PathLike, out_dir: str | o
 
     stats = build_shards(out, HIDDEN, key, len(ds), int(shard_size), ds.seq_len, compute, overwrite=overwrite,
                          progress=progress, desc="teacher cache (hidden)")
-    stats["bytes"] += head_path.stat().st_size
+    stats["head_bytes"] = head_path.stat().st_size  # beside the shards' "bytes", once whatever the rows
     return stats
+
+
+def _head_matches(path: Path, sha256: str) -> bool:
+    try:
+        return path.is_file() and _checksum(_read_head_tensors(path)) == sha256
+    except CacheError:
+        return False
 
 
 def _read_head_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -687,8 +706,7 @@ def _read_head_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (OSError, SafetensorError) as exc:
-        raise CacheError(f"{path}: missing or corrupt teacher head ({exc}); delete the cache directory and "
-                         "rebuild it (teacher_cache stage)") from exc
+        raise CacheError(f"{path}: missing or corrupt teacher head ({exc}); {REBUILD}") from exc
 
 
 class HiddenCache(ShardReader):
@@ -703,7 +721,7 @@ class HiddenCache(ShardReader):
         tensors = _read_head_tensors(self.dir / _HEAD_FILE)
         if _checksum(tensors) != self.key["head_sha256"]:
             raise CacheError(f"{self.dir / _HEAD_FILE}: its checksum differs from the manifest's head_sha256 "
-                             "(corrupt or from another teacher); delete the directory and rebuild the cache")
+                             f"(corrupt or from another teacher); {REBUILD}")
         self.head = TeacherHead(tensors["weight"], tensors.get("bias"), self.key.get("softcap"))
 
     def __getitem__(self, row: int) -> HiddenTargets:

@@ -60,9 +60,9 @@ def test_bf16_hidden_store_size_and_rounding(teacher, prepared, tmp_path):
     assert got.hidden.dtype == torch.bfloat16
     torch.testing.assert_close(got.head(got.hidden), online, atol=0.05, rtol=0.02)
     head_bytes = (tmp_path / "c" / "head.safetensors").stat().st_size
-    assert head_bytes >= 4 * teacher.vocab_size * teacher.hidden_size
-    shard_bytes = stats["bytes"] - head_bytes
-    assert 0 < shard_bytes - stats["tokens"] * teacher.hidden_size * 2 < 1024  # one header per shard
+    assert stats["head_bytes"] == head_bytes >= 4 * teacher.vocab_size * teacher.hidden_size  # fp32, any dtype
+    assert 0 < stats["bytes"] - stats["tokens"] * teacher.hidden_size * 2 < 1024  # the shards: one header each
+    assert stats["bytes_per_token"] == stats["bytes"] / stats["tokens"]
 
 
 def test_one_hidden_store_serves_every_temperature_and_kind(teacher, prepared, tmp_path):
@@ -120,21 +120,28 @@ def test_a_head_that_does_not_match_the_key_is_refused(teacher, prepared, tmp_pa
         HiddenCache(out)
     assert "\n" not in str(exc.value)
     (out / "head.safetensors").unlink()
-    with pytest.raises(CacheError, match="head.safetensors"):
+    with pytest.raises(CacheError, match="head.safetensors.*--stages teacher_cache --force"):
         HiddenCache(out)
     _build(teacher, prepared, out)  # a rebuild with the same key rewrites the head, and the cache reads again
     assert HiddenCache(out)[0].hidden.shape == (SEQ, teacher.hidden_size)
+    data = (out / "head.safetensors").read_bytes()
+    (out / "head.safetensors").write_bytes(data[: len(data) // 3])  # truncated: unreadable, not just wrong
+    stats = _build(teacher, prepared, out)
+    assert stats["shards_written"] == 0  # the shards are kept, only the head is rewritten
+    torch.testing.assert_close(HiddenCache(out).head.weight, head.weight)
 
 
 def test_stores_are_not_read_for_one_another(teacher, prepared, tmp_path):
     _build(teacher, prepared, tmp_path / "h")
     build_teacher_cache(teacher, prepared, tmp_path / "t", k=8, progress=False)
-    with pytest.raises(CacheError, match="format hidden/1"):
+    # a store that differs is named as such, with the key to set: deleting a shared cache is not the fix
+    with pytest.raises(CacheError, match="store=hidden, this run asks for store=topk; set teacher_cache.store=hidden"):
         TeacherCache(tmp_path / "h")
-    with pytest.raises(CacheError, match="format 2"):
+    with pytest.raises(CacheError, match="store=topk, this run asks for store=hidden; .*another teacher_cache.dir"):
         HiddenCache(tmp_path / "t")
-    with pytest.raises(CacheError, match="format 2, this version reads format hidden/1"):
+    with pytest.raises(CacheError, match="store=topk, this run asks for store=hidden") as exc:
         _build(teacher, prepared, tmp_path / "t")  # a hidden build never writes into a top-k cache
+    assert "\n" not in str(exc.value)
     with pytest.raises(CacheError, match="teacher_cache.store='sparse'"):
         _build(teacher, prepared, tmp_path / "x", store="sparse")
 
