@@ -333,6 +333,12 @@ def _row_logits(teacher, ds: TokenDataset, batch: range, token_chunk: int, exact
     return [floored(exact_log_probs(teacher, exact.trie, views, exact.branch_floor, exact.count)).flatten(0, 1)]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_row: int) -> None:
     rows = next(iter(tensors.values())).shape[0]
     meta = {"sha256": _checksum(tensors), "first_row": str(first_row), "rows": str(rows)}
@@ -340,10 +346,12 @@ def _write_shard(out_dir: Path, i: int, tensors: dict[str, torch.Tensor], first_
 
 
 def _write_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Save tensors to a temp name, then rename: a cache file is always whole."""
+    """Save tensors to a temp name, then rename: a cache file is always whole. Its mode follows the umask, as
+    the manifest's does (the temp file is created private), so a shared teacher_cache.dir is readable by others."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:  # disk full or quota: drop the partial temp file, keep the finished shards
         tmp.unlink(missing_ok=True)

@@ -46,6 +46,9 @@ def test_hidden_store_gives_back_the_teachers_logits(teacher, prepared, tmp_path
         got = cache[row]
         assert got.hidden.shape == (SEQ, teacher.hidden_size) and got.hidden.dtype == torch.float32
         torch.testing.assert_close(got.head(got.hidden), online, rtol=1e-5, atol=1e-5)
+    mode = (tmp_path / "c" / "manifest.json").stat().st_mode & 0o777
+    assert {(tmp_path / "c" / n).stat().st_mode & 0o777 for n in ("head.safetensors", "shard_00000.safetensors")} \
+        == {mode}  # as the manifest: readable by the others sharing a teacher_cache.dir when the umask allows
     key = json.loads((tmp_path / "c" / "manifest.json").read_text())["key"]
     assert "k" not in key and "temperature" not in key and key["format"] == cache_mod.HIDDEN_FORMAT
     batch = cache.batch([0, 1])
