@@ -70,6 +70,7 @@ from safetensors.torch import save_file
 from teachers.data import TokenDataset
 from teachers.errors import CacheError, DataError
 from teachers.hashing import tokenizer_hash
+from teachers.outputs import soft_cap
 
 FORMAT_VERSION = 2  # 2: targets of the tempered teacher, keyed by temperature
 HIDDEN_FORMAT = "hidden/1"  # the hidden store: the teacher head's input and the head
@@ -166,16 +167,30 @@ def _check_temperature(temperature: float) -> None:
         raise CacheError(f"temperature={temperature!r}: must be a finite number > 0 (distill.kd.temperature)")
 
 
+def _open_split(dataset_dir: str | os.PathLike, split: str) -> TokenDataset:
+    """The prepared split a cache is built over (a DataError becomes a CacheError)."""
+    try:
+        return TokenDataset(dataset_dir, split)
+    except DataError as exc:
+        raise CacheError(str(exc)) from exc
+
+
 def _check_inputs(teacher, ds: TokenDataset, k: int, value_dtype: str, temperature: float, vocab,
                   branch_floor: float) -> None:
+    """The top-k store's arguments, then `_check_data`."""
     _check_temperature(temperature)
     if isinstance(branch_floor, bool) or not isinstance(branch_floor, (int, float)) or not 0 <= branch_floor < 1:
         raise CacheError(f"branch_floor={branch_floor!r}: must be a number in [0, 1) (teacher_cache.branch_floor)")
-    if value_dtype not in _VALUE_DTYPES:
-        raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
     size = teacher.vocab_size if vocab is None else vocab.student_size
     if not isinstance(k, int) or not 1 <= k <= size:
         raise CacheError(f"teacher_cache.k={k!r}: must be an int in [1, {size}] (the vocab size)")
+    _check_data(teacher, ds, value_dtype, vocab)
+
+
+def _check_data(teacher, ds: TokenDataset, value_dtype: str, vocab) -> None:
+    """What every logit store needs: a known value dtype, the dataset's tokenizer, at least one row."""
+    if value_dtype not in _VALUE_DTYPES:
+        raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
     _check_tokenizer(teacher, ds, vocab)
     if len(ds) == 0:
         raise CacheError(f"{ds.dir}: split {ds.split!r} has no rows; nothing to cache")
@@ -396,10 +411,7 @@ def build_teacher_cache(
     if store == "hidden":
         return build_hidden_cache(teacher, dataset_dir, out_dir, batch_size, split, value_dtype, shard_size,
                                   progress, overwrite, vocab)
-    try:
-        ds = TokenDataset(dataset_dir, split)
-    except DataError as exc:
-        raise CacheError(str(exc)) from exc
+    ds = _open_split(dataset_dir, split)
     _check_inputs(teacher, ds, k, value_dtype, temperature, vocab, branch_floor)
     exact = None
     if vocab is not None:
@@ -602,9 +614,7 @@ class TeacherHead:
             z = h.float() @ w.t()
             if b is not None:
                 z = z + b
-            if self.softcap:
-                z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return soft_cap(z, self.softcap)
 
 
 @dataclass
@@ -664,20 +674,14 @@ def build_hidden_cache(teacher, dataset_dir: str | os.PathLike, out_dir: str | o
     """Write the teacher's last hidden states of every token of dataset_dir/split, and its LM head, into
     out_dir (resumable; the hidden store of the module docstring; a missing or damaged head is rewritten).
     Returns `build_shards`' stats (their "bytes" and per-token figures: the shards) plus "head_bytes", the
-    head file's size (fp32 whatever value_dtype: 113 MB for SmolLM2-135M). Raises CacheError for a dataset tokenized with a derived student vocabulary
-    (vocab given, or the dataset's meta says so), an unknown value_dtype or another key in out_dir."""
-    try:
-        ds = TokenDataset(dataset_dir, split)
-    except DataError as exc:
-        raise CacheError(str(exc)) from exc
+    head file's size (fp32 whatever value_dtype: 113 MB for SmolLM2-135M). Raises CacheError for a dataset
+    tokenized with a derived student vocabulary (vocab given, or the dataset's meta says so), an unknown
+    value_dtype or another key in out_dir."""
+    ds = _open_split(dataset_dir, split)
     if vocab is not None or ds.meta.get("vocab", "teacher") != "teacher":
         raise CacheError(f"{ds.dir}: teacher_cache.store=hidden needs student.vocab=teacher (exact targets over "
                          "a derived vocabulary mix several teacher positions); use teacher_cache.store=topk")
-    if value_dtype not in _VALUE_DTYPES:
-        raise CacheError(f"teacher_cache.value_dtype={value_dtype!r}: use one of {sorted(_VALUE_DTYPES)}")
-    _check_tokenizer(teacher, ds, None)
-    if len(ds) == 0:
-        raise CacheError(f"{ds.dir}: split {ds.split!r} has no rows; nothing to cache")
+    _check_data(teacher, ds, value_dtype, None)
     head = _teacher_head(teacher)
     key = hidden_cache_key(teacher, dataset_dir, split, value_dtype, head)
     out = Path(out_dir)

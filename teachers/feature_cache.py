@@ -31,9 +31,16 @@ from pathlib import Path
 
 import torch
 
-from teachers.cache import _VALUE_DTYPES, ShardFormat, ShardReader, _check_tokenizer, build_shards
+from teachers.cache import (
+    _VALUE_DTYPES,
+    ShardFormat,
+    ShardReader,
+    _check_tokenizer,
+    _open_split,
+    build_shards,
+)
 from teachers.data import TokenDataset
-from teachers.errors import CacheError, DataError
+from teachers.errors import CacheError
 
 FORMAT = "spad-targets/1"
 FEATURE_TERMS = ("ea", "saa", "sfa")
@@ -145,10 +152,7 @@ def build_feature_cache(
     inputs (value dtype, terms, a dataset of another tokenizer or of a derived vocabulary, non-causal maps).
     Returns the stats of teachers.cache.build_shards.
     """
-    try:
-        ds = TokenDataset(dataset_dir, split)
-    except DataError as exc:
-        raise CacheError(str(exc)) from exc
+    ds = _open_split(dataset_dir, split)
     _check_inputs(teacher, ds, value_dtype, targets_key)
     key = feature_cache_key(teacher, dataset_dir, split, value_dtype, targets_key)
 

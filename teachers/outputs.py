@@ -60,6 +60,12 @@ def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Final logit soft-capping, cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping); the logits
+    unchanged when cap is None or 0."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class Teacher:
     """A frozen causal LM (eval mode, requires_grad False) plus its tokenizer; call it on token ids."""
 
@@ -115,10 +121,7 @@ class Teacher:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM head (plus any final logit soft-capping): h [..., H] -> logits [..., V], no graph."""
         with torch.no_grad():
-            logits = self.model.get_output_embeddings()(h)
-            if self._softcap:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            return logits
+            return soft_cap(self.model.get_output_embeddings()(h), self._softcap)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  logits: bool = True, hidden_states: bool = True,

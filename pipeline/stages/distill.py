@@ -5,9 +5,9 @@ online teacher (its logits made chunk by chunk from its last hidden state) or, w
 and distill.use_teacher_cache, from the cached sparse top-k targets of the teacher at distill.kd.temperature
 (k tokens + one tail bucket; see pipeline.losses.kd_loss; a cache of another temperature is refused) so the
 teacher is not loaded at all unless a feature term needs it. With teacher_cache.store=hidden the cache holds
-the teacher's last hidden states and head instead, and the loss recomputes its full logits (exact at any tau). With the cache, validation rows have no cached
-targets: val metrics are CE (HTA) only, or with an online teacher loaded for feature terms, KD on its
-full-vocabulary logits.
+the teacher's last hidden states and head instead, and the loss recomputes its full logits (exact at any tau).
+With the cache, validation rows have no cached targets: val metrics are CE (HTA) only, or with an online
+teacher loaded for feature terms, KD on its full-vocabulary logits.
 Feature weights (distill.weights.ea / saa / sfa > 0) train the SpAD terms at every step together with STA and
 HTA, BiSpikCLM's joint objective: the online teacher gives their targets (attention maps when saa > 0), or
 with teacher_cache.features the feature cache the teacher_cache stage built (teachers.feature_cache), read
