@@ -30,12 +30,17 @@ SHAPE_LOST = "a top-64 cache keeps no tail shape; the tempered teacher's mass is
 
 
 @pytest.fixture(scope="module")
-def setup():
-    from students import SpikeGPTConfig, SpikeGPTForCausalLM
+def teacher():
     from teachers import load_teacher
+
+    return load_teacher("smollm2-135m", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def setup(teacher):
+    from students import SpikeGPTConfig, SpikeGPTForCausalLM
     from teachers.data import bundled_corpus, read_text
 
-    teacher = load_teacher("smollm2-135m", dtype=torch.float32)
     text = read_text(bundled_corpus()["persuasion"])[5000:9000]
     ids = teacher.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :TOKENS]
     assert ids.shape[1] == TOKENS
@@ -145,16 +150,14 @@ def test_fused_path_equals_the_reference_at_full_vocabulary(setup, tau):
 
 
 @pytest.fixture(scope="module")
-def hidden_store(tmp_path_factory):
+def hidden_store(teacher, tmp_path_factory):
     """A hidden store (bf16, the default value dtype) built by the teacher_cache code over 5 rows x 64 tokens of
     Persuasion, its batch read back, the online fp32 logits of the same rows and the two stand-in students."""
     from students import SpikeGPTConfig, SpikeGPTForCausalLM
-    from teachers import load_teacher
     from teachers.cache import HiddenCache, build_teacher_cache
     from teachers.data import TokenDataset, bundled_corpus, prepare_corpus, read_text
 
     root = tmp_path_factory.mktemp("hidden_store")
-    teacher = load_teacher("smollm2-135m", dtype=torch.float32)
     (root / "text.txt").write_text(read_text(bundled_corpus()["persuasion"])[5000:9000])
     prepare_corpus([root / "text.txt"], teacher.tokenizer, root / "data", seq_len=64, val_fraction=0.0)
     build_teacher_cache(teacher, root / "data", root / "cache", batch_size=5, progress=False, store="hidden")
